@@ -1,0 +1,1 @@
+"""normops.kernels: the Triton kernels (the only code that imports triton). Nothing runs at import."""

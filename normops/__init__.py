@@ -1,0 +1,14 @@
+"""normops: fused normalization layers for PyTorch.
+
+Drop-in ``torch.nn`` norms (``normops.nn``), ``torch.nn.functional``-compatible functions
+(``normops.functional``) and ``normops.convert(model)`` to swap the norms of an existing model.
+Triton kernels on CUDA, ATen on CPU, a NumPy float64 reference everywhere; see ``normops.backends``.
+"""
+from . import functional, library, nn
+from .backends import BACKENDS, backend, current_backend, set_backend
+from .convert import convert
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "backend", "convert", "current_backend", "functional", "library", "nn", "set_backend",
+           "__version__"]

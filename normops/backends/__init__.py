@@ -1,0 +1,109 @@
+"""Backends: who computes a norm, chosen per call from the tensor's device.
+
+| backend  | device                          | what it is                                                   |
+|----------|---------------------------------|--------------------------------------------------------------|
+| "torch"  | CPU default (and any device)    | ATen's native norm kernels, fused extras composed around them |
+| "triton" | CUDA default; CPU with          | normops' Triton kernels; ops without a kernel yet fall back   |
+|          | ``TRITON_INTERPRET=1``          | to "torch"                                                    |
+| "numpy"  | any (copies to host)            | from-scratch float64 reference, the test oracle               |
+
+Choose one with ``normops.set_backend(name)``, ``with normops.backend(name):`` or the
+environment variable ``NORMOPS_BACKEND`` (read on every call). Precedence: the innermost
+``with backend(...)``, then ``set_backend``, then ``NORMOPS_BACKEND``, then the device default.
+
+The contract every backend module implements (tensors in, tensors out, ``None`` for "absent"):
+
+    row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats)
+        -> (y, h, mean, rstd)
+    row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask)
+        -> (dx, dweight, dbias)
+    group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats) -> (y, mean, rstd)
+    group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
+        -> (dx, dweight, dbias)
+    batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
+        -> (y, save_mean, save_rstd, batch_var)
+    batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
+                   training, eps, activation, output_mask) -> (dx, dweight, dbias)
+
+Shapes and dtypes:
+- Statistics (mean, rstd, save_*, batch_var) are float32, or float64 when x is float64.
+  Row norm: shape ``x.shape[:-len(normalized_shape)]``; group norm: ``[N, G]``; batch norm: ``[C]``.
+- Row norm: ``h = x + residual`` (x's dtype) when a residual is given, else ``None``; the
+  statistics are those of ``h``. ``mean`` is ``None`` for RMSNorm; both are ``None`` unless
+  ``need_stats``. ``y`` is contiguous, as torch's layer_norm returns it.
+- Group and batch norm keep x's memory format (channels_last in, channels_last out).
+- Batch norm in training: batch statistics over every dim but 1; ``batch_var`` is the
+  unbiased variance that feeds the running average. Not training: ``running_*`` normalize,
+  ``save_*`` and ``batch_var`` are ``None``. Backends never modify ``running_*``.
+- ``activation`` is one of "none", "relu", "silu", "gelu" (erf form); it applies to the
+  affine output, ``y = act(x_hat * w + b)``. Backward recomputes its input from x and the
+  statistics.
+- ``output_mask`` is ``[dx, dweight, dbias]`` booleans; a gradient not asked for is ``None``.
+  ``dy``'s dtype is x's; dweight/dbias come back in weight's dtype.
+"""
+import contextlib
+import importlib
+import os
+import threading
+
+BACKENDS = ("torch", "triton", "numpy")
+_MODULES = {"torch": "torch_backend", "triton": "triton_backend", "numpy": "numpy_backend"}
+
+_state = threading.local()  # per thread: the `with backend(...)` stack
+_global = None  # set_backend's choice
+
+
+def _check_name(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown normops backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+    return name
+
+
+def set_backend(name):
+    """Use backend ``name`` for every later call in this process (``None`` restores the default)."""
+    global _global
+    _global = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def backend(name):
+    """``with normops.backend("numpy"): ...`` uses that backend inside the block (this thread)."""
+    stack = _state.__dict__.setdefault("stack", [])
+    stack.append(_check_name(name))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def current_backend(device):
+    """The backend name a call on ``device`` uses now."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global is not None:
+        return _global
+    env = os.environ.get("NORMOPS_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"NORMOPS_BACKEND={env!r} is not a normops backend; expected one of {', '.join(BACKENDS)}")
+        return env
+    return "triton" if torch_device_type(device) == "cuda" else "torch"
+
+
+def torch_device_type(device):
+    return device if isinstance(device, str) else device.type
+
+
+def resolve(x):
+    """The backend module for a call whose input is ``x``."""
+    name = current_backend(x.device)
+    if name == "triton" and x.device.type != "cuda" and not triton_interpret():
+        raise RuntimeError(
+            f"the triton backend runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set; "
+            f"got a {x.device.type} tensor. Use normops.backend('torch') or set TRITON_INTERPRET=1.")
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}")

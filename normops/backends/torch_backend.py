@@ -1,0 +1,226 @@
+"""The "torch" backend: ATen's native norm kernels, with the fused extras composed around them.
+
+This is the default off-GPU, and it must be as fast as ``torch.nn`` on the CPU, so every
+forward and backward here is one call to the same ATen kernel ``torch.nn`` uses
+(``native_layer_norm``, ``native_group_norm``, ``native_batch_norm``...), with the activation,
+the residual add and the dtype bookkeeping of the backend contract around it.
+
+RMSNorm is the exception: ATen has a fused CPU forward (``_fused_rms_norm``) but no CPU
+backward, so the backward is a short composition, as ``torch.nn.RMSNorm``'s own is.
+See ``normops/backends/__init__.py`` for the contract.
+"""
+import math
+
+import torch
+from torch.nn import functional as F
+
+aten = torch.ops.aten
+
+
+def stat_dtype(x):
+    """Statistics are fp32, or fp64 for fp64 input."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _native_stat_dtype(x, weight, bias):
+    # ATen's CPU kernels return statistics in the input dtype, except when a low-precision
+    # input meets fp32 parameters ("mixed type"); its backward wants them back the same way.
+    params = [p for p in (weight, bias) if p is not None]
+    if params and all(p.dtype != x.dtype for p in params):
+        return params[0].dtype
+    return x.dtype
+
+
+# --- activation ------------------------------------------------------------------------------
+
+def activate(z, activation):
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    return z
+
+
+def activation_backward(dy, z, activation):
+    """dy * act'(z), with ATen's own backward kernels."""
+    if activation == "relu":
+        return aten.threshold_backward(dy, z, 0)
+    if activation == "silu":
+        return aten.silu_backward(dy, z)
+    if activation == "gelu":
+        return aten.gelu_backward(dy, z)
+    return dy
+
+
+# --- LayerNorm / RMSNorm ---------------------------------------------------------------------
+
+def _rms_forward(x, normalized_shape, weight, eps):
+    """(y, rstd) with rstd keeping the normalized dims as 1s, like ATen's."""
+    if hasattr(aten, "_fused_rms_norm"):
+        return aten._fused_rms_norm(x, list(normalized_shape), weight, eps)
+    dims = tuple(range(-len(normalized_shape), 0))
+    xf = x.to(stat_dtype(x))
+    rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    y = xf * rstd
+    if weight is not None:
+        y = y * weight
+    return y.to(x.dtype), rstd
+
+
+def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
+    h = x + residual if residual is not None else None
+    inp = h if h is not None else x
+    batch_shape = inp.shape[: inp.dim() - len(normalized_shape)]
+    if rms:
+        y, rstd = _rms_forward(inp, normalized_shape, weight, eps)
+        mean = None
+        if bias is not None:  # not reachable from the public API; kept for the contract
+            y = y + bias
+    else:
+        y, mean, rstd = aten.native_layer_norm(inp, list(normalized_shape), weight, bias, eps)
+    y = activate(y, activation).contiguous()
+    if not need_stats:
+        return y, h, None, None
+    sd = stat_dtype(inp)
+    mean = None if mean is None else mean.reshape(batch_shape).to(sd)
+    return y, h, mean, rstd.reshape(batch_shape).to(sd)
+
+
+def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
+    # x_hat = x * rstd, g = dz * w:  dx = rstd * (g - x_hat * mean(g * x_hat)),  dw = sum(dz * x_hat)
+    n = math.prod(normalized_shape)
+    sd = stat_dtype(x)
+    xf = x.reshape(-1, n).to(sd)
+    dzf = dz.reshape(-1, n).to(sd)
+    r = rstd.reshape(-1, 1).to(sd)
+    x_hat = xf * r
+    dx = dw = None
+    if output_mask[0]:
+        g = dzf * weight.reshape(1, n).to(sd) if weight is not None else dzf
+        dx = (r * (g - x_hat * (g * x_hat).mean(1, keepdim=True))).to(x.dtype).reshape(x.shape)
+    if output_mask[1] and weight is not None:
+        dw = (dzf * x_hat).sum(0).reshape(weight.shape).to(weight.dtype)
+    return dx, dw
+
+
+def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
+    k = len(normalized_shape)
+    keep = x.shape[: x.dim() - k] + (1,) * k  # ATen keeps the normalized dims as 1s
+    dz = dy
+    if activation != "none":
+        z = _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms)
+        dz = activation_backward(dy, z, activation)
+    if rms:
+        dx, dw = _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask)
+        db = dz.reshape(-1, bias.numel()).sum(0).to(bias.dtype) if bias is not None and output_mask[2] else None
+        return dx, dw, db
+    nd = _native_stat_dtype(x, weight, bias)
+    dx, dw, db = aten.native_layer_norm_backward(
+        dz, x, list(normalized_shape), mean.reshape(keep).to(nd), rstd.reshape(keep).to(nd),
+        weight, bias, list(output_mask))
+    return dx, dw if weight is not None else None, db if bias is not None else None
+
+
+def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
+    """z = x_hat * w + b from the saved statistics, in x's dtype (the activation's input)."""
+    k = len(normalized_shape)
+    keep = x.shape[: x.dim() - k] + (1,) * k
+    sd = stat_dtype(x)
+    z = x.to(sd)
+    if not rms:
+        z = z - mean.reshape(keep).to(sd)
+    z = z * rstd.reshape(keep).to(sd)
+    if weight is not None:
+        z = z * weight.to(sd)
+    if bias is not None:
+        z = z + bias.to(sd)
+    return z.to(x.dtype)
+
+
+# --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------
+
+def _channel_view(t, x):
+    """A per-channel vector shaped to broadcast against x: [1, C, 1, ...]."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
+    n, c = x.shape[0], x.shape[1]
+    hw = math.prod(x.shape[2:])
+    y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
+    y = activate(y, activation)
+    if not need_stats:
+        return y, None, None
+    sd = stat_dtype(x)
+    return y, mean.reshape(n, num_groups).to(sd), rstd.reshape(n, num_groups).to(sd)
+
+
+def _recompute_group(x, num_groups, weight, bias, mean, rstd):
+    n, c = x.shape[0], x.shape[1]
+    sd = stat_dtype(x)
+    xg = x.to(sd).reshape(n, num_groups, -1)
+    z = ((xg - mean.to(sd).unsqueeze(-1)) * rstd.to(sd).unsqueeze(-1)).reshape(x.shape)
+    if weight is not None:
+        z = z * _channel_view(weight.to(sd), x)
+    if bias is not None:
+        z = z + _channel_view(bias.to(sd), x)
+    return z.to(x.dtype)
+
+
+def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
+    n, c = x.shape[0], x.shape[1]
+    hw = math.prod(x.shape[2:])
+    dz = dy
+    if activation != "none":
+        dz = activation_backward(dy, _recompute_group(x, num_groups, weight, bias, mean, rstd), activation)
+    nd = _native_stat_dtype(x, weight, bias)
+    # ATen's weight-less backward still reads dbias from the mask: ask only for what exists.
+    mask = [output_mask[0], output_mask[1] and weight is not None, output_mask[2] and bias is not None]
+    dx, dw, db = aten.native_group_norm_backward(
+        dz, x, mean.to(nd), rstd.to(nd), weight, n, c, hw, num_groups, mask)
+    if mask[2] and weight is None:  # ATen skips dbias without a weight
+        db = dz.transpose(0, 1).reshape(c, -1).sum(1).to(bias.dtype)
+    return dx, dw if mask[1] else None, db if mask[2] else None
+
+
+# --- BatchNorm -------------------------------------------------------------------------------
+
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
+    if training:
+        # The functional variant returns the new running statistics instead of writing them;
+        # with zeros in and momentum 1 they are the batch mean and the unbiased batch variance.
+        zeros = torch.zeros(x.shape[1], dtype=stat_dtype(x), device=x.device)
+        y, save_mean, save_rstd, _, batch_var = aten._native_batch_norm_legit_functional(
+            x, weight, bias, zeros, zeros.clone(), True, 1.0, eps)
+        return activate(y, activation), save_mean, save_rstd, batch_var
+    y, _, _ = aten._native_batch_norm_legit_no_training(x, weight, bias, running_mean, running_var, 0.0, eps)
+    return activate(y, activation), None, None, None
+
+
+def _recompute_batch(x, weight, bias, mean, rstd):
+    sd = stat_dtype(x)
+    z = (x.to(sd) - _channel_view(mean.to(sd), x)) * _channel_view(rstd.to(sd), x)
+    if weight is not None:
+        z = z * _channel_view(weight.to(sd), x)
+    if bias is not None:
+        z = z + _channel_view(bias.to(sd), x)
+    return z.to(x.dtype)
+
+
+def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
+                   training, eps, activation, output_mask):
+    dz = dy
+    if activation != "none":
+        if training:
+            mean, rstd = save_mean, save_rstd
+        else:
+            mean, rstd = running_mean, torch.rsqrt(running_var.to(stat_dtype(x)) + eps)
+        dz = activation_backward(dy, _recompute_batch(x, weight, bias, mean, rstd), activation)
+    dx, dw, db = aten.native_batch_norm_backward(
+        dz, x, weight, running_mean, running_var, save_mean, save_rstd, training, eps,
+        list(output_mask))
+    return (dx if output_mask[0] else None,
+            dw if output_mask[1] and weight is not None else None,
+            db if output_mask[2] and bias is not None else None)

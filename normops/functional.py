@@ -1,0 +1,207 @@
+"""``torch.nn.functional``-compatible norms: same positional and keyword signatures, defaults,
+output shape, dtype and memory format, and the same in-place running-statistics updates.
+
+Extras, keyword-only: ``activation=None | "relu" | "silu" | "gelu"`` fused after the affine
+transform, and ``add_layer_norm`` / ``add_rms_norm`` for pre-norm residual streams.
+
+Input validation lives here, before any op runs, so a bad call raises a clear error and leaves
+running statistics untouched. The work itself is done by the ``normops::`` ops
+(``normops/library.py``), on the backend ``normops.backends`` picks for the call.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import library  # noqa: F401  (registers the normops:: ops)
+
+ops = torch.ops.normops
+
+__all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
+           "add_rms_norm"]
+
+ACTIVATIONS = ("relu", "silu", "gelu")
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A shape or size that does not fit: a ValueError, and a RuntimeError like torch's own."""
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def _activation(activation):
+    if activation is None or activation == "none":
+        return "none"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu'; got {activation!r}")
+    return activation
+
+
+def _check_tensors(input, **named):
+    """input is a floating tensor; every named tensor is floating and on input's device."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor (float16, bfloat16, float32, float64), "
+                        f"got {input.dtype}")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"expected {name} on {input.device} like input, but it is on {t.device}")
+
+
+def _check_shape(name, t, shape):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ShapeError(f"expected {name} of shape {list(shape)}, got {list(t.shape)}")
+
+
+def _normalized_shape(input, normalized_shape):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape:
+        raise ShapeError("normalized_shape must have at least one dimension, got []")
+    k = len(shape)
+    if input.dim() < k or tuple(input.shape[-k:]) != shape:
+        raise ShapeError(f"Given normalized_shape={list(shape)}, expected input with shape [*, "
+                         f"{', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
+    return shape
+
+
+def _channels(input, what):
+    if input.dim() < 2:
+        raise ShapeError(f"{what} expects input of shape (N, C, *), got a {input.dim()}-D input of size "
+                         f"{list(input.shape)}")
+    return input.shape[1]
+
+
+def _grad_needed(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --- LayerNorm / RMSNorm -----------------------------------------------------------------------
+
+def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activation):
+    _check_tensors(input, residual=residual, weight=weight, bias=bias)
+    shape = _normalized_shape(input, normalized_shape)
+    _check_shape("weight", weight, shape)
+    _check_shape("bias", bias, shape)
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"expected residual of the input's dtype {input.dtype}, got {residual.dtype}")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    need = _grad_needed(input, residual, weight, bias)
+    return ops.row_norm(input, residual, list(shape), weight, bias, float(eps), rms, _activation(activation), need)
+
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
+    """Layer normalization over the last ``len(normalized_shape)`` dims, like
+    ``torch.nn.functional.layer_norm``: y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias."""
+    return _row_norm(input, None, normalized_shape, weight, bias, eps, False, activation)[0]
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None, *, activation: Optional[str] = None) -> Tensor:
+    """Root-mean-square normalization, like ``torch.nn.functional.rms_norm``:
+    y = x / sqrt(mean(x^2) + eps) * weight; ``eps=None`` is the input dtype's machine epsilon."""
+    return _row_norm(input, None, normalized_shape, weight, None, eps, True, activation)[0]
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """Pre-norm residual step: ``h = x + residual; return layer_norm(h), h``, fused in one pass."""
+    y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, bias, eps, False, None)
+    return y, h
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                 eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Pre-norm residual step: ``h = x + residual; return rms_norm(h), h``, fused in one pass."""
+    y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, None, eps, True, None)
+    return y, h
+
+
+# --- GroupNorm / InstanceNorm ------------------------------------------------------------------
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
+    """Group normalization, like ``torch.nn.functional.group_norm``: the C channels are split into
+    ``num_groups`` groups, each normalized over its channels and all spatial positions, per sample."""
+    _check_tensors(input, weight=weight, bias=bias)
+    c = _channels(input, "group_norm")
+    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+        raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
+                         f"of shape {list(input.shape)} and num_groups={num_groups}")
+    _check_shape("weight", weight, (c,))
+    _check_shape("bias", bias, (c,))
+    need = _grad_needed(input, weight, bias)
+    return ops.group_norm(input, weight, bias, num_groups, float(eps), _activation(activation), need)[0]
+
+
+def _running_pair(running_mean, running_var):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+
+
+def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
+    """Instance normalization, like ``torch.nn.functional.instance_norm``: each (sample, channel)
+    normalized over its spatial positions. With ``use_input_stats`` and running statistics given,
+    those are updated with the mean over the batch of the per-instance statistics."""
+    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    c = _channels(input, "instance_norm")
+    _running_pair(running_mean, running_var)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_shape(name, t, (c,))
+    act = _activation(activation)
+    if use_input_stats:
+        if math.prod(input.shape[2:]) == 1:
+            raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
+        need = _grad_needed(input, weight, bias)
+        y = ops.group_norm(input, weight, bias, c, float(eps), act, need)[0]
+        if running_mean is not None and input.numel():
+            spatial = tuple(range(2, input.dim()))
+            with torch.no_grad():
+                var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
+            ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
+    else:
+        if running_mean is None:
+            raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
+        y = ops.batch_norm(input, weight, bias, running_mean, running_var, False, float(eps), act)[0]
+    return y.contiguous()  # torch's instance_norm returns a contiguous tensor, whatever the input's layout
+
+
+# --- BatchNorm ---------------------------------------------------------------------------------
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
+    """Batch normalization, like ``torch.nn.functional.batch_norm``: per channel (dim 1), over the batch
+    and spatial dims. In training the batch statistics normalize and, when given, the running
+    statistics are updated in place (mean, and the unbiased variance); otherwise the running ones
+    normalize."""
+    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    c = _channels(input, "batch_norm")
+    _running_pair(running_mean, running_var)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_shape(name, t, (c,))
+    act = _activation(activation)
+    if training:
+        if input.shape[0] * math.prod(input.shape[2:]) == 1:
+            raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+    elif running_mean is None:
+        raise ShapeError("running_mean must be defined in evaluation mode")
+    y, mean, _, var = ops.batch_norm(input, weight, bias, None if training else running_mean,
+                                     None if training else running_var, training, float(eps), act)
+    if training and running_mean is not None and input.numel():
+        ops.update_running_stats(running_mean, running_var, mean, var, float(momentum))
+    return y

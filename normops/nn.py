@@ -1,0 +1,128 @@
+"""Drop-in modules: subclasses of their ``torch.nn`` twins that override ``forward`` only.
+
+Constructor arguments, defaults, parameters, buffers, ``state_dict`` keys, ``reset_parameters``,
+``_load_from_state_dict`` versioning and train/eval semantics are torch's own, so a ``torch.nn``
+checkpoint loads into these modules and back. The one addition is the keyword-only
+``activation=None | "relu" | "silu" | "gelu"``, fused into the norm (shown in ``repr`` when set).
+Keyword-only arguments of newer torch versions (``bias=`` on GroupNorm and the batch/instance
+norms) pass through to torch.
+"""
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+           "InstanceNorm3d", "LayerNorm", "RMSNorm"]
+
+
+class _Activation:
+    """The fused activation: validated once, shown by ``extra_repr`` when set."""
+
+    activation = None  # class default, so converted modules (see normops.convert) have it too
+
+    def _set_activation(self, activation):
+        self.activation = None if F._activation(activation) == "none" else activation
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return f"{s}, activation={self.activation!r}" if self.activation else s
+
+
+class LayerNorm(_Activation, nn.LayerNorm):
+    __doc__ = nn.LayerNorm.__doc__
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
+                 *, activation=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self._set_activation(activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, activation=self.activation)
+
+
+class RMSNorm(_Activation, nn.RMSNorm):
+    __doc__ = nn.RMSNorm.__doc__
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None,
+                 *, activation=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self._set_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, activation=self.activation)
+
+
+class GroupNorm(_Activation, nn.GroupNorm):
+    __doc__ = nn.GroupNorm.__doc__
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None,
+                 *, activation=None, **kwargs):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **kwargs)
+        self._set_activation(activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+
+
+class _BatchNorm(_Activation):
+    """torch's ``_BatchNorm.forward``, except that nothing is updated until the input has passed
+    validation: a failed call leaves ``num_batches_tracked`` and the running statistics as they were."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None, *, activation=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self._set_activation(activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        track = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if track and self.momentum is None:  # cumulative moving average over the batches seen
+            factor = 1.0 / float(self.num_batches_tracked + 1)
+        # Batch statistics in training, and in eval when there are no running ones.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        stats = not self.training or self.track_running_stats
+        out = F.batch_norm(input, self.running_mean if stats else None, self.running_var if stats else None,
+                           self.weight, self.bias, bn_training, factor, self.eps, activation=self.activation)
+        if track:
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    __doc__ = nn.BatchNorm1d.__doc__
+
+
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    __doc__ = nn.BatchNorm2d.__doc__
+
+
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    __doc__ = nn.BatchNorm3d.__doc__
+
+
+class _InstanceNorm(_Activation):
+    """torch's ``_InstanceNorm`` with the normops functional (and its activation)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, device=None,
+                 dtype=None, *, activation=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self._set_activation(activation)
+
+    def _apply_instance_norm(self, input):
+        return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                               self.training or not self.track_running_stats,
+                               self.momentum if self.momentum is not None else 0.0, self.eps,
+                               activation=self.activation)
+
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    __doc__ = nn.InstanceNorm1d.__doc__
+
+
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    __doc__ = nn.InstanceNorm2d.__doc__
+
+
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
+    __doc__ = nn.InstanceNorm3d.__doc__
