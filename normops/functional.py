@@ -95,8 +95,8 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
             raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
         if residual.dtype != input.dtype:
             raise TypeError(f"expected residual of the input's dtype {input.dtype}, got {residual.dtype}")
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
+    if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     need = _grad_needed(input, residual, weight, bias)
     return ops.row_norm(input, residual, list(shape), weight, bias, float(eps), rms, _activation(activation), need)
 
@@ -111,7 +111,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, activation: Optional[str] = None) -> Tensor:
     """Root-mean-square normalization, like ``torch.nn.functional.rms_norm``:
-    y = x / sqrt(mean(x^2) + eps) * weight; ``eps=None`` is the input dtype's machine epsilon."""
+    y = x / sqrt(mean(x^2) + eps) * weight; ``eps=None`` is the machine epsilon of the dtype the
+    statistics are computed in (float32's for float16/bfloat16/float32 input, as torch does)."""
     return _row_norm(input, None, normalized_shape, weight, None, eps, True, activation)[0]
 
 

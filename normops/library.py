@@ -30,16 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.torch_backend import activate, stat_dtype
-
-
-def memory_format_of(x):
-    """The memory format torch's norm kernels give their output for input x."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+from .backends.torch_backend import activate, memory_format_of, stat_dtype
 
 
 def _absent(x, dtype=None):

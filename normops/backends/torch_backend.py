@@ -31,6 +31,18 @@ def _native_stat_dtype(x, weight, bias):
     return x.dtype
 
 
+def _opmath(x, *params):
+    """Reduced-precision inputs take ATen's mixed-type path (fp32 parameters): its statistics
+    are fp32, as the contract asks, and the affine transform runs in fp32."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return [None if p is None else p.float() for p in params]
+    return list(params)
+
+
+def _cast(t, like):
+    return None if t is None or like is None else t.to(like.dtype)
+
+
 # --- activation ------------------------------------------------------------------------------
 
 def activate(z, activation):
@@ -73,6 +85,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     h = x + residual if residual is not None else None
     inp = h if h is not None else x
     batch_shape = inp.shape[: inp.dim() - len(normalized_shape)]
+    weight, bias = _opmath(inp, weight, bias)
     if rms:
         y, rstd = _rms_forward(inp, normalized_shape, weight, eps)
         mean = None
@@ -101,26 +114,27 @@ def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
         g = dzf * weight.reshape(1, n).to(sd) if weight is not None else dzf
         dx = (r * (g - x_hat * (g * x_hat).mean(1, keepdim=True))).to(x.dtype).reshape(x.shape)
     if output_mask[1] and weight is not None:
-        dw = (dzf * x_hat).sum(0).reshape(weight.shape).to(weight.dtype)
+        dw = (dzf * x_hat).sum(0).reshape(weight.shape)
     return dx, dw
 
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
     k = len(normalized_shape)
     keep = x.shape[: x.dim() - k] + (1,) * k  # ATen keeps the normalized dims as 1s
+    w, b = _opmath(x, weight, bias)
     dz = dy
     if activation != "none":
-        z = _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms)
+        z = _recompute_row(x, normalized_shape, w, b, mean, rstd, rms)
         dz = activation_backward(dy, z, activation)
     if rms:
-        dx, dw = _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask)
-        db = dz.reshape(-1, bias.numel()).sum(0).to(bias.dtype) if bias is not None and output_mask[2] else None
-        return dx, dw, db
-    nd = _native_stat_dtype(x, weight, bias)
-    dx, dw, db = aten.native_layer_norm_backward(
-        dz, x, list(normalized_shape), mean.reshape(keep).to(nd), rstd.reshape(keep).to(nd),
-        weight, bias, list(output_mask))
-    return dx, dw if weight is not None else None, db if bias is not None else None
+        dx, dw = _rms_backward(dz, x, normalized_shape, w, rstd, output_mask)
+        db = dz.reshape(-1, b.numel()).sum(0) if b is not None and output_mask[2] else None
+    else:
+        nd = _native_stat_dtype(x, w, b)
+        dx, dw, db = aten.native_layer_norm_backward(
+            dz, x, list(normalized_shape), mean.reshape(keep).to(nd), rstd.reshape(keep).to(nd),
+            w, b, list(output_mask))
+    return dx, _cast(dw, weight), _cast(db, bias)
 
 
 def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
@@ -141,6 +155,15 @@ def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
 
 # --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------
 
+def memory_format_of(x):
+    """The memory format torch's norm kernels give their output for input x."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _channel_view(t, x):
     """A per-channel vector shaped to broadcast against x: [1, C, 1, ...]."""
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
@@ -149,6 +172,11 @@ def _channel_view(t, x):
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
+    if num_groups == c:
+        y, mean, rstd = _instance_norm_fwd(x, weight, bias, eps, activation)
+        return (y, mean, rstd) if need_stats else (y, None, None)
+    x = x.contiguous(memory_format=memory_format_of(x))  # ATen's kernel wants a dense layout
+    weight, bias = _opmath(x, weight, bias)
     y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
     y = activate(y, activation)
     if not need_stats:
@@ -172,22 +200,51 @@ def _recompute_group(x, num_groups, weight, bias, mean, rstd):
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
+    fmt = memory_format_of(x)
+    x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    w, b = _opmath(x, weight, bias)
     dz = dy
     if activation != "none":
-        dz = activation_backward(dy, _recompute_group(x, num_groups, weight, bias, mean, rstd), activation)
-    nd = _native_stat_dtype(x, weight, bias)
-    # ATen's weight-less backward still reads dbias from the mask: ask only for what exists.
-    mask = [output_mask[0], output_mask[1] and weight is not None, output_mask[2] and bias is not None]
+        dz = activation_backward(dy, _recompute_group(x, num_groups, w, b, mean, rstd), activation)
+    if num_groups == c:
+        return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
+    nd = _native_stat_dtype(x, w, b)
+    # Ask ATen only for gradients that exist; without a weight it skips dbias, so sum it here.
+    mask = [output_mask[0], output_mask[1] and w is not None, output_mask[2] and b is not None]
     dx, dw, db = aten.native_group_norm_backward(
-        dz, x, mean.to(nd), rstd.to(nd), weight, n, c, hw, num_groups, mask)
-    if mask[2] and weight is None:  # ATen skips dbias without a weight
-        db = dz.transpose(0, 1).reshape(c, -1).sum(1).to(bias.dtype)
-    return dx, dw if mask[1] else None, db if mask[2] else None
+        dz, x, mean.to(nd), rstd.to(nd), w, n, c, hw, num_groups, [mask[0], mask[1], mask[2] and w is not None])
+    if mask[2] and w is None:
+        db = dz.transpose(0, 1).reshape(c, -1).sum(1)
+    return dx, _cast(dw if mask[1] else None, weight), _cast(db if mask[2] else None, bias)
+
+
+def _instance_view(x, *per_channel):
+    """InstanceNorm (G == C) as torch.instance_norm computes it: batch norm over the (1, N*C, S)
+    view, with the per-channel parameters repeated N times. ATen's group-norm kernels lose digits
+    at large offsets (x = 1e4 + randn: rstd off by 3e-4 in fp32); its batch-norm ones do not."""
+    n = x.shape[0]
+    return [x.reshape(1, n * x.shape[1], -1)] + [None if p is None else p.repeat(n) for p in per_channel]
+
+
+def _instance_norm_fwd(x, weight, bias, eps, activation):
+    xv, wv, bv = _instance_view(x, weight, bias)
+    y, mean, rstd, _ = batch_norm_fwd(xv, wv, bv, None, None, True, eps, activation)
+    return y.reshape(x.shape), mean.reshape(x.shape[0], -1), rstd.reshape(x.shape[0], -1)
+
+
+def _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask):
+    n, c = x.shape[0], x.shape[1]
+    xv, wv, bv = _instance_view(x, weight, bias)
+    dx, dw, db = batch_norm_bwd(dz.reshape(xv.shape), xv, wv, bv, None, None, mean.reshape(-1),
+                                rstd.reshape(-1), True, 0.0, "none", output_mask)
+    return (None if dx is None else dx.reshape(x.shape), None if dw is None else dw.reshape(n, c).sum(0),
+            None if db is None else db.reshape(n, c).sum(0))
 
 
 # --- BatchNorm -------------------------------------------------------------------------------
 
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
+    weight, bias, running_mean, running_var = _opmath(x, weight, bias, running_mean, running_var)
     if training:
         # The functional variant returns the new running statistics instead of writing them;
         # with zeros in and momentum 1 they are the batch mean and the unbiased batch variance.
@@ -211,16 +268,16 @@ def _recompute_batch(x, weight, bias, mean, rstd):
 
 def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
                    training, eps, activation, output_mask):
+    w, b, running_mean, running_var = _opmath(x, weight, bias, running_mean, running_var)
     dz = dy
     if activation != "none":
         if training:
             mean, rstd = save_mean, save_rstd
         else:
             mean, rstd = running_mean, torch.rsqrt(running_var.to(stat_dtype(x)) + eps)
-        dz = activation_backward(dy, _recompute_batch(x, weight, bias, mean, rstd), activation)
+        dz = activation_backward(dy, _recompute_batch(x, w, b, mean, rstd), activation)
     dx, dw, db = aten.native_batch_norm_backward(
-        dz, x, weight, running_mean, running_var, save_mean, save_rstd, training, eps,
-        list(output_mask))
+        dz, x, w, running_mean, running_var, save_mean, save_rstd, training, eps, list(output_mask))
     return (dx if output_mask[0] else None,
-            dw if output_mask[1] and weight is not None else None,
-            db if output_mask[2] and bias is not None else None)
+            _cast(dw, weight) if output_mask[1] else None,
+            _cast(db, bias) if output_mask[2] else None)

@@ -1,0 +1,127 @@
+"""Shared test cases: shapes, dtypes, tolerances, and the reference each op is compared with.
+
+Tolerance rule (from flash-attention's tests): in a low-precision dtype, our error against a
+float64 reference may be at most twice the error of torch's own same-dtype result, plus a small
+atol. Torch's error is the honest yardstick: the inputs and outputs are rounded to the dtype, so
+no implementation can do much better, and one that does much worse has a real bug.
+"""
+import torch
+from torch.nn import functional as TF
+
+import normops
+from normops import functional as F
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+BACKENDS = ["torch", "numpy"]
+
+# The atol of the rule: what a correct result may differ by on top of 2x torch's error.
+ATOL = {
+    torch.float64: 1e-10,  # both sides accumulate in fp64; differences are reassociation only
+    torch.float32: 2e-5,   # outputs are O(1..10); fp32 ulp there is 1e-7..1e-6, sums of ~1e3 terms
+    torch.float16: 2e-3,   # half an fp16 ulp at 4 is 2e-3
+    torch.bfloat16: 2e-2,  # half a bf16 ulp at 4 is 1.6e-2
+}
+
+# (input shape, normalized_shape): odd widths exercise masks, 1-element rows, empty batches,
+# a 4097-wide row (just past a power of two) and a multi-dim normalized_shape.
+ROW_SHAPES = [((3, 7), (7,)), ((2, 3, 781), (781,)), ((5, 1), (1,)), ((1, 1), (1,)), ((0, 5), (5,)),
+              ((4, 3, 5), (3, 5)), ((2, 4097), (4097,)), ((6,), (6,))]
+# (input shape, num_groups): G=1, G=C, odd C/G, 1x1 spatial, 1-D/2-D/3-D spatial, no spatial, empty.
+GROUP_SHAPES = [((2, 6, 5, 3), 3), ((1, 4, 7), 1), ((3, 6), 6), ((2, 4, 1, 1), 2), ((2, 6, 2, 3, 3), 2),
+                ((2, 9, 5), 3), ((0, 6, 4), 3)]
+# (N, C, *spatial) for batch and instance norm; instance norm needs more than one spatial element.
+BATCH_SHAPES = [(4, 3), (2, 5, 7), (3, 4, 5, 6), (2, 3, 2, 3, 4), (2, 1, 1, 1), (0, 3, 4)]
+# (torch itself fails on an empty instance_norm; test_empty_outputs covers ours)
+INSTANCE_SHAPES = [(2, 3, 5), (3, 4, 5, 6), (1, 2, 3, 2, 4), (2, 5, 2)]
+
+
+def make(shape, dtype, offset=3.0, scale=2.0, requires_grad=True, seed=0):
+    """Shifted data (mean far from 0), so a variance computed as E[x^2] - E[x]^2 would show."""
+    g = torch.Generator().manual_seed(seed)
+    t = (offset + scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def params(c, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = (1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    b = (0.5 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    return w, b
+
+
+def err(a, ref):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def forward_backward(fn, inputs, seed=2):
+    """Outputs of fn(*inputs) and the gradients of every input that requires grad, for a fixed
+    random cotangent. Returns a flat list of tensors."""
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+              for t in inputs]
+    out = fn(*inputs)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    g = torch.Generator().manual_seed(seed)
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True) if leaves else []
+    return [o.detach() for o in outs] + [gr if gr is not None else torch.zeros(()) for gr in grads]
+
+
+def to64(inputs):
+    return [t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+            for t in inputs]
+
+
+def assert_close_to_reference(ours_fn, torch_fn, inputs, backend, dtype):
+    """Outputs and gradients of ours_fn on `backend` in `dtype` obey the tolerance rule against
+    torch_fn in float64; torch_fn in `dtype` is the yardstick."""
+    with normops.backend(backend):
+        ours = forward_backward(ours_fn, inputs)
+    same = forward_backward(torch_fn, inputs)
+    ref = forward_backward(torch_fn, to64(inputs))
+    assert len(ours) == len(ref)
+    for i, (o, s, r) in enumerate(zip(ours, same, ref)):
+        assert o.shape == r.shape, f"result {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        assert o.dtype == s.dtype, f"result {i}: dtype {o.dtype} != torch's {s.dtype}"
+        bound = 2 * err(s, r) + ATOL[dtype] * max(1.0, r.abs().max().item() if r.numel() else 1.0)
+        assert err(o, r) <= bound, f"result {i}: error {err(o, r):.3g} > {bound:.3g} (torch's own: {err(s, r):.3g})"
+
+
+# The ops side by side: name -> (normops function, torch reference), both taking (x, w, b).
+def _act(activation):
+    return {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu, None: lambda t: t}[activation]
+
+
+def torch_layer_norm(x, shape, w, b, eps=1e-5, activation=None):
+    return _act(activation)(TF.layer_norm(x, shape, w, b, eps))
+
+
+def torch_rms_norm(x, shape, w, eps=None, activation=None):
+    return _act(activation)(TF.rms_norm(x, shape, w, eps))
+
+
+def torch_group_norm(x, g, w, b, eps=1e-5, activation=None):
+    return _act(activation)(TF.group_norm(x, g, w, b, eps))
+
+
+def torch_instance_norm(x, rm, rv, w, b, use_input_stats=True, momentum=0.1, eps=1e-5, activation=None):
+    return _act(activation)(TF.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, eps))
+
+
+def torch_batch_norm(x, rm, rv, w, b, training=False, momentum=0.1, eps=1e-5, activation=None):
+    return _act(activation)(TF.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+
+
+def torch_add_layer_norm(x, r, shape, w, b, eps=1e-5):
+    h = x + r
+    return TF.layer_norm(h, shape, w, b, eps), h
+
+
+def torch_add_rms_norm(x, r, shape, w, eps=None):
+    h = x + r
+    return TF.rms_norm(h, shape, w, eps), h
+
+
+__all__ = ["F", "TF"]
