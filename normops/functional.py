@@ -143,6 +143,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                          f"of shape {list(input.shape)} and num_groups={num_groups}")
     _check_shape("weight", weight, (c,))
     _check_shape("bias", bias, (c,))
+    if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
+        raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
+                         f"with num_groups={num_groups}")
     need = _grad_needed(input, weight, bias)
     return ops.group_norm(input, weight, bias, num_groups, float(eps), _activation(activation), need)[0]
 

@@ -1,0 +1,95 @@
+"""Backend choice: per call, from the device and the user's setting, in a fixed precedence."""
+import threading
+
+import pytest
+import torch
+
+import normops
+from normops.backends import current_backend, numpy_backend, torch_backend
+from cases import F
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Which backend module ran row_norm_fwd, in call order."""
+    seen = []
+    for name, mod in (("torch", torch_backend), ("numpy", numpy_backend)):
+        real = mod.row_norm_fwd
+
+        def spy(*args, _real=real, _name=name):
+            seen.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(mod, "row_norm_fwd", spy)
+    return seen
+
+
+def test_cpu_default_is_torch(calls, monkeypatch):
+    monkeypatch.delenv("NORMOPS_BACKEND", raising=False)
+    F.layer_norm(torch.randn(2, 3), [3])
+    assert calls == ["torch"]
+    assert current_backend(torch.device("cpu")) == "torch"
+    assert current_backend(torch.device("cuda")) == "triton"
+
+
+def test_precedence(calls, monkeypatch):
+    """with backend(...) > set_backend(...) > NORMOPS_BACKEND > device default."""
+    x = torch.randn(2, 3)
+    monkeypatch.setenv("NORMOPS_BACKEND", "numpy")  # read per call, not at import
+    F.layer_norm(x, [3])
+    normops.set_backend("torch")
+    F.layer_norm(x, [3])
+    with normops.backend("numpy"):
+        F.layer_norm(x, [3])
+        with normops.backend("torch"):
+            F.layer_norm(x, [3])
+        F.layer_norm(x, [3])
+    normops.set_backend(None)
+    monkeypatch.delenv("NORMOPS_BACKEND")
+    F.layer_norm(x, [3])
+    assert calls == ["numpy", "torch", "numpy", "torch", "numpy", "torch"]
+
+
+def test_context_is_per_thread(calls):
+    x = torch.randn(2, 3)
+    done = threading.Event()
+
+    def other():
+        F.layer_norm(x, [3])
+        done.set()
+
+    with normops.backend("numpy"):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert done.is_set() and calls == ["torch"]
+
+
+def test_context_restores_after_error(calls):
+    with pytest.raises(ZeroDivisionError):
+        with normops.backend("numpy"):
+            1 / 0
+    F.layer_norm(torch.randn(2, 3), [3])
+    assert calls == ["torch"]
+
+
+def test_triton_backend_under_interpreter(monkeypatch):
+    """With TRITON_INTERPRET=1 the triton backend accepts CPU tensors (kernels are tested so);
+    ops without a Triton kernel yet run the torch backend's code."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    with normops.backend("triton"):
+        y = F.group_norm(x, 3)
+        y.sum().backward()
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 3))
+
+
+def test_backward_uses_the_backend_of_its_call(calls, monkeypatch):
+    """The backward runs where the backend is resolved at backward time: per call, like forward."""
+    seen = []
+    real = numpy_backend.row_norm_bwd
+    monkeypatch.setattr(numpy_backend, "row_norm_bwd", lambda *a: seen.append(1) or real(*a))
+    x = torch.randn(2, 3, requires_grad=True)
+    with normops.backend("numpy"):
+        F.layer_norm(x, [3]).sum().backward()
+    assert seen == [1]
