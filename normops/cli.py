@@ -18,11 +18,10 @@ import argparse
 import dataclasses
 import importlib
 import math
-import os
 import sys
 import time
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.nn import functional as TF
@@ -101,18 +100,18 @@ def _running(t):
 
 
 OPS = [
-    CheckOp("layer_norm", (3, 5, 37), (2, 3, 5), "row", True, False, "", ("y",),
+    CheckOp("layer_norm", (3, 5, 37), (3, 5), "row", True, False, "", ("y",),
             ours=_ln, ref=lambda t, dtype: _ref_ln(t)),
-    CheckOp("layer_norm:silu", (3, 5, 37), (2, 3, 5), "row", True, False, "", ("y",),
+    CheckOp("layer_norm:silu", (3, 5, 37), (3, 5), "row", True, False, "", ("y",),
             ours=lambda t: _ln(t, "silu"), ref=lambda t, dtype: TF.silu(_ref_ln(t))),
-    CheckOp("rms_norm", (3, 5, 37), (2, 3, 5), "row", False, False, "", ("y",),
+    CheckOp("rms_norm", (3, 5, 37), (3, 5), "row", False, False, "", ("y",),
             ours=lambda t: NF.rms_norm(t["x"], t["x"].shape[-1:], t["weight"]),
             ref=lambda t, dtype: TF.rms_norm(t["x"], t["x"].shape[-1:], t["weight"], _rms_eps(dtype))),
-    CheckOp("add_layer_norm", (3, 5, 37), (2, 3, 5), "row", True, True, "", ("y", "h"),
+    CheckOp("add_layer_norm", (3, 5, 37), (3, 5), "row", True, True, "", ("y", "h"),
             ours=lambda t: NF.add_layer_norm(t["x"], t["residual"], t["x"].shape[-1:], t["weight"], t["bias"],
                                              ROW_EPS),
             ref=_ref_add_ln),
-    CheckOp("add_rms_norm", (3, 5, 37), (2, 3, 5), "row", False, True, "", ("y", "h"),
+    CheckOp("add_rms_norm", (3, 5, 37), (3, 5), "row", False, True, "", ("y", "h"),
             ours=lambda t: NF.add_rms_norm(t["x"], t["residual"], t["x"].shape[-1:], t["weight"]),
             ref=_ref_add_rms),
     CheckOp("group_norm", (3, 6, 5, 7), (2, 4, 3), "channel", True, False, "", ("y",),
@@ -229,8 +228,8 @@ def _gradcheck(op, device, seed):
         return op.ours(tt)
 
     inputs = tuple(t[k].detach().requires_grad_() for k in names)
-    torch.autograd.gradcheck(fn, inputs, raise_exception=True, fast_mode=os.environ.get('FASTGC')=='1')
-    torch.autograd.gradgradcheck(fn, inputs, raise_exception=True, fast_mode=os.environ.get('FASTGC')=='1')
+    torch.autograd.gradcheck(fn, inputs, raise_exception=True)
+    torch.autograd.gradgradcheck(fn, inputs, raise_exception=True)
 
 
 @dataclasses.dataclass

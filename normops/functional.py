@@ -14,9 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import library  # noqa: F401  (registers the normops:: ops)
-
-ops = torch.ops.normops
+from . import library as ops  # the normops:: ops, with their eager fast path
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm"]

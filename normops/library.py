@@ -46,6 +46,71 @@ def _zero_filled(outputs):
     return tuple(t.zero_() for t in outputs)
 
 
+# --- eager fast path ----------------------------------------------------------------------------
+# The ops go through the dispatcher and torch.library's Python autograd wrapper: about 100 us a
+# forward+backward on the CPU, as much as a whole GroupNorm of 2M elements. In plain eager mode
+# nothing needs that machinery, so the same implementations run through a plain
+# autograd.Function instead (same setup_context and backward functions). Anything that traces or
+# transforms (torch.compile, export, fake/meta tensors, dispatch modes, functorch, autocast)
+# goes through the registered ops.
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(args):
+    """True when the ops' implementations may run directly: real CPU/CUDA tensors, no tracing."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    x = args[0]
+    if x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
+        return False
+    for t in args:
+        if type(t) in _PLAIN and t.device != x.device:
+            return False  # let the dispatcher report it
+        if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+def _profiled(name, fn, *args):
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)
+
+
+def _forward(op, function, impl, args):
+    """A forward op: its autograd.Function (or bare implementation, when no gradient is needed)
+    in eager mode, the registered op otherwise."""
+    if not _eager(args):
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return _profiled(op._qualname, function.apply, *args)
+    return _profiled(op._qualname, impl, *args)
+
+
+def _backward(op, impl, *args):
+    """A backward op from inside a backward: the bare implementation unless a graph of the
+    backward itself is being recorded (double backward) or traced."""
+    if torch.is_grad_enabled() or not _eager(args):
+        return op(*args)
+    return _profiled(op._qualname, impl, *args)
+
+
+def _function(name, impl, setup_context, backward):
+    """An autograd.Function over an op's implementation, with the op's own autograd formulas.
+    (forward takes ctx itself: the setup_context form costs an inspect.signature per call.)"""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 # --- differentiable compositions, for the double backward ---------------------------------------
 
 def _affine_act(x_hat, x, weight, bias, activation, channel_dim):
@@ -105,32 +170,48 @@ def _double_backward(composite, dy, x, weight, bias, cotangents):
 
     primals = [dy.to(sd), x.to(sd)] + [p.to(sd) for p in present]
     _, vjp2 = torch.func.vjp(first, *primals)
-    cots = []
-    for t, g in zip([x] + present, [cotangents[0]] + [c for c, p in zip(cotangents[1:], (weight, bias)) if p is not None]):
-        cots.append(g.to(sd) if g is not None and g.numel() == t.numel() and g.numel() else torch.zeros(t.shape, dtype=sd, device=t.device))
+    cots = []  # one per differentiated input; zeros where no gradient came (or it was not asked for)
+    grads_in = [cotangents[0]] + [g for g, p in zip(cotangents[1:], (weight, bias)) if p is not None]
+    for t, g in zip([x] + present, grads_in):
+        usable = g is not None and g.numel() and g.numel() == t.numel()
+        cots.append(g.to(sd) if usable else torch.zeros(t.shape, dtype=sd, device=t.device))
     grads = vjp2(tuple(cots))
     gdy, gx = grads[0].to(dy.dtype), grads[1].to(x.dtype)
     gp = params([g.to(p.dtype) for g, p in zip(grads[2:], present)])
     return gdy, gx, gp[0], gp[1]
 
 
+def _register(name, impl, mutates=()):
+    """The custom op normops::<name>, implemented by impl (its annotations give the schema)."""
+    return torch.library.custom_op(f"normops::{name}", mutates_args=mutates)(impl)
+
+
+def _no_grad_outputs(ctx, *stats):
+    """Statistics are outputs without a gradient; the backward gets None, not zeros, for them."""
+    ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)
+
+
 # --- LayerNorm / RMSNorm -----------------------------------------------------------------------
 
-@torch.library.custom_op("normops::row_norm", mutates_args=())
-def row_norm(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequence[int],
+def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequence[int],
              weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
              activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = act(norm(x [+ residual]) * w + b) over the trailing ``normalized_shape`` dims.
     Returns (y, x + residual or absent, mean or absent, rstd or absent)."""
     if x.numel() == 0:
-        return _zero_filled(_row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats))
+        return _zero_filled(_row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation,
+                                           need_stats))
     y, h, mean, rstd = backends.resolve(x).row_norm_fwd(
         x, residual, tuple(normalized_shape), weight, bias, eps, rms, activation, need_stats)
     sd = stat_dtype(x)
     return (y.contiguous(), _or_absent(h, x).contiguous(), _or_absent(mean, x, sd), _or_absent(rstd, x, sd))
 
 
-@row_norm.register_fake
+row_norm_op = _register("row_norm", _row_norm_impl)
+
+
+@row_norm_op.register_fake
 def _row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
     batch = x.shape[: x.dim() - len(normalized_shape)]
     sd = stat_dtype(x)
@@ -140,19 +221,22 @@ def _row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activa
     return x.new_empty(x.shape), h, mean, rstd
 
 
-@torch.library.custom_op("normops::row_norm_backward", mutates_args=())
-def row_norm_backward(dy: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor],
+def _row_norm_backward_impl(dy: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor],
                       bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor, eps: float, rms: bool,
                       activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of row_norm, from the saved statistics (x is x + residual when fused)."""
     if x.numel() == 0:
-        return _zero_filled(_row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask))
+        return _zero_filled(_row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms,
+                                                    activation, output_mask))
     dx, dw, db = backends.resolve(x).row_norm_bwd(
         dy, x, tuple(normalized_shape), weight, bias, mean, rstd, rms, activation, list(output_mask))
     return _or_absent(dx, x).contiguous(), _or_absent(dw, x), _or_absent(db, x)
 
 
-@row_norm_backward.register_fake
+row_norm_backward_op = _register("row_norm_backward", _row_norm_backward_impl)
+
+
+@row_norm_backward_op.register_fake
 def _row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask):
     return _grads_fake(x, weight, bias, output_mask, torch.contiguous_format)
 
@@ -167,6 +251,7 @@ def _grads_fake(x, weight, bias, output_mask, memory_format):
 def _row_norm_setup(ctx, inputs, output):
     x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats = inputs
     _, h, mean, rstd = output
+    _no_grad_outputs(ctx, mean, rstd, *([] if residual is not None else [h]))
     ctx.cfg = (tuple(normalized_shape), eps, rms, activation)
     ctx.has_residual = residual is not None
     if need_stats:
@@ -181,8 +266,10 @@ def _row_norm_bwd(ctx, dy, dh, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     normalized_shape, eps, rms, activation = ctx.cfg
     mask = [need[0] or need[1], need[3], need[4]]
-    dx, dw, db = row_norm_backward(dy, x, normalized_shape, weight, bias, None if rms else mean, rstd,
-                                   eps, rms, activation, mask)
+    if dy is None:  # only x + residual was used
+        return dh if need[0] else None, dh if need[1] else None, None, None, None, None, None, None, None
+    dx, dw, db = _backward(row_norm_backward_op, _row_norm_backward_impl, dy, x, normalized_shape, weight, bias,
+                           None if rms else mean, rstd, eps, rms, activation, mask)
     dx = dx if mask[0] else None
     if ctx.has_residual and dx is not None and dh is not None:
         dx = dx + dh
@@ -207,14 +294,13 @@ def _row_norm_double_bwd(ctx, gdx, gdw, gdb):
     return gdy, gx, None, gw, gb, None, None, None, None, None, None
 
 
-row_norm.register_autograd(_row_norm_bwd, setup_context=_row_norm_setup)
-row_norm_backward.register_autograd(_row_norm_double_bwd, setup_context=_row_norm_backward_setup)
+row_norm_op.register_autograd(_row_norm_bwd, setup_context=_row_norm_setup)
+row_norm_backward_op.register_autograd(_row_norm_double_bwd, setup_context=_row_norm_backward_setup)
 
 
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
 
-@torch.library.custom_op("normops::group_norm", mutates_args=())
-def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
                activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd)."""
     if x.numel() == 0:
@@ -224,7 +310,10 @@ def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_
     return y.contiguous(memory_format=memory_format_of(x)), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
 
 
-@group_norm.register_fake
+group_norm_op = _register("group_norm", _group_norm_impl)
+
+
+@group_norm_op.register_fake
 def _group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats):
     sd = stat_dtype(x)
     stats = (x.shape[0], num_groups) if need_stats else (0,)
@@ -232,19 +321,22 @@ def _group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats):
             x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd))
 
 
-@torch.library.custom_op("normops::group_norm_backward", mutates_args=())
-def group_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                         rstd: Tensor, num_groups: int, eps: float, activation: str,
                         output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of group_norm, from the saved statistics."""
     if x.numel() == 0:
-        return _zero_filled(_group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation, output_mask))
+        return _zero_filled(_group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation,
+                                                      output_mask))
     dx, dw, db = backends.resolve(x).group_norm_bwd(
         dy, x, num_groups, weight, bias, mean, rstd, activation, list(output_mask))
     return _or_absent(dx, x).contiguous(memory_format=memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
 
 
-@group_norm_backward.register_fake
+group_norm_backward_op = _register("group_norm_backward", _group_norm_backward_impl)
+
+
+@group_norm_backward_op.register_fake
 def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation, output_mask):
     return _grads_fake(x, weight, bias, output_mask, memory_format_of(x))
 
@@ -252,6 +344,7 @@ def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, 
 def _group_norm_setup(ctx, inputs, output):
     x, weight, bias, num_groups, eps, activation, need_stats = inputs
     _, mean, rstd = output
+    _no_grad_outputs(ctx, mean, rstd)
     ctx.cfg = (num_groups, eps, activation)
     ctx.saved_stats = need_stats
     if need_stats:
@@ -259,13 +352,16 @@ def _group_norm_setup(ctx, inputs, output):
 
 
 def _group_norm_bwd(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 7
     if not ctx.saved_stats:
         raise RuntimeError("normops::group_norm ran with need_stats=False, so its backward has no statistics")
     need = ctx.needs_input_grad
     x, weight, bias, mean, rstd = ctx.saved_tensors
     num_groups, eps, activation = ctx.cfg
     mask = [need[0], need[1], need[2]]
-    dx, dw, db = group_norm_backward(dy, x, weight, bias, mean, rstd, num_groups, eps, activation, mask)
+    dx, dw, db = _backward(group_norm_backward_op, _group_norm_backward_impl,
+                           dy, x, weight, bias, mean, rstd, num_groups, eps, activation, mask)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None)
 
 
@@ -286,14 +382,13 @@ def _group_norm_double_bwd(ctx, gdx, gdw, gdb):
     return gdy, gx, gw, gb, None, None, None, None, None, None
 
 
-group_norm.register_autograd(_group_norm_bwd, setup_context=_group_norm_setup)
-group_norm_backward.register_autograd(_group_norm_double_bwd, setup_context=_group_norm_backward_setup)
+group_norm_op.register_autograd(_group_norm_bwd, setup_context=_group_norm_setup)
+group_norm_backward_op.register_autograd(_group_norm_double_bwd, setup_context=_group_norm_backward_setup)
 
 
 # --- BatchNorm ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("normops::batch_norm", mutates_args=())
-def batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+def _batch_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                running_var: Optional[Tensor], training: bool, eps: float,
                activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = act(norm(x) * w + b) per channel (dim 1). (y, save_mean, save_rstd, unbiased batch var);
@@ -307,7 +402,10 @@ def batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runn
             _or_absent(save_rstd, x, sd), _or_absent(batch_var, x, sd))
 
 
-@batch_norm.register_fake
+batch_norm_op = _register("batch_norm", _batch_norm_impl)
+
+
+@batch_norm_op.register_fake
 def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps, activation):
     sd = stat_dtype(x)
     stats = (x.shape[1],) if training else (0,)
@@ -315,8 +413,7 @@ def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps, 
             x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd))
 
 
-@torch.library.custom_op("normops::batch_norm_backward", mutates_args=())
-def batch_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _batch_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         save_mean: Optional[Tensor], save_rstd: Optional[Tensor], training: bool, eps: float,
                         activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,7 +427,10 @@ def batch_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     return _or_absent(dx, x).contiguous(memory_format=memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
 
 
-@batch_norm_backward.register_fake
+batch_norm_backward_op = _register("batch_norm_backward", _batch_norm_backward_impl)
+
+
+@batch_norm_backward_op.register_fake
 def _batch_norm_backward_fake(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training,
                               eps, activation, output_mask):
     return _grads_fake(x, weight, bias, output_mask, memory_format_of(x))
@@ -338,7 +438,8 @@ def _batch_norm_backward_fake(dy, x, weight, bias, running_mean, running_var, sa
 
 def _batch_norm_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, training, eps, activation = inputs
-    _, save_mean, save_rstd, _ = output
+    _, save_mean, save_rstd, batch_var = output
+    _no_grad_outputs(ctx, save_mean, save_rstd, batch_var)
     ctx.cfg = (training, eps, activation)
     if any(ctx.needs_input_grad[:3]):
         if training:
@@ -348,12 +449,14 @@ def _batch_norm_setup(ctx, inputs, output):
 
 
 def _batch_norm_bwd(ctx, dy, _dmean, _drstd, _dvar):
+    if dy is None:
+        return (None,) * 8
     need = ctx.needs_input_grad
     x, weight, bias, running_mean, running_var, save_mean, save_rstd = ctx.saved_tensors
     training, eps, activation = ctx.cfg
     mask = [need[0], need[1], need[2]]
-    dx, dw, db = batch_norm_backward(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
-                                     training, eps, activation, mask)
+    dx, dw, db = _backward(batch_norm_backward_op, _batch_norm_backward_impl, dy, x, weight, bias,
+                           running_mean, running_var, save_mean, save_rstd, training, eps, activation, mask)
     return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None, None
 
 
@@ -377,12 +480,11 @@ def _batch_norm_double_bwd(ctx, gdx, gdw, gdb):
     return gdy, gx, gw, gb, None, None, None, None, None, None, None, None
 
 
-batch_norm.register_autograd(_batch_norm_bwd, setup_context=_batch_norm_setup)
-batch_norm_backward.register_autograd(_batch_norm_double_bwd, setup_context=_batch_norm_backward_setup)
+batch_norm_op.register_autograd(_batch_norm_bwd, setup_context=_batch_norm_setup)
+batch_norm_backward_op.register_autograd(_batch_norm_double_bwd, setup_context=_batch_norm_backward_setup)
 
 
-@torch.library.custom_op("normops::update_running_stats", mutates_args=("running_mean", "running_var"))
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+def _update_running_stats_impl(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          momentum: float) -> None:
     """running = (1 - momentum) * running + momentum * batch, for the mean and the (unbiased) var,
     computed in fp64 and stored in the buffers' dtype, as torch's CPU kernel does."""
@@ -391,7 +493,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
         running.copy_(new)
 
 
-@update_running_stats.register_fake
+update_running_stats_op = _register("update_running_stats", _update_running_stats_impl,
+                                    mutates=("running_mean", "running_var"))
+
+
+@update_running_stats_op.register_fake
 def _update_running_stats_fake(running_mean, running_var, mean, var, momentum):
     return None
 
@@ -401,3 +507,32 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, momentum):
 if hasattr(torch.library, "register_autocast"):
     for _op in ("normops::row_norm", "normops::group_norm"):
         torch.library.register_autocast(_op, "cuda", torch.float32)
+
+
+# --- entry points for normops.functional -----------------------------------------------------------
+
+_RowNorm = _function("RowNorm", _row_norm_impl, _row_norm_setup, _row_norm_bwd)
+_GroupNorm = _function("GroupNorm", _group_norm_impl, _group_norm_setup, _group_norm_bwd)
+_BatchNorm = _function("BatchNorm", _batch_norm_impl, _batch_norm_setup, _batch_norm_bwd)
+
+
+def row_norm(*args):
+    """normops::row_norm (see _row_norm_impl), through the eager fast path when it applies."""
+    return _forward(row_norm_op, _RowNorm, _row_norm_impl, args)
+
+
+def group_norm(*args):
+    """normops::group_norm (see _group_norm_impl), through the eager fast path when it applies."""
+    return _forward(group_norm_op, _GroupNorm, _group_norm_impl, args)
+
+
+def batch_norm(*args):
+    """normops::batch_norm (see _batch_norm_impl), through the eager fast path when it applies."""
+    return _forward(batch_norm_op, _BatchNorm, _batch_norm_impl, args)
+
+
+def update_running_stats(*args):
+    """normops::update_running_stats, called directly in eager mode."""
+    if _eager(args):
+        return _update_running_stats_impl(*args)
+    return update_running_stats_op(*args)

@@ -49,6 +49,7 @@ import threading
 BACKENDS = ("torch", "triton", "numpy")
 _MODULES = {"torch": "torch_backend", "triton": "triton_backend", "numpy": "numpy_backend"}
 
+_loaded = {}
 _state = threading.local()  # per thread: the `with backend(...)` stack
 _global = None  # set_backend's choice
 
@@ -106,4 +107,7 @@ def resolve(x):
         raise RuntimeError(
             f"the triton backend runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set; "
             f"got a {x.device.type} tensor. Use normops.backend('torch') or set TRITON_INTERPRET=1.")
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    module = _loaded.get(name)
+    if module is None:  # imported on first use: the numpy and triton backends cost nothing until then
+        module = _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module
