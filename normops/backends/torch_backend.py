@@ -205,7 +205,9 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     w, b = _opmath(x, weight, bias)
     dz = dy
     if activation != "none":
-        dz = activation_backward(dy, _recompute_group(x, num_groups, w, b, mean, rstd), activation)
+        z = _recompute_group(x, num_groups, w, b, mean, rstd)
+        # threshold_backward follows z's layout, silu/gelu_backward dy's: pin it to x's
+        dz = activation_backward(dy, z, activation).contiguous(memory_format=fmt)
     if num_groups == c:
         return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
     nd = _native_stat_dtype(x, w, b)
