@@ -6,7 +6,9 @@ transform, and ``add_layer_norm`` / ``add_rms_norm`` for pre-norm residual strea
 
 Input validation lives here, before any op runs, so a bad call raises a clear error and leaves
 running statistics untouched. The work itself is done by the ``normops::`` ops
-(``normops/library.py``), on the backend ``normops.backends`` picks for the call.
+(``normops/library.py``), on the backend ``normops.backends`` picks for the call; a plain fp32/fp64
+call on the torch backend goes straight to ATen's own norm (``library.aten_direct``), which is
+what that backend would run anyway, without the ops' Python autograd overhead.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -95,8 +97,11 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
             raise TypeError(f"expected residual of the input's dtype {input.dtype}, got {residual.dtype}")
     if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    act = _activation(activation)
+    if residual is None and not rms and ops.aten_direct(input, act, weight, bias):
+        return (torch.layer_norm(input, shape, weight, bias, eps),)
     need = _grad_needed(input, residual, weight, bias)
-    return ops.row_norm(input, residual, list(shape), weight, bias, float(eps), rms, _activation(activation), need)
+    return ops.row_norm(input, residual, list(shape), weight, bias, float(eps), rms, act, need)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
@@ -144,8 +149,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
         raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
                          f"with num_groups={num_groups}")
+    act = _activation(activation)
+    if ops.aten_direct(input, act, weight, bias):
+        return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
-    return ops.group_norm(input, weight, bias, num_groups, float(eps), _activation(activation), need)[0]
+    return ops.group_norm(input, weight, bias, num_groups, float(eps), act, need)[0]
 
 
 def _running_pair(running_mean, running_var):
@@ -165,9 +173,14 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_shape(name, t, (c,))
     act = _activation(activation)
+    if use_input_stats and math.prod(input.shape[2:]) == 1:
+        raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
+    if not use_input_stats and running_mean is None:
+        raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
+    if ops.aten_direct(input, act, weight, bias, running_mean, running_var):
+        return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                                   torch.backends.cudnn.enabled)
     if use_input_stats:
-        if math.prod(input.shape[2:]) == 1:
-            raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
         need = _grad_needed(input, weight, bias)
         y = ops.group_norm(input, weight, bias, c, float(eps), act, need)[0]
         if running_mean is not None and input.numel():
@@ -176,9 +189,8 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                 var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:
-        if running_mean is None:
-            raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
-        y = ops.batch_norm(input, weight, bias, running_mean, running_var, False, float(eps), act)[0]
+        y = ops.batch_norm(input, weight, bias, running_mean, running_var, False, float(eps), act,
+                           grad=_grad_needed(input, weight, bias))[0]
     return y.contiguous()  # torch's instance_norm returns a contiguous tensor, whatever the input's layout
 
 
@@ -202,8 +214,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
     elif running_mean is None:
         raise ShapeError("running_mean must be defined in evaluation mode")
+    if ops.aten_direct(input, act, weight, bias, running_mean, running_var):
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                torch.backends.cudnn.enabled)
     y, mean, _, var = ops.batch_norm(input, weight, bias, None if training else running_mean,
-                                     None if training else running_var, training, float(eps), act)
+                                     None if training else running_var, training, float(eps), act,
+                                     grad=_grad_needed(input, weight, bias))
     if training and running_mean is not None and input.numel():
         ops.update_running_stats(running_mean, running_var, mean, var, float(momentum))
     return y

@@ -63,15 +63,21 @@ def _eager(args):
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    x = args[0]
-    if x.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(x.device.type):
+    device = args[0].device.type
+    if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device):
         return False
-    for t in args:
-        if type(t) in _PLAIN and t.device != x.device:
-            return False  # let the dispatcher report it
-        if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
-            return False
-    return True
+    return all(type(t) in _PLAIN for t in args if isinstance(t, torch.Tensor))
+
+
+def aten_direct(x, activation, *params):
+    """True when normops has nothing to add to ATen's own autograd-aware norm (torch.layer_norm,
+    torch.batch_norm...), which ``normops.functional`` then calls: a plain eager call on the torch
+    backend, no fused activation, a non-empty fp32/fp64 input with parameters of its dtype. (For
+    fp16/bf16, ATen's CPU kernels save statistics in the input dtype; the op path keeps them fp32.)
+    The normops ops, with their Python autograd, cost ~60 us a forward+backward more."""
+    return (activation == "none" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+            and all(p is None or p.dtype == x.dtype for p in params) and _eager((x,) + params)
+            and backends.current_backend(x.device) == "torch")
 
 
 def _profiled(name, fn, *args):
@@ -81,28 +87,27 @@ def _profiled(name, fn, *args):
     return fn(*args)
 
 
-def _forward(op, function, impl, args):
-    """A forward op: its autograd.Function (or bare implementation, when no gradient is needed)
-    in eager mode, the registered op otherwise."""
+def _forward(op, function, impl, args, grad):
+    """A forward op in eager mode: its autograd.Function when a gradient is needed (``grad``),
+    else the bare implementation; the registered op when tracing."""
     if not _eager(args):
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
-        return _profiled(op._qualname, function.apply, *args)
-    return _profiled(op._qualname, impl, *args)
+    return _profiled(op._qualname, function.apply if grad else impl, *args)
 
 
-def _backward(op, impl, *args):
-    """A backward op from inside a backward: the bare implementation unless a graph of the
-    backward itself is being recorded (double backward) or traced."""
-    if torch.is_grad_enabled() or not _eager(args):
-        return op(*args)
-    return _profiled(op._qualname, impl, *args)
+def _backward(ctx, op, impl, *args):
+    """A backward op from inside a backward: the bare implementation when the forward ran eagerly
+    and no graph of the backward itself is being recorded (double backward), else the op."""
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
+        return _profiled(op._qualname, impl, *args)
+    return op(*args)
 
 
 def _function(name, impl, setup_context, backward):
     """An autograd.Function over an op's implementation, with the op's own autograd formulas.
     (forward takes ctx itself: the setup_context form costs an inspect.signature per call.)"""
     def forward(ctx, *args):
+        ctx.eager = True  # its backward may skip the dispatcher too
         out = impl(*args)
         setup_context(ctx, args, out)
         return out
@@ -268,7 +273,7 @@ def _row_norm_bwd(ctx, dy, dh, _dmean, _drstd):
     mask = [need[0] or need[1], need[3], need[4]]
     if dy is None:  # only x + residual was used
         return dh if need[0] else None, dh if need[1] else None, None, None, None, None, None, None, None
-    dx, dw, db = _backward(row_norm_backward_op, _row_norm_backward_impl, dy, x, normalized_shape, weight, bias,
+    dx, dw, db = _backward(ctx, row_norm_backward_op, _row_norm_backward_impl, dy, x, normalized_shape, weight, bias,
                            None if rms else mean, rstd, eps, rms, activation, mask)
     dx = dx if mask[0] else None
     if ctx.has_residual and dx is not None and dh is not None:
@@ -360,7 +365,7 @@ def _group_norm_bwd(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     num_groups, eps, activation = ctx.cfg
     mask = [need[0], need[1], need[2]]
-    dx, dw, db = _backward(group_norm_backward_op, _group_norm_backward_impl,
+    dx, dw, db = _backward(ctx, group_norm_backward_op, _group_norm_backward_impl,
                            dy, x, weight, bias, mean, rstd, num_groups, eps, activation, mask)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None)
 
@@ -455,7 +460,7 @@ def _batch_norm_bwd(ctx, dy, _dmean, _drstd, _dvar):
     x, weight, bias, running_mean, running_var, save_mean, save_rstd = ctx.saved_tensors
     training, eps, activation = ctx.cfg
     mask = [need[0], need[1], need[2]]
-    dx, dw, db = _backward(batch_norm_backward_op, _batch_norm_backward_impl, dy, x, weight, bias,
+    dx, dw, db = _backward(ctx, batch_norm_backward_op, _batch_norm_backward_impl, dy, x, weight, bias,
                            running_mean, running_var, save_mean, save_rstd, training, eps, activation, mask)
     return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None, None
 
@@ -517,18 +522,18 @@ _BatchNorm = _function("BatchNorm", _batch_norm_impl, _batch_norm_setup, _batch_
 
 
 def row_norm(*args):
-    """normops::row_norm (see _row_norm_impl), through the eager fast path when it applies."""
-    return _forward(row_norm_op, _RowNorm, _row_norm_impl, args)
+    """normops::row_norm (see _row_norm_impl); its last argument, need_stats, says a gradient is needed."""
+    return _forward(row_norm_op, _RowNorm, _row_norm_impl, args, args[-1])
 
 
 def group_norm(*args):
-    """normops::group_norm (see _group_norm_impl), through the eager fast path when it applies."""
-    return _forward(group_norm_op, _GroupNorm, _group_norm_impl, args)
+    """normops::group_norm (see _group_norm_impl); its last argument, need_stats, says a gradient is needed."""
+    return _forward(group_norm_op, _GroupNorm, _group_norm_impl, args, args[-1])
 
 
-def batch_norm(*args):
-    """normops::batch_norm (see _batch_norm_impl), through the eager fast path when it applies."""
-    return _forward(batch_norm_op, _BatchNorm, _batch_norm_impl, args)
+def batch_norm(*args, grad):
+    """normops::batch_norm (see _batch_norm_impl); ``grad``: a gradient is needed."""
+    return _forward(batch_norm_op, _BatchNorm, _batch_norm_impl, args, grad)
 
 
 def update_running_stats(*args):

@@ -71,17 +71,17 @@ def test_no_grad_skips_statistics(monkeypatch):
     monkeypatch.setattr(normops.functional.ops, "row_norm", spy, raising=False)
     x = torch.randn(3, 5)
     w = torch.randn(5, requires_grad=True)
-    F.layer_norm(x, [5], w)
+    F.rms_norm(x, [5], w)
     with torch.no_grad():
-        F.layer_norm(x, [5], w)
-    F.layer_norm(x, [5], w.detach())
+        F.rms_norm(x, [5], w)
+    F.rms_norm(x, [5], w.detach())
     assert seen == [True, False, False]
 
 
 def test_backward_is_an_op():
     """The backward graph calls normops::row_norm_backward (what a Triton kernel will implement)."""
     x = torch.randn(4, 8, requires_grad=True)
-    y = F.layer_norm(x, [8])
+    y = F.layer_norm(x, [8], activation="silu")
     g = torch.randn_like(y)
     with torch.profiler.profile() as prof:
         y.backward(g)

@@ -24,9 +24,14 @@ def calls(monkeypatch):
     return seen
 
 
+def _ln(x):
+    """A layer norm that always goes through the backends (a fused activation: never ATen-direct)."""
+    return F.layer_norm(x, [3], activation="relu")
+
+
 def test_cpu_default_is_torch(calls, monkeypatch):
     monkeypatch.delenv("NORMOPS_BACKEND", raising=False)
-    F.layer_norm(torch.randn(2, 3), [3])
+    _ln(torch.randn(2, 3))
     assert calls == ["torch"]
     assert current_backend(torch.device("cpu")) == "torch"
     assert current_backend(torch.device("cuda")) == "triton"
@@ -36,17 +41,17 @@ def test_precedence(calls, monkeypatch):
     """with backend(...) > set_backend(...) > NORMOPS_BACKEND > device default."""
     x = torch.randn(2, 3)
     monkeypatch.setenv("NORMOPS_BACKEND", "numpy")  # read per call, not at import
-    F.layer_norm(x, [3])
+    _ln(x)
     normops.set_backend("torch")
-    F.layer_norm(x, [3])
+    _ln(x)
     with normops.backend("numpy"):
-        F.layer_norm(x, [3])
+        _ln(x)
         with normops.backend("torch"):
-            F.layer_norm(x, [3])
-        F.layer_norm(x, [3])
+            _ln(x)
+        _ln(x)
     normops.set_backend(None)
     monkeypatch.delenv("NORMOPS_BACKEND")
-    F.layer_norm(x, [3])
+    _ln(x)
     assert calls == ["numpy", "torch", "numpy", "torch", "numpy", "torch"]
 
 
@@ -55,7 +60,7 @@ def test_context_is_per_thread(calls):
     done = threading.Event()
 
     def other():
-        F.layer_norm(x, [3])
+        _ln(x)
         done.set()
 
     with normops.backend("numpy"):
@@ -69,7 +74,7 @@ def test_context_restores_after_error(calls):
     with pytest.raises(ZeroDivisionError):
         with normops.backend("numpy"):
             1 / 0
-    F.layer_norm(torch.randn(2, 3), [3])
+    _ln(torch.randn(2, 3))
     assert calls == ["torch"]
 
 
@@ -91,5 +96,20 @@ def test_backward_uses_the_backend_of_its_call(calls, monkeypatch):
     monkeypatch.setattr(numpy_backend, "row_norm_bwd", lambda *a: seen.append(1) or real(*a))
     x = torch.randn(2, 3, requires_grad=True)
     with normops.backend("numpy"):
-        F.layer_norm(x, [3]).sum().backward()
+        _ln(x).sum().backward()
     assert seen == [1]
+
+
+def test_plain_fp32_goes_straight_to_aten(calls):
+    """On the torch backend a plain fp32 norm is ATen's own (same kernels, no Python autograd); a
+    fused activation, RMSNorm or a low-precision input goes through the normops ops."""
+    x = torch.randn(2, 3, requires_grad=True)
+    y = F.layer_norm(x, [3])
+    assert calls == [] and y.grad_fn.name() == "NativeLayerNormBackward0"
+    F.layer_norm(x, [3], activation="relu")
+    F.rms_norm(x, [3])
+    F.layer_norm(x.detach().bfloat16(), [3])
+    assert calls == ["torch", "torch", "torch"]
+    with normops.backend("numpy"):
+        F.layer_norm(x, [3])
+    assert calls[-1] == "numpy"

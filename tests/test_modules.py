@@ -236,14 +236,26 @@ def spy(monkeypatch):
                 return _orig(*a, **k)
 
             monkeypatch.setattr(mod, fn, wrapped)
+        if name == "torch":  # plain fp32/fp64 calls on the torch backend go straight to ATen's norm
+            import normops.library as lib
+            orig_direct = lib.aten_direct
+
+            def direct(*a):
+                taken = orig_direct(*a)
+                calls["aten_direct"] = calls.get("aten_direct", 0) + taken
+                return taken
+
+            monkeypatch.setattr(lib, "aten_direct", direct)
         return calls
 
     return install
 
 
 def assert_used(calls, name):
-    assert any(k.endswith("_fwd") for k in calls), f"backend {name!r} never ran a forward: {calls}"
-    assert any(k.endswith("_bwd") for k in calls), f"backend {name!r} never ran a backward: {calls}"
+    assert any(k.endswith("_fwd") or (k == "aten_direct" and v) for k, v in calls.items()), \
+        f"backend {name!r} never ran a forward: {calls}"
+    assert any(k.endswith("_bwd") or (k == "aten_direct" and v) for k, v in calls.items()), \
+        f"backend {name!r} never ran a backward: {calls}"
 
 
 # --- structure: a drop-in must look exactly like torch's module --------------------------------
@@ -559,9 +571,9 @@ def test_compile_batch_norm_train_updates_running_stats(fresh_dynamo):
         yc.backward(dy), ye.backward(dy), yr.backward(dy)
         assert_close(xc.grad, xe.grad, **TOL[torch.float32])
         assert_close(m.weight.grad, eager.weight.grad, **TOL[torch.float32])
-        # The running statistics are updated by the same op in both, so exactly alike.
-        assert torch.equal(m.running_mean, eager.running_mean), i
-        assert torch.equal(m.running_var, eager.running_var), i
+        # Eager fp32 BatchNorm is ATen's own; compiled, it is the normops op: alike to rounding.
+        assert_close(m.running_mean, eager.running_mean, rtol=1e-6, atol=1e-7)
+        assert_close(m.running_var, eager.running_var, rtol=1e-6, atol=1e-7)
         assert m.num_batches_tracked.item() == eager.num_batches_tracked.item() == i + 1
         assert_close(m.running_mean, ref.running_mean, **TOL[torch.float32])
         assert_close(m.running_var, ref.running_var, **TOL[torch.float32])
