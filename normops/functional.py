@@ -7,8 +7,8 @@ transform, and ``add_layer_norm`` / ``add_rms_norm`` for pre-norm residual strea
 Input validation lives here, before any op runs, so a bad call raises a clear error and leaves
 running statistics untouched. The work itself is done by the ``normops::`` ops
 (``normops/library.py``), on the backend ``normops.backends`` picks for the call; a plain fp32/fp64
-call on the torch backend goes straight to ATen's own norm (``library.aten_direct``), which is
-what that backend would run anyway, without the ops' Python autograd overhead.
+call whose backend would run ATen's norm anyway goes straight to it (``library.aten_direct``),
+without the ops' Python autograd overhead.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -98,7 +98,7 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
     if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     act = _activation(activation)
-    if residual is None and not rms and ops.aten_direct(input, act, weight, bias):
+    if residual is None and not rms and ops.aten_direct("row_norm", input, act, weight, bias):
         return (torch.layer_norm(input, shape, weight, bias, eps),)
     need = _grad_needed(input, residual, weight, bias)
     return ops.row_norm(input, residual, list(shape), weight, bias, float(eps), rms, act, need)
@@ -150,7 +150,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
                          f"with num_groups={num_groups}")
     act = _activation(activation)
-    if ops.aten_direct(input, act, weight, bias):
+    if ops.aten_direct("group_norm", input, act, weight, bias):
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
     return ops.group_norm(input, weight, bias, num_groups, float(eps), act, need)[0]
@@ -177,7 +177,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
     if not use_input_stats and running_mean is None:
         raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
-    if ops.aten_direct(input, act, weight, bias, running_mean, running_var):
+    if ops.aten_direct("group_norm", input, act, weight, bias, running_mean, running_var):
         return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                                    torch.backends.cudnn.enabled)
     if use_input_stats:
@@ -214,7 +214,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
     elif running_mean is None:
         raise ShapeError("running_mean must be defined in evaluation mode")
-    if ops.aten_direct(input, act, weight, bias, running_mean, running_var):
+    if ops.aten_direct("batch_norm", input, act, weight, bias, running_mean, running_var):
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                 torch.backends.cudnn.enabled)
     y, mean, _, var = ops.batch_norm(input, weight, bias, None if training else running_mean,

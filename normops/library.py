@@ -69,15 +69,17 @@ def _eager(args):
     return all(type(t) in _PLAIN for t in args if isinstance(t, torch.Tensor))
 
 
-def aten_direct(x, activation, *params):
+def aten_direct(family, x, activation, *params):
     """True when normops has nothing to add to ATen's own autograd-aware norm (torch.layer_norm,
-    torch.batch_norm...), which ``normops.functional`` then calls: a plain eager call on the torch
-    backend, no fused activation, a non-empty fp32/fp64 input with parameters of its dtype. (For
-    fp16/bf16, ATen's CPU kernels save statistics in the input dtype; the op path keeps them fp32.)
-    The normops ops, with their Python autograd, cost ~60 us a forward+backward more."""
+    torch.batch_norm...), which ``normops.functional`` then calls: a plain eager call, no fused
+    activation, a non-empty fp32/fp64 input with parameters of its dtype, on a backend whose
+    ``family`` kernel is ATen's (``NATIVE`` in the backend module: the torch backend, and the triton
+    backend until that family's kernel lands). For fp16/bf16, ATen's CPU kernels save statistics in
+    the input dtype, so those take the op path, which keeps them fp32. Skipping the ops' Python
+    autograd saves ~60 us a forward+backward."""
     return (activation == "none" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
             and all(p is None or p.dtype == x.dtype for p in params) and _eager((x,) + params)
-            and backends.current_backend(x.device) == "torch")
+            and family in backends.resolve(x).NATIVE)
 
 
 def _profiled(name, fn, *args):

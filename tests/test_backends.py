@@ -84,9 +84,12 @@ def test_triton_backend_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(4, 6, 5, requires_grad=True)
     with normops.backend("triton"):
-        y = F.group_norm(x, 3)
-        y.sum().backward()
-    torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 3))
+        y = F.group_norm(x, 3)  # plain: ATen's norm, as on the torch backend
+        z = F.group_norm(x, 3, activation="silu")  # through the normops op on the triton backend
+        (y.sum() + z.sum()).backward()
+    ref = torch.nn.functional.group_norm(x, 3)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(z, torch.nn.functional.silu(ref))
 
 
 def test_backward_uses_the_backend_of_its_call(calls, monkeypatch):

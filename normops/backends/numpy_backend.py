@@ -52,6 +52,7 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])  # no scipy: math.erf, elemen
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 ACTIVATIONS = ("none", "relu", "silu", "gelu")
+NATIVE = frozenset()  # every call computes here (see normops.library.aten_direct)
 
 
 # --------------------------------------------------------------------------- activations

@@ -16,6 +16,10 @@ from torch.nn import functional as F
 
 aten = torch.ops.aten
 
+# Families whose plain fp32/fp64 eager call normops.functional hands straight to ATen's own norm
+# (torch.layer_norm, torch.group_norm, torch.batch_norm): exactly what this backend computes.
+NATIVE = frozenset({"row_norm", "group_norm", "batch_norm"})
+
 
 def stat_dtype(x):
     """Statistics are fp32, or fp64 for fp64 input."""
