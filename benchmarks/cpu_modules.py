@@ -2,13 +2,15 @@
 
     python benchmarks/cpu_modules.py [--reps 30] [--threads N] [--out DIR]
 
-Each case builds both modules from the same state and times ``y = m(x); y.backward(dy)``,
-alternating which runs first in every repetition so drift (frequency, other load) hits both
-alike. Reports the median time of each and the median of the per-repetition ratios
-normops / torch.nn (the issue's target: <= 1.10 for every case). With --out it writes a JSON
-record with the machine, versions and date.
+Each case builds the modules from the same state and times ``y = m(x); y.backward(dy)``,
+rotating which runs first in every repetition so drift (frequency, other load) hits all alike.
+Reports the median time of each and the median of the per-repetition ratios normops / torch.nn
+(the foundation issue's target: <= 1.10 for every case), next to a control: a second copy of the
+torch.nn module timed the same way, whose ratio to the first is the noise floor of the machine.
+With --out it writes a JSON record with the machine, versions and date.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -39,25 +41,38 @@ def _step(module, x, dy):
 def run_case(name, factory, shape, reps, warmup=3):
     torch.manual_seed(0)
     ref = factory()
+    control = copy.deepcopy(ref)
     ours = normops.convert(factory())
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(shape).requires_grad_()
     dy = torch.randn(shape)
-    times = {"normops": [], "torch.nn": []}
+    slots = [("normops", ours), ("torch.nn", ref), ("control", control)]
+    times = {label: [] for label, _ in slots}
     for i in range(warmup + reps):
-        order = [("normops", ours), ("torch.nn", ref)]
-        if i % 2:
-            order.reverse()
-        for label, module in order:
+        for label, module in slots[i % 3:] + slots[: i % 3]:  # rotate who runs first
             x.grad = None
             t = _step(module, x, dy)
             if i >= warmup:
                 times[label].append(t)
-    ratios = [a / b for a, b in zip(times["normops"], times["torch.nn"])]
+    ratio = [a / b for a, b in zip(times["normops"], times["torch.nn"])]
+    noise = [a / b for a, b in zip(times["control"], times["torch.nn"])]
     return {"case": name, "shape": list(shape), "reps": reps,
             "normops_ms": 1e3 * statistics.median(times["normops"]),
             "torch_ms": 1e3 * statistics.median(times["torch.nn"]),
-            "ratio": statistics.median(ratios)}
+            "ratio": statistics.median(ratio),
+            # torch.nn against a second copy of itself, timed the same way: the noise floor
+            "control_ratio": statistics.median(noise)}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def main(argv=None):
@@ -69,14 +84,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'case':16s} {'shape':>20s} {'normops ms':>11s} {'torch.nn ms':>12s} {'ratio':>7s}")
+    print(f"{'case':16s} {'shape':>20s} {'normops ms':>11s} {'torch.nn ms':>12s} {'ratio':>7s} {'control':>8s}")
     for name, factory, shape in CASES:
         r = run_case(name, factory, shape, args.reps)
         rows.append(r)
-        print(f"{name:16s} {str(tuple(shape)):>20s} {r['normops_ms']:11.2f} {r['torch_ms']:12.2f} {r['ratio']:7.3f}")
+        print(f"{name:16s} {str(tuple(shape)):>20s} {r['normops_ms']:11.2f} {r['torch_ms']:12.2f} {r['ratio']:7.3f} "
+              f"{r['control_ratio']:8.3f}")
     record = {
         "what": "forward+backward, normops CPU backend vs torch.nn, median of interleaved repetitions",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "normops": normops.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
