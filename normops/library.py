@@ -47,12 +47,12 @@ def _zero_filled(outputs):
 
 
 # --- eager fast path ----------------------------------------------------------------------------
-# The ops go through the dispatcher and torch.library's Python autograd wrapper: about 100 us a
-# forward+backward on the CPU, as much as a whole GroupNorm of 2M elements. In plain eager mode
-# nothing needs that machinery, so the same implementations run through a plain
-# autograd.Function instead (same setup_context and backward functions). Anything that traces or
-# transforms (torch.compile, export, fake/meta tensors, dispatch modes, functorch, autocast)
-# goes through the registered ops.
+# Through the dispatcher and torch.library's Python autograd wrapper, a forward+backward cost
+# about 100 us more than this fast path (measured on a tiny GroupNorm on the CPU: 237 vs 130 us);
+# a whole 2M-element GroupNorm takes ~1.2 ms. In plain eager mode nothing needs that machinery, so
+# the same implementations run through a plain autograd.Function instead (same setup_context and
+# backward functions). Anything that traces or transforms (torch.compile, export, fake/meta
+# tensors, dispatch modes, functorch, autocast) goes through the registered ops.
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
