@@ -1,20 +1,25 @@
 """The "triton" backend: normops' Triton kernels (``normops.kernels``), the CUDA default.
 
 Each function of the backend contract (see ``normops/backends/__init__.py``) that has a Triton
-kernel is defined here and launches it; every other function is the torch backend's, so the
-backend is complete while the kernels land one family at a time. On CPU tensors it runs only
-under ``TRITON_INTERPRET=1``, Triton's interpreter, which is how the kernels are tested without
-a GPU.
+kernel launches it; every other one is the torch backend's, so the backend is complete while the
+kernels land one family at a time. On CPU tensors it runs only under ``TRITON_INTERPRET=1``,
+Triton's interpreter, which is how the kernels are tested without a GPU (the variable must be set
+before this module is first imported: ``triton.jit`` reads it then).
 """
-# Families without a Triton kernel yet: their plain calls go straight to ATen's norm, as on the torch
-# backend (see normops.library.aten_direct); remove a family here when its kernel lands.
-NATIVE = frozenset({"row_norm", "group_norm", "batch_norm"})
+try:
+    from normops.kernels.row_norm import row_norm_bwd, row_norm_fwd  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(f"the normops triton backend needs the triton package ({e}); "
+                      "install it (pip install triton) or use normops.backend('torch')") from e
 
 from .torch_backend import (  # noqa: F401,E402  (no Triton kernel yet: ATen's)
     batch_norm_bwd,
     batch_norm_fwd,
     group_norm_bwd,
     group_norm_fwd,
-    row_norm_bwd,
-    row_norm_fwd,
 )
+
+# Families without a Triton kernel yet: their plain fp32/fp64 eager calls go straight to ATen's
+# norm, as on the torch backend (see normops.library.aten_direct). Remove a family when its kernel
+# lands.
+NATIVE = frozenset({"group_norm", "batch_norm"})

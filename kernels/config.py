@@ -1,0 +1,78 @@
+"""Launch heuristics: a frozen dataclass per kernel family, built from the shape by one small rule.
+
+Every threshold says why it is what it is. The numbers are first estimates from the register
+budget of sm_80/sm_90 (64K 32-bit registers per SM, at most 255 per thread), checked for spills by
+``python -m normops.kernels.aot``; they are to be re-tuned against GPU timings (benchmarks/).
+"""
+import dataclasses
+import functools
+
+import torch
+
+
+def next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index):
+    """Streaming multiprocessors of a CUDA device; asked once per device, on first launch."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def programs_per_wave(device):
+    """How many persistent programs fill the device: 4 per SM on a GPU (enough warps to hide
+    latency at our register use); a few under the CPU interpreter, where programs run in turn."""
+    if device.type == "cuda":
+        return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+# A row up to this many elements is held in registers for the whole forward: one read of x, one
+# write of y. 16K elements over 16 warps (512 threads) is 32 fp32 values a thread for each live
+# row-sized value (x, x - mean, y), ~100 registers, under the 128 a thread gets at 512 threads.
+FWD_ONE_PASS_MAX = 16384
+# The backward keeps x, dy, x_hat, the gradient and the dw/db accumulators alive at once: about
+# twice the forward's live values, so half the width.
+BWD_ONE_PASS_MAX = 8192
+# Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
+LOOP_BLOCK_N = 4096
+# Narrow rows are packed several to a program so each handles at least this many elements:
+# fewer, fuller programs amortize the per-row reductions and the launch of tiny ones.
+MIN_ELEMENTS_PER_PROGRAM = 2048
+MAX_ROWS_PER_PROGRAM = 16
+
+
+def _warps(elements):
+    """One warp per 512 elements of a block (16 fp32 values a thread), between 4 and 16."""
+    return max(4, min(16, elements // 512))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowNormConfig:
+    """Launch settings of the LayerNorm/RMSNorm kernels for one (rows, width) shape.
+
+    block_n: columns per block (a power of two); one_pass: the row fits in one block and stays in
+    registers (otherwise the kernel loops over column blocks, reading x twice); block_m: rows per
+    program (narrow rows only); num_warps: warps per program.
+    """
+    block_n: int
+    block_m: int
+    num_warps: int
+    one_pass: bool
+
+    @classmethod
+    def forward(cls, n):
+        return cls._make(n, FWD_ONE_PASS_MAX)
+
+    @classmethod
+    def backward(cls, n):
+        return cls._make(n, BWD_ONE_PASS_MAX)
+
+    @classmethod
+    def _make(cls, n, one_pass_max):
+        block_n = next_pow2(max(n, 1))
+        if block_n > one_pass_max:
+            return cls(LOOP_BLOCK_N, 1, _warps(LOOP_BLOCK_N), False)
+        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, MIN_ELEMENTS_PER_PROGRAM // block_n))
+        return cls(block_n, block_m, _warps(block_m * block_n), True)
