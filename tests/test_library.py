@@ -45,9 +45,13 @@ def _op_samples():
     }
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("backend", ["torch", "numpy", "triton"])
 @pytest.mark.parametrize("name", list(_op_samples()))
 def test_opcheck(backend, name):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not normops.backends.triton_interpret():
+            pytest.skip("the samples are CPU tensors: the triton backend takes them only under TRITON_INTERPRET=1")
     op, args = _op_samples()[name]
     with normops.backend(backend):
         torch.library.opcheck(op, args)

@@ -1,0 +1,202 @@
+"""The Triton LayerNorm/RMSNorm kernels (kernels/row_norm.py) through the "triton" backend.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET),
+at small shapes; with one, on CUDA, and the real-size tests at the end run too. Each result obeys
+the tolerance rule of cases.py against torch in float64, with torch's own same-dtype error as the
+yardstick, and matches the NumPy reference.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import normops  # noqa: E402
+from cases import ATOL, F, TF, assert_close_to_reference, err, make, params  # noqa: E402
+from normops.backends import numpy_backend  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+LOW = [torch.float16, torch.bfloat16]
+# 1, 7 and 781 are one-pass and packed several rows a program; 4097 is one pass just past a power
+# of two; 20000 is past both one-pass limits (16K forward, 8K backward): the column-looped kernels.
+WIDTHS = [1, 7, 781, 4097, 20000]
+
+
+def _on(t):
+    return t.detach().to(DEVICE).requires_grad_(t.requires_grad)
+
+
+def _rows_for(width):
+    return 2 if width > 4096 else 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64] + LOW, ids=str)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_parity(rms, width, dtype):
+    x = _on(make((_rows_for(width), width), dtype))
+    w, b = (_on(t) for t in params((width,), dtype))
+    if rms:
+        ours, ref, inputs = (lambda x, w: F.rms_norm(x, [width], w, 1e-5),
+                             lambda x, w: TF.rms_norm(x, [width], w, 1e-5), [x, w])
+    else:
+        ours, ref, inputs = (lambda x, w, b: F.layer_norm(x, [width], w, b),
+                             lambda x, w, b: TF.layer_norm(x, [width], w, b), [x, w, b])
+    assert_close_to_reference(ours, ref, inputs, "triton", dtype)
+
+
+@pytest.mark.parametrize("width", [7, 781, 20000])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_matches_numpy_reference(rms, width):
+    """Forward statistics and every gradient against the float64 NumPy oracle, in fp32."""
+    x = make((3, width), torch.float32, requires_grad=False).to(DEVICE)
+    w, b = (t.detach().to(DEVICE) for t in params((width,), torch.float32))
+    b = None if rms else b
+    with normops.backend("triton"):
+        from normops.backends import triton_backend as tb
+        y, _, mean, rstd = tb.row_norm_fwd(x, None, (width,), w, b, 1e-5, rms, "silu", True)
+        dy = torch.randn_like(y)
+        grads = tb.row_norm_bwd(dy, x, (width,), w, b, mean, rstd, rms, "silu", [True, True, True])
+    ry, _, rmean, rrstd = numpy_backend.row_norm_fwd(x, None, (width,), w, b, 1e-5, rms, "silu", True)
+    rgrads = numpy_backend.row_norm_bwd(dy, x, (width,), w, b, rmean, rrstd, rms, "silu", [True, True, True])
+    assert err(y, ry) < 1e-4 and err(rstd, rrstd) < 1e-5 * rrstd.abs().max().item()
+    if not rms:
+        assert err(mean, rmean) < 1e-4
+    for g, r in zip(grads, rgrads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert err(g, r) < 1e-3 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [33, 20000])
+def test_activation(activation, dtype, width):
+    x = _on(make((2, width), dtype, offset=0.2))
+    w, b = (_on(t) for t in params((width,), dtype))
+    act = {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu}[activation]
+    assert_close_to_reference(lambda x, w, b: F.layer_norm(x, [width], w, b, activation=activation),
+                              lambda x, w, b: act(TF.layer_norm(x, [width], w, b)), [x, w, b], "triton", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
+@pytest.mark.parametrize("width", [96, 20000])
+@pytest.mark.parametrize("rms", [False, True], ids=["add_layer_norm", "add_rms_norm"])
+def test_residual(rms, width, dtype):
+    x, r = _on(make((3, width), dtype)), _on(make((3, width), dtype, seed=4))
+    w, b = (_on(t) for t in params((width,), dtype))
+    if rms:
+        ours = lambda x, r, w: F.add_rms_norm(x, r, [width], w, 1e-5)  # noqa: E731
+        ref = lambda x, r, w: (TF.rms_norm(x + r, [width], w, 1e-5), x + r)  # noqa: E731
+        inputs = [x, r, w]
+    else:
+        ours = lambda x, r, w, b: F.add_layer_norm(x, r, [width], w, b)  # noqa: E731
+        ref = lambda x, r, w, b: (TF.layer_norm(x + r, [width], w, b), x + r)  # noqa: E731
+        inputs = [x, r, w, b]
+    assert_close_to_reference(ours, ref, inputs, "triton", dtype)
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "batch_transposed", "three_batch_dims", "last_dim_strided"])
+def test_strided_inputs(layout, monkeypatch):
+    """Rows with any row stride are read in place; only a non-contiguous last dim is copied."""
+    base = make((4, 6, 50), torch.float32, requires_grad=False).to(DEVICE)
+    x = {"row_slice": base[:, :, 3:40],                      # rows of 37 with row stride 50
+         "batch_transposed": base.transpose(0, 1)[..., :37],  # batch dims in another order
+         "three_batch_dims": base.reshape(2, 2, 6, 50)[:, :, ::2, :37],
+         "last_dim_strided": base[:, :, ::2][..., :25]}[layout]
+    x.requires_grad_()
+    n = x.shape[-1]
+    w, b = (t.to(DEVICE) for t in params((n,), torch.float32))
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def counting_contiguous(t, *args, **kwargs):
+        out = real_contiguous(t, *args, **kwargs)
+        if out.data_ptr() != t.data_ptr():  # a real copy, not the no-op on a contiguous tensor
+            copies.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+    with normops.backend("triton"):
+        y = F.layer_norm(x, [n], w, b)
+    monkeypatch.undo()
+    torch.testing.assert_close(y, TF.layer_norm(x, [n], w, b), rtol=1e-5, atol=1e-5)
+    assert bool(copies) == (layout == "last_dim_strided"), f"copies: {copies}"
+    assert_close_to_reference(lambda x, w, b: F.layer_norm(x, [n], w, b),
+                              lambda x, w, b: TF.layer_norm(x, [n], w, b), [x, w, b], "triton", torch.float32)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_widest_row(rms):
+    """One row of 256K elements: 64 column blocks in every looped kernel."""
+    width = 1 << 18
+    x = _on(make((1, width), torch.float32))
+    w, b = (_on(t) for t in params((width,), torch.float32))
+    if rms:
+        assert_close_to_reference(lambda x, w: F.rms_norm(x, [width], w, 1e-5),
+                                  lambda x, w: TF.rms_norm(x, [width], w, 1e-5), [x, w], "triton", torch.float32)
+    else:
+        assert_close_to_reference(lambda x, w, b: F.layer_norm(x, [width], w, b),
+                                  lambda x, w, b: TF.layer_norm(x, [width], w, b), [x, w, b], "triton", torch.float32)
+
+
+def test_single_row_no_affine_multidim_shape():
+    x = _on(make((1, 3, 7), torch.float32))
+    assert_close_to_reference(lambda x: F.layer_norm(x, [3, 7]), lambda x: TF.layer_norm(x, [3, 7]), [x], "triton",
+                              torch.float32)
+    assert_close_to_reference(lambda x: F.rms_norm(x, [7], None, 1e-5), lambda x: TF.rms_norm(x, [7], None, 1e-5),
+                              [x], "triton", torch.float32)
+
+
+@pytest.mark.parametrize("width", [5, 20000])
+def test_gradcheck(width):
+    """gradcheck and gradgradcheck in fp64 through the Triton forward and backward kernels."""
+    rows = 2 if width > 100 else 3
+    x = make((rows, width), torch.float64).detach().to(DEVICE).requires_grad_()
+    w, b = (t.detach().to(DEVICE).requires_grad_() for t in params((width,), torch.float64))
+    fast = width > 100  # a numerical Jacobian of 40K inputs: check a few random directions instead
+    with normops.backend("triton"):
+        for fn, inputs in [(lambda x, w, b: F.layer_norm(x, [width], w, b, activation="gelu"), (x, w, b)),
+                           (lambda x, w: F.rms_norm(x, [width], w), (x, w))]:
+            assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+            if not fast:
+                assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_deterministic():
+    """dW/dB are per-program partials summed in a fixed order: bitwise equal across runs."""
+    x = _on(make((37, 300), torch.float32))
+    w, b = (_on(t) for t in params((300,), torch.float32))
+    dy = torch.randn(37, 300, device=DEVICE)
+    with normops.backend("triton"):
+        runs = [torch.autograd.grad(F.layer_norm(x, [300], w, b), (x, w, b), dy) for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+# --- real sizes, on a GPU only ------------------------------------------------------------------
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("width", [128, 1024, 4096, 8192, 32768, 65536, 262144])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_rms_norm", "layer_norm+silu"])
+def test_cuda_real_sizes(op, width, dtype):
+    rows = max(2, min(4096, (1 << 26) // width))  # 4096 rows up to 16K wide, then 64M elements
+    x = make((rows, width), dtype).detach().cuda().requires_grad_()
+    r = make((rows, width), dtype, seed=9).detach().cuda().requires_grad_()
+    w, b = (t.detach().cuda().requires_grad_() for t in params((width,), dtype))
+    fn, ref, inputs = {
+        "layer_norm": (lambda x, w, b: F.layer_norm(x, [width], w, b),
+                       lambda x, w, b: TF.layer_norm(x, [width], w, b), [x, w, b]),
+        "rms_norm": (lambda x, w: F.rms_norm(x, [width], w, 1e-6),
+                     lambda x, w: TF.rms_norm(x, [width], w, 1e-6), [x, w]),
+        "add_rms_norm": (lambda x, r, w: F.add_rms_norm(x, r, [width], w, 1e-6),
+                         lambda x, r, w: (TF.rms_norm(x + r, [width], w, 1e-6), x + r), [x, r, w]),
+        "layer_norm+silu": (lambda x, w, b: F.layer_norm(x, [width], w, b, activation="silu"),
+                            lambda x, w, b: TF.silu(TF.layer_norm(x, [width], w, b)), [x, w, b]),
+    }[op]
+    assert_close_to_reference(fn, ref, inputs, "triton", dtype)
+
+
+def test_atol_table_covers_low_precision():
+    assert all(d in ATOL for d in LOW)
