@@ -20,11 +20,15 @@ def sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def programs_per_wave(device):
-    """How many persistent programs fill the device: 4 per SM on a GPU (enough warps to hide
-    latency at our register use); a few under the CPU interpreter, where programs run in turn."""
+def programs_per_wave(device, num_warps):
+    """How many persistent programs fill the device at once. At the ~128 registers a thread these
+    kernels use, an SM holds about 16 warps (64K registers / (128 x 32)), so 16 // num_warps
+    programs per SM; more would only queue, and grow the per-program dW/dB partials ([programs, N]
+    fp32 each) that are written and summed afterwards. Under the CPU interpreter, where programs
+    run one after another, a handful."""
     if device.type == "cuda":
-        return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return sm_count(index) * max(1, 16 // num_warps)
     return 4
 
 

@@ -367,7 +367,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     sd = _stat_dtype(x.dtype)
     n_col = triton.cdiv(n, cfg.block_n)
     n_row_blocks = triton.cdiv(m, cfg.block_m)
-    g = max(1, min(n_row_blocks, programs_per_wave(x.device) // n_col))
+    g = max(1, min(n_row_blocks, programs_per_wave(x.device, cfg.num_warps) // n_col))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
     dw_part = torch.empty((g, n), dtype=sd, device=x.device) if want_dw else None
     db_part = torch.empty((g, n), dtype=sd, device=x.device) if want_db else None
