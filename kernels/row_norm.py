@@ -302,7 +302,7 @@ def _rows(t, k):
     """(tensor, inner, stride_outer, stride_inner) addressing t as rows of its last k dims: in
     place when those dims are contiguous and the batch dims collapse to at most two, else a copy."""
     n = math.prod(t.shape[t.dim() - k:])
-    trailing_contiguous = t.dim() == k or t[(0,) * (t.dim() - k)].is_contiguous()
+    trailing_contiguous = t[(0,) * (t.dim() - k)].is_contiguous()  # t[()] is t itself when no batch dims
     dims = []  # (size, stride) of the batch dims, innermost first, merged where contiguous
     for size, stride in reversed(list(zip(t.shape[: t.dim() - k], t.stride()[: t.dim() - k]))):
         if size == 1:
@@ -330,8 +330,14 @@ def _rows_pair(a, b, k):
     return av, bv, inner, (sa_o, sa_i), (sb_o, sb_i)
 
 
+def _dense(t):
+    """weight/bias are read with unit stride."""
+    return None if t is None else t.contiguous()
+
+
 def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
     """The triton backend's row_norm forward (contract: normops/backends/__init__.py)."""
+    weight, bias = _dense(weight), _dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
     m = x.numel() // n
@@ -356,6 +362,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
     """The triton backend's row_norm backward (contract: normops/backends/__init__.py)."""
+    weight, bias = _dense(weight), _dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
     m = x.numel() // n

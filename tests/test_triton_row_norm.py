@@ -140,6 +140,28 @@ def test_widest_row(rms):
                                   lambda x, w, b: TF.layer_norm(x, [width], w, b), [x, w, b], "triton", torch.float32)
 
 
+@pytest.mark.parametrize("case", ["1d_strided", "2d_transposed_all_normalized", "strided_weight"])
+def test_strided_without_batch_dims(case):
+    """No batch dims left to carry a stride: the normalized block itself must be contiguous, or be
+    copied; parameters may be strided views too."""
+    if case == "1d_strided":
+        x = make((50, 3), torch.float32, requires_grad=False)[:, 1].to(DEVICE)
+        shape = [50]
+    else:
+        x = make((64, 8), torch.float32, requires_grad=False).to(DEVICE).t()
+        shape = [8, 64]
+    x.requires_grad_()
+    w, b = (t.detach().to(DEVICE) for t in params(tuple(shape), torch.float32))
+    if case == "strided_weight":
+        w = torch.stack([w, w], -1)[..., 0].requires_grad_()  # a view with stride 2
+        b = b.requires_grad_()
+    assert_close_to_reference(lambda x, w, b: F.layer_norm(x, shape, w, b, activation="relu"),
+                              lambda x, w, b: TF.relu(TF.layer_norm(x, shape, w, b)), [x, w, b], "triton",
+                              torch.float32)
+    assert_close_to_reference(lambda x, w: F.rms_norm(x, shape, w, 1e-5),
+                              lambda x, w: TF.rms_norm(x, shape, w, 1e-5), [x, w], "triton", torch.float32)
+
+
 def test_single_row_no_affine_multidim_shape():
     x = _on(make((1, 3, 7), torch.float32))
     assert_close_to_reference(lambda x: F.layer_norm(x, [3, 7]), lambda x: TF.layer_norm(x, [3, 7]), [x], "triton",
