@@ -34,6 +34,8 @@ DTYPES = ("bf16", "fp16", "fp32")
 # residual + gelu forward and the gelu backward.
 VARIANTS = [("layer_norm", False, True, True, False, 0), ("rms_norm", True, True, False, False, 0),
             ("add_layer_norm+gelu", False, True, True, True, 3)]
+# Weights in fp32 under bf16/fp16 activations (the usual mixed-precision layout) cost registers.
+FP32_WEIGHT = "layer_norm/w32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,31 +48,38 @@ class Job:
 
 
 def _signature(fn, types, constexprs):
+    """ASTSource with the specialization the JIT gives typical launches: every pointer, width and
+    stride divisible by 16 (16-byte aligned tensors, power-of-two widths), which is what lets loads
+    vectorize and changes the register count."""
     sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    return ASTSource(fn=fn, signature=sig, constexprs=consts)
+    aligned = [name for name in fn.arg_names if name not in constexprs and name not in ("M", "inner", "eps")]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
 
 
 def _source(job):
-    _, rms, has_w, has_b, has_r, act = next(v for v in VARIANTS if v[0] == job.variant)
+    base = "layer_norm" if job.variant == FP32_WEIGHT else job.variant
+    _, rms, has_w, has_b, has_r, act = next(v for v in VARIANTS if v[0] == base)
     e = "*" + job.dtype
+    we = "*fp32" if job.variant == FP32_WEIGHT else e
     stat = "*fp32"
     cfg = job.config
     if job.kernel == "fwd":
         fn = row_norm._row_norm_fwd_kernel
-        types = dict(X=e, R=e, Y=e, H=e, W=e, B=e, MEAN=stat, RSTD=stat, M="i32", N="i32", inner="i32",
+        types = dict(X=e, R=e, Y=e, H=e, W=we, B=we, MEAN=stat, RSTD=stat, M="i32", N="i32", inner="i32",
                      sx_o="i64", sx_i="i64", sr_o="i64", sr_i="i64", eps="fp32")
         consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, HAS_R=has_r, ACT=act, STORE_STATS=True,
                       ONE_PASS=cfg.one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=tl.float32)
     elif job.kernel == "bwd":
         fn = row_norm._row_norm_bwd_kernel
-        types = dict(DY=e, X=e, W=e, B=e, MEAN=stat, RSTD=stat, SUMS=stat, DX=e, DW=stat, DB=stat, M="i32",
+        types = dict(DY=e, X=e, W=we, B=we, MEAN=stat, RSTD=stat, SUMS=stat, DX=e, PART=stat, M="i32",
                      N="i32", inner="i32", sdy_o="i64", sdy_i="i64", sx_o="i64", sx_i="i64")
         consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, ACT=act, WANT_DX=True, WANT_DW=has_w, WANT_DB=has_b,
                       ONE_PASS=cfg.one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=tl.float32)
     else:
         fn = row_norm._row_norm_bwd_sums_kernel
-        types = dict(DY=e, X=e, W=e, B=e, MEAN=stat, RSTD=stat, SUMS=stat, N="i32", inner="i32", sdy_o="i64",
+        types = dict(DY=e, X=e, W=we, B=we, MEAN=stat, RSTD=stat, SUMS=stat, N="i32", inner="i32", sdy_o="i64",
                      sdy_i="i64", sx_o="i64", sx_i="i64")
         consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, ACT=act, BLOCK_N=cfg.block_n, ACC=tl.float32)
     return _signature(fn, types, consts)
@@ -102,8 +111,9 @@ def jobs(targets):
     configs = {"fwd": sorted({RowNormConfig.forward(n) for n in WIDTHS}, key=lambda c: (not c.one_pass, c.block_n)),
                "bwd": sorted({RowNormConfig.backward(n) for n in WIDTHS}, key=lambda c: (not c.one_pass, c.block_n))}
     configs["bwd_sums"] = [c for c in configs["bwd"] if not c.one_pass]
-    return [Job(kernel, variant[0], dtype, cfg, target) for target in targets for kernel, cfgs in configs.items()
-            for cfg in cfgs for variant in VARIANTS for dtype in DTYPES]
+    variants = [(v[0], d) for v in VARIANTS for d in DTYPES] + [(FP32_WEIGHT, "bf16")]
+    return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel, cfgs in configs.items()
+            for cfg in cfgs for variant, dtype in variants]
 
 
 def main(argv=None):

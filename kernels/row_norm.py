@@ -16,7 +16,8 @@ Bytes moved, for M rows of N elements of e bytes (the speed to expect is bytes /
     forward, one pass       read x (+ r): M*N*e each; w, b: N*e; write y (+ h): M*N*e each;
                             mean, rstd: 4*M each, only when a gradient will be needed
     forward, looped         as one pass, plus a second read of x (or h): + M*N*e
-    backward, one pass      read x, dy: M*N*e each; write dx: M*N*e; dw, db partials: 4*G*N each
+    backward, one pass      read x, dy: M*N*e each; write dx: M*N*e; dw, db partials: 4*G*N each,
+                            G = programs (~SMs), then one reduction over them
     backward, looped        as one pass, plus a row-sums kernel reading x and dy: + 2*M*N*e
 Statistics and reductions accumulate in fp32 (fp64 for fp64 input); dw/db are per-program fp32
 partials summed afterwards in a fixed order: deterministic, no atomics.
@@ -229,7 +230,7 @@ def _row_norm_bwd_kernel(
     MEAN, RSTD,        # [M] saved statistics
     SUMS,              # [M, 2] row sums from _row_norm_bwd_sums_kernel (looped mode only)
     DX,                # [M, N] out, contiguous
-    DW, DB,            # [G, N] out: fp32 partial sums, one row per program of axis 1
+    PART,              # [G, 2, N] out: fp32 partial dw (PART[:, 0]) and db (PART[:, 1]), a row per program
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -283,9 +284,9 @@ def _row_norm_bwd_kernel(
         if WANT_DB:
             db += tl.sum(dz, 0)
     if WANT_DW:
-        tl.store(DW + pid_g.to(tl.int64) * N + cols, dw, mask=col_mask)
+        tl.store(PART + pid_g.to(tl.int64) * 2 * N + cols, dw, mask=col_mask)
     if WANT_DB:
-        tl.store(DB + pid_g.to(tl.int64) * N + cols, db, mask=col_mask)
+        tl.store(PART + pid_g.to(tl.int64) * 2 * N + N + cols, db, mask=col_mask)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -376,8 +377,8 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     n_row_blocks = triton.cdiv(m, cfg.block_m)
     g = max(1, min(n_row_blocks, programs_per_wave(x.device, cfg.num_warps) // n_col))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
-    dw_part = torch.empty((g, n), dtype=sd, device=x.device) if want_dw else None
-    db_part = torch.empty((g, n), dtype=sd, device=x.device) if want_db else None
+    # dw and db partials share one buffer: one reduction launch (and one cast) for both
+    part = torch.empty((g, 2, n), dtype=sd, device=x.device) if want_dw or want_db else None
     stats_mean = mean if mean is not None else rstd
     sums = rstd
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
@@ -390,11 +391,15 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
             BLOCK_N=cfg.block_n, ACC=_acc(x.dtype), num_warps=cfg.num_warps, **flags)
     _row_norm_bwd_kernel[(n_col, g)](
         dyv, xv, w_arg, b_arg, stats_mean, rstd, sums,
-        dx if dx is not None else rstd, dw_part if dw_part is not None else rstd,
-        db_part if db_part is not None else rstd,
+        dx if dx is not None else rstd, part if part is not None else rstd,
         m, n, inner, sdy_o, sdy_i, sx_o, sx_i,
         WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ONE_PASS=cfg.one_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=_acc(x.dtype), num_warps=cfg.num_warps, **flags)
-    dw = dw_part.sum(0).reshape(weight.shape).to(weight.dtype) if want_dw else None
-    db = db_part.sum(0).reshape(bias.shape).to(bias.dtype) if want_db else None
+    if part is None:
+        return dx, None, None
+    sums = part.sum(0)  # a fixed-order reduction over programs: deterministic
+    dw = sums[0].reshape(weight.shape).to(weight.dtype) if want_dw else None
+    db = sums[1].reshape(bias.shape).to(bias.dtype) if want_db else None
+    if dw is not None and db is not None and dw.dtype == db.dtype == sums.dtype:
+        db = db.clone()  # both are views of `sums`, and an op's outputs may not alias each other
     return dx, dw, db
