@@ -15,7 +15,8 @@ The backward recomputes x_hat (and z) from x and the saved fp32 mean/rstd; nothi
 Bytes moved, for M rows of N elements of e bytes (the speed to expect is bytes / bandwidth):
     forward, one pass       read x (+ r): M*N*e each; w, b: N*e; write y (+ h): M*N*e each;
                             mean, rstd: 4*M each, only when a gradient will be needed
-    forward, looped         as one pass, plus a second read of x (or h): + M*N*e
+    forward, looped         as one pass, plus a second read of x (or h): + M*N*e, from L2 when the
+                            rows in flight fit there (persistent grid; see the kernel)
     backward, one pass      read x, dy: M*N*e each; write dx: M*N*e; dw, db partials: 4*G*N each,
                             G = programs (~SMs), then one reduction over them
     backward, looped        as one pass, plus a row-sums kernel reading x and dy: + 2*M*N*e
@@ -110,56 +111,65 @@ def _row_norm_fwd_kernel(
                 tl.store(MEAN + rows, mean, mask=rows < M)
             tl.store(RSTD + rows, rstd, mask=rows < M)
     else:
-        # One row, wider than a block: pass 1 combines per-block (count, mean, M2) with Chan's
-        # formula (stable, unlike sum(x^2) - sum(x)^2), pass 2 normalizes.
-        row = pid.to(tl.int64)
-        x_row = X + (row // inner) * sx_o + (row % inner) * sx_i
-        r_row = R + (row // inner) * sr_o + (row % inner) * sr_i
-        count = tl.zeros([], dtype=ACC)
-        mean = tl.zeros([], dtype=ACC)
-        m2 = tl.zeros([], dtype=ACC)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            x = tl.load(x_row + c, mask=c < N, other=0.0)
+        # Rows wider than a block, one at a time over a persistent grid of a few programs per SM:
+        # pass 1 combines per-block (count, mean, M2) with Chan's formula (stable, unlike
+        # sum(x^2) - sum(x)^2), pass 2 normalizes. Pass 2 walks the blocks backwards and pass 1
+        # asks the cache to keep what it loads, so the second read of a row mostly hits L2: the
+        # rows in flight (programs x N x e bytes) are sized to fit in it.
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        n_prog = tl.num_programs(0)
+        for it in range(0, tl.cdiv(M - pid, n_prog)):
+            row = pid.to(tl.int64) + it * n_prog
+            x_row = X + (row // inner) * sx_o + (row % inner) * sx_i
+            r_row = R + (row // inner) * sr_o + (row % inner) * sr_i
+            count = tl.zeros([], dtype=ACC)
+            mean = tl.zeros([], dtype=ACC)
+            m2 = tl.zeros([], dtype=ACC)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
+                if HAS_R:
+                    r = tl.load(r_row + c, mask=c < N, other=0.0)
+                    x = (x.to(ACC) + r.to(ACC)).to(H.dtype.element_ty)
+                    tl.store(H + row * N + c, x, mask=c < N, eviction_policy="evict_last")
+                x = x.to(ACC)
+                n_b = tl.minimum(N - start, BLOCK_N).to(ACC)
+                if IS_RMS:
+                    m2 += tl.sum(x * x, 0)
+                else:
+                    mean_b = tl.sum(x, 0) / n_b
+                    d = tl.where(c < N, x - mean_b, 0.0)
+                    m2_b = tl.sum(d * d, 0)
+                    total = count + n_b
+                    delta = mean_b - mean
+                    mean += delta * (n_b / total)
+                    m2 += m2_b + delta * delta * (count * n_b / total)
+                    count = total
+            rstd = 1.0 / tl.sqrt(m2 / N + eps)
+            if STORE_STATS:
+                if not IS_RMS:
+                    tl.store(MEAN + row, mean)
+                tl.store(RSTD + row, rstd)
             if HAS_R:
-                r = tl.load(r_row + c, mask=c < N, other=0.0)
-                x = (x.to(ACC) + r.to(ACC)).to(H.dtype.element_ty)
-                tl.store(H + row * N + c, x, mask=c < N)
-            x = x.to(ACC)
-            n_b = tl.minimum(N - start, BLOCK_N).to(ACC)
-            if IS_RMS:
-                m2 += tl.sum(x * x, 0)
-            else:
-                mean_b = tl.sum(x, 0) / n_b
-                d = tl.where(c < N, x - mean_b, 0.0)
-                m2_b = tl.sum(d * d, 0)
-                total = count + n_b
-                delta = mean_b - mean
-                mean += delta * (n_b / total)
-                m2 += m2_b + delta * delta * (count * n_b / total)
-                count = total
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        if STORE_STATS:
-            if not IS_RMS:
-                tl.store(MEAN + row, mean)
-            tl.store(RSTD + row, rstd)
-        if HAS_R:
-            tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
+                tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
+            for i in range(0, n_blocks):
+                c = (n_blocks - 1 - i) * BLOCK_N + cols  # backwards: the last blocks loaded are in cache
+                if HAS_R:
+                    x = tl.load(H + row * N + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
+                else:
+                    x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
+                if IS_RMS:
+                    z = x * rstd
+                else:
+                    z = (x - mean) * rstd
+                if HAS_W:
+                    z = z * tl.load(W + c, mask=c < N, other=0.0).to(ACC)
+                if HAS_B:
+                    z = z + tl.load(B + c, mask=c < N, other=0.0).to(ACC)
+                tl.store(Y + row * N + c, _act(z, ACT).to(Y.dtype.element_ty), mask=c < N,
+                         eviction_policy="evict_first")
             if HAS_R:
-                x = tl.load(H + row * N + c, mask=c < N, other=0.0).to(ACC)
-            else:
-                x = tl.load(x_row + c, mask=c < N, other=0.0).to(ACC)
-            if IS_RMS:
-                z = x * rstd
-            else:
-                z = (x - mean) * rstd
-            if HAS_W:
-                z = z * tl.load(W + c, mask=c < N, other=0.0).to(ACC)
-            if HAS_B:
-                z = z + tl.load(B + c, mask=c < N, other=0.0).to(ACC)
-            tl.store(Y + row * N + c, _act(z, ACT).to(Y.dtype.element_ty), mask=c < N)
+                tl.debug_barrier()  # the next row's pass 1 must not overtake this pass 2 in h
 
 
 @triton.jit
@@ -350,7 +360,8 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None
     cfg = RowNormConfig.forward(n)
-    grid = (triton.cdiv(m, cfg.block_m) if cfg.one_pass else m,)
+    # one pass: a program per block of rows; looped: a persistent grid (see the kernel)
+    grid = (triton.cdiv(m, cfg.block_m) if cfg.one_pass else min(m, programs_per_wave(x.device, cfg.num_warps)),)
     _row_norm_fwd_kernel[grid](
         xv, rv, y, h, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y,

@@ -126,6 +126,17 @@ def test_strided_inputs(layout, monkeypatch):
                               lambda x, w, b: TF.layer_norm(x, [n], w, b), [x, w, b], "triton", torch.float32)
 
 
+def test_wide_rows_several_per_program():
+    """The looped forward is persistent: with more rows than programs each program takes several
+    (on the CPU interpreter 4 programs; 9 rows here), residual included."""
+    width = 20000
+    x, r = _on(make((9, width), torch.float32)), _on(make((9, width), torch.float32, seed=4))
+    w, b = (_on(t) for t in params((width,), torch.float32))
+    assert_close_to_reference(lambda x, r, w, b: F.add_layer_norm(x, r, [width], w, b),
+                              lambda x, r, w, b: (TF.layer_norm(x + r, [width], w, b), x + r), [x, r, w, b],
+                              "triton", torch.float32)
+
+
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 def test_widest_row(rms):
     """One row of 256K elements: 64 column blocks in every looped kernel."""
