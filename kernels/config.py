@@ -34,12 +34,14 @@ def programs_per_wave(device, num_warps):
 
 # A row up to this many elements is held in registers for the whole forward: one read of x, one
 # write of y. 16K elements over 16 warps (512 threads) is 32 fp32 values a thread for each live
-# row-sized value (x, x - mean, y), ~100 registers, under the 128 a thread gets at 512 threads.
+# row-sized value (x, x - mean, y): 86-128 registers in the AOT table, within the 128 a thread
+# gets at 512 threads, no spills.
 FWD_ONE_PASS_MAX = 16384
 # The backward keeps x, dy, x_hat, the gradient and the dw/db accumulators alive at once: about
 # twice the forward's live values, so half the width.
 BWD_ONE_PASS_MAX = 8192
 # Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
+# (16 warps spilled 8 bytes in the looped forward on sm_90.)
 LOOP_BLOCK_N = 4096
 # Narrow rows are packed several to a program so each handles at least this many elements:
 # fewer, fuller programs amortize the per-row reductions and the launch of tiny ones.
@@ -47,9 +49,15 @@ MIN_ELEMENTS_PER_PROGRAM = 2048
 MAX_ROWS_PER_PROGRAM = 16
 
 
-def _warps(elements):
-    """One warp per 512 elements of a block (16 fp32 values a thread), between 4 and 16."""
-    return max(4, min(16, elements // 512))
+LOOP_WARPS = 8  # for the looped kernels' LOOP_BLOCK_N columns: 16 fp32 values a thread
+
+
+def _warps(elements, per_warp):
+    """One warp per `per_warp` elements of a block, between 4 and 16 (more than 16 warps caps a
+    thread at 64 registers). The forward uses 256 (8 fp32 values a thread: at 512, fp32 weights
+    with bf16 x spilled 4 bytes at 2K on sm_80), the backward 512 (it keeps more values alive per
+    element, and at 256 the same case spilled too)."""
+    return max(4, min(16, elements // per_warp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +75,16 @@ class RowNormConfig:
 
     @classmethod
     def forward(cls, n):
-        return cls._make(n, FWD_ONE_PASS_MAX)
+        return cls._make(n, FWD_ONE_PASS_MAX, 256)
 
     @classmethod
     def backward(cls, n):
-        return cls._make(n, BWD_ONE_PASS_MAX)
+        return cls._make(n, BWD_ONE_PASS_MAX, 512)
 
     @classmethod
-    def _make(cls, n, one_pass_max):
+    def _make(cls, n, one_pass_max, per_warp):
         block_n = next_pow2(max(n, 1))
         if block_n > one_pass_max:
-            return cls(LOOP_BLOCK_N, 1, _warps(LOOP_BLOCK_N), False)
+            return cls(LOOP_BLOCK_N, 1, LOOP_WARPS, False)
         block_m = max(1, min(MAX_ROWS_PER_PROGRAM, MIN_ELEMENTS_PER_PROGRAM // block_n))
-        return cls(block_n, block_m, _warps(block_m * block_n), True)
+        return cls(block_n, block_m, _warps(block_m * block_n, per_warp), True)
