@@ -17,7 +17,7 @@ setup(
     install_requires=["torch>=2.5", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "transformers", "triton"],
+        "test": ["pytest", "hypothesis", "transformers", "triton", "pytest-benchmark", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["normops=normops.cli:main"]},

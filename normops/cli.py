@@ -1,4 +1,4 @@
-"""The ``normops`` command line: ``normops check`` (``bench``, ``models``, ``guide`` to come).
+"""The ``normops`` command line: ``normops check`` and ``normops bench`` (``models``, ``guide`` to come).
 
 ``normops check`` runs every op on every available backend and dtype, forward and backward,
 against ``torch.nn.functional`` computed in float64 on the same (already rounded) inputs, and
@@ -11,13 +11,21 @@ An error counts when ``max|ours - ref| > TOLERANCE[dtype] * max(1, max|ref|)`` f
 tensor, or when a shape or dtype differs from torch's. A case that raises is a failure with its
 message, never a crash. Exit status: 0 when every case passes, 1 otherwise, 2 on a usage error.
 
+``normops bench`` times each op of ``normops.bench.OPS`` (normops against the torch.nn.functional
+composition, and torch.compile of it with ``--compile``) at a few model-sized shapes per device
+(``BENCH_SHAPES``) and prints median ms, speedup, GB/s and % of the measured copy bandwidth, under
+the device and versions; ``--json`` and ``--plot`` save them. What a case is, how it is timed and
+the bytes model live in ``normops.bench``. A case that raises (OOM, say) is an error row; exit 1.
+
 Each command is one ``_add_<command>_parser`` (its options) plus one ``_run_<command>`` (its work);
 ``main`` only dispatches.
 """
 import argparse
 import dataclasses
 import importlib
+import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -26,7 +34,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch.nn import functional as TF
 
-from . import __version__, backend
+from . import __version__, backend, bench, current_backend
 from . import functional as NF
 from .backends import triton_interpret
 
@@ -366,6 +374,17 @@ def plan_cases(args):
 
 # --- check: output -----------------------------------------------------------------------------
 
+def _table(headers, rows, right=()):
+    """Rows of strings as aligned columns under a header and a rule; columns in `right` right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
+                         for c, w, h in zip(cells, widths, headers)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
 def format_table(results, show_device):
     headers = ["op", "backend", "dtype", "max abs err", "tol", "gradcheck", "status"]
     if show_device:
@@ -375,16 +394,7 @@ def format_table(results, show_device):
         row = [r.op, r.backend, r.dtype, "-" if r.err is None else f"{r.err:.2e}",
                "-" if r.tol is None else f"{r.tol:.1e}", r.gradcheck, r.status]
         rows.append([r.device] + row if show_device else row)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    right = {"max abs err", "tol"}
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
-                         for c, w, h in zip(cells, widths, headers)).rstrip()
-
-    out = [line(headers), line(["-" * w for w in widths])]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+    return _table(headers, rows, right={"max abs err", "tol"})
 
 
 def _add_check_parser(sub):
@@ -437,6 +447,271 @@ def _run_check(args):
     return 1 if failed else 0
 
 
+# --- bench: which cases ------------------------------------------------------------------------
+
+# Default shapes per device type, looked up by op name, else by the op's family. CPU: past the
+# caches (4-25 MiB of fp32 per tensor, so memory-bound like on a GPU) yet a few ms per call, so the
+# default run takes seconds on two cores. CUDA: where the norms sit in the models normops targets.
+BENCH_SHAPES = {
+    "cpu": {
+        "row_norm": [(4096, 1024), (1024, 4096)],   # tokens x hidden: many narrow rows, fewer wide ones
+        "group_norm": [(8, 256, 32, 32)],           # a U-Net block at low resolution, 32 groups
+        "instance_norm": [(8, 64, 64, 64)],         # a style-transfer layer
+        "batch_norm": [(32, 64, 56, 56)],           # ResNet stage 1 at batch 32
+    },
+    "cuda": {
+        "row_norm": [(4096, 1024), (4096, 8192)],   # 4096 tokens at BERT-large and Llama-70B widths
+        "group_norm": [(2, 320, 64, 64),            # SD U-Net first block, 512 px, batch 2 (CFG)
+                       (1, 512, 128, 128)],         # SD VAE decoder, 512 px
+        "instance_norm": [(16, 64, 128, 128)],      # style-transfer generator's 64-channel layer, 256 px
+        "batch_norm": [(256, 256, 56, 56),          # ResNet-50 at batch 256: stage 1 (large H*W) ...
+                       (256, 2048, 7, 7)],          # ... and the last stage (many channels, small H*W)
+    },
+}
+# --quick: one small shape per op, a smoke test of the whole path (for tests and CI), not a measurement
+BENCH_QUICK_SHAPES = {"row_norm": [(256, 512)], "group_norm": [(2, 64, 16, 16)], "instance_norm": [(2, 32, 16, 16)],
+                      "batch_norm": [(8, 32, 16, 16)]}
+BENCH_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what each device's models run in
+BENCH_WARMUP, BENCH_REPS = 3, 20
+BENCH_QUICK_WARMUP, BENCH_QUICK_REPS = 1, 5  # 5: the fewest for which time_runner gives real p20/p80
+
+
+@dataclasses.dataclass
+class BenchResult:
+    op: str
+    shape: Tuple[int, ...]
+    dtype: str
+    pas: str
+    device: str
+    bytes: int = 0
+    times: dict = dataclasses.field(default_factory=dict)   # provider -> {"median_ms", "p20_ms", "p80_ms"}
+    errors: dict = dataclasses.field(default_factory=dict)  # provider -> message
+
+    def ms(self, provider):
+        t = self.times.get(provider)
+        return t and t["median_ms"]
+
+    def speedup(self, provider="torch"):
+        """provider's median over normops's: > 1 when normops is faster."""
+        ours, theirs = self.ms("normops"), self.ms(provider)
+        return theirs / ours if ours and theirs else None
+
+    def gbps(self, provider="normops"):
+        ms = self.ms(provider)
+        return self.bytes / (ms * 1e-3) / 1e9 if ms else None
+
+
+def _bench_shapes(op, device, quick):
+    table = BENCH_QUICK_SHAPES if quick else BENCH_SHAPES.get(device.type, BENCH_SHAPES["cuda"])
+    return table.get(op.name) or table[op.family]
+
+
+def _bench_op_arg(text):
+    if text not in bench.OPS:
+        raise argparse.ArgumentTypeError(f"unknown op {text!r}; choose from {', '.join(bench.OPS)}")
+    return text
+
+
+def _positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def plan_bench(args):
+    """(device, [(op name, shape, dtype name, pass)], providers) for the parsed options, or raise
+    ValueError (usage)."""
+    device = args.device or torch.device(_default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available")
+    for opt, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{opt} {path}: no such directory")
+    ops = list(dict.fromkeys(args.op or bench.OPS))
+    dtypes = list(dict.fromkeys(args.dtype or [BENCH_DTYPE.get(device.type, "float32")]))
+    passes = list(dict.fromkeys(args.passes or ["fwd+bwd"]))
+    cases = [(name, shape, dt, pas) for name in ops for shape in _bench_shapes(bench.OPS[name], device, args.quick)
+             for dt in dtypes for pas in passes]
+    return device, cases, ["normops", "torch"] + (["compile"] if args.compile else [])
+
+
+def run_bench_case(op_name, shape, dtype_name, pas, device, providers, warmup, reps):
+    """Time one case with every provider; a provider that raises (OOM, compile failure) is recorded
+    in .errors, never raised."""
+    dtype = DTYPES[dtype_name]
+    res = BenchResult(op_name, tuple(shape), dtype_name, pas, str(device),
+                      bench.bytes_moved(bench.OPS[op_name], shape, dtype, pas))
+    for provider in providers:
+        try:
+            if provider == "compile":
+                # a fresh dynamo cache per case: the same ref function at a second shape or dtype would
+                # otherwise be recompiled with dynamic shapes (or past the recompile limit, run eagerly)
+                torch._dynamo.reset()
+            run = bench.make_runner(op_name, shape, dtype, device, provider, pas)
+            res.times[provider] = bench.time_runner(run, warmup=warmup, reps=reps)
+            del run
+        except Exception as e:  # one failing case is an error in the table, not a crash
+            res.errors[provider] = _error_text(e)
+        if provider in res.errors and device.type == "cuda":
+            torch.cuda.empty_cache()  # give an OOM's cached blocks back before the next case
+    return res
+
+
+# --- bench: output -----------------------------------------------------------------------------
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def format_bench_table(results, providers, peak):
+    labels = {"normops": "normops ms", "torch": "torch.nn ms", "compile": "compile ms"}
+    headers = ["op", "shape", "dtype", "pass"] + [labels[p] for p in providers] + ["speedup", "GB/s", "% peak"]
+    rows = []
+    for r in results:
+        gbps = r.gbps()
+        rows.append([r.op, "x".join(map(str, r.shape)), r.dtype, r.pas]
+                    + ["error" if p in r.errors else _fmt(r.ms(p), ".3f") for p in providers]
+                    + [_fmt(r.speedup(), ".2f"), _fmt(gbps, ".1f"),
+                       _fmt(gbps and peak and 100 * gbps / peak, ".0f")])
+    return _table(headers, rows, right=set(headers[4:]))
+
+
+def bench_record(r, providers, peak):
+    """One JSON record: the case, each provider's median/p20/p80 (or its error), derived numbers."""
+    rec = {"op": r.op, "family": bench.OPS[r.op].family, "shape": list(r.shape), "dtype": r.dtype, "pass": r.pas,
+           "device": r.device, "bytes": r.bytes, "status": "error" if r.errors else "ok"}
+    for p in providers:
+        if p in r.errors:
+            rec[p] = {"error": r.errors[p]}
+        else:
+            gbps = r.gbps(p)
+            rec[p] = dict(r.times[p], gbps=gbps, pct_of_peak=peak and 100 * gbps / peak)
+    gbps = r.gbps()
+    rec.update(speedup=r.speedup(), gbps=gbps, pct_of_peak=gbps and peak and 100 * gbps / peak)
+    if "compile" in providers:
+        rec["speedup_vs_compile"] = r.speedup("compile")
+    return rec
+
+
+def _figure_class():
+    """matplotlib's Figure (no pyplot: no GUI backend, no global state), imported only for --plot."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ValueError(f"--plot needs matplotlib ({e}); install it with `pip install matplotlib` "
+                         f"or `pip install -e '.[bench]'`")
+    return Figure
+
+
+def plot_speedups(results, providers, env, path):
+    """A horizontal bar per case: torch.nn time / normops time (and compile's, if timed); 1 = parity."""
+    series = [("torch", "vs torch.nn")] + ([("compile", "vs torch.compile")] if "compile" in providers else [])
+    labels = [f"{r.op} {'x'.join(map(str, r.shape))} {r.dtype} {r.pas}" for r in results]
+    fig = _figure_class()(figsize=(9, 1.2 + 0.32 * len(results) * len(series)), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / len(series)
+    for k, (provider, label) in enumerate(series):
+        ys = [i + (k - (len(series) - 1) / 2) * height for i in range(len(results))]
+        vals = [r.speedup(provider) for r in results]
+        bars = ax.barh(ys, [v or 0 for v in vals], height, label=label)
+        ax.bar_label(bars, ["error" if v is None else f"{v:.2f}x" for v in vals], padding=2, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(results)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of normops (time of the other / time of normops)")
+    ax.set_title(f"normops {env['normops']} on {env['device']}, torch {env['torch']}", fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
+def _add_bench_parser(sub):
+    p = sub.add_parser(
+        "bench", help="time normops against torch.nn.functional on this machine",
+        description="Time every normops op against the torch.nn.functional composition a user would "
+                    "write (and torch.compile of it with --compile) at a few model-sized shapes, and "
+                    "print median times, speedup, GB/s and % of the measured copy bandwidth. A case that "
+                    "raises (out of memory, say) is an error in the table. Exit status 0 when every case "
+                    "ran, 1 otherwise, 2 on a usage error.")
+    p.add_argument("--op", action="append", type=_bench_op_arg, metavar="OP",
+                   help=f"time only this op (repeatable): {', '.join(bench.OPS)}")
+    p.add_argument("--dtype", action="append", type=_dtype_arg, metavar="DTYPE",
+                   help=f"time this dtype (repeatable): {', '.join(DTYPES)}; default: "
+                        f"{BENCH_DTYPE['cpu']} on CPU, {BENCH_DTYPE['cuda']} on CUDA")
+    p.add_argument("--pass", dest="passes", action="append", choices=bench.PASSES,
+                   help="time this pass (repeatable); default: fwd+bwd")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the torch.nn composition")
+    p.add_argument("--device", type=_device_arg, help=f"device to run on; default: {_default_device()}")
+    p.add_argument("--reps", type=_positive_int,
+                   help=f"timed calls per case and provider; default: {BENCH_REPS} ({BENCH_QUICK_REPS} with --quick)")
+    p.add_argument("--quick", action="store_true", help="one small shape per op and few calls: a smoke test")
+    p.add_argument("--json", metavar="PATH", help="write the environment and one record per case as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="draw the speedup per case as a bar chart (needs matplotlib)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args):
+    try:
+        device, cases, providers = plan_bench(args)
+        if args.plot:
+            _figure_class()  # fail now, not after the whole run
+    except ValueError as e:
+        print(f"normops bench: error: {e}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    warmup = BENCH_QUICK_WARMUP if args.quick else BENCH_WARMUP
+    reps = args.reps or (BENCH_QUICK_REPS if args.quick else BENCH_REPS)
+    start = time.perf_counter()
+    env = bench.environment(device)
+    try:
+        peak = bench.copy_bandwidth(device)
+    except Exception as e:  # no roofline: % peak shows "-"
+        peak = None
+        print(f"normops bench: copy bandwidth not measured: {_error_text(e)}", file=sys.stderr)
+    results = []
+    bar = tqdm(cases, desc="normops bench", unit="case", file=sys.stderr, leave=False, dynamic_ncols=True)
+    for op_name, shape, dt, pas in bar:
+        bar.set_postfix_str(f"{op_name} {'x'.join(map(str, shape))} {dt} {pas}", refresh=False)
+        results.append(run_bench_case(op_name, shape, dt, pas, device, providers, warmup, reps))
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    print(f"normops {env['normops']} (backend {current_backend(device)}), torch {env['torch']}, "
+          f"triton {env['triton'] or '-'}, python {env['python']}, {env['date']}")
+    print(f"device {device}: {env['device']}; copy bandwidth {_fmt(peak, '.1f', 'not measured')} GB/s")
+    print(format_bench_table(results, providers, peak))
+    print(f"ms: median of {reps} calls after {warmup} warm-up; speedup = torch.nn ms / normops ms (> 1: normops "
+          f"faster)\nGB/s: the minimum bytes normops' pass moves / its median; % peak: of the copy bandwidth")
+    failed = [r for r in results if r.errors]
+    if failed:
+        print("\nerrors:")
+        for r in failed:
+            for p, msg in r.errors.items():
+                print(f"  {r.op} {'x'.join(map(str, r.shape))} {r.dtype} {r.pas} {p}: {msg}")
+    print(f"\n{len(results)} cases, {len(failed)} with errors, in {elapsed:.1f}s")
+    try:
+        if args.json:
+            doc = {"environment": dict(env, copy_bandwidth_gbps=peak, backend=current_backend(device)),
+                   "settings": {"device": str(device), "providers": providers, "warmup": warmup, "reps": reps,
+                                "quick": args.quick},
+                   "results": [bench_record(r, providers, peak) for r in results]}
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+            print(f"wrote {args.json}")
+        if args.plot:
+            plot_speedups(results, providers, env, args.plot)
+            print(f"wrote {args.plot}")
+    except OSError as e:
+        print(f"normops bench: error: {e}", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 def build_parser():
@@ -444,6 +719,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"normops {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_check_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

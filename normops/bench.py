@@ -1,0 +1,234 @@
+"""What a benchmark of a norm is, shared by ``normops bench`` and the suites in ``benchmarks/``.
+
+A case is (op, shape, dtype, device, provider, pass). Providers:
+    "normops"   normops.functional on the device's default backend
+    "torch"     the torch.nn.functional composition a user would write (eager)
+    "compile"   torch.compile of that same eager composition
+Passes: "fwd", "bwd" (the backward alone, on a graph built once), "fwd+bwd".
+
+Timing is honest on a GPU: every timed call ends with a synchronize, the inputs rotate through
+enough copies that a call never finds them in L2, and warm-up calls (compilation included) are not
+timed. The bytes model is the minimum a kernel must move (each tensor read or written once, except
+where the algorithm needs two passes: BatchNorm training), so GB/s = bytes / time and % of peak =
+GB/s / the copy bandwidth measured in the same process.
+"""
+import dataclasses
+import datetime
+import functools
+import math
+import platform
+import statistics
+import time
+
+import torch
+from torch.nn import functional as TF
+
+from . import __version__
+from . import functional as F
+
+PROVIDERS = ("normops", "torch", "compile")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One benchmarked op: its inputs and both implementations.
+
+    ``make(shape, dtype, device)`` -> (inputs dict, needs_grad names); ``ours``/``ref`` take the
+    inputs dict and return the output (a tensor, or a tuple whose first element is differentiated).
+    ``reads``/``writes``: activation-sized tensors the forward reads and writes (the minimum), and
+    ``bwd_reads``/``bwd_writes`` for the backward, in units of the input's size.
+    """
+    name: str
+    family: str
+    make: callable
+    ours: callable
+    ref: callable
+    reads: int
+    writes: int
+    bwd_reads: int
+    bwd_writes: int
+
+
+def _row_inputs(shape, dtype, device, residual=False):
+    n = shape[-1]
+    t = {"x": torch.randn(shape, dtype=dtype, device=device),
+         "w": torch.ones(n, dtype=dtype, device=device), "b": torch.zeros(n, dtype=dtype, device=device)}
+    if residual:
+        t["r"] = torch.randn(shape, dtype=dtype, device=device)
+    return t
+
+
+def _channel_inputs(shape, dtype, device):
+    c = shape[1]
+    return {"x": torch.randn(shape, dtype=dtype, device=device),
+            "w": torch.ones(c, dtype=dtype, device=device), "b": torch.zeros(c, dtype=dtype, device=device)}
+
+
+def _bn_inputs(shape, dtype, device):
+    t = _channel_inputs(shape, dtype, device)
+    t["rm"] = torch.zeros(shape[1], dtype=torch.float32, device=device)
+    t["rv"] = torch.ones(shape[1], dtype=torch.float32, device=device)
+    return t
+
+
+def _groups(c):
+    return 32 if c % 32 == 0 else 1
+
+
+OPS = {op.name: op for op in [
+    Op("layer_norm", "row_norm", _row_inputs,
+       lambda t: F.layer_norm(t["x"], t["x"].shape[-1:], t["w"], t["b"]),
+       lambda t: TF.layer_norm(t["x"], t["x"].shape[-1:], t["w"], t["b"]), 1, 1, 2, 1),
+    Op("rms_norm", "row_norm", _row_inputs,
+       lambda t: F.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6),
+       lambda t: TF.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6), 1, 1, 2, 1),
+    Op("add_rms_norm", "row_norm", functools.partial(_row_inputs, residual=True),
+       lambda t: F.add_rms_norm(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6),
+       lambda t: (lambda h: (TF.rms_norm(h, h.shape[-1:], t["w"], 1e-6), h))(t["x"] + t["r"]), 2, 2, 3, 1),
+    Op("group_norm", "group_norm", _channel_inputs,
+       lambda t: F.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]),
+       lambda t: TF.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]), 1, 1, 2, 1),
+    Op("group_norm+silu", "group_norm", _channel_inputs,
+       lambda t: F.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"], activation="silu"),
+       lambda t: TF.silu(TF.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"])), 1, 1, 2, 1),
+    Op("instance_norm", "group_norm", _channel_inputs,
+       lambda t: F.instance_norm(t["x"], weight=t["w"], bias=t["b"]),
+       lambda t: TF.instance_norm(t["x"], weight=t["w"], bias=t["b"]), 1, 1, 2, 1),
+    # BatchNorm training needs the batch statistics before it can normalize: two reads of x.
+    Op("batch_norm", "batch_norm", _bn_inputs,
+       lambda t: F.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True),
+       lambda t: TF.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True), 2, 1, 4, 1),
+    Op("batch_norm+relu", "batch_norm", _bn_inputs,
+       lambda t: F.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True, activation="relu"),
+       lambda t: TF.relu(TF.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True)), 2, 1, 4, 1),
+]}
+
+
+def bytes_moved(op, shape, dtype, pas):
+    """The minimum bytes a pass of op must move (activation-sized tensors only; parameters and
+    statistics are a rounding error at benchmark sizes)."""
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    fwd, bwd = (op.reads + op.writes) * size, (op.bwd_reads + op.bwd_writes) * size
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _copies(shape, dtype, device):
+    """How many input copies to rotate through so that none is still in L2 when reused."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(8, math.ceil(2 * l2 / max(size, 1)) + 1))
+
+
+def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torch.contiguous_format):
+    """A zero-argument callable running one timed call (synchronized on a GPU). The input (and
+    residual) are laid out in `memory_format`; the incoming gradient in the output's layout, as the
+    next layer of a network would hand it back."""
+    op = OPS[op_name]
+    device = torch.device(device)
+    fn = {"normops": op.ours, "torch": op.ref}.get(provider)
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh cache: no shape-generalized or stale graph from an earlier case
+        fn = torch.compile(op.ref)
+    grad = pas != "fwd"
+    inputs = []
+    for _ in range(_copies(shape, dtype, device)):
+        t = op.make(shape, dtype, device)
+        for k in ("x", "r"):
+            if k in t:
+                t[k] = t[k].contiguous(memory_format=memory_format)
+        for k in ("x", "w", "b"):
+            t[k].requires_grad_(grad)
+        inputs.append(t)
+    state = {"i": 0}
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    if pas == "bwd":  # graphs built once; each call runs one backward (retained for the next)
+        outs = [first(fn(t)) for t in inputs]
+        grads = [torch.randn_like(o) for o in outs]
+
+        def run():
+            i = state["i"] = (state["i"] + 1) % len(inputs)
+            outs[i].backward(grads[i], retain_graph=True)
+            _sync(device)
+    else:
+        with torch.no_grad():  # the output's layout (instance_norm's is contiguous whatever the input's)
+            dy = torch.randn_like(first(op.ref(inputs[0])))
+
+        def run():
+            i = state["i"] = (state["i"] + 1) % len(inputs)
+            out = first(fn(inputs[i]))
+            if grad:
+                out.backward(dy)
+            _sync(device)
+    return run
+
+
+def time_runner(run, warmup=3, reps=20):
+    """Median, p20 and p80 wall time in ms of `run` (already synchronized per call)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0], None, None, times[-1]]
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device):
+    """Measured device-memory copy bandwidth in GB/s (read + write counted), the roofline."""
+    device = torch.device(device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32 per buffer
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    t = time_runner(lambda: (b.copy_(a), _sync(device)), warmup=3, reps=10)
+    return 2 * a.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """Provenance for a result: device, versions, date."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "device_type": torch.device(device).type, "torch": torch.__version__,
+            "triton": triton_version, "normops": __version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def extra_info(op_name, shape, dtype, device, provider, pas, median_ms):
+    """What every benchmark record carries besides its times."""
+    moved = bytes_moved(OPS[op_name], shape, dtype, pas)
+    gbps = moved / (median_ms * 1e-3) / 1e9
+    peak = copy_bandwidth(str(device))
+    return {"op": op_name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": provider,
+            "pass": pas, "bytes": moved, "gbps": gbps, "peak_gbps": peak, "pct_of_peak": 100 * gbps / peak,
+            **environment(device)}
