@@ -21,6 +21,7 @@ import time
 import torch
 
 import normops
+import normops.bench
 
 # name, torch.nn module factory, input shape: the sizes the foundation issue names.
 CASES = [
@@ -64,17 +65,6 @@ def run_case(name, factory, shape, reps, warmup=3):
             "control_ratio": statistics.median(noise)}
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=30)
@@ -92,7 +82,7 @@ def main(argv=None):
               f"{r['control_ratio']:8.3f}")
     record = {
         "what": "forward+backward, normops CPU backend vs torch.nn, median of interleaved repetitions",
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+        "machine": {"platform": platform.platform(), "processor": normops.bench.device_name("cpu"),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "normops": normops.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

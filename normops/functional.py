@@ -11,7 +11,7 @@ call whose backend would run ATen's norm anyway goes straight to it (``library.a
 without the ops' Python autograd overhead.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor

@@ -194,7 +194,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
 
 
 def _recompute_group(x, num_groups, weight, bias, mean, rstd):
-    n, c = x.shape[0], x.shape[1]
+    n = x.shape[0]
     sd = stat_dtype(x)
     xg = x.to(sd).reshape(n, num_groups, -1)
     z = ((xg - mean.to(sd).unsqueeze(-1)) * rstd.to(sd).unsqueeze(-1)).reshape(x.shape)
