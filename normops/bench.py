@@ -182,9 +182,34 @@ def time_runner(run, warmup=3, reps=20):
         t = time.perf_counter()
         run()
         times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
+    return _summary(times)
+
+
+def _summary(times):
+    times = sorted(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0], None, None, times[-1]]
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+
+
+def time_interleaved(runners, warmup=3, reps=20, errors=None):
+    """time_runner for several providers of one case at once, one call of each per round in a
+    rotating order, so that drift and bursts of other load hit them alike. A runner that raises is
+    dropped, its message put in ``errors`` (a dict) if given."""
+    runners = dict(runners)
+    times = {name: [] for name in runners}
+    for i in range(warmup + reps):
+        names = list(runners)
+        for name in names[i % len(names):] + names[: i % len(names)] if names else []:
+            try:
+                t = time.perf_counter()
+                runners[name]()
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t) * 1e3)
+            except Exception as e:  # reported by the caller, the other providers go on
+                if errors is not None:
+                    errors[name] = f"{type(e).__name__}: {e}"
+                del runners[name]
+    return {name: _summary(ts) for name, ts in times.items() if ts and name in runners}
 
 
 @functools.lru_cache(maxsize=None)

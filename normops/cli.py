@@ -190,19 +190,18 @@ def run_bench_case(op_name, shape, dtype_name, pas, device, providers, warmup, r
     dtype = DTYPES[dtype_name]
     res = BenchResult(op_name, tuple(shape), dtype_name, pas, str(device),
                       bench.bytes_moved(bench.OPS[op_name], shape, dtype, pas))
+    runners = {}
     for provider in providers:
-        try:
-            if provider == "compile":
-                # a fresh dynamo cache per case: the same ref function at a second shape or dtype would
-                # otherwise be recompiled with dynamic shapes (or past the recompile limit, run eagerly)
-                torch._dynamo.reset()
-            run = bench.make_runner(op_name, shape, dtype, device, provider, pas)
-            res.times[provider] = bench.time_runner(run, warmup=warmup, reps=reps)
-            del run
+        try:  # make_runner starts compile providers from a fresh dynamo cache
+            runners[provider] = bench.make_runner(op_name, shape, dtype, device, provider, pas)
         except Exception as e:  # one failing case is an error in the table, not a crash
             res.errors[provider] = _error_text(e)
-        if provider in res.errors and device.type == "cuda":
-            torch.cuda.empty_cache()  # give an OOM's cached blocks back before the next case
+    errors = {}
+    res.times = bench.time_interleaved(runners, warmup=warmup, reps=reps, errors=errors)
+    res.errors.update(errors)
+    del runners
+    if res.errors and device.type == "cuda":
+        torch.cuda.empty_cache()  # give an OOM's cached blocks back before the next case
     return res
 
 

@@ -193,16 +193,26 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
     return y, _to(mean, sd), _to(rstd, sd)
 
 
+def _affine_recompute(x, scale, shift):
+    """z = x * scale + shift in one pass (scale, shift broadcast, in the statistics dtype), in x's
+    dtype: the activation's input, rebuilt from x and the saved statistics."""
+    return torch.addcmul(shift, x, scale).to(x.dtype)
+
+
 def _recompute_group(x, num_groups, weight, bias, mean, rstd):
-    n = x.shape[0]
+    # z = (x - mean) * rstd * w + b = x * scale + shift, scale and shift per (sample, channel)
+    n, c = x.shape[0], x.shape[1]
     sd = stat_dtype(x)
-    xg = x.to(sd).reshape(n, num_groups, -1)
-    z = ((xg - mean.to(sd).unsqueeze(-1)) * rstd.to(sd).unsqueeze(-1)).reshape(x.shape)
+    per_channel = (n, num_groups, c // num_groups)
+    scale = rstd.to(sd).unsqueeze(-1).expand(per_channel)
+    shift = -mean.to(sd).unsqueeze(-1) * scale
     if weight is not None:
-        z = z * _channel_view(weight.to(sd), x)
+        scale = scale * weight.to(sd).reshape(1, num_groups, -1)
+        shift = shift * weight.to(sd).reshape(1, num_groups, -1)
     if bias is not None:
-        z = z + _channel_view(bias.to(sd), x)
-    return z.to(x.dtype)
+        shift = shift + bias.to(sd).reshape(1, num_groups, -1)
+    view = (n, c) + (1,) * (x.dim() - 2)
+    return _affine_recompute(x, scale.reshape(view), shift.reshape(view))
 
 
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
@@ -268,12 +278,11 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, ac
 
 def _recompute_batch(x, weight, bias, mean, rstd):
     sd = stat_dtype(x)
-    z = (x.to(sd) - _channel_view(mean.to(sd), x)) * _channel_view(rstd.to(sd), x)
-    if weight is not None:
-        z = z * _channel_view(weight.to(sd), x)
+    scale = rstd.to(sd) if weight is None else rstd.to(sd) * weight.to(sd)
+    shift = -mean.to(sd) * scale
     if bias is not None:
-        z = z + _channel_view(bias.to(sd), x)
-    return z.to(x.dtype)
+        shift = shift + bias.to(sd)
+    return _affine_recompute(x, _channel_view(scale, x), _channel_view(shift, x))
 
 
 def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
