@@ -12,8 +12,13 @@
 # beyond `pip install --no-deps --no-build-isolation -e .` (the `install` stage runs exactly that;
 # pytest, pytest-benchmark and matplotlib are expected to be there already).
 #
-# Knobs: PYTHON (default python3), NORMOPS_BENCH_ARGS (extra pytest arguments for the bench stage,
-# e.g. "-k 'row_norm and bfloat16'" to fit a time budget).
+# Knobs: PYTHON (default python3); NORMOPS_TEST_ARGS (extra pytest arguments for the tests stage,
+# e.g. "-n 8" where pytest-xdist is installed); for the bench stage NORMOPS_BENCH_FAMILIES (default
+# "row_norm group_norm batch_norm", one JSON each), NORMOPS_BENCH_ARGS (extra pytest arguments, e.g.
+# "-k 'not compile'") and NORMOPS_BENCH_TAG (a suffix for the JSON names, so filtered runs add files
+# instead of overwriting). The report stage reads every bench-*.json of the folder.
+# On a lent machine with a per-command time limit: start every call with `install` (the machine may
+# be fresh), and copy the folder out at the end of each call (e.g. tar it into the tool's $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -41,11 +46,15 @@ for stage in "${stages[@]}"; do
   case $stage in
     install) run_stage install $PY -m pip install --no-deps --no-build-isolation -e . ;;
     env) run_stage env bash -c "$PY -c 'import json, normops.bench as b; print(json.dumps(b.environment(\"cuda\"), indent=1)); print(\"copy GB/s\", b.copy_bandwidth(\"cuda\"))'; nvidia-smi; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|numpy|pytest|matplotlib|normops) '" ;;
-    tests) run_stage tests $PY -m pytest tests -q -p no:cacheprovider ;;
+    tests) run_stage tests bash -c "$PY -m pytest tests -q -p no:cacheprovider ${NORMOPS_TEST_ARGS:-}" ;;
     check) run_stage check $PY -m normops.cli check --device cuda ;;
     aot) run_stage aot $PY -m normops.kernels.aot; cp "$out/aot.log" "$out/aot.txt" ;;
-    bench) run_stage bench bash -c "$PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-json=$out/benchmarks.json ${NORMOPS_BENCH_ARGS:-}" ;;
-    report) run_stage report $PY benchmarks/report.py "$out/benchmarks.json" --out "$out" ;;
+    bench)  # one JSON per family (and per NORMOPS_BENCH_TAG): a run killed at a time limit loses one file only
+      for fam in ${NORMOPS_BENCH_FAMILIES:-row_norm group_norm batch_norm}; do
+        json="$out/bench-${fam}${NORMOPS_BENCH_TAG:+-$NORMOPS_BENCH_TAG}.json"
+        run_stage "bench-$fam" bash -c "$PY -m pytest benchmarks/bench_${fam}.py -q -p no:cacheprovider --benchmark-json=$json ${NORMOPS_BENCH_ARGS:-}"
+      done ;;
+    report) run_stage report bash -c "$PY benchmarks/report.py $out/bench-*.json --out $out" ;;
     *) echo "unknown stage: $stage (stages: install env tests check aot bench report)"; exit 2 ;;
   esac
 done

@@ -85,7 +85,8 @@ OPS = {op.name: op for op in [
        lambda t: TF.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6), 1, 1, 2, 1),
     Op("add_rms_norm", "row_norm", functools.partial(_row_inputs, residual=True),
        lambda t: F.add_rms_norm(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6),
-       lambda t: (lambda h: (TF.rms_norm(h, h.shape[-1:], t["w"], 1e-6), h))(t["x"] + t["r"]), 2, 2, 3, 1),
+       # backward of y only (h unused downstream here): reads h and dy, writes one dx for x and r
+       lambda t: (lambda h: (TF.rms_norm(h, h.shape[-1:], t["w"], 1e-6), h))(t["x"] + t["r"]), 2, 2, 2, 1),
     Op("group_norm", "group_norm", _channel_inputs,
        lambda t: F.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]),
        lambda t: TF.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]), 1, 1, 2, 1),
@@ -124,7 +125,12 @@ def _copies(shape, dtype, device):
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(8, math.ceil(2 * l2 / max(size, 1)) + 1))
+    return max(1, min(256, math.ceil(2 * l2 / max(size, 1)) + 1))  # tiny shapes: many copies, little memory
+
+
+def _clear_grads(inputs):
+    for k in ("x", "w", "b"):
+        inputs[k].grad = None
 
 
 def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torch.contiguous_format):
@@ -158,6 +164,7 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
 
         def run():
             i = state["i"] = (state["i"] + 1) % len(inputs)
+            _clear_grads(inputs[i])  # no accumulation kernel into an existing .grad
             outs[i].backward(grads[i], retain_graph=True)
             _sync(device)
     else:
@@ -168,6 +175,7 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
             i = state["i"] = (state["i"] + 1) % len(inputs)
             out = first(fn(inputs[i]))
             if grad:
+                _clear_grads(inputs[i])
                 out.backward(dy)
             _sync(device)
     return run

@@ -35,10 +35,11 @@ BATCH_SHAPES = [(4, 3), (2, 5, 7), (3, 4, 5, 6), (2, 3, 2, 3, 4), (2, 1, 1, 1), 
 INSTANCE_SHAPES = [(2, 3, 5), (3, 4, 5, 6), (1, 2, 3, 2, 4), (2, 5, 2)]
 
 
-def make(shape, dtype, offset=3.0, scale=2.0, requires_grad=True, seed=0):
-    """Shifted data (mean far from 0), so a variance computed as E[x^2] - E[x]^2 would show."""
-    g = torch.Generator().manual_seed(seed)
-    t = (offset + scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+def make(shape, dtype, offset=3.0, scale=2.0, requires_grad=True, seed=0, device="cpu"):
+    """Shifted data (mean far from 0), so a variance computed as E[x^2] - E[x]^2 would show.
+    Drawn on `device` (a CUDA generator there: real-size tensors are not drawn on the host)."""
+    g = torch.Generator(device).manual_seed(seed)
+    t = (offset + scale * torch.randn(shape, generator=g, dtype=torch.float64, device=device)).to(dtype)
     return t.requires_grad_(requires_grad)
 
 
@@ -63,7 +64,7 @@ def forward_backward(fn, inputs, seed=2):
     out = fn(*inputs)
     outs = list(out) if isinstance(out, tuple) else [out]
     g = torch.Generator().manual_seed(seed)
-    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device=o.device, dtype=o.dtype) for o in outs]
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True) if leaves else []
     return [o.detach() for o in outs] + [gr if gr is not None else torch.zeros(()) for gr in grads]
