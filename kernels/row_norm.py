@@ -120,8 +120,8 @@ def _row_norm_fwd_kernel(
         n_prog = tl.num_programs(0)
         for it in range(0, tl.cdiv(M - pid, n_prog)):
             row = pid.to(tl.int64) + it * n_prog
-            x_row = X + (row // inner) * sx_o + (row % inner) * sx_i
-            r_row = R + (row // inner) * sr_o + (row % inner) * sr_i
+            x_row = X + _row_offsets(row, inner, sx_o, sx_i)
+            r_row = R + _row_offsets(row, inner, sr_o, sr_i)
             count = tl.zeros([], dtype=ACC)
             mean = tl.zeros([], dtype=ACC)
             m2 = tl.zeros([], dtype=ACC)
@@ -206,8 +206,8 @@ def _row_norm_bwd_sums_kernel(
 ):
     """Wide rows only: the two per-row sums of dx, one program per row, looping over columns."""
     row = tl.program_id(0).to(tl.int64)
-    x_row = X + (row // inner) * sx_o + (row % inner) * sx_i
-    dy_row = DY + (row // inner) * sdy_o + (row % inner) * sdy_i
+    x_row = X + _row_offsets(row, inner, sx_o, sx_i)
+    dy_row = DY + _row_offsets(row, inner, sdy_o, sdy_i)
     rstd = tl.load(RSTD + row)
     mean = 0.0
     if not IS_RMS:

@@ -94,14 +94,14 @@ def _forward(op, function, impl, args, grad):
     else the bare implementation; the registered op when tracing."""
     if not _eager(args):
         return op(*args)
-    return _profiled(op._qualname, function.apply if grad else impl, *args)
+    return _profiled(impl.qualname, function.apply if grad else impl, *args)
 
 
 def _backward(ctx, op, impl, *args):
     """A backward op from inside a backward: the bare implementation when the forward ran eagerly
     and no graph of the backward itself is being recorded (double backward), else the op."""
     if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
-        return _profiled(op._qualname, impl, *args)
+        return _profiled(impl.qualname, impl, *args)
     return op(*args)
 
 
@@ -189,8 +189,10 @@ def _double_backward(composite, dy, x, weight, bias, cotangents):
 
 
 def _register(name, impl, mutates=()):
-    """The custom op normops::<name>, implemented by impl (its annotations give the schema)."""
-    return torch.library.custom_op(f"normops::{name}", mutates_args=mutates)(impl)
+    """The custom op normops::<name>, implemented by impl (its annotations give the schema). The
+    impl keeps the op's name, for the profiler events of the eager fast path."""
+    impl.qualname = f"normops::{name}"
+    return torch.library.custom_op(impl.qualname, mutates_args=mutates)(impl)
 
 
 def _no_grad_outputs(ctx, *stats):
@@ -202,8 +204,8 @@ def _no_grad_outputs(ctx, *stats):
 # --- LayerNorm / RMSNorm -----------------------------------------------------------------------
 
 def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequence[int],
-             weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
-             activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
+                   activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = act(norm(x [+ residual]) * w + b) over the trailing ``normalized_shape`` dims.
     Returns (y, x + residual or absent, mean or absent, rstd or absent)."""
     if x.numel() == 0:
@@ -229,8 +231,8 @@ def _row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activa
 
 
 def _row_norm_backward_impl(dy: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor],
-                      bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor, eps: float, rms: bool,
-                      activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                            bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor, eps: float, rms: bool,
+                            activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of row_norm, from the saved statistics (x is x + residual when fused)."""
     if x.numel() == 0:
         return _zero_filled(_row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms,
@@ -308,7 +310,7 @@ row_norm_backward_op.register_autograd(_row_norm_double_bwd, setup_context=_row_
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
 
 def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-               activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd)."""
     if x.numel() == 0:
         return _zero_filled(_group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats))
@@ -329,8 +331,8 @@ def _group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats):
 
 
 def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                        rstd: Tensor, num_groups: int, eps: float, activation: str,
-                        output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                              rstd: Tensor, num_groups: int, eps: float, activation: str,
+                              output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of group_norm, from the saved statistics."""
     if x.numel() == 0:
         return _zero_filled(_group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation,
@@ -396,8 +398,8 @@ group_norm_backward_op.register_autograd(_group_norm_double_bwd, setup_context=_
 # --- BatchNorm ---------------------------------------------------------------------------------
 
 def _batch_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-               running_var: Optional[Tensor], training: bool, eps: float,
-               activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     running_var: Optional[Tensor], training: bool, eps: float,
+                     activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = act(norm(x) * w + b) per channel (dim 1). (y, save_mean, save_rstd, unbiased batch var);
     the last three are absent when not training (the running statistics normalize)."""
     if x.numel() == 0:
@@ -421,9 +423,9 @@ def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps, 
 
 
 def _batch_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                        save_mean: Optional[Tensor], save_rstd: Optional[Tensor], training: bool, eps: float,
-                        activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                              running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              save_mean: Optional[Tensor], save_rstd: Optional[Tensor], training: bool, eps: float,
+                              activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of batch_norm: batch statistics (training) or constant running ones."""
     if x.numel() == 0:
         return _zero_filled(_batch_norm_backward_fake(dy, x, weight, bias, running_mean, running_var, save_mean,
@@ -492,7 +494,7 @@ batch_norm_backward_op.register_autograd(_batch_norm_double_bwd, setup_context=_
 
 
 def _update_running_stats_impl(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         momentum: float) -> None:
+                               momentum: float) -> None:
     """running = (1 - momentum) * running + momentum * batch, for the mean and the (unbiased) var,
     computed in fp64 and stored in the buffers' dtype, as torch's CPU kernel does."""
     for running, batch in ((running_mean, mean), (running_var, var)):

@@ -229,13 +229,13 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     if num_groups == c:
         return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
     nd = _native_stat_dtype(x, w, b)
-    # Ask ATen only for gradients that exist; without a weight it skips dbias, so sum it here.
-    mask = [output_mask[0], output_mask[1] and w is not None, output_mask[2] and b is not None]
-    dx, dw, db = aten.native_group_norm_backward(
-        dz, x, _to(mean, nd), _to(rstd, nd), w, n, c, hw, num_groups, [mask[0], mask[1], mask[2] and w is not None])
-    if mask[2] and w is None:
+    want_dw = output_mask[1] and w is not None
+    want_db = output_mask[2] and b is not None
+    mask = [output_mask[0], want_dw, want_db and w is not None]  # ATen computes dbias only with a weight
+    dx, dw, db = aten.native_group_norm_backward(dz, x, _to(mean, nd), _to(rstd, nd), w, n, c, hw, num_groups, mask)
+    if want_db and w is None:
         db = dz.transpose(0, 1).reshape(c, -1).sum(1)
-    return dx, _cast(dw if mask[1] else None, weight), _cast(db if mask[2] else None, bias)
+    return dx, _cast(dw if want_dw else None, weight), _cast(db if want_db else None, bias)
 
 
 def _instance_view(x, *per_channel):
