@@ -88,3 +88,70 @@ class RowNormConfig:
             return cls(LOOP_BLOCK_N, 1, LOOP_WARPS, False)
         block_m = max(1, min(MAX_ROWS_PER_PROGRAM, MIN_ELEMENTS_PER_PROGRAM // block_n))
         return cls(block_n, block_m, _warps(block_m * block_n, per_warp), True)
+
+
+# --- GroupNorm / InstanceNorm ----------------------------------------------------------------
+
+# A program's tile is [block_g groups, block_cg channels, block_s positions] (kernels/group_norm.py).
+# A whole group (or several) up to these many tile elements stays in registers: the forward reads
+# x once and the backward x and dy once. Same register budget as the row norms' one-pass limits.
+GN_FWD_ONE_PASS_MAX = 16384
+GN_BWD_ONE_PASS_MAX = 8192
+# Tile of the looped (split) kernels: 4K fp32 values over 8 warps, 16 a thread, as LOOP_BLOCK_N.
+GN_LOOP_TILE = 4096
+# A group whose padded channel count exceeds a loop tile has no tile shape here; such groups
+# (GroupNorm with more than 4096 channels per group) run the torch backend instead.
+GN_MAX_GROUP_CHANNELS = GN_LOOP_TILE
+# channels_last rows hold a sample's channels contiguously: a tile row spans at least this many
+# channels (64 contiguous bytes at bf16), taking several groups when groups are narrow.
+GN_MIN_ROW_CHANNELS = 32
+# Tiny groups are packed several to a program until a tile holds this many elements.
+GN_MIN_TILE = 1024
+# Split partials are combined by every normalize program (a [block_g, next_pow2(split)] tile).
+GN_MAX_SPLIT = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNormConfig:
+    """Launch settings of the GroupNorm/InstanceNorm kernels for one (N, C, S, G, layout) shape.
+
+    block_g x block_cg x block_s: the tile (groups, channels per group padded to a power of two,
+    spatial positions); one_pass: each program's groups fit in one tile and stay in registers.
+    Otherwise the spatial axis of every group is split into `split` chunks of `chunk` positions (a
+    multiple of block_s), enough programs to fill the GPU: partial statistics per chunk, combined
+    with Chan's formula, then a normalize pass. num_warps: warps per program.
+    """
+    block_g: int
+    block_cg: int
+    block_s: int
+    num_warps: int
+    one_pass: bool
+    split: int
+    chunk: int
+
+    @classmethod
+    def forward(cls, n, c, s, groups, channels_last, programs):
+        return cls._make(n, c, s, groups, channels_last, programs, GN_FWD_ONE_PASS_MAX, 256)
+
+    @classmethod
+    def backward(cls, n, c, s, groups, channels_last, programs):
+        return cls._make(n, c, s, groups, channels_last, programs, GN_BWD_ONE_PASS_MAX, 512)
+
+    @classmethod
+    def _make(cls, n, c, s, groups, channels_last, programs, one_pass_max, per_warp):
+        block_cg = next_pow2(c // groups)
+        block_s = next_pow2(s)
+        max_g = next_pow2(groups)
+        block_g = min(max_g, max(1, GN_MIN_ROW_CHANNELS // block_cg)) if channels_last else 1
+        if block_g * block_cg * block_s <= one_pass_max:
+            while block_g < max_g and block_g * block_cg * block_s < GN_MIN_TILE:
+                block_g *= 2
+            tile = block_g * block_cg * block_s
+            return cls(block_g, block_cg, block_s, _warps(tile, per_warp), True, 1, s)
+        block_g = max(1, min(block_g, GN_LOOP_TILE // block_cg))
+        block_s = max(1, min(block_s, GN_LOOP_TILE // (block_g * block_cg)))
+        n_tiles = -(-s // block_s)
+        group_programs = n * -(-groups // block_g)
+        split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // group_programs)))
+        chunk = -(-n_tiles // split) * block_s
+        return cls(block_g, block_cg, block_s, LOOP_WARPS, False, -(-s // chunk), chunk)

@@ -32,34 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, stat_dtype
 from .config import RowNormConfig, programs_per_wave
-
-ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        z = z / (1.0 + tl.exp(-z))
-    elif ACT == 3:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    return z
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    """act'(z); ACT == 0 is never asked."""
-    if ACT == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        d = s * (1.0 + z * (1.0 - s))
-    else:
-        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    return d
-
 
 @triton.jit
 def _row_offsets(rows, inner, s_outer, s_inner):
@@ -303,14 +277,6 @@ def _row_norm_bwd_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _rows(t, k):
     """(tensor, inner, stride_outer, stride_inner) addressing t as rows of its last k dims: in
     place when those dims are contiguous and the batch dims collapse to at most two, else a copy."""
@@ -358,7 +324,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     xv, rv, inner, (sx_o, sx_i), (sr_o, sr_i) = _rows_pair(x, x if residual is None else residual, k)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
-    sd = _stat_dtype(x.dtype)
+    sd = stat_dtype(x.dtype)
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None
     cfg = RowNormConfig.forward(n)
@@ -370,7 +336,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
         m, n, inner, sx_o, sx_i, sr_o, sr_i, eps,
         IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
         ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, ONE_PASS=cfg.one_pass,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=_acc(x.dtype), num_warps=cfg.num_warps)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     return y, (h if residual is not None else None), mean, rstd
 
 
@@ -385,7 +351,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
     cfg = RowNormConfig.backward(n)
-    sd = _stat_dtype(x.dtype)
+    sd = stat_dtype(x.dtype)
     n_col = triton.cdiv(n, cfg.block_n)
     n_row_blocks = triton.cdiv(m, cfg.block_m)
     g = max(1, min(n_row_blocks, programs_per_wave(x.device, cfg.num_warps) // n_col))
@@ -401,13 +367,13 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
         sums = torch.empty((m, 2), dtype=sd, device=x.device)
         _row_norm_bwd_sums_kernel[(m,)](
             dyv, xv, w_arg, b_arg, stats_mean, rstd, sums, n, inner, sdy_o, sdy_i, sx_o, sx_i,
-            BLOCK_N=cfg.block_n, ACC=_acc(x.dtype), num_warps=cfg.num_warps, **flags)
+            BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), num_warps=cfg.num_warps, **flags)
     _row_norm_bwd_kernel[(n_col, g)](
         dyv, xv, w_arg, b_arg, stats_mean, rstd, sums,
         dx if dx is not None else rstd, part if part is not None else rstd,
         m, n, inner, sdy_o, sdy_i, sx_o, sx_i,
         WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ONE_PASS=cfg.one_pass,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=_acc(x.dtype), num_warps=cfg.num_warps, **flags)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), num_warps=cfg.num_warps, **flags)
     if part is None:
         return dx, None, None
     sums = part.sum(0)  # a fixed-order reduction over programs: deterministic

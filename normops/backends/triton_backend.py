@@ -7,19 +7,28 @@ Triton's interpreter, which is how the kernels are tested without a GPU (the var
 before this module is first imported: ``triton.jit`` reads it then).
 """
 try:
+    from normops.kernels import group_norm as _group_norm
     from normops.kernels.row_norm import row_norm_bwd, row_norm_fwd  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
-from .torch_backend import (  # noqa: F401,E402  (no Triton kernel yet: ATen's)
-    batch_norm_bwd,
-    batch_norm_fwd,
-    group_norm_bwd,
-    group_norm_fwd,
-)
+from . import torch_backend  # noqa: E402
+from .torch_backend import batch_norm_bwd, batch_norm_fwd  # noqa: F401,E402  (no Triton kernel yet: ATen's)
 
 # Families without a Triton kernel yet: their plain fp32/fp64 eager calls go straight to ATen's
 # norm, as on the torch backend (see normops.library.aten_direct). Remove a family when its kernel
 # lands.
-NATIVE = frozenset({"group_norm", "batch_norm"})
+NATIVE = frozenset({"batch_norm"})
+
+
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
+    if not _group_norm.supported(x, num_groups):  # > 4096 channels a group, or > 2**31 elements a sample
+        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
+    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
+
+
+def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
+    if not _group_norm.supported(x, num_groups):
+        return torch_backend.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
+    return _group_norm.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)

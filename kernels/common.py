@@ -1,0 +1,40 @@
+"""What every kernel family shares: the fused activations and the accumulation dtypes."""
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = z / (1.0 + tl.exp(-z))
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """act'(z); ACT == 0 is never asked."""
+    if ACT == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        d = s * (1.0 + z * (1.0 - s))
+    else:
+        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    return d
+
+
+def acc_type(dtype):
+    """The kernels' accumulation type: fp64 for fp64 input (so gradcheck runs through them), else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stat_dtype(dtype):
+    """Statistics and partial sums in torch: fp64 for fp64 input, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
