@@ -107,8 +107,10 @@ GN_MAX_GROUP_CHANNELS = GN_LOOP_TILE
 GN_MIN_ROW_CHANNELS = 32
 # Tiny groups are packed several to a program until a tile holds this many elements.
 GN_MIN_TILE = 1024
-# Split partials are combined by every normalize program (a [block_g, next_pow2(split)] tile).
+# At most this many chunks a group (past ~2 programs an SM per group block, more only adds partials).
 GN_MAX_SPLIT = 256
+# Every normalize program combines its groups' chunk partials, [block_g, split_block] at a time.
+GN_COMBINE_TILE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,8 @@ class GroupNormConfig:
     spatial positions); one_pass: each program's groups fit in one tile and stay in registers.
     Otherwise the spatial axis of every group is split into `split` chunks of `chunk` positions (a
     multiple of block_s), enough programs to fill the GPU: partial statistics per chunk, combined
-    with Chan's formula, then a normalize pass. num_warps: warps per program.
+    with Chan's formula, then a normalize pass; split_block: chunks combined at a time.
+    num_warps: warps per program.
     """
     block_g: int
     block_cg: int
@@ -128,6 +131,7 @@ class GroupNormConfig:
     one_pass: bool
     split: int
     chunk: int
+    split_block: int = 1
 
     @classmethod
     def forward(cls, n, c, s, groups, channels_last, programs):
@@ -154,4 +158,6 @@ class GroupNormConfig:
         group_programs = n * -(-groups // block_g)
         split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // group_programs)))
         chunk = -(-n_tiles // split) * block_s
-        return cls(block_g, block_cg, block_s, LOOP_WARPS, False, -(-s // chunk), chunk)
+        split = -(-s // chunk)
+        split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // block_g))
+        return cls(block_g, block_cg, block_s, LOOP_WARPS, False, split, chunk, split_block)

@@ -120,20 +120,29 @@ def _group_norm_stats_kernel(
 
 
 @triton.jit
-def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, BLOCK_SPLIT: tl.constexpr):
+def _combine(PART, n, gi, G, Cg, S, split, chunk, eps,
+             BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr):
     """(mean, rstd) of groups gi from their chunks' (mean, M2): Chan's formula for many parts,
-    mean = sum(n_i mean_i) / L, M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order."""
-    sp = tl.arange(0, BLOCK_SPLIT)
-    m = (gi < G)[:, None] & (sp < split)[None, :]
-    p = PART + ((n.to(tl.int64) * G + gi)[:, None] * split + sp[None, :]) * 2
-    mean_i = tl.load(p, mask=m, other=0.0)
-    m2_i = tl.load(p + 1, mask=m, other=0.0)
-    n_i = tl.where(sp < split, Cg * tl.minimum(chunk, S - sp * chunk), 0).to(mean_i.dtype)[None, :]
+    mean = sum(n_i mean_i) / L, then M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order,
+    BLOCK_SPLIT chunks at a time."""
+    rows = (n.to(tl.int64) * G + gi)[:, None] * split
     total = Cg * S
-    mean = tl.sum(n_i * mean_i, 1) / total
-    d = mean_i - mean[:, None]
-    m2 = tl.sum(tl.where(m, m2_i + n_i * d * d, 0.0), 1)
-    return mean, 1.0 / tl.sqrt(m2 / total + eps)
+    acc = tl.zeros([BLOCK_G, BLOCK_SPLIT], dtype=ACC)
+    for start in range(0, split, BLOCK_SPLIT):
+        sp = start + tl.arange(0, BLOCK_SPLIT)
+        m = (gi < G)[:, None] & (sp < split)[None, :]
+        n_i = tl.where(sp < split, Cg * tl.minimum(chunk, S - sp * chunk), 0).to(ACC)[None, :]
+        acc += n_i * tl.load(PART + (rows + sp[None, :]) * 2, mask=m, other=0.0)
+    mean = tl.sum(acc, 1) / total
+    acc = tl.zeros([BLOCK_G, BLOCK_SPLIT], dtype=ACC)
+    for start in range(0, split, BLOCK_SPLIT):
+        sp = start + tl.arange(0, BLOCK_SPLIT)
+        m = (gi < G)[:, None] & (sp < split)[None, :]
+        n_i = tl.where(sp < split, Cg * tl.minimum(chunk, S - sp * chunk), 0).to(ACC)[None, :]
+        p = PART + (rows + sp[None, :]) * 2
+        d = tl.load(p, mask=m, other=0.0) - mean[:, None]
+        acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(acc, 1) / total + eps)
 
 
 @triton.jit
@@ -158,7 +167,7 @@ def _group_norm_fwd_kernel(
         xc = tl.where(mask, x - mean[:, None, None], 0.0)
         rstd = 1.0 / tl.sqrt(_sum2(xc * xc) / (Cg * S) + eps)
     else:
-        mean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, BLOCK_SPLIT)
+        mean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, BLOCK_G, BLOCK_SPLIT, ACC)
         _, _, chan, cmask = _tile(gb * BLOCK_G, 0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
     if STORE_STATS:
         if sp == 0:
@@ -329,7 +338,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, con
         x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
         *geometry, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
-        STORE_STATS=need_stats, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=triton.next_power_of_2(cfg.split), **tile)
+        STORE_STATS=need_stats, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block, **tile)
     return y, mean, rstd
 
 
