@@ -94,14 +94,25 @@ class RowNormConfig:
 
 # A program's tile is [block_g groups, block_cg channels, block_s positions] (kernels/group_norm.py).
 # A whole group (or several) up to these many tile elements stays in registers: the forward reads
-# x once and the backward x and dy once. Same register budget as the row norms' one-pass limits.
+# x once and the backward x and dy once. Same register budget as the row norms' one-pass limits,
+# except the channels_last forward: its 16K tiles took 107-128 registers and spilled 16 bytes with
+# gelu (NCHW: 60-90), so it stops at 8K.
 GN_FWD_ONE_PASS_MAX = 16384
+GN_FWD_ONE_PASS_MAX_CHANNELS_LAST = 8192
 GN_BWD_ONE_PASS_MAX = 8192
 # Tile of the looped (split) kernels: 4K fp32 values over 8 warps, 16 a thread, as LOOP_BLOCK_N.
 GN_LOOP_TILE = 4096
-# A group whose padded channel count exceeds a loop tile has no tile shape here; such groups
-# (GroupNorm with more than 4096 channels per group) run the torch backend instead.
-GN_MAX_GROUP_CHANNELS = GN_LOOP_TILE
+# channels_last tiles with few channels a group are tall (many positions of a few contiguous
+# channels): each element has its own address, and at 4K elements (and 8K in the one-pass
+# backward) the gelu backward spilled 8-24 bytes on sm_80 in the exhaustive AOT sweep. Half the
+# tile, 8 values a thread, took at most 117 registers and nothing spilled.
+GN_LOOP_TILE_CHANNELS_LAST = 2048
+GN_BWD_ONE_PASS_MAX_CHANNELS_LAST = 4096
+# A tile holds all of its groups' channels, and per-channel state (w, b, and the backward's two
+# sums) grows with them: at 2048 channels a group the looped backward spilled 8-16 bytes on sm_80
+# and sm_90 (python -m normops.kernels.aot). Wider groups (GroupNorm(1, C) with C > 1024) run the
+# torch backend instead.
+GN_MAX_GROUP_CHANNELS = 1024
 # channels_last rows hold a sample's channels contiguously: a tile row spans at least this many
 # channels (64 contiguous bytes at bf16), taking several groups when groups are narrow.
 GN_MIN_ROW_CHANNELS = 32
@@ -135,14 +146,17 @@ class GroupNormConfig:
 
     @classmethod
     def forward(cls, n, c, s, groups, channels_last, programs):
-        return cls._make(n, c, s, groups, channels_last, programs, GN_FWD_ONE_PASS_MAX, 256)
+        one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
+        return cls._make(n, c, s, groups, channels_last, programs, one_pass_max, 256)
 
     @classmethod
     def backward(cls, n, c, s, groups, channels_last, programs):
-        return cls._make(n, c, s, groups, channels_last, programs, GN_BWD_ONE_PASS_MAX, 512)
+        one_pass_max = GN_BWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_BWD_ONE_PASS_MAX
+        return cls._make(n, c, s, groups, channels_last, programs, one_pass_max, 512)
 
     @classmethod
     def _make(cls, n, c, s, groups, channels_last, programs, one_pass_max, per_warp):
+        loop_tile = GN_LOOP_TILE_CHANNELS_LAST if channels_last else GN_LOOP_TILE
         block_cg = next_pow2(c // groups)
         block_s = next_pow2(s)
         max_g = next_pow2(groups)
@@ -152,8 +166,8 @@ class GroupNormConfig:
                 block_g *= 2
             tile = block_g * block_cg * block_s
             return cls(block_g, block_cg, block_s, _warps(tile, per_warp), True, 1, s)
-        block_g = max(1, min(block_g, GN_LOOP_TILE // block_cg))
-        block_s = max(1, min(block_s, GN_LOOP_TILE // (block_g * block_cg)))
+        block_g = max(1, min(block_g, loop_tile // block_cg))
+        block_s = max(1, min(block_s, loop_tile // (block_g * block_cg)))
         n_tiles = -(-s // block_s)
         group_programs = n * -(-groups // block_g)
         split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // group_programs)))

@@ -44,19 +44,22 @@ from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs
 
 
 @triton.jit
-def _tile(g0, s0, G, Cg, S, C, CHANNELS_LAST: tl.constexpr,
-          BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets (from the sample's start) and mask of the tile of groups g0.. and positions s0..,
-    and the [BLOCK_G, BLOCK_CG] channel indices of its rows with their mask."""
+def _channels(g0, G, Cg, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """[BLOCK_G, BLOCK_CG] channel indices of groups g0.., and their mask."""
     gi = g0 + tl.arange(0, BLOCK_G)
     chan = gi[:, None] * Cg + tl.arange(0, BLOCK_CG)[None, :]
-    cmask = (gi < G)[:, None] & (tl.arange(0, BLOCK_CG) < Cg)[None, :]
+    return chan, (gi < G)[:, None] & (tl.arange(0, BLOCK_CG) < Cg)[None, :]
+
+
+@triton.jit
+def _tile(chan, cmask, s0, S, C, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets (from the sample's start) and mask of the tile of channels `chan`, positions s0.."""
     si = s0 + tl.arange(0, BLOCK_S)
     if CHANNELS_LAST:
         offs = chan[:, :, None] + si[None, None, :] * C
     else:
         offs = chan[:, :, None] * S + si[None, None, :]
-    return offs, cmask[:, :, None] & (si < S)[None, None, :], chan, cmask
+    return offs, cmask[:, :, None] & (si < S)[None, None, :]
 
 
 @triton.jit
@@ -98,12 +101,13 @@ def _group_norm_stats_kernel(
     """Split mode, pass 1: Chan's running (count, mean, M2) over the tiles of this chunk."""
     gb, sp, n = _program(n_gblocks, split, False)
     x_base = X + n.to(tl.int64) * C * S
+    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
     count = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_G], dtype=ACC)
     m2 = tl.zeros([BLOCK_G], dtype=ACC)
     s_begin = sp * chunk
     for s0 in range(s_begin, tl.minimum(S, s_begin + chunk), BLOCK_S):
-        offs, mask, _, _ = _tile(gb * BLOCK_G, s0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+        offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
         x = tl.load(x_base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
         n_b = (Cg * tl.minimum(BLOCK_S, S - s0)).to(ACC)
         mean_b = _sum2(x) / n_b
@@ -160,15 +164,15 @@ def _group_norm_fwd_kernel(
     gb, sp, n = _program(n_gblocks, split, not ONE_PASS)
     base = n.to(tl.int64) * C * S
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
     if ONE_PASS:
-        offs, mask, chan, cmask = _tile(gb * BLOCK_G, 0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+        offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
         x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
         mean = _sum2(x) / (Cg * S)
         xc = tl.where(mask, x - mean[:, None, None], 0.0)
         rstd = 1.0 / tl.sqrt(_sum2(xc * xc) / (Cg * S) + eps)
     else:
         mean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, BLOCK_G, BLOCK_SPLIT, ACC)
-        _, _, chan, cmask = _tile(gb * BLOCK_G, 0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
     if STORE_STATS:
         if sp == 0:
             tl.store(MEAN + n * G + gi, mean, mask=gi < G)
@@ -182,7 +186,7 @@ def _group_norm_fwd_kernel(
         n_tiles = tl.cdiv(tl.minimum(chunk, S - s_begin), BLOCK_S)
         for i in range(0, n_tiles):
             s0 = s_begin + (n_tiles - 1 - i) * BLOCK_S
-            offs, mask, _, _ = _tile(gb * BLOCK_G, s0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+            offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
             x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
             z = (x - mean[:, None, None]) * scale + b
             tl.store(Y + base + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
@@ -215,13 +219,13 @@ def _group_norm_bwd_sums_kernel(
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
     rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
-    _, _, chan, cmask = _tile(gb * BLOCK_G, 0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
     w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
     a_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
     b_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
     s_begin = sp * chunk
     for s0 in range(s_begin, tl.minimum(S, s_begin + chunk), BLOCK_S):
-        offs, mask, _, _ = _tile(gb * BLOCK_G, s0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+        offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
         x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
         a_sum += tl.sum(dz * x_hat, 2)
         b_sum += tl.sum(dz, 2)
@@ -247,9 +251,10 @@ def _group_norm_bwd_kernel(
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
     rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
-    offs, mask, chan, cmask = _tile(gb * BLOCK_G, 0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
     w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
     if ONE_PASS:
+        offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
         x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
         a_sum = tl.sum(dz * x_hat, 2)
         b_sum = tl.sum(dz, 2)
@@ -278,7 +283,7 @@ def _group_norm_bwd_kernel(
             n_tiles = tl.cdiv(tl.minimum(chunk, S - s_begin), BLOCK_S)
             for i in range(0, n_tiles):
                 s0 = s_begin + (n_tiles - 1 - i) * BLOCK_S
-                offs, mask, _, _ = _tile(gb * BLOCK_G, s0, G, Cg, S, C, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S)
+                offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
                 x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
                 dx = r * (w * dz - c2 - x_hat * c1)
                 tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)

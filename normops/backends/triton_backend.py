@@ -23,7 +23,7 @@ NATIVE = frozenset({"batch_norm"})
 
 
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
-    if not _group_norm.supported(x, num_groups):  # > 4096 channels a group, or > 2**31 elements a sample
+    if not _group_norm.supported(x, num_groups):  # > 1024 channels a group, or > 2**31 elements a sample
         return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
     return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
 
