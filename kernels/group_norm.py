@@ -73,6 +73,13 @@ def _program(n_gblocks, split, REVERSED: tl.constexpr):
 
 
 @triton.jit
+def _chunk(sp, chunk, S, BLOCK_S: tl.constexpr):
+    """First position and tile count of chunk sp (the normalize passes walk its tiles backwards)."""
+    s_begin = sp * chunk
+    return s_begin, tl.cdiv(tl.minimum(chunk, S - s_begin), BLOCK_S)
+
+
+@triton.jit
 def _sum2(t):
     """Sum of a [BLOCK_G, BLOCK_CG, BLOCK_S] tile per group."""
     return tl.sum(tl.sum(t, 2), 1)
@@ -112,10 +119,11 @@ def _group_norm_stats_kernel(
         n_b = (Cg * tl.minimum(BLOCK_S, S - s0)).to(ACC)
         mean_b = _sum2(x) / n_b
         d = tl.where(mask, x - mean_b[:, None, None], 0.0)
+        m2_b = _sum2(d * d)
         total = count + n_b
         delta = mean_b - mean
         mean += delta * (n_b / total)
-        m2 += _sum2(d * d) + delta * delta * (count * n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
         count = total
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     p = PART + ((n.to(tl.int64) * G + gi) * split + sp) * 2
@@ -182,11 +190,9 @@ def _group_norm_fwd_kernel(
     if ONE_PASS:
         tl.store(Y + base + offs, _act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
     else:
-        s_begin = sp * chunk
-        n_tiles = tl.cdiv(tl.minimum(chunk, S - s_begin), BLOCK_S)
+        s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         for i in range(0, n_tiles):
-            s0 = s_begin + (n_tiles - 1 - i) * BLOCK_S
-            offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+            offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
             x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
             z = (x - mean[:, None, None]) * scale + b
             tl.store(Y + base + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
@@ -204,6 +210,19 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
 
 
 @triton.jit
+def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+           BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
+    """What a backward program holds throughout: its groups' saved mean and rstd ([BLOCK_G]), its
+    channels, and their weight and bias."""
+    gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+    mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
+    rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
+    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
+    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+    return mean, rstd, chan, cmask, w, b
+
+
+@triton.jit
 def _group_norm_bwd_sums_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
     W, B,              # [C] weight, bias (read for the activation's input only)
@@ -216,11 +235,7 @@ def _group_norm_bwd_sums_kernel(
     """Split mode, pass 1 of the backward: the per-channel sums over this chunk."""
     gb, sp, n = _program(n_gblocks, split, False)
     base = n.to(tl.int64) * C * S
-    gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
-    mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
-    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
     a_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
     b_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
     s_begin = sp * chunk
@@ -248,11 +263,7 @@ def _group_norm_bwd_kernel(
 ):
     gb, sp, n = _program(n_gblocks, split, not ONE_PASS)
     base = n.to(tl.int64) * C * S
-    gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
-    mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
-    rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
-    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
     if ONE_PASS:
         offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
         x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
@@ -279,11 +290,10 @@ def _group_norm_bwd_kernel(
             dx = r * (w * dz - c2 - x_hat * c1)
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
         else:
-            s_begin = sp * chunk
-            n_tiles = tl.cdiv(tl.minimum(chunk, S - s_begin), BLOCK_S)
+            s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
             for i in range(0, n_tiles):
-                s0 = s_begin + (n_tiles - 1 - i) * BLOCK_S
-                offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+                offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST,
+                                   BLOCK_S)
                 x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
                 dx = r * (w * dz - c2 - x_hat * c1)
                 tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
