@@ -181,17 +181,15 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                                    torch.backends.cudnn.enabled)
     if use_input_stats:
-        track = running_mean is not None and input.numel() > 0
-        y, mean, rstd = ops.group_norm(input, weight, bias, c, float(eps), act,
-                                       _grad_needed(input, weight, bias) or track)
-        if track:
-            # The running variance averages each instance's unbiased variance, recovered from the
-            # op's statistics (var + eps = rstd^-2, in fp64) rather than by another pass over x.
-            s = math.prod(input.shape[2:])
+        need = _grad_needed(input, weight, bias)
+        y = ops.group_norm(input, weight, bias, c, float(eps), act, need)[0]
+        if running_mean is not None and input.numel():
+            # An exact pass of its own: recovering var from the op's rstd (rstd^-2 - eps) cancels
+            # when var <~ eps, down to a negative running_var for a constant channel.
+            spatial = tuple(range(2, input.dim()))
             with torch.no_grad():
-                var = (rstd.detach().double().pow(-2) - eps) * (s / (s - 1))
-                ops.update_running_stats(running_mean, running_var, mean.detach().mean(0).to(running_mean.dtype),
-                                         var.mean(0).to(running_var.dtype), float(momentum))
+                var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
+            ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:
         y = ops.batch_norm(input, weight, bias, running_mean, running_var, False, float(eps), act,
                            grad=_grad_needed(input, weight, bias))[0]

@@ -172,6 +172,16 @@ def test_instance_norm(shape, dtype, path):
     assert err(ours[0], ref[0]) < tol and err(ours[1], ref[1]) < tol * ref[1].abs().max().item()
 
 
+def test_instance_norm_constant_channel_running_var():
+    """A constant instance has variance 0: the running variance stays exactly torch's (0 here),
+    never the negative value that recovering var from rstd (rstd^-2 - eps) would give."""
+    x = torch.full((2, 4, 8, 8), 1.0, device=DEVICE)
+    ours = [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)]
+    with normops.backend("triton"):
+        F.instance_norm(x, *ours, momentum=1.0, activation="relu")
+    assert torch.equal(ours[1], torch.zeros(4, device=DEVICE)) and torch.equal(ours[0], torch.ones(4, device=DEVICE))
+
+
 def test_instance_norm_module_train_then_eval():
     """nn.InstanceNorm2d with track_running_stats: train steps update the statistics, eval uses
     them (use_input_stats=False runs outside the group-norm kernels)."""
