@@ -102,11 +102,15 @@ GN_FWD_ONE_PASS_MAX_CHANNELS_LAST = 8192
 GN_BWD_ONE_PASS_MAX = 8192
 # Tile of the looped (split) kernels: 4K fp32 values over 8 warps, 16 a thread, as LOOP_BLOCK_N.
 GN_LOOP_TILE = 4096
-# channels_last tiles with few channels a group are tall (many positions of a few contiguous
-# channels): each element has its own address, and at 4K elements (and 8K in the one-pass
-# backward) the gelu backward spilled 8-24 bytes on sm_80 in the exhaustive AOT sweep. Half the
-# tile, 8 values a thread, took at most 117 registers and nothing spilled.
-GN_LOOP_TILE_CHANNELS_LAST = 2048
+# channels_last loop tiles are smaller and run at 4 warps. Their rows are a few contiguous
+# channels, every element with its own address, and ptxas held the 8-warp kernels to 80-128
+# registers: at 4K elements the gelu backward spilled 8-24 bytes on sm_80, at 2K the sums kernels
+# of 8x4x64 tiles 8 bytes (sm_80 and sm_90), at 2K and 4 warps the gelu sums kernel 8 bytes. At 1K
+# elements over 4 warps (8 a thread) no looped channels_last kernel spilled, any variant, over the
+# exhaustive grid (python -m normops.kernels.aot --exhaustive; at most 138 registers).
+GN_LOOP_TILE_CHANNELS_LAST = 1024
+GN_LOOP_WARPS_CHANNELS_LAST = 4
+# The channels_last one-pass backward stops at 4K: its 8K tiles (16 warps) spilled 8-16 bytes.
 GN_BWD_ONE_PASS_MAX_CHANNELS_LAST = 4096
 # A tile holds all of its groups' channels, and per-channel state (w, b, and the backward's two
 # sums) grows with them: at 2048 channels a group the looped backward spilled 8-16 bytes on sm_80
@@ -120,8 +124,9 @@ GN_MIN_ROW_CHANNELS = 32
 GN_MIN_TILE = 1024
 # At most this many chunks a group (past ~2 programs an SM per group block, more only adds partials).
 GN_MAX_SPLIT = 256
-# Every normalize program combines its groups' chunk partials, [block_g, split_block] at a time.
-GN_COMBINE_TILE = 1024
+# Every normalize program combines its groups' chunk partials, [block_g, split_block] at a time
+# (at 1024 a 16x64 combine spilled 8 bytes in the channels_last forward at 4 warps).
+GN_COMBINE_TILE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,4 +179,5 @@ class GroupNormConfig:
         chunk = -(-n_tiles // split) * block_s
         split = -(-s // chunk)
         split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // block_g))
-        return cls(block_g, block_cg, block_s, LOOP_WARPS, False, split, chunk, split_block)
+        warps = GN_LOOP_WARPS_CHANNELS_LAST if channels_last else LOOP_WARPS
+        return cls(block_g, block_cg, block_s, warps, False, split, chunk, split_block)
