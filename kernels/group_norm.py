@@ -21,8 +21,8 @@ groups to fill the GPU: a video VAE at N=1 has 32) each group's spatial axis is 
     forward    _group_norm_stats_kernel: (mean, M2) of each chunk; _group_norm_fwd_kernel: every
                program combines its groups' chunks with Chan's formula (never E[x^2] - E[x]^2),
                then normalizes its own chunk
-    backward   _group_norm_bwd_sums_kernel: a, b of each (sample, chunk, channel);
-               _group_norm_bwd_kernel: sums them per group, then writes dx
+    backward   _group_norm_bwd_sums_kernel: a, b of each (sample, chunk, channel), totalled over
+               the chunks by torch; _group_norm_bwd_kernel: sums them per group, then writes dx
 dw and db are the chunk partials summed in torch in a fixed order: deterministic, no atomics.
 
 Bytes moved, for x of T elements of e bytes:
@@ -254,7 +254,7 @@ def _group_norm_bwd_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
     W, B,              # [C] weight, bias
     MEAN, RSTD,        # [N, G] saved statistics
-    PART,              # [N, split, 2, C] per-channel a and b: read (split mode) or written (one pass)
+    PART,              # [N, 2, C] per-channel a and b: written (one pass), or read (split: the chunk sums' totals)
     DX,                # [N, C, *spatial] out, x's layout
     G, Cg, S, C, n_gblocks, split, chunk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
@@ -273,12 +273,9 @@ def _group_norm_bwd_kernel(
         tl.store(p, a_sum, mask=cmask)
         tl.store(p + C, b_sum, mask=cmask)
     else:
-        a_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
-        b_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
-        for i in range(0, split):  # every chunk's sums, in a fixed order
-            p = PART + (n.to(tl.int64) * split + i) * 2 * C + chan
-            a_sum += tl.load(p, mask=cmask, other=0.0)
-            b_sum += tl.load(p + C, mask=cmask, other=0.0)
+        p = PART + n.to(tl.int64) * 2 * C + chan  # the chunks' sums, totalled (in torch) per sample
+        a_sum = tl.load(p, mask=cmask, other=0.0)
+        b_sum = tl.load(p + C, mask=cmask, other=0.0)
     if WANT_DX:
         if HAS_W:
             a_sum = a_sum * tl.sum(w, 2)  # w[c] * a[n, c]: w is [BLOCK_G, BLOCK_CG, 1]
@@ -381,12 +378,15 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     b_arg = bias if bias is not None else rstd
     if not cfg.one_pass:
         _group_norm_bwd_sums_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, part, *geometry, **flags)
+    # [N, 2, C]: the chunks' sums totalled in a fixed order (deterministic), in one parallel reduction
+    # rather than chunk after chunk in every dx program
+    part = part.sum(1) if cfg.split > 1 else part[:, 0]
     if cfg.one_pass or want_dx:
         _group_norm_bwd_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, part, dx if dx is not None else rstd,
                                      *geometry, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
     if not (want_dw or want_db):
         return dx, None, None
-    sums = part.sum((0, 1))  # [2, C], a fixed-order reduction over samples and chunks: deterministic
+    sums = part.sum(0)  # [2, C], a fixed-order reduction over samples: deterministic
     dw = sums[0].to(weight.dtype) if want_dw else None
     db = sums[1].to(bias.dtype) if want_db else None
     if dw is not None and db is not None and dw.dtype == db.dtype == sums.dtype:
