@@ -7,12 +7,14 @@ checkpoint loads into these modules and back. The one addition is the keyword-on
 Keyword-only arguments of newer torch versions (``bias=`` on GroupNorm and the batch/instance
 norms) pass through to torch.
 """
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as F
+from .sync_batch_norm import sync_batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
-           "InstanceNorm3d", "LayerNorm", "RMSNorm"]
+           "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm"]
 
 
 class _Activation:
@@ -73,8 +75,8 @@ class _BatchNorm(_Activation):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._set_activation(activation)
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _plan(self):
+        """(momentum factor, running statistics to pass, batch statistics?, count this batch?)"""
         factor = 0.0 if self.momentum is None else self.momentum
         track = self.training and self.track_running_stats and self.num_batches_tracked is not None
         if track and self.momentum is None:  # cumulative moving average over the batches seen
@@ -82,8 +84,14 @@ class _BatchNorm(_Activation):
         # Batch statistics in training, and in eval when there are no running ones.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         stats = not self.training or self.track_running_stats
-        out = F.batch_norm(input, self.running_mean if stats else None, self.running_var if stats else None,
-                           self.weight, self.bias, bn_training, factor, self.eps, activation=self.activation)
+        running = (self.running_mean, self.running_var) if stats else (None, None)
+        return factor, running, bn_training, track
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor, running, bn_training, track = self._plan()
+        out = F.batch_norm(input, *running, self.weight, self.bias, bn_training, factor, self.eps,
+                           activation=self.activation)
         if track:
             self.num_batches_tracked.add_(1)
         return out
@@ -126,3 +134,66 @@ class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
 
 class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     __doc__ = nn.InstanceNorm3d.__doc__
+
+
+class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
+    """torch's SyncBatchNorm (same signature, buffers, ``state_dict`` and errors), for any backend
+    ``torch.distributed`` runs: gloo on CPU tensors as well as NCCL on CUDA ones (see
+    ``normops.sync_batch_norm``). In training with more than one rank the batch statistics cover
+    every rank's batch; otherwise it is BatchNorm. ``convert_sync_batchnorm`` converts torch's and
+    normops' BatchNorm modules, keeping a normops module's activation.
+
+    Unlike the other modules it is not a subclass of its torch twin: DistributedDataParallel
+    refuses ``torch.nn.SyncBatchNorm`` instances in CPU modules, which this one serves."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, activation=None, **kwargs):
+        nn.modules.batchnorm._BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                                                 device, dtype, **kwargs)
+        self.process_group = process_group
+        self._set_activation(activation)
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        factor, running, bn_training, track = self._plan()
+        group = None
+        if bn_training and self.training and dist.is_available() and dist.is_initialized():
+            group = self.process_group or dist.group.WORLD
+            if dist.get_world_size(group) == 1:
+                group = None
+        if group is None:
+            return super().forward(input)
+        out = sync_batch_norm(input, self.weight, self.bias, *running, self.eps, factor,
+                              F._activation(self.activation), group)
+        if track:
+            self.num_batches_tracked.add_(1)
+        return out
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Every BatchNorm*D under `module` (torch's or normops', not already a SyncBatchNorm)
+        replaced by a normops SyncBatchNorm sharing its parameters and buffers; returns the module
+        (the new one when `module` itself is a BatchNorm)."""
+        out = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group, activation=getattr(module, "activation", None))
+            if module.affine:
+                out.weight, out.bias = module.weight, module.bias
+            out.running_mean, out.running_var = module.running_mean, module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out

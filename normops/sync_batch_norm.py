@@ -1,0 +1,98 @@
+"""SyncBatchNorm: batch statistics over every rank of a ``torch.distributed`` process group.
+
+Forward, per channel: each rank computes (count, mean, M2) of its own batch, the ranks exchange
+them (one all_gather of a [3, C] tensor) and every rank combines them in rank order with Chan's
+formula, mean = sum(n_r mean_r) / n, M2 = sum(M2_r + n_r (mean_r - mean)^2): exact for uneven
+per-rank batches and for a rank with an empty one, and never E[x^2] - E[x]^2. Backward: the two
+per-channel sums sum(dz) and sum(dz * (x - mean)) are all-reduced, then
+    dx = (dz - sum(dz) / n - (x - mean) * rstd^2 * sum(dz (x - mean)) / n) * rstd * w
+The weight and bias gradients stay per rank (DistributedDataParallel reduces them), as in torch.
+Any backend and device torch.distributed supports: gloo on CPU tensors (which torch's own
+SyncBatchNorm refuses) and NCCL on CUDA ones. Statistics accumulate in fp32 (fp64 for fp64).
+"""
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .backends.torch_backend import activate, activation_backward
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel(t, x):
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, activation, group):
+        c = x.shape[1]
+        sd = _stat_dtype(x)
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.to(sd)
+        count = x.numel() // c
+        if count:
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        else:
+            var = mean = torch.zeros(c, dtype=sd, device=x.device)
+        local = torch.stack([torch.full_like(mean, count), mean, var * count])  # [3, C]: n, mean, M2
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        n_r, mean_r, m2_r = torch.stack(gathered).unbind(1)  # [ranks, C] each
+        n = n_r.sum(0)
+        total = int(n[0].item())
+        if total <= 1:  # every rank sees the same total, so every rank raises: no rank is left waiting
+            raise ValueError(f"Expected more than 1 value per channel when training, got {total} over all "
+                             f"ranks (input size on this rank {list(x.shape)})")
+        mean = (n_r * mean_r).sum(0) / n
+        m2 = (m2_r + n_r * (mean_r - mean).square()).sum(0)
+        rstd = torch.rsqrt(m2 / n + eps)
+        scale = rstd if weight is None else rstd * weight.to(sd)
+        z = (xf - _channel(mean, x)) * _channel(scale, x)
+        if bias is not None:
+            z = z + _channel(bias.to(sd), x)
+        y = activate(z.to(x.dtype), activation)
+        if running_mean is not None:  # after everything that can fail; unbiased variance, as torch
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((m2 / (n - 1)).to(running_var.dtype), alpha=momentum)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.cfg = (activation, group, total)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        activation, group, total = ctx.cfg
+        sd = mean.dtype
+        dims = [0] + list(range(2, x.dim()))
+        xmu = x.to(sd) - _channel(mean, x)
+        dz = dy
+        if activation != "none":  # the activation's input, rebuilt from x and the statistics
+            scale = rstd if weight is None else rstd * weight.to(sd)
+            z = xmu * _channel(scale, x)
+            if bias is not None:
+                z = z + _channel(bias.to(sd), x)
+            dz = activation_backward(dy, z.to(x.dtype), activation)
+        dz = dz.to(sd)
+        sums = torch.stack([dz.sum(dims), (dz * xmu).sum(dims)])  # this rank's, for dw/db below
+        both = sums.clone()
+        dist.all_reduce(both, group=group)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            w = rstd if weight is None else rstd * weight.to(sd)
+            dx = ((dz - _channel(both[0] / total, x) - xmu * _channel(rstd.square() * both[1] / total, x))
+                  * _channel(w, x)).to(x.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (sums[1] * rstd).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            db = sums[0].to(bias.dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def sync_batch_norm(input: Tensor, weight, bias, running_mean, running_var, eps, momentum, activation, group):
+    """Training-mode batch norm over every rank of `group` (statistics exchanged, then normalized);
+    running statistics, when given, are updated in place with the global ones."""
+    return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, float(eps), float(momentum),
+                                activation, group)

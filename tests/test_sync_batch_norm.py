@@ -1,0 +1,143 @@
+"""normops.nn.SyncBatchNorm on 2 CPU processes over gloo (torch's own refuses CPU tensors).
+
+Each rank normalizes its slice of one global batch, slices of uneven size and one of them empty;
+the outputs, input gradients, summed weight/bias gradients and running statistics must equal one
+process's BatchNorm on the whole batch. Float64, so the comparison is tight.
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import normops
+
+WORLD = 2
+C = 3
+# (rows of rank 0, rows of rank 1), activation, momentum
+CASES = [((3, 5), "relu", 0.1), ((4, 0), None, None), ((1, 2), "silu", 0.3)]
+
+
+def _global_batch(case):
+    g = torch.Generator().manual_seed(case)
+    n = sum(CASES[case][0])
+    x = 3 + 2 * torch.randn(n, C, 4, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, C, 4, 5, generator=g, dtype=torch.float64)
+    w = 1 + 0.5 * torch.randn(C, generator=g, dtype=torch.float64)
+    b = 0.5 * torch.randn(C, generator=g, dtype=torch.float64)
+    return x, dy, w, b
+
+
+def _module(cls, w, b, activation, momentum):
+    m = cls(C, momentum=momentum, activation=activation).double()
+    with torch.no_grad():
+        m.weight.copy_(w), m.bias.copy_(b)
+    return m
+
+
+def _step(m, x, dy, steps=2):
+    """Two training steps (running statistics move twice), then the output and grads of a third."""
+    for _ in range(steps):
+        m(x)
+    x = x.clone().requires_grad_()
+    y = m(x)
+    y.backward(dy)
+    return y.detach(), x.grad, m.weight.grad, m.bias.grad
+
+
+def _worker(rank, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for case, (rows, activation, momentum) in enumerate(CASES):
+            x, dy, w, b = _global_batch(case)
+            lo = sum(rows[:rank])
+            sl = slice(lo, lo + rows[rank])
+            m = _module(normops.nn.SyncBatchNorm, w, b, activation, momentum)
+            y, dx, dw, db = _step(m, x[sl], dy[sl])
+            dist.all_reduce(dw), dist.all_reduce(db)  # what DistributedDataParallel would sum
+            out[case] = (y, dx, dw, db, m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+        # under DistributedDataParallel: its gradient averaging on top of the synced statistics
+        x, dy, w, b = _global_batch(0)
+        rows = CASES[0][0]
+        lo = sum(rows[:rank])
+        net = torch.nn.Sequential(torch.nn.Conv2d(C, C, 1, bias=False).double(),
+                                  _module(normops.nn.SyncBatchNorm, w, b, "relu", 0.1))
+        torch.nn.init.eye_(net[0].weight.view(C, C))
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        ddp(x[lo:lo + rows[rank]]).backward(dy[lo:lo + rows[rank]])
+        out["ddp"] = net[1].weight.grad.clone()
+        # one value per channel over both ranks: every rank raises (none is left waiting) and the
+        # running statistics are untouched
+        m = normops.nn.SyncBatchNorm(C).double()
+        try:
+            m(torch.randn(1 - rank, C, dtype=torch.float64))
+        except ValueError as e:
+            out["error"] = (str(e), m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    with tempfile.TemporaryDirectory() as d:
+        results = mp.Manager().dict()
+        mp.spawn(_worker, args=(os.path.join(d, "init"), results), nprocs=WORLD, join=True)
+        return dict(results)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"rows{c[0]}-{c[1]}-momentum{c[2]}" for c in CASES])
+def test_matches_single_process(ranks, case):
+    rows, activation, momentum = CASES[case]
+    x, dy, w, b = _global_batch(case)
+    ref = _module(normops.nn.BatchNorm2d, w, b, activation, momentum)
+    y, dx, dw, db = _step(ref, x, dy)
+    got = [ranks[r][case] for r in range(WORLD)]
+    close = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat([g[0] for g in got]), y, **close)
+    torch.testing.assert_close(torch.cat([g[1] for g in got]), dx, **close)
+    for g in got:
+        torch.testing.assert_close(g[2], dw, **close)
+        torch.testing.assert_close(g[3], db, **close)
+        torch.testing.assert_close(g[4], ref.running_mean, **close)
+        torch.testing.assert_close(g[5], ref.running_var, **close)
+        assert g[6] == int(ref.num_batches_tracked) == 3
+
+
+def test_under_ddp(ranks):
+    """DDP averages the per-rank weight gradients: world size x that = the single-process sum."""
+    x, dy, w, b = _global_batch(0)
+    _, _, dw, _ = _step(_module(normops.nn.BatchNorm2d, w, b, "relu", 0.1), x, dy, steps=0)
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["ddp"] * WORLD, dw, rtol=1e-10, atol=1e-10)
+
+
+def test_single_process_is_batch_norm():
+    """Without an initialized process group (or in eval) it is BatchNorm; torch's state_dict keys."""
+    x = torch.randn(4, C, 5, 5)
+    m, ref = normops.nn.SyncBatchNorm(C), torch.nn.BatchNorm2d(C)
+    torch.testing.assert_close(m(x), ref(x))
+    assert list(m.state_dict()) == list(torch.nn.SyncBatchNorm(C).state_dict())
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        m(torch.randn(3))
+
+
+def test_convert_sync_batchnorm_keeps_state_and_activation():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, C, 1), torch.nn.BatchNorm2d(C),
+                              normops.nn.BatchNorm2d(C, activation="silu"))
+    old = net[1]
+    out = normops.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert out is net and isinstance(net[1], normops.nn.SyncBatchNorm) and isinstance(net[2], normops.nn.SyncBatchNorm)
+    assert net[1].weight is old.weight and net[1].running_mean is old.running_mean
+    assert net[1].activation is None and net[2].activation == "silu"
+
+
+def test_too_few_values_raise_on_every_rank(ranks):
+    for r in range(WORLD):
+        message, mean, var, tracked = ranks[r]["error"]
+        assert "Expected more than 1 value per channel when training, got 1 over all ranks" in message
+        assert torch.equal(mean, torch.zeros(C, dtype=torch.float64)) and torch.equal(var, torch.ones(C, dtype=torch.float64))
+        assert tracked == 0
