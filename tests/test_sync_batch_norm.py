@@ -69,6 +69,13 @@ def _worker(rank, init_file, results):
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         ddp(x[lo:lo + rows[rank]]).backward(dy[lo:lo + rows[rank]])
         out["ddp"] = net[1].weight.grad.clone()
+        # fp32, channels_last, uneven
+        x, dy, w, b = (t.float() for t in _global_batch(0))
+        lo = sum(rows[:rank])
+        sl = slice(lo, lo + rows[rank])
+        m = _module(normops.nn.SyncBatchNorm, w, b, "gelu", 0.1).float()
+        cl = torch.channels_last
+        out["fp32_cl"] = _step(m, x[sl].contiguous(memory_format=cl), dy[sl].contiguous(memory_format=cl))[:2]
         # one value per channel over both ranks: every rank raises (none is left waiting) and the
         # running statistics are untouched
         m = normops.nn.SyncBatchNorm(C).double()
@@ -141,3 +148,12 @@ def test_too_few_values_raise_on_every_rank(ranks):
         assert "Expected more than 1 value per channel when training, got 1 over all ranks" in message
         assert torch.equal(mean, torch.zeros(C, dtype=torch.float64)) and torch.equal(var, torch.ones(C, dtype=torch.float64))
         assert tracked == 0
+
+
+def test_fp32_channels_last(ranks):
+    x, dy, w, b = (t.float() for t in _global_batch(0))
+    y, dx, _, _ = _step(_module(normops.nn.BatchNorm2d, w, b, "gelu", 0.1).float(), x, dy)
+    got = [ranks[r]["fp32_cl"] for r in range(WORLD)]
+    assert all(g[0].is_contiguous(memory_format=torch.channels_last) for g in got)
+    torch.testing.assert_close(torch.cat([g[0] for g in got]), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([g[1] for g in got]), dx, rtol=1e-5, atol=1e-5)
