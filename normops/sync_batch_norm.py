@@ -8,7 +8,8 @@ per-channel sums sum(dz) and sum(dz * (x - mean)) are all-reduced, then
     dx = (dz - sum(dz) / n - (x - mean) * rstd^2 * sum(dz (x - mean)) / n) * rstd * w
 The weight and bias gradients stay per rank (DistributedDataParallel reduces them), as in torch.
 Any backend and device torch.distributed supports: gloo on CPU tensors (which torch's own
-SyncBatchNorm refuses) and NCCL on CUDA ones. Statistics accumulate in fp32 (fp64 for fp64).
+SyncBatchNorm refuses) and NCCL on CUDA ones. Statistics accumulate in fp32 (fp64 for fp64) and are
+exchanged and combined in fp64.
 """
 import torch
 import torch.distributed as dist
@@ -37,7 +38,8 @@ class _SyncBatchNorm(torch.autograd.Function):
             var, mean = torch.var_mean(xf, dim=dims, correction=0)
         else:
             var = mean = torch.zeros(c, dtype=sd, device=x.device)
-        local = torch.stack([torch.full_like(mean, count), mean, var * count])  # [3, C]: n, mean, M2
+        # [3, C]: n, mean, M2, exchanged and combined in fp64 (counts past 2^24 stay exact)
+        local = torch.stack([torch.full_like(mean, count), mean, var * count]).double()
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
         n_r, mean_r, m2_r = torch.stack(gathered).unbind(1)  # [ranks, C] each
@@ -46,9 +48,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         if total <= 1:  # every rank sees the same total, so every rank raises: no rank is left waiting
             raise ValueError(f"Expected more than 1 value per channel when training, got {total} over all "
                              f"ranks (input size on this rank {list(x.shape)})")
-        mean = (n_r * mean_r).sum(0) / n
-        m2 = (m2_r + n_r * (mean_r - mean).square()).sum(0)
-        rstd = torch.rsqrt(m2 / n + eps)
+        mean64 = (n_r * mean_r).sum(0) / n
+        m2 = (m2_r + n_r * (mean_r - mean64).square()).sum(0)
+        mean, rstd = mean64.to(sd), torch.rsqrt(m2 / n + eps).to(sd)
         scale = rstd if weight is None else rstd * weight.to(sd)
         z = (xf - _channel(mean, x)) * _channel(scale, x)
         if bias is not None:
