@@ -38,3 +38,8 @@ def acc_type(dtype):
 def stat_dtype(dtype):
     """Statistics and partial sums in torch: fp64 for fp64 input, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dense(t):
+    """Weight and bias are read with unit stride (None stays None)."""
+    return None if t is None else t.contiguous()

@@ -39,7 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, stat_dtype
+from normops.backends.torch_backend import memory_format_of
+
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
 
 
@@ -298,16 +300,6 @@ def _group_norm_bwd_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def layout_of(x):
-    """(memory format, channels_last?) of x: channels_last(_3d) when x is dense in it (and not
-    also plain contiguous), else contiguous; the kernels read either in place."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last, True
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d, True
-    return torch.contiguous_format, False
-
-
 def supported(x, num_groups):
     """Whether these kernels take x: the per-sample offsets are int32 and a group's channels must
     fit in one tile row (kernels/config.py)."""
@@ -328,10 +320,10 @@ def _grid(cfg, n, groups):
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, config=None):
     """The triton backend's group_norm forward (contract: normops/backends/__init__.py).
     `config` overrides the heuristic (tests use it to force the split path at small shapes)."""
-    fmt, channels_last = layout_of(x)
+    fmt = memory_format_of(x)  # channels_last(_3d) when x is dense in it: read in place
+    channels_last = fmt != torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    weight = None if weight is None else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    weight, bias = dense(weight), dense(bias)
     n, c, s, g = _geometry(x, num_groups)
     cfg = config or GroupNormConfig.forward(n, c, s, g, channels_last, programs_per_wave(x.device, LOOP_WARPS))
     n_gblocks, grid = _grid(cfg, n, g)
@@ -356,10 +348,10 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, con
 
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask, config=None):
     """The triton backend's group_norm backward (contract: normops/backends/__init__.py)."""
-    fmt, channels_last = layout_of(x)
+    fmt = memory_format_of(x)
+    channels_last = fmt != torch.contiguous_format
     x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
-    weight = None if weight is None else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    weight, bias = dense(weight), dense(bias)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     want_dx = output_mask[0]
     want_dw = output_mask[1] and weight is not None

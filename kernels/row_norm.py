@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, stat_dtype
 from .config import RowNormConfig, programs_per_wave
 
 @triton.jit
@@ -309,14 +309,9 @@ def _rows_pair(a, b, k):
     return av, bv, inner, (sa_o, sa_i), (sb_o, sb_i)
 
 
-def _dense(t):
-    """weight/bias are read with unit stride."""
-    return None if t is None else t.contiguous()
-
-
 def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
     """The triton backend's row_norm forward (contract: normops/backends/__init__.py)."""
-    weight, bias = _dense(weight), _dense(bias)
+    weight, bias = dense(weight), dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
     m = x.numel() // n
@@ -342,7 +337,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
     """The triton backend's row_norm backward (contract: normops/backends/__init__.py)."""
-    weight, bias = _dense(weight), _dense(bias)
+    weight, bias = dense(weight), dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
     m = x.numel() // n

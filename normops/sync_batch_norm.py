@@ -15,22 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends.torch_backend import activate, activation_backward
-
-
-def _stat_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _channel(t, x):
-    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+from .backends.torch_backend import _channel_view
+from .backends.torch_backend import activate, activation_backward, stat_dtype
 
 
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, activation, group):
         c = x.shape[1]
-        sd = _stat_dtype(x)
+        sd = stat_dtype(x)
         dims = [0] + list(range(2, x.dim()))
         xf = x.to(sd)
         count = x.numel() // c
@@ -52,9 +45,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         m2 = (m2_r + n_r * (mean_r - mean64).square()).sum(0)
         mean, rstd = mean64.to(sd), torch.rsqrt(m2 / n + eps).to(sd)
         scale = rstd if weight is None else rstd * weight.to(sd)
-        z = (xf - _channel(mean, x)) * _channel(scale, x)
+        z = (xf - _channel_view(mean, x)) * _channel_view(scale, x)
         if bias is not None:
-            z = z + _channel(bias.to(sd), x)
+            z = z + _channel_view(bias.to(sd), x)
         y = activate(z.to(x.dtype), activation)
         if running_mean is not None:  # after everything that can fail; unbiased variance, as torch
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
@@ -69,13 +62,13 @@ class _SyncBatchNorm(torch.autograd.Function):
         activation, group, total = ctx.cfg
         sd = mean.dtype
         dims = [0] + list(range(2, x.dim()))
-        xmu = x.to(sd) - _channel(mean, x)
+        xmu = x.to(sd) - _channel_view(mean, x)
         dz = dy
         if activation != "none":  # the activation's input, rebuilt from x and the statistics
             scale = rstd if weight is None else rstd * weight.to(sd)
-            z = xmu * _channel(scale, x)
+            z = xmu * _channel_view(scale, x)
             if bias is not None:
-                z = z + _channel(bias.to(sd), x)
+                z = z + _channel_view(bias.to(sd), x)
             dz = activation_backward(dy, z.to(x.dtype), activation)
         dz = dz.to(sd)
         sums = torch.stack([dz.sum(dims), (dz * xmu).sum(dims)])  # this rank's, for dw/db below
@@ -84,8 +77,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             w = rstd if weight is None else rstd * weight.to(sd)
-            dx = ((dz - _channel(both[0] / total, x) - xmu * _channel(rstd.square() * both[1] / total, x))
-                  * _channel(w, x)).to(x.dtype)
+            dx = ((dz - _channel_view(both[0] / total, x) - xmu * _channel_view(rstd.square() * both[1] / total, x))
+                  * _channel_view(w, x)).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             dw = (sums[1] * rstd).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:

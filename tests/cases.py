@@ -5,6 +5,8 @@ float64 reference may be at most twice the error of torch's own same-dtype resul
 atol. Torch's error is the honest yardstick: the inputs and outputs are rounded to the dtype, so
 no implementation can do much better, and one that does much worse has a real bug.
 """
+import contextlib
+
 import torch
 from torch.nn import functional as TF
 
@@ -48,6 +50,35 @@ def params(c, dtype, seed=1):
     w = (1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
     b = (0.5 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
     return w, b
+
+
+@contextlib.contextmanager
+def layout_copies():
+    """The shapes of the tensors that ``Tensor.contiguous`` really copied inside the block (a call
+    on a tensor already in the asked layout is a no-op and is not counted)."""
+    copies = []
+    real = torch.Tensor.contiguous
+
+    def counting(t, *args, **kwargs):
+        out = real(t, *args, **kwargs)
+        if out.data_ptr() != t.data_ptr():
+            copies.append(tuple(t.shape))
+        return out
+
+    torch.Tensor.contiguous = counting
+    try:
+        yield copies
+    finally:
+        torch.Tensor.contiguous = real
+
+
+def argparse_rejects(main, argv):
+    """main(argv) stops in argument parsing with argparse's usage-error exit status, 2."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code == 2
+    return False
 
 
 def err(a, ref):

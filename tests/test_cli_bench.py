@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from cases import argparse_rejects
 from normops import bench, cli
 
 QUICK = ["bench", "--quick", "--device", "cpu", "--op", "layer_norm", "--op", "group_norm"]
@@ -150,15 +151,9 @@ def test_error_is_reported_and_run_continues(capsys, tmp_path, monkeypatch):
 
 
 def test_usage_errors(capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--op", "no_such_norm"])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--pass", "sideways"])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--reps", "0"])
-    assert e.value.code == 2
+    assert argparse_rejects(cli.main, ["bench", "--op", "no_such_norm"])
+    assert argparse_rejects(cli.main, ["bench", "--pass", "sideways"])
+    assert argparse_rejects(cli.main, ["bench", "--reps", "0"])
     assert cli.main([*QUICK, "--json", str(tmp_path / "missing" / "b.json")]) == 2
     assert "no such directory" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import normops  # noqa: E402
-from cases import GROUP_SHAPES, F, TF, assert_close_to_reference, err, make, params  # noqa: E402
+from cases import GROUP_SHAPES, F, TF, assert_close_to_reference, err, layout_copies, make, params  # noqa: E402
 from normops.backends import numpy_backend  # noqa: E402
 from normops.kernels import config  # noqa: E402
 from normops.kernels import group_norm as kernels  # noqa: E402
@@ -61,26 +61,15 @@ def test_parity(shape, groups, dtype, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,groups", [((2, 6, 5, 3), 3), ((2, 64, 4, 4), 32), ((3, 5, 4, 3), 5),
                                           ((2, 6, 2, 3, 3), 2), ((2, 8, 3, 2, 5), 8)], ids=str)
-def test_channels_last(shape, groups, dtype, path, monkeypatch):
+def test_channels_last(shape, groups, dtype, path):
     """channels_last(_3d) is read and written in place, and the output and dx keep the layout."""
     fmt = FORMATS[len(shape)]
     x = _on(make(shape, dtype), fmt)
     w, b = (_on(t) for t in params((shape[1],), dtype))
-    copies = []
-    real_contiguous = torch.Tensor.contiguous
-
-    def counting_contiguous(t, *args, **kwargs):
-        out = real_contiguous(t, *args, **kwargs)
-        if out.data_ptr() != t.data_ptr():
-            copies.append(tuple(t.shape))
-        return out
-
     dy = torch.randn(shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
-    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
-    with normops.backend("triton"):
+    with layout_copies() as copies, normops.backend("triton"):
         y = F.group_norm(x, groups, w, b, activation="silu")
         dx, = torch.autograd.grad(y, x, dy)
-    monkeypatch.setattr(torch.Tensor, "contiguous", real_contiguous)
     assert not copies, f"layout copies: {copies}"
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
     assert_close_to_reference(*_group_norm(groups, "silu"), [x, w, b], "triton", dtype)

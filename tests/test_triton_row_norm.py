@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import normops  # noqa: E402
-from cases import ATOL, F, TF, assert_close_to_reference, err, make, params  # noqa: E402
+from cases import ATOL, F, TF, assert_close_to_reference, err, layout_copies, make, params  # noqa: E402
 from normops.backends import numpy_backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -97,7 +97,7 @@ def test_residual(rms, width, dtype):
 
 
 @pytest.mark.parametrize("layout", ["row_slice", "batch_transposed", "three_batch_dims", "last_dim_strided"])
-def test_strided_inputs(layout, monkeypatch):
+def test_strided_inputs(layout):
     """Rows with any row stride are read in place; only a non-contiguous last dim is copied."""
     base = make((4, 6, 50), torch.float32, requires_grad=False).to(DEVICE)
     x = {"row_slice": base[:, :, 3:40],                      # rows of 37 with row stride 50
@@ -107,19 +107,8 @@ def test_strided_inputs(layout, monkeypatch):
     x.requires_grad_()
     n = x.shape[-1]
     w, b = (t.to(DEVICE) for t in params((n,), torch.float32))
-    copies = []
-    real_contiguous = torch.Tensor.contiguous
-
-    def counting_contiguous(t, *args, **kwargs):
-        out = real_contiguous(t, *args, **kwargs)
-        if out.data_ptr() != t.data_ptr():  # a real copy, not the no-op on a contiguous tensor
-            copies.append(tuple(t.shape))
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
-    with normops.backend("triton"):
+    with layout_copies() as copies, normops.backend("triton"):
         y = F.layer_norm(x, [n], w, b)
-    monkeypatch.undo()
     torch.testing.assert_close(y, TF.layer_norm(x, [n], w, b), rtol=1e-5, atol=1e-5)
     assert bool(copies) == (layout == "last_dim_strided"), f"copies: {copies}"
     assert_close_to_reference(lambda x, w, b: F.layer_norm(x, [n], w, b),
