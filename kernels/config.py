@@ -181,3 +181,92 @@ class GroupNormConfig:
         split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // block_g))
         warps = GN_LOOP_WARPS_CHANNELS_LAST if channels_last else LOOP_WARPS
         return cls(block_g, block_cg, block_s, warps, False, split, chunk, split_block)
+
+
+# --- BatchNorm -------------------------------------------------------------------------------
+
+# A program's tile is [block_n samples (or rows), block_c channels, block_s positions] of the
+# (N', C, S') view of kernels/batch_norm.py; it reduces over the first and last axes.
+# A channel block's whole reduction up to these many tile elements stays in registers (one read of
+# x forward, of x and dy backward): the row norms' one-pass budgets.
+BN_FWD_ONE_PASS_MAX = 16384
+BN_BWD_ONE_PASS_MAX = 8192
+# Tile of the looped (split) kernels: 4K fp32 values over 8 warps, 16 a thread, as LOOP_BLOCK_N.
+BN_LOOP_TILE = 4096
+# Rows of the (N * S, C) channels_last view span this many channels: 128 contiguous bytes at bf16.
+BN_ROW_CHANNELS = 64
+# NCHW tiles take channels until a sample's part of the tile is at least this many contiguous
+# elements (a channel's positions are contiguous, its neighbour's follow): 512 bytes at bf16.
+BN_MIN_RUN = 256
+# NCHW position blocks are powers of two; the largest one that pads S by at most 1/8 is taken
+# (S = 12544 = 112 x 112: 1024, 13 blocks, 6% idle lanes; 4096 would leave 23% idle), none below 64.
+BN_MIN_BLOCK_S = 64
+# At most this many chunks a channel block: the finalize kernel combines them ([split, 3, C] partials).
+BN_MAX_SPLIT = 1024
+# The finalize kernel combines [BN_FINALIZE_SPLIT chunks, BN_FINALIZE_C channels] at a time.
+BN_FINALIZE_SPLIT = 64
+BN_FINALIZE_C = 32
+
+
+def _position_block(s, cap):
+    """The position block of an NCHW tile (see BN_MIN_BLOCK_S)."""
+    best = top = min(next_pow2(s), cap)
+    candidates = []
+    while top >= min(next_pow2(s), BN_MIN_BLOCK_S):
+        candidates.append(top)
+        top //= 2
+    padded = lambda b: -(-s // b) * b  # noqa: E731
+    for b in candidates:
+        if padded(b) * 8 <= s * 9:
+            return b
+    return min(candidates, key=padded) if candidates else best
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+    """Launch settings of the BatchNorm kernels for one (N', C, S') view (kernels/batch_norm.py).
+
+    block_n x block_c x block_s: the tile; one_pass: a channel block's whole N' x S' is one tile
+    and stays in registers (training only: eval has no reduction in the forward). Otherwise the
+    tiles of each channel block are cut into `split` chunks of `chunk` tiles, so that channel blocks
+    x chunks fill the GPU: partial statistics per chunk, combined by the finalize kernel
+    [finalize_split x finalize_c at a time], then a normalize pass. num_warps: warps per program.
+    """
+    block_n: int
+    block_c: int
+    block_s: int
+    num_warps: int
+    one_pass: bool
+    split: int
+    chunk: int
+    finalize_split: int = 1
+    finalize_c: int = 1
+
+    @classmethod
+    def forward(cls, n, c, s, training, programs):
+        return cls._make(n, c, s, programs, BN_FWD_ONE_PASS_MAX if training else 0, 256)
+
+    @classmethod
+    def backward(cls, n, c, s, training, programs):
+        return cls._make(n, c, s, programs, BN_BWD_ONE_PASS_MAX, 512)
+
+    @classmethod
+    def _make(cls, n, c, s, programs, one_pass_max, per_warp):
+        if s == 1:
+            block_c, block_s = min(next_pow2(c), BN_ROW_CHANNELS), 1
+        else:
+            block_s = _position_block(s, BN_LOOP_TILE)
+            block_c = min(next_pow2(c), max(1, BN_MIN_RUN // block_s))
+        tile = next_pow2(n) * block_c * next_pow2(s)
+        if tile <= one_pass_max:
+            return cls(next_pow2(n), block_c, next_pow2(s), _warps(tile, per_warp), True, 1, 1)
+        block_n = max(1, min(next_pow2(n), BN_LOOP_TILE // (block_c * block_s)))
+        tiles = -(-n // block_n) * -(-s // block_s)
+        c_blocks = -(-c // block_c)
+        # Programs do equal work, so they are sized for one wave: past `programs`, a second wave
+        # that is partly empty would cost as much as a full one.
+        split = max(1, min(tiles, BN_MAX_SPLIT, programs // c_blocks))
+        chunk = -(-tiles // split)
+        split = -(-tiles // chunk)
+        return cls(block_n, block_c, block_s, LOOP_WARPS, False, split, chunk,
+                   min(next_pow2(split), BN_FINALIZE_SPLIT), min(next_pow2(c), BN_FINALIZE_C))

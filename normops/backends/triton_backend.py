@@ -7,6 +7,7 @@ Triton's interpreter, which is how the kernels are tested without a GPU (the var
 before this module is first imported: ``triton.jit`` reads it then).
 """
 try:
+    from normops.kernels import batch_norm as _batch_norm
     from normops.kernels import group_norm as _group_norm
     from normops.kernels.row_norm import row_norm_bwd, row_norm_fwd  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the installation
@@ -14,12 +15,10 @@ except ImportError as e:  # pragma: no cover - depends on the installation
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
 from . import torch_backend  # noqa: E402
-from .torch_backend import batch_norm_bwd, batch_norm_fwd  # noqa: F401,E402  (no Triton kernel yet: ATen's)
 
 # Families without a Triton kernel yet: their plain fp32/fp64 eager calls go straight to ATen's
-# norm, as on the torch backend (see normops.library.aten_direct). Remove a family when its kernel
-# lands.
-NATIVE = frozenset({"batch_norm"})
+# norm, as on the torch backend (see normops.library.aten_direct). Every family has one now.
+NATIVE = frozenset()
 
 
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
@@ -32,3 +31,18 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     if not _group_norm.supported(x, num_groups):
         return torch_backend.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
     return _group_norm.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
+
+
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
+    if not _batch_norm.supported(x):  # empty, or a sample too large for int32 offsets in a tile
+        return torch_backend.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
+    return _batch_norm.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
+
+
+def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training, eps,
+                   activation, output_mask):
+    if not _batch_norm.supported(x):
+        return torch_backend.batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
+                                            training, eps, activation, output_mask)
+    return _batch_norm.batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
+                                      training, eps, activation, output_mask)
