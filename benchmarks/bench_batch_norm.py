@@ -1,8 +1,9 @@
-"""BatchNorm and BatchNorm + ReLU in training mode (batch statistics, running statistics updated).
+"""BatchNorm and BatchNorm + ReLU in training mode (batch statistics, running statistics updated),
+and BatchNorm in inference (running statistics).
 
 Cases and timing: benchmarks/conftest.py; ops, providers and the bytes model: normops.bench.
 """
-OPS = ("batch_norm", "batch_norm+relu")
+OPS = ("batch_norm", "batch_norm+relu", "batch_norm_eval")
 
 # ResNet-50 training at batch 256 (224x224 ImageNet): the stem's 64 channels at 112x112, the
 # first stage's 256 channels at 56x56, and the last stage's 2048 channels at 7x7 (few elements per

@@ -38,6 +38,7 @@ Bytes moved, for x of T elements of e bytes (per-channel vectors are negligible)
     backward           one pass: read x, dy, write dx: 3*T*e;  split: + a second read of x, dy: 5*T*e
                        (eval without dw/db: 3*T*e)
 """
+import functools
 import math
 
 import torch
@@ -83,12 +84,14 @@ def _sum(t):
 
 
 @triton.jit
-def _mean(x, mask, count):
-    """Per-channel mean of a tile, corrected once: sum(x) / count rounds at the magnitude of the
-    sum (x = 1e4 + randn: an error of ~1e-3 in the mean, which the backward's x_hat inherits), and
-    the mean of the residuals x - mean, small numbers, takes that error back out."""
+def _center(x, mask, count):
+    """Per-channel mean of a tile and the tile minus it (zero outside the mask). sum(x) / count
+    rounds at the magnitude of the sum (x = 1e4 + randn: ~1e-3 off, which the backward's x_hat
+    would inherit); the mean of the residuals, small numbers, takes that error back out."""
     mean = _sum(x) / count
-    return mean + _sum(tl.where(mask, x - _bcast(mean), 0.0)) / count
+    xc = tl.where(mask, x - _bcast(mean), 0.0)
+    shift = _sum(xc) / count
+    return mean + shift, tl.where(mask, xc - _bcast(shift), 0.0)
 
 
 @triton.jit
@@ -139,8 +142,7 @@ def _batch_norm_stats_kernel(
         base, offs, mask, n_b = _tile(t, s_tiles, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
         x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
         n_b = n_b.to(ACC)
-        mean_b = _mean(x, mask, n_b)
-        d = tl.where(mask, x - _bcast(mean_b), 0.0)
+        mean_b, d = _center(x, mask, n_b)
         total = count + n_b
         delta = mean_b - mean
         mean += delta * (n_b / total)
@@ -201,8 +203,7 @@ def _batch_norm_fwd_kernel(
         ci = c0 + tl.arange(0, BLOCK_C)
         base, offs, mask, count = _tile(0, 1, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
         x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
-        mean = _mean(x, mask, count)
-        xc = tl.where(mask, x - _bcast(mean), 0.0)
+        mean, xc = _center(x, mask, count)
         m2 = _sum(xc * xc)
         rstd = 1.0 / tl.sqrt(m2 / count + eps)
         tl.store(MEAN + ci, mean, mask=ci < C)
@@ -328,11 +329,14 @@ def _geometry(x):
 
 
 def supported(x):
-    """Whether these kernels take x: not empty, and the offsets inside any tile they may use,
-    up to block_n * C * S', fit int32 (the tile's start is int64)."""
-    if x.numel() == 0:
-        return False
-    n, c, s = _geometry(x)
+    """Whether these kernels take x: not empty, and the offsets inside any tile they may use fit int32."""
+    return x.numel() > 0 and _offsets_fit(*_geometry(x))
+
+
+@functools.lru_cache(maxsize=1024)
+def _offsets_fit(n, c, s):
+    """A tile's offsets from its int64 start reach block_n * C * S'; block_n does not depend on
+    the program count."""
     return all(cfg.block_n * c * s < 2**31 for training in (False, True) for cfg in
                (BatchNormConfig.forward(n, c, s, training, 1), BatchNormConfig.backward(n, c, s, training, 1)))
 

@@ -188,11 +188,19 @@ class GroupNormConfig:
 # A program's tile is [block_n samples (or rows), block_c channels, block_s positions] of the
 # (N', C, S') view of kernels/batch_norm.py; it reduces over the first and last axes.
 # A channel block's whole reduction up to these many tile elements stays in registers (one read of
-# x forward, of x and dy backward): the row norms' one-pass budgets.
-BN_FWD_ONE_PASS_MAX = 16384
+# x forward, of x and dy backward). The forward stops at 8K, half the row norms' budget: its 16K
+# tiles reached ptxas' 128-register cap at 16 warps, and with a position axis not a multiple of 16
+# (no vector loads: every element has its own address) spilled 8 bytes (256x1x64, gelu, sm_90).
+# Its warps: one per 1024 elements (8 at 8K, 32 values a thread): at 16 warps the 8K gelu forward
+# spilled 8 bytes under triton 3.6 (sm_80, 64 registers); at 8, 128 registers and no spill.
+BN_FWD_ONE_PASS_MAX = 8192
+BN_FWD_ELEMENTS_PER_WARP = 1024
 BN_BWD_ONE_PASS_MAX = 8192
-# Tile of the looped (split) kernels: 4K fp32 values over 8 warps, 16 a thread, as LOOP_BLOCK_N.
-BN_LOOP_TILE = 4096
+# Tile of the looped (split) kernels: 2K values over 8 warps, 8 a thread (16 bytes of bf16: one
+# vector load). At 4K, as the other families' loops, triton 3.6's ptxas spilled 8 bytes in the
+# backward sums (sm_80, 64-80 registers) and the fp32 dx kernel (sm_90, 48 registers); at 2K none
+# spilled under triton 3.6 or 3.9.
+BN_LOOP_TILE = 2048
 # Rows of the (N * S, C) channels_last view span this many channels: 128 contiguous bytes at bf16.
 BN_ROW_CHANNELS = 64
 # NCHW tiles take channels until a sample's part of the tile is at least this many contiguous
@@ -244,7 +252,7 @@ class BatchNormConfig:
 
     @classmethod
     def forward(cls, n, c, s, training, programs):
-        return cls._make(n, c, s, programs, BN_FWD_ONE_PASS_MAX if training else 0, 256)
+        return cls._make(n, c, s, programs, BN_FWD_ONE_PASS_MAX if training else 0, BN_FWD_ELEMENTS_PER_WARP)
 
     @classmethod
     def backward(cls, n, c, s, training, programs):
@@ -268,5 +276,11 @@ class BatchNormConfig:
         split = max(1, min(tiles, BN_MAX_SPLIT, programs // c_blocks))
         chunk = -(-tiles // split)
         split = -(-tiles // chunk)
-        return cls(block_n, block_c, block_s, LOOP_WARPS, False, split, chunk,
+        warps = max(1, min(LOOP_WARPS, block_n * block_c * block_s // 256))  # 8 values a thread
+        if s > 1 and s % 16:
+            # Positions not a multiple of 16 (7x7, 14x14) get no vector loads, and every element
+            # its own 64-bit address: 4 values a thread. At 8, triton 3.6's ptxas spilled 8 bytes in
+            # the 8x4x64 statistics kernel (sm_90, 64 registers); at 16 warps, 62 and no spill.
+            warps *= 2
+        return cls(block_n, block_c, block_s, warps, False, split, chunk,
                    min(next_pow2(split), BN_FINALIZE_SPLIT), min(next_pow2(c), BN_FINALIZE_C))

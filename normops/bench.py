@@ -103,6 +103,11 @@ OPS = {op.name: op for op in [
     Op("batch_norm+relu", "batch_norm", _bn_inputs,
        lambda t: F.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True, activation="relu"),
        lambda t: TF.relu(TF.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], True)), 2, 1, 4, 1),
+    # Inference: the running statistics normalize, one elementwise pass (backward: dx, dw, db
+    # read dy and x once).
+    Op("batch_norm_eval", "batch_norm", _bn_inputs,
+       lambda t: F.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], False),
+       lambda t: TF.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], False), 1, 1, 2, 1),
 ]}
 
 

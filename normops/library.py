@@ -73,8 +73,8 @@ def aten_direct(family, x, activation, *params):
     """True when normops has nothing to add to ATen's own autograd-aware norm (torch.layer_norm,
     torch.batch_norm...), which ``normops.functional`` then calls: a plain eager call, no fused
     activation, a non-empty fp32/fp64 input with parameters of its dtype, on a backend whose
-    ``family`` kernel is ATen's (``NATIVE`` in the backend module: the torch backend, and the triton
-    backend until that family's kernel lands). For fp16/bf16, ATen's CPU kernels save statistics in
+    ``family`` kernel is ATen's (``NATIVE`` in the backend module: every family on the torch
+    backend, none on the triton backend). For fp16/bf16, ATen's CPU kernels save statistics in
     the input dtype, so those take the op path, which keeps them fp32. Skipping the ops' Python
     autograd saves ~60 us a forward+backward."""
     return (activation == "none" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0

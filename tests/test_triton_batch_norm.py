@@ -229,7 +229,7 @@ def test_split_heuristic_without_patching():
     """With the real limits: 4 x 5120 values a channel do not fit one tile, and two channels
     split over the CPU interpreter's 4 programs; the result still equals torch."""
     cfg = config.BatchNormConfig.forward(4, 2, 64 * 80, True, 4)
-    assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk) == (4, 1024, 2, 3)
+    assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk) == (2, 1024, 2, 5)
     x = _on(make((4, 2, 64, 80), torch.float32))
     w, b = (_on(t) for t in params((2,), torch.float32))
     assert_close_to_reference(*_batch_norm(True, activation="relu"), [x, w, b], "triton", torch.float32)
@@ -244,8 +244,10 @@ def test_position_blocks():
     assert config._position_block(5, 4096) == 8
 
 
-def test_empty_batch_falls_back_to_torch():
-    """An empty batch has no tile: the torch backend's code runs, and gives torch's empty result."""
+def test_fallbacks_to_torch():
+    """An empty batch has no tile, and a sample of 2**31 elements or more overflows a tile's int32
+    offsets: the torch backend's code runs those (here: the empty one, with torch's empty result)."""
+    assert not kernels._offsets_fit(1, 3, 2**30) and kernels._offsets_fit(2**20, 4096, 1)
     x = torch.randn(0, 3, 4, device=DEVICE)
     assert not kernels.supported(x) and kernels.supported(torch.randn(2, 3, 4))
     rm, rv = _running(3)

@@ -3,8 +3,8 @@
 | backend  | device                          | what it is                                                   |
 |----------|---------------------------------|--------------------------------------------------------------|
 | "torch"  | CPU default (and any device)    | ATen's native norm kernels, fused extras composed around them |
-| "triton" | CUDA default; CPU with          | normops' Triton kernels (row and group norms today); batch   |
-|          | ``TRITON_INTERPRET=1``          | norm, without a kernel yet, runs the torch backend's code     |
+| "triton" | CUDA default; CPU with          | normops' Triton kernels (row, group and batch norms)          |
+|          | ``TRITON_INTERPRET=1``          |                                                              |
 | "numpy"  | any (copies to host)            | from-scratch float64 reference, the test oracle               |
 
 Choose one with ``normops.set_backend(name)``, ``with normops.backend(name):`` or the

@@ -1,8 +1,8 @@
 """The "triton" backend: normops' Triton kernels (``normops.kernels``), the CUDA default.
 
-Each function of the backend contract (see ``normops/backends/__init__.py``) that has a Triton
-kernel launches it; every other one is the torch backend's, so the backend is complete while the
-kernels land one family at a time. On CPU tensors it runs only under ``TRITON_INTERPRET=1``,
+Each function of the backend contract (see ``normops/backends/__init__.py``) launches the Triton
+kernels of its family, except for the inputs they do not take (see each ``supported``), which run
+the torch backend's code. On CPU tensors it runs only under ``TRITON_INTERPRET=1``,
 Triton's interpreter, which is how the kernels are tested without a GPU (the variable must be set
 before this module is first imported: ``triton.jit`` reads it then).
 """
@@ -16,8 +16,8 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from . import torch_backend  # noqa: E402
 
-# Families without a Triton kernel yet: their plain fp32/fp64 eager calls go straight to ATen's
-# norm, as on the torch backend (see normops.library.aten_direct). Every family has one now.
+# Families whose plain fp32/fp64 eager calls go straight to ATen's norm (normops.library.aten_direct):
+# none, every family has its Triton kernels.
 NATIVE = frozenset()
 
 
