@@ -10,15 +10,17 @@ setup(
     python_requires=">=3.10",
     # kernels/ holds the Triton kernels; it installs as normops.kernels (the import name
     # `kernels` is taken on PyPI).
-    packages=["normops", "normops.backends", "normops.kernels"],
+    packages=["normops", "normops.backends", "normops.kernels", "normops.lessons", "normops.models"],
     package_dir={"normops": "normops", "normops.kernels": "kernels"},
     # torch is not pinned here: pinning would make pip replace a working CUDA torch.
     # triton is optional: only the "triton" backend imports it.
     install_requires=["torch>=2.5", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "transformers", "triton", "pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "hypothesis", "transformers", "triton", "pytest-benchmark", "matplotlib", "scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib"],
+        # the practical models and the lessons (normops models, normops demo): the digits dataset, plots
+        "models": ["scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["normops=normops.cli:main"]},
 )

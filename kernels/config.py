@@ -196,6 +196,13 @@ class GroupNormConfig:
 BN_FWD_ONE_PASS_MAX = 8192
 BN_FWD_ELEMENTS_PER_WARP = 1024
 BN_BWD_ONE_PASS_MAX = 8192
+# Positions not a multiple of 16 (2, 7x7, 14x14) get no vector loads, and every element its own
+# 64-bit address, which costs registers: one-pass tiles stop at 4K, one warp per 128 elements (4
+# values a thread, 8 at 4K and 16 warps). At 8K the gelu kernels spilled 8-88 bytes (4096x1x2
+# forward at 8 warps, sm_80, triton 3.9; 32x128x2 and 32x32x8, 8 and 16 warps, triton 3.6); at one
+# warp per 256, the 8x128x2 eval backward still spilled 8 bytes under triton 3.6 (sm_90, 8 warps).
+BN_UNALIGNED_ONE_PASS_MAX = 4096
+BN_UNALIGNED_ELEMENTS_PER_WARP = 128
 # Tile of the looped (split) kernels: 2K values over 8 warps, 8 a thread (16 bytes of bf16: one
 # vector load). At 4K, as the other families' loops, triton 3.6's ptxas spilled 8 bytes in the
 # backward sums (sm_80, 64-80 registers) and the fp32 dx kernel (sm_90, 48 registers); at 2K none
@@ -260,6 +267,8 @@ class BatchNormConfig:
 
     @classmethod
     def _make(cls, n, c, s, programs, one_pass_max, per_warp):
+        if s > 1 and s % 16 and one_pass_max:
+            one_pass_max, per_warp = BN_UNALIGNED_ONE_PASS_MAX, BN_UNALIGNED_ELEMENTS_PER_WARP
         if s == 1:
             block_c, block_s = min(next_pow2(c), BN_ROW_CHANNELS), 1
         else:
@@ -278,9 +287,9 @@ class BatchNormConfig:
         split = -(-tiles // chunk)
         warps = max(1, min(LOOP_WARPS, block_n * block_c * block_s // 256))  # 8 values a thread
         if s > 1 and s % 16:
-            # Positions not a multiple of 16 (7x7, 14x14) get no vector loads, and every element
-            # its own 64-bit address: 4 values a thread. At 8, triton 3.6's ptxas spilled 8 bytes in
-            # the 8x4x64 statistics kernel (sm_90, 64 registers); at 16 warps, 62 and no spill.
+            # Unaligned positions (see BN_UNALIGNED_ONE_PASS_MAX): 4 values a thread. At 8, triton
+            # 3.6's ptxas spilled 8 bytes in the 8x4x64 statistics kernel (sm_90, 64 registers); at
+            # 16 warps, 62 and no spill.
             warps *= 2
         return cls(block_n, block_c, block_s, warps, False, split, chunk,
                    min(next_pow2(split), BN_FINALIZE_SPLIT), min(next_pow2(c), BN_FINALIZE_C))

@@ -7,8 +7,9 @@ Triton kernels on CUDA, ATen on CPU, a NumPy float64 reference everywhere; see `
 from . import functional, library, nn
 from .backends import BACKENDS, backend, current_backend, set_backend
 from .convert import convert
+from .inspect import inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "convert", "current_backend", "functional", "library", "nn", "set_backend",
-           "__version__"]
+__all__ = ["BACKENDS", "backend", "convert", "current_backend", "functional", "inspect", "library", "nn",
+           "set_backend", "__version__"]

@@ -1,4 +1,7 @@
-"""The ``normops`` command line: ``normops check`` and ``normops bench`` (``models``, ``guide`` to come).
+"""The ``normops`` command line: ``check``, ``bench``, ``models``, ``demo``, ``guide``, ``inspect``.
+
+``models``, ``demo``, ``guide`` and ``inspect`` live with their code (``normops.models``,
+``normops.lessons``, ``normops.guide``, ``normops.inspect``), each registering its parser here.
 
 ``normops check`` runs every op on every available backend and dtype, forward and backward,
 against ``torch.nn.functional`` in float64, and prints one table row per case (what is compared
@@ -24,7 +27,9 @@ from typing import Tuple
 
 import torch
 
-from . import __version__, bench, current_backend
+from . import __version__, bench, current_backend, lessons
+from .guide import add_parser as _add_guide_parser
+from .inspect import add_parser as _add_inspect_parser
 from .check import (  # noqa: F401  (OP_NAMES: read by the tests)
     DTYPES,
     OP_NAMES,
@@ -364,6 +369,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_check_parser(sub)
     _add_bench_parser(sub)
+    _add_guide_parser(sub)
+    _add_inspect_parser(sub)
+    lessons.add_parser(sub)
     return parser
 
 
