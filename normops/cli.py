@@ -30,6 +30,7 @@ import torch
 from . import __version__, bench, current_backend, lessons
 from .guide import add_parser as _add_guide_parser
 from .inspect import add_parser as _add_inspect_parser
+from .models import add_parser as _add_models_parser
 from .check import (  # noqa: F401  (OP_NAMES: read by the tests)
     DTYPES,
     OP_NAMES,
@@ -369,9 +370,10 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_check_parser(sub)
     _add_bench_parser(sub)
+    _add_models_parser(sub)
+    lessons.add_parser(sub)
     _add_guide_parser(sub)
     _add_inspect_parser(sub)
-    lessons.add_parser(sub)
     return parser
 
 

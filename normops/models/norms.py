@@ -1,0 +1,53 @@
+"""The one place the five models choose between normops and torch.nn norms.
+
+``norm="normops"`` builds ``normops.nn`` modules with the activation fused into the norm, and
+uses the fused residual add + LayerNorm (``normops.functional.add_layer_norm``);
+``norm="torch"`` builds the ``torch.nn`` twin followed by a separate activation module, and adds
+the residual before the LayerNorm. The activation module (``nn.Identity`` when fused) sits beside
+the norm, not around it, and has no parameters, so both variants have the same ``state_dict``
+keys and consume the same random numbers at construction: a checkpoint moves between them, and a
+seed gives both the same weights.
+"""
+import torch
+from torch import nn
+
+import normops
+from normops import functional as F
+
+NORMS = ("normops", "torch")
+# torch.nn's activation modules; GELU's default is the erf form that normops fuses.
+_ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+def check_norm(norm):
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'normops' or 'torch', got {norm!r}")
+    return norm
+
+
+def norm_act(norm, kind, *args, activation=None, **kwargs):
+    """``(norm module, activation module)``: for ``norm_act("normops", "BatchNorm2d", 64,
+    activation="relu")`` that is ``(normops.nn.BatchNorm2d(64, activation="relu"), nn.Identity())``;
+    for ``"torch"`` it is ``(torch.nn.BatchNorm2d(64), nn.ReLU())``. Apply as ``act(norm(x))``."""
+    if check_norm(norm) == "normops":
+        return getattr(normops.nn, kind)(*args, activation=activation, **kwargs), nn.Identity()
+    return getattr(nn, kind)(*args, **kwargs), _ACTIVATIONS[activation]()
+
+
+def add_norm(norm, x, residual, ln):
+    """The pre-norm residual step ``h = x + residual; y = ln(h)``; returns ``(y, h)``. With normops
+    it is one fused ``add_layer_norm`` call using the LayerNorm module ``ln``'s parameters."""
+    if norm == "normops":
+        return F.add_layer_norm(x, residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    h = x + residual
+    return ln(h), h
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def seeded(seed):
+    """Seed torch's global generator (model initialization) and return a fresh generator for data."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,188 @@
+"""Training loop, result records, the runner over the five models, its table and its plots.
+
+Each model module (``resnet``, ``transformer``, ``unet``, ``cyclegan``, ``lstm``) has ``NAME``,
+``TASK``, ``METRIC``, ``TARGET``, ``HIGHER_IS_BETTER``, ``STEPS``, ``QUICK_STEPS`` and
+``train(norm, steps, seed, progress) -> Trained``; ``run`` trains each selected one with every
+norm in ``norms`` and returns one ``Row`` per model. Plots use matplotlib's ``Figure`` directly (the
+Agg canvas, no pyplot): no GUI backend and no global state.
+"""
+import dataclasses
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..check import _table  # the aligned text table of `normops check`
+from .norms import check_norm
+
+
+@dataclasses.dataclass
+class Trained:
+    """One training run: loss series per step, the metric on held-out data, and the timing."""
+    name: str
+    norm: str
+    steps: int
+    seconds: float  # the training steps only (data generation and evaluation excluded)
+    losses: Dict[str, List[float]]
+    metric: float
+    model: torch.nn.Module
+    draw_samples: Optional[Callable] = None  # draw_samples(fig): a figure of inputs and outputs
+
+    @property
+    def steps_per_s(self):
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class Row:
+    """One model, trained with each norm: what ``run`` returns and ``format_rows`` prints."""
+    model: str
+    task: str
+    metric: str
+    target: float
+    values: Dict[str, float]  # norm -> metric
+    met: Optional[bool]  # every norm's metric reaches the target; None when not enforced (quick)
+    steps_per_s: Dict[str, float]  # norm -> training steps per second
+    seconds: Dict[str, float]  # norm -> training wall time
+
+
+def loop(step, steps, desc, progress):
+    """Call ``step(i) -> {loss name: float}`` for i in range(steps) under a tqdm bar; returns
+    ``(losses {name: [float per step]}, seconds)``."""
+    from tqdm import tqdm
+
+    losses = {}
+    bar = tqdm(range(steps), desc=desc, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
+               disable=not progress)
+    start = time.perf_counter()
+    for i in bar:
+        out = step(i)
+        for k, v in out.items():
+            losses.setdefault(k, []).append(v)
+        if i % 10 == 0 or i == steps - 1:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in out.items()}, refresh=False)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return losses, seconds
+
+
+def batch_indices(n, batch_size, g):
+    """A random batch of indices into a dataset of n (with ``g``, a torch.Generator)."""
+    return torch.randint(0, n, (batch_size,), generator=g)
+
+
+def met(value, target, higher_is_better):
+    return value >= target if higher_is_better else value <= target
+
+
+def _modules():
+    from . import cyclegan, lstm, resnet, transformer, unet
+
+    return {m.NAME: m for m in (resnet, transformer, unet, cyclegan, lstm)}
+
+
+def run(names=None, out_dir="normops-models", quick=False, progress=True, norms=("normops", "torch"), steps=None,
+        seed=0):
+    """Train each model in ``names`` (default: all five, in ``MODELS`` order) once per norm in
+    ``norms``, from ``seed``; write ``<name>_loss.png`` (loss curves, one line per norm) and
+    ``<name>_samples.png`` (the first norm's model on held-out inputs) into ``out_dir`` (``None``:
+    no plots). ``quick``: each model's few ``QUICK_STEPS`` and no targets (``Row.met`` is None);
+    ``steps`` overrides the step count of every model. Returns one ``Row`` per model."""
+    modules = _modules()
+    names = list(modules) if not names else list(names)
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; expected one of {', '.join(modules)}")
+    norms = [check_norm(n) for n in norms]
+    if not norms:
+        raise ValueError("norms must name at least one of 'normops', 'torch'")
+    if out_dir is not None:
+        _figure()  # matplotlib missing: fail now, not after the training
+        os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for name in names:
+        m = modules[name]
+        n_steps = steps or (m.QUICK_STEPS if quick else m.STEPS)
+        runs = [m.train(norm, steps=n_steps, seed=seed, progress=progress) for norm in norms]
+        values = {r.norm: r.metric for r in runs}
+        ok = None if quick else all(met(v, m.TARGET, m.HIGHER_IS_BETTER) for v in values.values())
+        rows.append(Row(name, m.TASK, m.METRIC, m.TARGET, values, ok, {r.norm: r.steps_per_s for r in runs},
+                        {r.norm: r.seconds for r in runs}))
+        if out_dir is not None:
+            plot_losses(runs, os.path.join(out_dir, f"{name}_loss.png"))
+            plot_samples(runs[0], os.path.join(out_dir, f"{name}_samples.png"))
+    return rows
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table: the metric per norm, its target, whether every norm met
+    it, and training steps/s per norm (speedup = normops steps/s over torch.nn's)."""
+    norms = list(dict.fromkeys(n for r in rows for n in r.values))
+    headers = ["model", "task", "metric"] + norms + ["target", "met"] + [f"{n} steps/s" for n in norms]
+    if {"normops", "torch"} <= set(norms):
+        headers.append("speedup")
+    out = []
+    for r in rows:
+        cells = [r.model, r.task, r.metric] + [_num(r.values.get(n)) for n in norms]
+        cells += [_num(r.target), "-" if r.met is None else ("yes" if r.met else "NO")]
+        cells += [_num(r.steps_per_s.get(n), ".1f") for n in norms]
+        if "speedup" in headers:
+            a, b = r.steps_per_s.get("normops"), r.steps_per_s.get("torch")
+            cells.append(f"{a / b:.2f}x" if a and b else "-")
+        out.append(cells)
+    return _table(headers, out, right=set(headers[3:]) - {"met"})
+
+
+def _num(v, fmt=".4g"):
+    return "-" if v is None else format(v, fmt)
+
+
+def _figure(**kw):
+    from matplotlib.figure import Figure  # matplotlib: only the plots need it
+
+    return Figure(layout="constrained", **kw)
+
+
+def plot_losses(runs: Sequence[Trained], path):
+    """One panel per loss series, one line per norm: a running mean over the raw losses (faint);
+    log-scaled when the losses are positive."""
+    keys = list(runs[0].losses)
+    fig = _figure(figsize=(4.2 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        for k, r in enumerate(runs):
+            y = torch.tensor(r.losses[key], dtype=torch.float64)
+            w = max(1, len(y) // 50)  # running mean over 2% of the steps, drawn over the raw losses
+            smooth = torch.cat([y[:1].expand(w - 1), y]).unfold(0, w, 1).mean(1)
+            ax.plot(y, color=f"C{k}", linewidth=0.5, alpha=0.3)
+            ax.plot(smooth, color=f"C{k}", linewidth=1.2, linestyle="-" if k == 0 else "--",
+                    label=f"{r.norm} ({r.steps_per_s:.1f} steps/s)")
+        if all(v > 0 for r in runs for v in r.losses[key]):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{runs[0].name}: {key}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def draw_sequences(fig, x, pred, target):
+    """Digit sequences in and out as monospace text, each wrong output digit in brackets."""
+    lines = []
+    for xs, ps, ts in zip(x.tolist(), pred.tolist(), target.tolist()):
+        out = " ".join(str(p) if p == t else f"[{p}]" for p, t in zip(ps, ts))
+        lines.append(f"{' '.join(map(str, xs))}  ->  {out}")
+    width = 2 * x.shape[1] - 1
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0, 1, "\n".join([f"{'input':<{width}}  ->  output (wrong digits in brackets)"] + lines),
+            family="monospace", fontsize=9, va="top")
+
+
+def plot_samples(trained: Trained, path):
+    fig = _figure(figsize=(8, 4.5))
+    trained.draw_samples(fig)
+    fig.suptitle(f"{trained.name} ({trained.norm} norms), {trained.steps} steps: metric {trained.metric:.4g}",
+                 fontsize=9)
+    fig.savefig(path, dpi=110)
