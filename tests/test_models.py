@@ -227,3 +227,20 @@ def test_cli_usage_errors(argv):
     from cases import argparse_rejects
 
     assert argparse_rejects(_cli, ["models", *argv])
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_inspect_resolves_each_model(name):
+    """`normops inspect <model>` builds the model through normops.models.build and runs its example
+    batch: every norm layer is a normops one, and the eval-mode model shows no mistake; in
+    training mode under no_grad the forgotten model.eval() is found (models with running stats)."""
+    from normops.inspect import resolve_model
+
+    model, example = resolve_model(name, batch_size=2)
+    report = normops.inspect(model.eval(), example)
+    assert report.layers and all(layer.type.startswith("normops.nn.") for layer in report.layers)
+    assert not report.findings, report.findings
+    with torch.no_grad():
+        report = normops.inspect(model.train(), example)
+    forgot_eval = any(f.check == "train-under-no-grad" for f in report.findings)
+    assert forgot_eval == (name == "resnet")  # only ResNet's norms (BatchNorm) keep running statistics
