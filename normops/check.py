@@ -296,6 +296,17 @@ def _backend_dtypes(name, device):
     return tuple(DTYPES)
 
 
+def positive_int_arg(text):
+    """argparse type of a count option (``--reps``, ``--steps``, ``--batch-size``...)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _dtype_arg(text):
     name = DTYPE_ALIASES.get(text, text)
     if name not in DTYPES:

@@ -42,6 +42,7 @@ from .check import (  # noqa: F401  (OP_NAMES: read by the tests)
     _table,
     format_table,
     plan_cases,
+    positive_int_arg,
     run_case,
 )
 
@@ -161,16 +162,6 @@ def _bench_op_arg(text):
     if text not in bench.OPS:
         raise argparse.ArgumentTypeError(f"unknown op {text!r}; choose from {', '.join(bench.OPS)}")
     return text
-
-
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
 
 
 def plan_bench(args):
@@ -296,7 +287,7 @@ def _add_bench_parser(sub):
                    help="time this pass (repeatable); default: fwd+bwd")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the torch.nn composition")
     p.add_argument("--device", type=_device_arg, help=f"device to run on; default: {_default_device()}")
-    p.add_argument("--reps", type=_positive_int,
+    p.add_argument("--reps", type=positive_int_arg,
                    help=f"timed calls per case and provider; default: {BENCH_REPS} ({BENCH_QUICK_REPS} with --quick)")
     p.add_argument("--quick", action="store_true", help="one small shape per op and few calls: a smoke test")
     p.add_argument("--json", metavar="PATH", help="write the environment and one record per case as JSON")

@@ -24,7 +24,7 @@ import dataclasses
 import sys
 from typing import Optional, Tuple
 
-from normops.check import _table
+from normops.check import _table, positive_int_arg
 
 BATCH_THRESHOLD = 16  # the tree's "Large batch (>= 16)?"
 
@@ -207,14 +207,6 @@ def _positive_int(text):
 
 def add_parser(subparsers):
     """Register ``normops guide`` on an argparse subparsers object."""
-    import argparse
-
-    def positive(text):
-        try:
-            return _positive_int(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e))
-
     p = subparsers.add_parser(
         "guide", help="which normalization to use: the decision tree",
         description="Walk the decision tree 'Which Normalization to Use?' for a task and print the norm, the "
@@ -222,7 +214,7 @@ def add_parser(subparsers):
                     "the tree's questions on stdin. Exit status 0 with an answer, 2 on an unknown task, a missing "
                     "batch size or an input that ends before an answer.")
     p.add_argument("--task", help=f"what the model does: {', '.join(TASKS)}")
-    p.add_argument("--batch-size", type=positive, metavar="N",
+    p.add_argument("--batch-size", type=positive_int_arg, metavar="N",
                    help=f"samples a training step normalizes over (all GPUs together); BatchNorm from "
                         f"{BATCH_THRESHOLD}, GroupNorm below (image-classification, detection)")
     p.add_argument("--multi-gpu", action="store_true", default=None,

@@ -52,7 +52,7 @@ from torch import nn
 
 import normops.nn as normops_nn
 from normops.backends import current_backend, triton_interpret
-from normops.check import _table
+from normops.check import _table, positive_int_arg
 from normops.convert import TWINS
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -554,24 +554,13 @@ def resolve_model(name, batch_size=None):
 
 def add_parser(subparsers):
     """Register ``normops inspect`` on an argparse subparsers object."""
-    import argparse
-
-    def positive(text):
-        try:
-            n = int(text)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return n
-
     p = subparsers.add_parser(
         "inspect", help="list a model's norm layers, their backends and likely mistakes",
         description="List the norm layers of a practical model (normops.models) with the backend each would use, "
                     "and the likely mistakes found in its structure and, from one forward of an example batch, "
                     "in its use. Exit status 0 without findings, 1 with some, 2 on an unknown model.")
     p.add_argument("model", help="a model name of normops.models")
-    p.add_argument("--batch-size", type=positive, default=2, metavar="N",
+    p.add_argument("--batch-size", type=positive_int_arg, default=2, metavar="N",
                    help="batch size of the example forward (default 2; 1 exercises the one-value check)")
     p.add_argument("--eval", action="store_true", help="put the model in eval mode before the forward")
     p.add_argument("--no-grad", action="store_true", help="run the example forward under torch.no_grad()")

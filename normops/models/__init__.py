@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from ..check import positive_int_arg
 from .train import Row, Trained, format_rows
 from .train import run as _run
 
@@ -86,17 +87,6 @@ def run(names=None, out_dir="normops-models", quick=False, progress=True, norms=
         return _run(names, out_dir, quick, progress, norms, steps, seed)
 
 
-def _positive_int(text):
-    import argparse
-
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
 
 def add_parser(subparsers):
     """Register ``models`` on an argparse subparsers object (``normops models --help``)."""
@@ -113,9 +103,9 @@ def add_parser(subparsers):
                    help="train with only these norms (repeatable); default: both")
     p.add_argument("--out", default="normops-models", metavar="DIR", help="where the PNGs go (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few steps per model and no targets: a smoke test")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="train every model for N steps")
+    p.add_argument("--steps", type=positive_int_arg, metavar="N", help="train every model for N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int_arg, metavar="N", help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run_cli)
     return p

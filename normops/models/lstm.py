@@ -20,7 +20,7 @@ from torch.nn import functional as TF
 
 from .data import running_sum_task
 from .norms import norm_act, seeded
-from .train import Trained, batch_indices, draw_sequences, loop
+from .train import Trained, batch_indices, draw_sequences, loop, optimizer_step
 
 NAME = "lstm"
 TASK = "running digit sum mod 10"
@@ -90,12 +90,7 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
     def step(i):
         idx = batch_indices(len(x), BATCH, g)
         loss = TF.cross_entropy(model(x[idx]).flatten(0, 1), y[idx].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        return {"cross-entropy": loss.item()}
+        return optimizer_step(loss, opt, sched, clip=1.0)
 
     losses, seconds = loop(step, steps, f"{NAME} ({norm})", progress)
     acc = digit_accuracy(model, x_test, y_test)

@@ -12,7 +12,7 @@ from torch.nn import functional as TF
 
 from .data import digits
 from .norms import norm_act, seeded
-from .train import Trained, batch_indices, loop
+from .train import Trained, batch_indices, loop, optimizer_step
 
 NAME = "resnet"
 TASK = "digits 8x8 (sklearn)"
@@ -91,11 +91,7 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
         xb = TF.pad(x[idx], (1, 1, 1, 1), value=float(x.min()))
         dy, dx = torch.randint(0, 3, (2,), generator=g).tolist()
         loss = TF.cross_entropy(model(xb[:, :, dy:dy + 8, dx:dx + 8]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return {"cross-entropy": loss.item()}
+        return optimizer_step(loss, opt, sched)
 
     losses, seconds = loop(step, steps, f"{NAME} ({norm})", progress)
     acc = accuracy(model, x_test, y_test)

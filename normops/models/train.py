@@ -68,6 +68,19 @@ def loop(step, steps, desc, progress):
     return losses, seconds
 
 
+def optimizer_step(loss, opt, sched=None, clip=None):
+    """One update from ``loss``: gradients (clipped to norm ``clip`` when given), the optimizer's
+    step, the schedule's; returns ``{"cross-entropy": loss}`` for ``loop``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return {"cross-entropy": loss.item()}
+
+
 def batch_indices(n, batch_size, g):
     """A random batch of indices into a dataset of n (with ``g``, a torch.Generator)."""
     return torch.randint(0, n, (batch_size,), generator=g)

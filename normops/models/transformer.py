@@ -15,7 +15,7 @@ from torch.nn import functional as TF
 
 from .data import sort_task
 from .norms import add_norm, check_norm, norm_act, seeded
-from .train import Trained, batch_indices, draw_sequences, loop
+from .train import Trained, batch_indices, draw_sequences, loop, optimizer_step
 
 NAME = "transformer"
 TASK = "sort 16 digits"
@@ -86,12 +86,7 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
     def step(i):
         idx = batch_indices(len(x), BATCH, g)
         loss = TF.cross_entropy(model(x[idx]).flatten(0, 1), y[idx].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        return {"cross-entropy": loss.item()}
+        return optimizer_step(loss, opt, sched, clip=1.0)
 
     losses, seconds = loop(step, steps, f"{NAME} ({norm})", progress)
     acc = sequence_accuracy(model, x_test, y_test)

@@ -15,7 +15,7 @@ from torch.nn import functional as TF
 
 from .data import SHAPE_CLASSES, shapes
 from .norms import norm_act, seeded
-from .train import Trained, batch_indices, loop
+from .train import Trained, batch_indices, loop, optimizer_step
 
 NAME = "unet"
 TASK = "segment discs/squares"
@@ -102,11 +102,7 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
     def step(i):
         idx = batch_indices(len(x), BATCH, g)
         loss = TF.cross_entropy(model(x[idx]), m[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return {"cross-entropy": loss.item()}
+        return optimizer_step(loss, opt, sched)
 
     losses, seconds = loop(step, steps, f"{NAME} ({norm})", progress)
     iou = mean_iou(predict(model, x_test), m_test)
