@@ -37,6 +37,22 @@ BATCH_SHAPES = [(4, 3), (2, 5, 7), (3, 4, 5, 6), (2, 3, 2, 3, 4), (2, 1, 1, 1), 
 INSTANCE_SHAPES = [(2, 3, 5), (3, 4, 5, 6), (1, 2, 3, 2, 4), (2, 5, 2)]
 
 
+# The Triton tests run on CUDA where there is one, else in Triton's interpreter on CPU tensors.
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+LOW = [torch.float16, torch.bfloat16]
+ACTIVATIONS = {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu}
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by input dim
+
+
+def on_device(t, fmt=None):
+    """A leaf copy of t on DEVICE (in memory format `fmt` when given) that requires grad."""
+    t = t.detach().to(DEVICE)
+    if fmt is not None:
+        t = t.contiguous(memory_format=fmt)
+    return t.requires_grad_()
+
+
 def make(shape, dtype, offset=3.0, scale=2.0, requires_grad=True, seed=0, device="cpu"):
     """Shifted data (mean far from 0), so a variance computed as E[x^2] - E[x]^2 would show.
     Drawn on `device` (a CUDA generator there: real-size tensors are not drawn on the host)."""

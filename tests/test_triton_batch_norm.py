@@ -11,16 +11,12 @@ import torch
 pytest.importorskip("triton")
 
 import normops  # noqa: E402
-from cases import BATCH_SHAPES, F, TF, assert_close_to_reference, err, layout_copies, make, params  # noqa: E402
+from cases import (  # noqa: E402
+    ACTIVATIONS, BATCH_SHAPES, CHANNELS_LAST, CUDA, DEVICE, F, LOW, TF, assert_close_to_reference, err,
+    layout_copies, make, on_device, params)
 from normops.backends import numpy_backend  # noqa: E402
 from normops.kernels import batch_norm as kernels  # noqa: E402
 from normops.kernels import config  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-LOW = [torch.float16, torch.bfloat16]
-ACT = {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu}
-FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @pytest.fixture(params=["one_pass", "split"])
@@ -36,13 +32,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _on(t, fmt=None):
-    t = t.detach().to(DEVICE)
-    if fmt is not None:
-        t = t.contiguous(memory_format=fmt)
-    return t.requires_grad_()
-
-
 def _running(c, dtype=torch.float32, seed=3):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(c, generator=g).to(dtype).to(DEVICE),
@@ -55,7 +44,7 @@ def _batch_norm(training, running=(None, None), activation=None):
     def fresh():
         return [None if t is None else t.clone() for t in running]
     ours = lambda x, w, b: F.batch_norm(x, *fresh(), w, b, training, activation=activation)  # noqa: E731
-    ref = lambda x, w, b: ACT.get(activation, lambda t: t)(  # noqa: E731
+    ref = lambda x, w, b: ACTIVATIONS.get(activation, lambda t: t)(  # noqa: E731
         TF.batch_norm(x, *[None if t is None else t.to(x.dtype) for t in fresh()], w, b, training))
     return ours, ref
 
@@ -64,8 +53,8 @@ def _batch_norm(training, running=(None, None), activation=None):
 @pytest.mark.parametrize("shape", [s for s in BATCH_SHAPES if s[0] > 0], ids=str)
 def test_training_parity(shape, dtype, path):
     """(N, C), (N, C, L), 2-D and 3-D spatial, batch 2 with 1x1 spatial and C=1."""
-    x = _on(make(shape, dtype))
-    w, b = (_on(t) for t in params((shape[1],), dtype))
+    x = on_device(make(shape, dtype))
+    w, b = (on_device(t) for t in params((shape[1],), dtype))
     assert_close_to_reference(*_batch_norm(True), [x, w, b], "triton", dtype)
 
 
@@ -74,8 +63,8 @@ def test_training_parity(shape, dtype, path):
 def test_eval_parity(shape, dtype, path):
     """Running statistics normalize (fp32 ones, as a bf16 model under AMP keeps them), and the
     backward treats them as constants."""
-    x = _on(make(shape, dtype))
-    w, b = (_on(t) for t in params((shape[1],), dtype))
+    x = on_device(make(shape, dtype))
+    w, b = (on_device(t) for t in params((shape[1],), dtype))
     assert_close_to_reference(*_batch_norm(False, _running(shape[1])), [x, w, b], "triton", dtype)
 
 
@@ -84,9 +73,9 @@ def test_eval_parity(shape, dtype, path):
 @pytest.mark.parametrize("shape", [(3, 5, 4, 3), (2, 6, 2, 3, 3)], ids=str)
 def test_channels_last(shape, dtype, training, path):
     """channels_last(_3d) is read and written in place, and the output and dx keep the layout."""
-    fmt = FORMATS[len(shape)]
-    x = _on(make(shape, dtype), fmt)
-    w, b = (_on(t) for t in params((shape[1],), dtype))
+    fmt = CHANNELS_LAST[len(shape)]
+    x = on_device(make(shape, dtype), fmt)
+    w, b = (on_device(t) for t in params((shape[1],), dtype))
     running = _running(shape[1]) if not training else (None, None)
     dy = torch.randn(shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     with layout_copies() as copies, normops.backend("triton"):
@@ -102,8 +91,8 @@ def test_channels_last(shape, dtype, training, path):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_activation(activation, dtype, channels_last, path):
     """Each fused activation against torch's batch_norm followed by the activation, training and eval."""
-    x = _on(make((2, 6, 5, 3), dtype, offset=0.2), torch.channels_last if channels_last else None)
-    w, b = (_on(t) for t in params((6,), dtype))
+    x = on_device(make((2, 6, 5, 3), dtype, offset=0.2), torch.channels_last if channels_last else None)
+    w, b = (on_device(t) for t in params((6,), dtype))
     assert_close_to_reference(*_batch_norm(True, activation=activation), [x, w, b], "triton", dtype)
     assert_close_to_reference(*_batch_norm(False, _running(6), activation), [x, w, b], "triton", dtype)
 
@@ -112,8 +101,8 @@ def test_activation(activation, dtype, channels_last, path):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_partial_affine_and_masks(affine, training, path):
     """Without weight or bias, and gradients asked for x alone or the parameters alone."""
-    x = _on(make((3, 4, 5), torch.float32))
-    w, b = (_on(t) for t in params((4,), torch.float32))
+    x = on_device(make((3, 4, 5), torch.float32))
+    w, b = (on_device(t) for t in params((4,), torch.float32))
     w = None if affine == "none" else w
     b = b if affine == "both" else None
     running = (None, None) if training else _running(4)
@@ -134,8 +123,8 @@ def test_partial_affine_and_masks(affine, training, path):
 def test_large_offsets(path):
     """x = 1e4 + randn in fp32: the statistics are exact enough (Chan/two-pass, never
     E[x^2] - E[x]^2), and the outputs obey the rule against fp64."""
-    x = _on(make((4, 3, 6, 5), torch.float32, offset=1e4, scale=1.0))
-    w, b = (_on(t) for t in params((3,), torch.float32))
+    x = on_device(make((4, 3, 6, 5), torch.float32, offset=1e4, scale=1.0))
+    w, b = (on_device(t) for t in params((3,), torch.float32))
     assert_close_to_reference(*_batch_norm(True), [x, w, b], "triton", torch.float32)
     _, mean, rstd, var = kernels.batch_norm_fwd(x.detach(), None, None, None, None, True, 1e-5, "none")
     _, rmean, rrstd, rvar = numpy_backend.batch_norm_fwd(x.detach(), None, None, None, None, True, 1e-5, "none")
@@ -175,7 +164,7 @@ def test_module_running_statistics(momentum, channels_last, path):
     fmt = torch.channels_last if channels_last else None
     with normops.backend("triton"):
         for seed in range(3):
-            x = _on(make((3, 4, 5, 3), torch.float32, seed=seed), fmt)
+            x = on_device(make((3, 4, 5, 3), torch.float32, seed=seed), fmt)
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
@@ -216,8 +205,8 @@ def test_gradcheck(channels_last, training, path):
 
 def test_deterministic(path):
     """dW/dB are per-chunk partials summed in a fixed order: bitwise equal across runs."""
-    x = _on(make((5, 6, 7, 3), torch.float32))
-    w, b = (_on(t) for t in params((6,), torch.float32))
+    x = on_device(make((5, 6, 7, 3), torch.float32))
+    w, b = (on_device(t) for t in params((6,), torch.float32))
     dy = torch.randn(5, 6, 7, 3, device=DEVICE)
     with normops.backend("triton"):
         runs = [torch.autograd.grad(F.batch_norm(x, None, None, w, b, True), (x, w, b), dy) for _ in range(3)]
@@ -230,8 +219,8 @@ def test_split_heuristic_without_patching():
     split over the CPU interpreter's 4 programs; the result still equals torch."""
     cfg = config.BatchNormConfig.forward(4, 2, 64 * 80, True, 4)
     assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk) == (2, 1024, 2, 5)
-    x = _on(make((4, 2, 64, 80), torch.float32))
-    w, b = (_on(t) for t in params((2,), torch.float32))
+    x = on_device(make((4, 2, 64, 80), torch.float32))
+    w, b = (on_device(t) for t in params((2,), torch.float32))
     assert_close_to_reference(*_batch_norm(True, activation="relu"), [x, w, b], "triton", torch.float32)
 
 
@@ -270,7 +259,7 @@ def test_cuda_real_sizes(shape, activation, training, layout, dtype):
     if layout == "channels_last":
         if len(shape) < 4:
             pytest.skip("no channels_last format below 4-D")
-        x = x.detach().contiguous(memory_format=FORMATS[len(shape)]).requires_grad_()
+        x = x.detach().contiguous(memory_format=CHANNELS_LAST[len(shape)]).requires_grad_()
     w, b = (t.detach().cuda().requires_grad_() for t in params((shape[1],), dtype))
     running = (None, None) if training else _running(shape[1])
     assert_close_to_reference(*_batch_norm(training, running, activation), [x, w, b], "triton", dtype)

@@ -11,16 +11,12 @@ import torch
 pytest.importorskip("triton")
 
 import normops  # noqa: E402
-from cases import GROUP_SHAPES, F, TF, assert_close_to_reference, err, layout_copies, make, params  # noqa: E402
+from cases import (  # noqa: E402
+    ACTIVATIONS, CHANNELS_LAST, CUDA, DEVICE, F, GROUP_SHAPES, LOW, TF, assert_close_to_reference, err,
+    layout_copies, make, on_device, params)
 from normops.backends import numpy_backend  # noqa: E402
 from normops.kernels import config  # noqa: E402
 from normops.kernels import group_norm as kernels  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-LOW = [torch.float16, torch.bfloat16]
-ACT = {"relu": TF.relu, "silu": TF.silu, "gelu": TF.gelu}
-FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @pytest.fixture(params=["one_pass", "split"])
@@ -36,16 +32,9 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _on(t, fmt=None):
-    t = t.detach().to(DEVICE)
-    if fmt is not None:
-        t = t.contiguous(memory_format=fmt)
-    return t.requires_grad_()
-
-
 def _group_norm(groups, activation=None):
     ours = lambda x, w, b: F.group_norm(x, groups, w, b, activation=activation)  # noqa: E731
-    ref = lambda x, w, b: ACT.get(activation, lambda t: t)(TF.group_norm(x, groups, w, b))  # noqa: E731
+    ref = lambda x, w, b: ACTIVATIONS.get(activation, lambda t: t)(TF.group_norm(x, groups, w, b))  # noqa: E731
     return ours, ref
 
 
@@ -53,8 +42,8 @@ def _group_norm(groups, activation=None):
 @pytest.mark.parametrize("shape,groups", [s for s in GROUP_SHAPES if s[0][0] > 0], ids=str)
 def test_parity(shape, groups, dtype, path):
     """G=1, G=C, odd C/G, 1x1 spatial, 1-D/2-D/3-D and no spatial dims."""
-    x = _on(make(shape, dtype))
-    w, b = (_on(t) for t in params((shape[1],), dtype))
+    x = on_device(make(shape, dtype))
+    w, b = (on_device(t) for t in params((shape[1],), dtype))
     assert_close_to_reference(*_group_norm(groups), [x, w, b], "triton", dtype)
 
 
@@ -63,9 +52,9 @@ def test_parity(shape, groups, dtype, path):
                                           ((2, 6, 2, 3, 3), 2), ((2, 8, 3, 2, 5), 8)], ids=str)
 def test_channels_last(shape, groups, dtype, path):
     """channels_last(_3d) is read and written in place, and the output and dx keep the layout."""
-    fmt = FORMATS[len(shape)]
-    x = _on(make(shape, dtype), fmt)
-    w, b = (_on(t) for t in params((shape[1],), dtype))
+    fmt = CHANNELS_LAST[len(shape)]
+    x = on_device(make(shape, dtype), fmt)
+    w, b = (on_device(t) for t in params((shape[1],), dtype))
     dy = torch.randn(shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     with layout_copies() as copies, normops.backend("triton"):
         y = F.group_norm(x, groups, w, b, activation="silu")
@@ -80,16 +69,16 @@ def test_channels_last(shape, groups, dtype, path):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_activation(activation, dtype, channels_last, path):
     """Each fused activation against torch's group_norm followed by the activation."""
-    x = _on(make((2, 12, 5, 7), dtype, offset=0.2), torch.channels_last if channels_last else None)
-    w, b = (_on(t) for t in params((12,), dtype))
+    x = on_device(make((2, 12, 5, 7), dtype, offset=0.2), torch.channels_last if channels_last else None)
+    w, b = (on_device(t) for t in params((12,), dtype))
     assert_close_to_reference(*_group_norm(4, activation), [x, w, b], "triton", dtype)
 
 
 @pytest.mark.parametrize("affine", ["none", "weight", "both"])
 def test_partial_affine_and_masks(affine, path):
     """Without weight or bias, and gradients asked for x alone or the parameters alone."""
-    x = _on(make((2, 6, 9), torch.float32))
-    w, b = (_on(t) for t in params((6,), torch.float32))
+    x = on_device(make((2, 6, 9), torch.float32))
+    w, b = (on_device(t) for t in params((6,), torch.float32))
     w = None if affine == "none" else w
     b = b if affine == "both" else None
     inputs = [t for t in (x, w, b) if t is not None]
@@ -108,8 +97,8 @@ def test_partial_affine_and_masks(affine, path):
 def test_large_offsets(path):
     """x = 1e4 + randn in fp32: the statistics are exact enough (Chan/two-pass, never
     E[x^2] - E[x]^2), and the outputs obey the rule against fp64."""
-    x = _on(make((2, 8, 6, 5), torch.float32, offset=1e4, scale=1.0))
-    w, b = (_on(t) for t in params((8,), torch.float32))
+    x = on_device(make((2, 8, 6, 5), torch.float32, offset=1e4, scale=1.0))
+    w, b = (on_device(t) for t in params((8,), torch.float32))
     assert_close_to_reference(*_group_norm(2), [x, w, b], "triton", torch.float32)
     with normops.backend("triton"):
         _, mean, rstd = kernels.group_norm_fwd(x.detach(), 2, None, None, 1e-5, "none", True)
@@ -138,8 +127,8 @@ def test_split_heuristic_without_patching():
     interpreter's 4 programs, and still equals torch."""
     cfg = config.GroupNormConfig.forward(1, 2, 128 * 130, 1, False, 4)
     assert not cfg.one_pass and cfg.split == 3  # 9 tiles of 2048 positions: 3 chunks of 3 tiles
-    x = _on(make((1, 2, 128, 130), torch.float32))
-    w, b = (_on(t) for t in params((2,), torch.float32))
+    x = on_device(make((1, 2, 128, 130), torch.float32))
+    w, b = (on_device(t) for t in params((2,), torch.float32))
     assert_close_to_reference(*_group_norm(1, "silu"), [x, w, b], "triton", torch.float32)
 
 
@@ -147,8 +136,8 @@ def test_split_heuristic_without_patching():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_instance_norm(shape, dtype, path):
     """InstanceNorm is GroupNorm with G == C: affine, fused relu, and its running statistics."""
-    x = _on(make(shape, dtype))
-    w, b = (_on(t) for t in params((shape[1],), dtype))
+    x = on_device(make(shape, dtype))
+    w, b = (on_device(t) for t in params((shape[1],), dtype))
     assert_close_to_reference(lambda x, w, b: F.instance_norm(x, weight=w, bias=b, activation="relu"),
                               lambda x, w, b: TF.relu(TF.instance_norm(x, weight=w, bias=b)), [x, w, b],
                               "triton", dtype)
@@ -208,8 +197,8 @@ def test_gradcheck(channels_last, path):
 
 def test_deterministic(path):
     """dW/dB are per-chunk partials summed in a fixed order: bitwise equal across runs."""
-    x = _on(make((3, 16, 9, 7), torch.float32))
-    w, b = (_on(t) for t in params((16,), torch.float32))
+    x = on_device(make((3, 16, 9, 7), torch.float32))
+    w, b = (on_device(t) for t in params((16,), torch.float32))
     dy = torch.randn(3, 16, 9, 7, device=DEVICE)
     with normops.backend("triton"):
         runs = [torch.autograd.grad(F.group_norm(x, 4, w, b), (x, w, b), dy) for _ in range(3)]
@@ -220,8 +209,8 @@ def test_deterministic(path):
 def test_wide_groups_fall_back_to_torch():
     """More than 1024 channels a group has no tile here: the torch backend's kernels run, same result."""
     assert not kernels.supported(torch.empty(1, 2048, 1), 1) and kernels.supported(torch.empty(1, 1024, 1), 1)
-    x = _on(make((2, 2048), torch.float32))
-    w, b = (_on(t) for t in params((2048,), torch.float32))
+    x = on_device(make((2, 2048), torch.float32))
+    w, b = (on_device(t) for t in params((2048,), torch.float32))
     assert_close_to_reference(*_group_norm(1), [x, w, b], "triton", torch.float32)
 
 
@@ -237,6 +226,6 @@ def test_wide_groups_fall_back_to_torch():
 def test_cuda_real_sizes(shape, groups, activation, layout, dtype):
     x = make(shape, dtype, device="cuda")
     if layout == "channels_last":
-        x = x.detach().contiguous(memory_format=FORMATS[len(shape)]).requires_grad_()
+        x = x.detach().contiguous(memory_format=CHANNELS_LAST[len(shape)]).requires_grad_()
     w, b = (t.detach().cuda().requires_grad_() for t in params((shape[1],), dtype))
     assert_close_to_reference(*_group_norm(groups, activation), [x, w, b], "triton", dtype)

@@ -20,7 +20,7 @@ from torch.nn import functional as TF
 
 from .data import running_sum_task
 from .norms import norm_act, seeded
-from .train import Trained, batch_indices, draw_sequences, loop, optimizer_step
+from .train import train_sequences
 
 NAME = "lstm"
 TASK = "running digit sum mod 10"
@@ -80,27 +80,9 @@ def digit_accuracy(model, x, y):
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
-    x, y = running_sum_task(20000, LENGTH, VOCAB, seed=seed)
-    x_test, y_test = running_sum_task(2048, LENGTH, VOCAB, seed=seed + 1)
-    g = seeded(seed)
-    model = LSTM(norm)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=max(steps, 1), pct_start=0.1)
-
-    def step(i):
-        idx = batch_indices(len(x), BATCH, g)
-        loss = TF.cross_entropy(model(x[idx]).flatten(0, 1), y[idx].flatten())
-        return optimizer_step(loss, opt, sched, clip=1.0)
-
-    losses, seconds = loop(step, steps, f"{NAME} ({norm})", progress)
-    acc = digit_accuracy(model, x_test, y_test)
-
-    def draw(fig):
-        with torch.no_grad():
-            pred = model(x_test[:16]).argmax(-1)
-        draw_sequences(fig, x_test[:16], pred, y_test[:16])
-
-    return Trained(NAME, norm, steps, seconds, losses, acc, model, draw)
+    return train_sequences(NAME, norm, lambda: LSTM(norm), lambda params: torch.optim.Adam(params, lr=LR),
+                           lambda n, seed: running_sum_task(n, LENGTH, VOCAB, seed=seed), digit_accuracy, LR, BATCH, steps, seed,
+                           progress)
 
 
 def tiny_loss(norm="normops", seed=0):

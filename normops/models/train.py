@@ -13,9 +13,10 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.nn import functional as TF
 
 from ..check import _table  # the aligned text table of `normops check`
-from .norms import check_norm
+from .norms import check_norm, seeded
 
 
 @dataclasses.dataclass
@@ -79,6 +80,32 @@ def optimizer_step(loss, opt, sched=None, clip=None):
     if sched is not None:
         sched.step()
     return {"cross-entropy": loss.item()}
+
+
+def train_sequences(name, norm, build, optimizer, task, accuracy, lr, batch, steps, seed, progress):
+    """The transformer's and the LSTM's training: ``task(n, seed=...)`` generates (tokens, targets)
+    (20,000 sequences to train on, 2,048 held out), cross-entropy at every position, a one-cycle
+    schedule peaking at ``lr``, gradients clipped to norm 1. ``build()`` makes the model (after the
+    seeding), ``optimizer(params)`` its optimizer, ``accuracy(model, x, y)`` the metric."""
+    x, y = task(20000, seed=seed)
+    x_test, y_test = task(2048, seed=seed + 1)
+    g = seeded(seed)
+    model = build()
+    opt = optimizer(model.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.1)
+
+    def step(i):
+        idx = batch_indices(len(x), batch, g)
+        return optimizer_step(TF.cross_entropy(model(x[idx]).flatten(0, 1), y[idx].flatten()), opt, sched, clip=1.0)
+
+    losses, seconds = loop(step, steps, f"{name} ({norm})", progress)
+
+    def draw(fig):
+        with torch.no_grad():
+            pred = model(x_test[:16]).argmax(-1)
+        draw_sequences(fig, x_test[:16], pred, y_test[:16])
+
+    return Trained(name, norm, steps, seconds, losses, accuracy(model, x_test, y_test), model, draw)
 
 
 def batch_indices(n, batch_size, g):

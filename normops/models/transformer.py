@@ -15,7 +15,7 @@ from torch.nn import functional as TF
 
 from .data import sort_task
 from .norms import add_norm, check_norm, norm_act, seeded
-from .train import Trained, batch_indices, draw_sequences, loop, optimizer_step
+from .train import train_sequences
 
 NAME = "transformer"
 TASK = "sort 16 digits"
@@ -76,27 +76,9 @@ def sequence_accuracy(model, x, y):
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
-    x, y = sort_task(20000, LENGTH, VOCAB, seed=seed)
-    x_test, y_test = sort_task(2048, LENGTH, VOCAB, seed=seed + 1)
-    g = seeded(seed)
-    model = Encoder(norm)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=max(steps, 1), pct_start=0.1)
-
-    def step(i):
-        idx = batch_indices(len(x), BATCH, g)
-        loss = TF.cross_entropy(model(x[idx]).flatten(0, 1), y[idx].flatten())
-        return optimizer_step(loss, opt, sched, clip=1.0)
-
-    losses, seconds = loop(step, steps, f"{NAME} ({norm})", progress)
-    acc = sequence_accuracy(model, x_test, y_test)
-
-    def draw(fig):
-        with torch.no_grad():
-            pred = model(x_test[:16]).argmax(-1)
-        draw_sequences(fig, x_test[:16], pred, y_test[:16])
-
-    return Trained(NAME, norm, steps, seconds, losses, acc, model, draw)
+    return train_sequences(NAME, norm, lambda: Encoder(norm), lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.01),
+                           lambda n, seed: sort_task(n, LENGTH, VOCAB, seed=seed), sequence_accuracy, LR, BATCH, steps, seed,
+                           progress)
 
 
 def tiny_loss(norm="normops", seed=0):
