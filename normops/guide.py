@@ -71,8 +71,16 @@ class Recommendation:
     def __str__(self):
         steps = "\n".join(f"  {step}" for step in self.path)
         return (f"Use {self.norm}: {self.module}\n\nWhy: {self.reason}\n\nPath through the decision tree:\n{steps}\n\n"
-                f"Where an activation follows the norm (Conv -> Norm -> Activation), normops fuses it: "
-                f"{_with_activation(self.module)}")
+                f"{_fusion_hint(self.norm, self.module)}")
+
+
+def _fusion_hint(norm, module):
+    """What normops fuses around this norm: the residual add of a pre-norm block for LayerNorm, the
+    activation that follows it otherwise (Conv -> Norm -> Activation)."""
+    if norm.startswith("LayerNorm"):
+        return ("In a pre-norm block (h = x + sublayer(x); y = LayerNorm(h)), normops fuses the residual add: "
+                "y, h = normops.functional.add_layer_norm(sublayer_out, h, [d_model], weight, bias)")
+    return "Where an activation follows the norm (Conv -> Norm -> Activation), normops fuses it: " + _with_activation(module)
 
 
 def _with_activation(module):
@@ -125,8 +133,8 @@ def recommend(task: str, batch_size: Optional[int] = None, multi_gpu: bool = Fal
                 f"normalizes with its running statistics."))
         path.append(f"{Q_BATCH} no (batch size {batch_size})")
         return _leaf("GroupNorm", path, (
-            f"batch size {batch_size} < {BATCH_THRESHOLD}: BatchNorm's batch statistics would be noisy (and undefined "
-            f"at batch size 1); GroupNorm normalizes each sample over groups of channels, independent of the batch "
+            f"batch size {batch_size} < {BATCH_THRESHOLD}: BatchNorm's batch statistics would be noisy (at batch size 1 it "
+            f"trains as an InstanceNorm, and eval's running statistics do not match); GroupNorm normalizes each sample over groups of channels, independent of the batch "
             f"size and the same in training and eval."), multi_gpu)
     if branch == "style":
         path = images + [f"{Q_CLASSIFY} no", f"{Q_STYLE} yes"]

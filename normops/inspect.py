@@ -33,6 +33,10 @@ was. An exception in the forward is reported as a finding, not raised.
 |                        | N * spatial == 1; InstanceNorm: spatial == 1): training fails      |
 | train-under-no-grad    | BatchNorm/InstanceNorm with running statistics, in training mode   |
 |                        | under torch.no_grad(): an evaluation that forgot model.eval()      |
+| tiny-batch-statistics  | a training BatchNorm whose batch statistics cover fewer than 16    |
+|                        | values per channel (N * spatial < 16: tiny batches, or a BatchNorm |
+|                        | at or after a pooling to 1x1), or N == 1 (it trains as an          |
+|                        | InstanceNorm, while eval uses running statistics of other batches) |
 | forward-error          | any other exception of the example forward                        |
 """
 if __name__ == "inspect":  # found as the standard library's inspect: normops/ itself is on sys.path
@@ -358,6 +362,24 @@ def _train_eval_differ(m):
     return _family(m) in ("batch", "instance") and m.track_running_stats and m.running_mean is not None
 
 
+TINY_BATCH_VALUES = 16  # the decision tree's "large batch (>= 16)"
+
+
+def _tiny_batch(m, x):
+    """Why a training BatchNorm's batch statistics on x are unreliable (not undefined: that is
+    _one_value_per_channel), or None."""
+    if _family(m) != "batch" or not m.training or not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    n, spatial = x.shape[0], math.prod(x.shape[2:])
+    if n * spatial <= 1:
+        return None
+    if n * spatial < TINY_BATCH_VALUES:
+        return f"its batch statistics cover {n * spatial} values per channel (N * spatial = {n} x {spatial})"
+    if n == 1:
+        return "at batch size 1 it normalizes each sample by its own statistics (an InstanceNorm)"
+    return None
+
+
 def _one_value_per_channel(m, x):
     """Whether norm m normalizes one value per channel with batch statistics on x (torch raises)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.numel() == 0:
@@ -399,6 +421,7 @@ def _run_example(model, example_input, layers, findings):
     entered = []       # names of the norm layers whose forward is running
     no_grad_train = []  # train/eval-dependent norms that ran in training mode under no_grad
     predicted = {}     # name -> its one-value-per-channel finding
+    after = {}         # name -> a finding to report when its forward returns
 
     def pre_hook(module, args):
         name, m, layer = by_module[id(module)]
@@ -420,16 +443,26 @@ def _run_example(model, example_input, layers, findings):
                 "the running statistics",
                 "one-value-per-channel")
             findings.append(predicted[name])
+        tiny = None if name in predicted else _tiny_batch(m, x)
+        if tiny:  # reported once the layer's forward has run (an error there is its own finding)
+            after[name] = (Finding(
+                "warning", name, f"{type(m).__name__} trains on input {layer.input}: {tiny}, so its running "
+                f"statistics, used in eval, will not match what it trained on",
+                f"train with batches of {TINY_BATCH_VALUES} or more values per channel, or use GroupNorm or "
+                "LayerNorm, which do not depend on the batch", "tiny-batch-statistics"))
         if module.training and not torch.is_grad_enabled() and _train_eval_differ(m):
             no_grad_train.append(name)
         entered.append(name)
 
     def post_hook(module, args, output):
-        if entered and entered[-1] == by_module[id(module)][0]:
+        name = by_module[id(module)][0]
+        if entered and entered[-1] == name:
             entered.pop()
+        if name in after:
+            findings.append(after.pop(name))
 
     handles = []
-    with _restored(model):
+    with _restored(model), torch.random.fork_rng(devices=[]):  # dropout in the forward: the caller's RNG stays
         try:
             for _, m, _ in by_module.values():
                 handles.append(m.register_forward_pre_hook(pre_hook))
@@ -561,7 +594,7 @@ def add_parser(subparsers):
                     "in its use. Exit status 0 without findings, 1 with some, 2 on an unknown model.")
     p.add_argument("model", help="a model name of normops.models")
     p.add_argument("--batch-size", type=positive_int_arg, default=2, metavar="N",
-                   help="batch size of the example forward (default 2; 1 exercises the one-value check)")
+                   help="batch size of the example forward (default 2; 1 exercises the batch-size checks)")
     p.add_argument("--eval", action="store_true", help="put the model in eval mode before the forward")
     p.add_argument("--no-grad", action="store_true", help="run the example forward under torch.no_grad()")
     p.add_argument("--static", action="store_true", help="structure only: no example forward")

@@ -259,3 +259,12 @@ def test_end_of_input_exits_2_cleanly(capsys, monkeypatch, answers):
     assert code == 2
     assert "normops guide: error: input ended before an answer" in err
     assert "Traceback" not in err and "Use " not in out
+
+
+def test_fusion_hint_fits_the_norm():
+    """LayerNorm answers point at the fused residual add of a pre-norm block (no activation follows
+    a pre-norm LayerNorm); the others at the fused activation of Conv -> Norm -> Activation."""
+    text = str(guide.recommend("nlp"))
+    assert "normops.functional.add_layer_norm" in text and "activation=" not in text
+    text = str(guide.recommend("image-classification", batch_size=4))
+    assert 'normops.nn.GroupNorm(32, C, activation="relu")' in text and "add_layer_norm" not in text

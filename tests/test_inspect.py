@@ -214,7 +214,8 @@ def test_one_value_per_channel_is_reported_not_raised():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model(x)  # what inspect turns into a finding
     report = inspect(model, x)
-    assert checks(report) == {("batch-norm-after-pool", "5"), ("one-value-per-channel", "5")}
+    assert checks(report) == {("batch-norm-after-pool", "5"), ("one-value-per-channel", "5"),
+                              ("tiny-batch-statistics", "1")}  # batch 1: layer 1 trains as an InstanceNorm
     finding = next(f for f in report.findings if f.check == "one-value-per-channel")
     assert finding.severity == "error"
     assert "1 value per channel (input 1x8, N * spatial == 1)" in finding.message
@@ -225,11 +226,27 @@ def test_one_value_per_channel_is_reported_not_raised():
 
 def test_one_value_per_channel_needs_training_and_batch_statistics():
     model = pooled_bn()
-    assert checks(inspect(model, torch.randn(2, 3, 8, 8))) == {("batch-norm-after-pool", "5")}
+    assert checks(inspect(model, torch.randn(2, 3, 8, 8))) == {  # 2 values a channel after the pooling
+        ("batch-norm-after-pool", "5"), ("tiny-batch-statistics", "5"), ("tiny-batch-statistics", "7")}
     model.eval()
     report = inspect(model, torch.randn(1, 3, 8, 8))
     assert checks(report) == {("batch-norm-after-pool", "5")}
     assert [item.input for item in report.layers] == ["1x8x6x6", "1x8", "1x10"]
+
+
+@pytest.mark.parametrize("shape,tiny", [((1, 3, 8, 8), True), ((4, 3, 1, 1), True), ((4, 3, 2, 2), False),
+                                         ((32, 3, 1, 1), False)])
+def test_tiny_batch_statistics(shape, tiny):
+    """A training BatchNorm over fewer than 16 values a channel (N * spatial), or at batch size 1,
+    is flagged once its forward has run; in eval it is not; the caller's RNG is not advanced
+    (dropout in the example forward)."""
+    model = nn.Sequential(nn.Dropout(0.5), nnn.BatchNorm2d(3))
+    x = torch.randn(shape)
+    state = torch.get_rng_state()
+    report = inspect(model, x)
+    assert torch.equal(state, torch.get_rng_state())
+    assert checks(report) == ({("tiny-batch-statistics", "1")} if tiny else set())
+    assert not inspect(model.eval(), x).findings
 
 
 def test_one_value_per_instance():

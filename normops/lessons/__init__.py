@@ -21,6 +21,7 @@ plots matplotlib; both are imported on first use only.
 ``add_parser(subparsers)`` registers ``normops demo`` on the ``normops`` command line.
 """
 import argparse
+import os
 import sys
 import traceback
 
@@ -82,6 +83,14 @@ def run_cli(args):
         print(f"normops demo: error: {_unknown(args.lesson)}", file=sys.stderr)
         return 2
     names = list(LESSONS) if args.lesson == "all" else [args.lesson]
+    try:  # what every lesson needs, checked before any of them trains
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+        os.makedirs(args.out, exist_ok=True)
+    except (ImportError, OSError) as e:
+        print(f"normops demo: error: {type(e).__name__}: {e} (pip install 'normops[models]'; --out must be a "
+              f"writable folder)", file=sys.stderr)
+        return 2
     failed = []
     for name in names:
         try:

@@ -83,7 +83,7 @@ def run(names=None, out_dir="normops-models", quick=False, progress=True, norms=
     ``quick``: a few steps per model, no targets; ``steps``: this many steps for every model;
     ``threads``: torch's intra-op threads while training (restored after; on a shared machine, 1
     avoids the threads waiting on each other at these small sizes)."""
-    with _threads(threads):
+    with _threads(threads), torch.random.fork_rng(devices=[]):  # training seeds torch's RNG: the caller's stays
         return _run(names, out_dir, quick, progress, norms, steps, seed)
 
 

@@ -170,7 +170,8 @@ def format_rows(rows: Sequence[Row]) -> str:
         cells += [_num(r.steps_per_s.get(n), ".1f") for n in norms]
         if "speedup" in headers:
             a, b = r.steps_per_s.get("normops"), r.steps_per_s.get("torch")
-            cells.append(f"{a / b:.2f}x" if a and b else "-")
+            # a quick run (met is None) is a few untimed-warm-up steps: too few for a speed comparison
+            cells.append(f"{a / b:.2f}x" if a and b and r.met is not None else "-")
         out.append(cells)
     return _table(headers, out, right=set(headers[3:]) - {"met"})
 
