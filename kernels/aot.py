@@ -150,7 +150,8 @@ def _bn_source(job):
         fn = batch_norm._batch_norm_bwd_kernel
         types = dict(DY=e, X=e, W=we, B=we, SUMS="*fp32", DX=e, eps="fp32", total="i32", **stats, **ints)
         consts = dict(WANT_DX=True, ONE_PASS=cfg.one_pass, **flags, **tile)
-    unaligned = ("s_tiles", "n_tiles", "c_blocks", "chunk", "split", "total", "eps") + (() if s_aligned else ("S",))
+    unaligned = ("s_tiles", "n_tiles", "c_blocks", "chunk", "split", "total", "eps") + \
+        (() if s_aligned else ("C", "N") if cfg.block_s == 1 else ("S",))
     return _signature(fn, types, consts, unaligned=unaligned)
 
 
@@ -220,8 +221,9 @@ def _describe(job):
         return f"combine {c.finalize_split} chunks x {c.finalize_c} channels"
     if job.kernel.startswith("bn_"):
         c, training, s_aligned = job.config
-        return (f"{'train' if training else 'eval '} tile={c.block_n}x{c.block_c}x{c.block_s}"
-                f"{'' if s_aligned else ' S%16'} {'one_pass' if c.one_pass else 'looped'}")
+        unaligned = "" if s_aligned else " C%16" if c.block_s == 1 else " S%16"
+        return (f"{'train' if training else 'eval '} tile={c.block_n}x{c.block_c}x{c.block_s}{unaligned} "
+                f"{'one_pass' if c.one_pass else 'looped'}")
     if job.kernel.startswith("gn_"):
         c, channels_last = job.config
         split = f" split_block={c.split_block}" if job.kernel == "gn_fwd" and not c.one_pass else ""
@@ -289,7 +291,8 @@ def batch_norm_jobs(targets, exhaustive=False):
         if channels_last and s == 1:
             continue  # no positions: channels_last is plain contiguous
         view = (n * s, c, 1) if channels_last or s == 1 else (n, c, s)
-        aligned = view[2] == 1 or view[2] % 16 == 0
+        # the JIT marks an integer argument divisible by 16 when it is: S, and C in the (N * S, C, 1) view
+        aligned = view[2] % 16 == 0 if view[2] > 1 else view[1] % 16 == 0
         fwd = BatchNormConfig.forward(*view, training, BN_PROGRAMS)
         bwd = BatchNormConfig.backward(*view, training, BN_PROGRAMS)
         # split and chunk are runtime arguments: one compile serves them all
@@ -300,7 +303,8 @@ def batch_norm_jobs(targets, exhaustive=False):
     configs["bn_stats"] = {(dataclasses.replace(c, finalize_split=1, finalize_c=1), True, a) for c, _, a in split_fwd}
     configs["bn_finalize"] = {(BatchNormConfig(1, 1, 1, 4, False, 0, 0, c.finalize_split, c.finalize_c), True, True)
                               for c, _, _ in split_fwd}
-    configs["bn_fwd"] = {(dataclasses.replace(c, finalize_split=1, finalize_c=1), t, a) for c, t, a in configs["bn_fwd"]}
+    configs["bn_fwd"] = {(dataclasses.replace(c, finalize_split=1, finalize_c=1), t, a)
+                         for c, t, a in configs["bn_fwd"]}
     configs["bn_bwd_sums"] = {k for k in configs["bn_bwd"] if not k[0].one_pass}
     if exhaustive:
         variants = [("batch_norm+gelu/w32", "bf16")]

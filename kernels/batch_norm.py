@@ -335,10 +335,11 @@ def supported(x):
 
 @functools.lru_cache(maxsize=1024)
 def _offsets_fit(n, c, s):
-    """A tile's offsets from its int64 start reach block_n * C * S'; block_n does not depend on
-    the program count."""
-    return all(cfg.block_n * c * s < 2**31 for training in (False, True) for cfg in
-               (BatchNormConfig.forward(n, c, s, training, 1), BatchNormConfig.backward(n, c, s, training, 1)))
+    """A tile's offsets from its int64 start reach block_n * C * S' (block_n does not depend on the
+    program count), and its first sample index n0 = tile * block_n, int32 in _tile, reaches N'."""
+    return n < 2**31 - 2**16 and all(
+        cfg.block_n * c * s < 2**31 for training in (False, True)
+        for cfg in (BatchNormConfig.forward(n, c, s, training, 1), BatchNormConfig.backward(n, c, s, training, 1)))
 
 
 def _launch_geometry(cfg, n, c, s):

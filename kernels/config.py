@@ -196,8 +196,9 @@ class GroupNormConfig:
 BN_FWD_ONE_PASS_MAX = 8192
 BN_FWD_ELEMENTS_PER_WARP = 1024
 BN_BWD_ONE_PASS_MAX = 8192
-# Positions not a multiple of 16 (2, 7x7, 14x14) get no vector loads, and every element its own
-# 64-bit address, which costs registers: one-pass tiles stop at 4K, one warp per 128 elements (4
+# Positions not a multiple of 16 (2, 7x7, 14x14), or in the (N * S, C, 1) view channels not a
+# multiple of 16, get no vector loads, and every element its own 64-bit address, which costs
+# registers: one-pass tiles stop at 4K, one warp per 128 elements (4
 # values a thread, 8 at 4K and 16 warps). At 8K the gelu kernels spilled 8-88 bytes (4096x1x2
 # forward at 8 warps, sm_80, triton 3.9; 32x128x2 and 32x32x8, 8 and 16 warps, triton 3.6); at one
 # warp per 256, the 8x128x2 eval backward still spilled 8 bytes under triton 3.6 (sm_90, 8 warps).
@@ -267,7 +268,7 @@ class BatchNormConfig:
 
     @classmethod
     def _make(cls, n, c, s, programs, one_pass_max, per_warp):
-        if s > 1 and s % 16 and one_pass_max:
+        if (s % 16 if s > 1 else c % 16) and one_pass_max:  # the contiguous axis: positions, or channels
             one_pass_max, per_warp = BN_UNALIGNED_ONE_PASS_MAX, BN_UNALIGNED_ELEMENTS_PER_WARP
         if s == 1:
             block_c, block_s = min(next_pow2(c), BN_ROW_CHANNELS), 1

@@ -80,7 +80,8 @@ def _fusion_hint(norm, module):
     if norm.startswith("LayerNorm"):
         return ("In a pre-norm block (h = x + sublayer(x); y = LayerNorm(h)), normops fuses the residual add: "
                 "y, h = normops.functional.add_layer_norm(sublayer_out, h, [d_model], weight, bias)")
-    return "Where an activation follows the norm (Conv -> Norm -> Activation), normops fuses it: " + _with_activation(module)
+    return ("Where an activation follows the norm (Conv -> Norm -> Activation), normops fuses it: "
+            + _with_activation(module))
 
 
 def _with_activation(module):
@@ -133,9 +134,10 @@ def recommend(task: str, batch_size: Optional[int] = None, multi_gpu: bool = Fal
                 f"normalizes with its running statistics."))
         path.append(f"{Q_BATCH} no (batch size {batch_size})")
         return _leaf("GroupNorm", path, (
-            f"batch size {batch_size} < {BATCH_THRESHOLD}: BatchNorm's batch statistics would be noisy (at batch size 1 it "
-            f"trains as an InstanceNorm, and eval's running statistics do not match); GroupNorm normalizes each sample over groups of channels, independent of the batch "
-            f"size and the same in training and eval."), multi_gpu)
+            f"batch size {batch_size} < {BATCH_THRESHOLD}: BatchNorm's batch statistics would be noisy (at batch "
+            f"size 1 it trains as an InstanceNorm, and eval's running statistics do not match); GroupNorm "
+            f"normalizes each sample over groups of channels, independent of the batch size and the same in "
+            f"training and eval."), multi_gpu)
     if branch == "style":
         path = images + [f"{Q_CLASSIFY} no", f"{Q_STYLE} yes"]
         return _leaf("InstanceNorm", path, (

@@ -21,6 +21,7 @@ plots matplotlib; both are imported on first use only.
 ``add_parser(subparsers)`` registers ``normops demo`` on the ``normops`` command line.
 """
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -84,8 +85,8 @@ def run_cli(args):
         return 2
     names = list(LESSONS) if args.lesson == "all" else [args.lesson]
     try:  # what every lesson needs, checked before any of them trains
-        import matplotlib  # noqa: F401
-        import sklearn  # noqa: F401
+        for module in ("matplotlib", "sklearn"):
+            importlib.import_module(module)
         os.makedirs(args.out, exist_ok=True)
     except (ImportError, OSError) as e:
         print(f"normops demo: error: {type(e).__name__}: {e} (pip install 'normops[models]'; --out must be a "

@@ -87,7 +87,6 @@ def run(names=None, out_dir="normops-models", quick=False, progress=True, norms=
         return _run(names, out_dir, quick, progress, norms, steps, seed)
 
 
-
 def add_parser(subparsers):
     """Register ``models`` on an argparse subparsers object (``normops models --help``)."""
     p = subparsers.add_parser(

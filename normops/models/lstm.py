@@ -81,8 +81,8 @@ def digit_accuracy(model, x, y):
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
     return train_sequences(NAME, norm, lambda: LSTM(norm), lambda params: torch.optim.Adam(params, lr=LR),
-                           lambda n, seed: running_sum_task(n, LENGTH, VOCAB, seed=seed), digit_accuracy, LR, BATCH, steps, seed,
-                           progress)
+                           lambda n, seed: running_sum_task(n, LENGTH, VOCAB, seed=seed), digit_accuracy, LR, BATCH,
+                           steps, seed, progress)
 
 
 def tiny_loss(norm="normops", seed=0):

@@ -76,9 +76,10 @@ def sequence_accuracy(model, x, y):
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
-    return train_sequences(NAME, norm, lambda: Encoder(norm), lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.01),
-                           lambda n, seed: sort_task(n, LENGTH, VOCAB, seed=seed), sequence_accuracy, LR, BATCH, steps, seed,
-                           progress)
+    return train_sequences(NAME, norm, lambda: Encoder(norm),
+                           lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.01),
+                           lambda n, seed: sort_task(n, LENGTH, VOCAB, seed=seed), sequence_accuracy, LR, BATCH,
+                           steps, seed, progress)
 
 
 def tiny_loss(norm="normops", seed=0):
