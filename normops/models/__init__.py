@@ -119,7 +119,7 @@ def run_cli(args):
     except (ImportError, OSError) as e:  # scikit-learn or matplotlib missing, out dir not writable
         print(f"normops models: error: {e}", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}"
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, seed {args.seed}"
           + (", quick: targets not checked" if args.quick else ""))
     print(format_rows(rows))
     print(f"\nsteps/s: training steps per second (data and evaluation excluded); PNGs in {args.out}; "

@@ -34,11 +34,27 @@ def norm_act(norm, kind, *args, activation=None, **kwargs):
     return getattr(nn, kind)(*args, **kwargs), _ACTIVATIONS[activation]()
 
 
+class ResidualLayerNorm(normops.nn.LayerNorm):
+    """``normops.nn.LayerNorm`` that also takes a pre-norm block's residual: ``ln(x, residual)`` is
+    one fused ``normops.functional.add_layer_norm`` returning ``(y, h = x + residual)``. A module
+    call, so hooks (``normops.inspect``'s) see it; its parameters and state_dict are LayerNorm's."""
+
+    def forward(self, input, residual=None):
+        if residual is None:
+            return super().forward(input)
+        return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def residual_layer_norm(norm, dim):
+    """The LayerNorm of a pre-norm residual stream: ``ResidualLayerNorm`` (normops) or torch.nn's."""
+    return ResidualLayerNorm(dim) if check_norm(norm) == "normops" else nn.LayerNorm(dim)
+
+
 def add_norm(norm, x, residual, ln):
     """The pre-norm residual step ``h = x + residual; y = ln(h)``; returns ``(y, h)``. With normops
-    it is one fused ``add_layer_norm`` call using the LayerNorm module ``ln``'s parameters."""
+    it is one fused ``add_layer_norm`` call (``ResidualLayerNorm``)."""
     if norm == "normops":
-        return F.add_layer_norm(x, residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return ln(x, residual)
     h = x + residual
     return ln(h), h
 

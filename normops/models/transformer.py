@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as TF
 
 from .data import sort_task
-from .norms import add_norm, check_norm, norm_act, seeded
+from .norms import add_norm, check_norm, residual_layer_norm, seeded
 from .train import train_sequences
 
 NAME = "transformer"
@@ -58,7 +58,7 @@ class Encoder(nn.Module):
         for _ in range(layers):
             self.sublayers.extend([Attention(dim, heads), MLP(dim, 4 * dim)])
         # norms[i] feeds sublayer i; norms[-1] is the final norm, before the head.
-        self.norms = nn.ModuleList(norm_act(norm, "LayerNorm", dim)[0] for _ in range(2 * layers + 1))
+        self.norms = nn.ModuleList(residual_layer_norm(norm, dim) for _ in range(2 * layers + 1))
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, tokens):
