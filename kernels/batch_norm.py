@@ -47,7 +47,7 @@ import triton.language as tl
 
 from normops.backends.torch_backend import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, param_grads, stat_dtype
 from .config import LOOP_WARPS, BatchNormConfig, programs_per_wave
 
 
@@ -403,7 +403,7 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
                  RUNNING=not training, **_tile_args(cfg, x))
     w_arg, b_arg = (weight if weight is not None else mean), (bias if bias is not None else mean)
-    sums = torch.empty((2, c), dtype=sd, device=x.device)
+    sums = torch.empty((2, c), dtype=sd, device=x.device) if cfg.one_pass else mean  # eval dx alone: unread
     if not cfg.one_pass and (training or want_dw or want_db):
         part = torch.empty((cfg.split, 2, c), dtype=sd, device=x.device)
         _batch_norm_bwd_sums_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, part, *geometry, eps, **flags)
@@ -411,8 +411,4 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     if cfg.one_pass or want_dx:
         _batch_norm_bwd_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, sums, dx if dx is not None else sums,
                                      *geometry, eps, n * s, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
-    dw = sums[0].to(weight.dtype) if want_dw else None
-    db = sums[1].to(bias.dtype) if want_db else None
-    if dw is not None and db is not None and dw.dtype == db.dtype == sums.dtype:
-        db = db.clone()  # both are views of `sums`, and an op's outputs may not alias each other
-    return dx, dw, db
+    return (dx, *param_grads(sums, weight, bias, want_dw, want_db))

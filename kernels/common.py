@@ -40,6 +40,17 @@ def stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def param_grads(sums, weight, bias, want_dw, want_db):
+    """(dweight, dbias) from the totals ``sums[0]`` (weight) and ``sums[1]`` (bias), in the
+    parameters' shapes and dtypes; None where not wanted. When both would be views of ``sums``, the
+    bias gradient is a copy: an op's outputs may not alias each other."""
+    dw = sums[0].reshape(weight.shape).to(weight.dtype) if want_dw else None
+    db = sums[1].reshape(bias.shape).to(bias.dtype) if want_db else None
+    if dw is not None and db is not None and dw.dtype == db.dtype == sums.dtype:
+        db = db.clone()
+    return dw, db
+
+
 def dense(t):
     """Weight and bias are read with unit stride (None stays None)."""
     return None if t is None else t.contiguous()

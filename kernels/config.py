@@ -198,10 +198,10 @@ BN_FWD_ELEMENTS_PER_WARP = 1024
 BN_BWD_ONE_PASS_MAX = 8192
 # Positions not a multiple of 16 (2, 7x7, 14x14), or in the (N * S, C, 1) view channels not a
 # multiple of 16, get no vector loads, and every element its own 64-bit address, which costs
-# registers: one-pass tiles stop at 4K, one warp per 128 elements (4
-# values a thread, 8 at 4K and 16 warps). At 8K the gelu kernels spilled 8-88 bytes (4096x1x2
-# forward at 8 warps, sm_80, triton 3.9; 32x128x2 and 32x32x8, 8 and 16 warps, triton 3.6); at one
-# warp per 256, the 8x128x2 eval backward still spilled 8 bytes under triton 3.6 (sm_90, 8 warps).
+# registers: one-pass tiles stop at 4K, one warp per 128 elements (4 values a thread, 8 at 4K and
+# 16 warps). At 8K the gelu kernels spilled 8-88 bytes (4096x1x2 forward at 8 warps, sm_80, triton
+# 3.9; 32x128x2 and 32x32x8, 8 and 16 warps, triton 3.6); at one warp per 256, the 8x128x2 eval
+# backward still spilled 8 bytes under triton 3.6 (sm_90, 8 warps).
 BN_UNALIGNED_ONE_PASS_MAX = 4096
 BN_UNALIGNED_ELEMENTS_PER_WARP = 128
 # Tile of the looped (split) kernels: 2K values over 8 warps, 8 a thread (16 bytes of bf16: one

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from normops.backends.torch_backend import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, param_grads, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
 
 
@@ -379,8 +379,4 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     if not (want_dw or want_db):
         return dx, None, None
     sums = part.sum(0)  # [2, C], a fixed-order reduction over samples: deterministic
-    dw = sums[0].to(weight.dtype) if want_dw else None
-    db = sums[1].to(bias.dtype) if want_db else None
-    if dw is not None and db is not None and dw.dtype == db.dtype == sums.dtype:
-        db = db.clone()  # both are views of `sums`, and an op's outputs may not alias each other
-    return dx, dw, db
+    return (dx, *param_grads(sums, weight, bias, want_dw, want_db))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, param_grads, stat_dtype
 from .config import RowNormConfig, programs_per_wave
 
 @triton.jit
@@ -372,8 +372,4 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     if part is None:
         return dx, None, None
     sums = part.sum(0)  # a fixed-order reduction over programs: deterministic
-    dw = sums[0].reshape(weight.shape).to(weight.dtype) if want_dw else None
-    db = sums[1].reshape(bias.shape).to(bias.dtype) if want_db else None
-    if dw is not None and db is not None and dw.dtype == db.dtype == sums.dtype:
-        db = db.clone()  # both are views of `sums`, and an op's outputs may not alias each other
-    return dx, dw, db
+    return (dx, *param_grads(sums, weight, bias, want_dw, want_db))

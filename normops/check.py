@@ -238,9 +238,10 @@ class CaseResult:
 
 
 def _error_text(e):
+    """``Type: first line of the message`` (at most 300 characters; just ``Type`` without a message)."""
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    return f"{type(e).__name__}: {first[:300]}"
+    return f"{type(e).__name__}: {first[:300]}".rstrip(": ")
 
 
 def run_case(op, backend_name, dtype_name, device):

@@ -20,6 +20,7 @@ build and the path taken; ``normops guide --task T [--batch-size N] [--multi-gpu
 quick-reference table. ``batch_size`` is what one training step's statistics would cover: with
 ``multi_gpu``, the global batch, which is what SyncBatchNorm's statistics cover.
 """
+import argparse
 import dataclasses
 import sys
 from typing import Optional, Tuple
@@ -205,16 +206,6 @@ def format_reference_table():
 
 # --- the command --------------------------------------------------------------------------------
 
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"expected a positive integer, got {text!r}")
-    return n
-
-
 def add_parser(subparsers):
     """Register ``normops guide`` on an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -270,7 +261,7 @@ def _ask(question, parse):
             raise _EndOfInput
         try:
             return parse(line.strip())
-        except ValueError as e:
+        except (ValueError, argparse.ArgumentTypeError) as e:
             print(f"  {e}")
 
 
@@ -299,7 +290,7 @@ def _interactive(batch_size=None, multi_gpu=None):
             print("The decision tree has no leaf for this; see `normops guide --table` for what each norm does.")
             return 1
         if needs_batch_size(task) and batch_size is None:
-            batch_size = _ask("Batch size per training step (all GPUs together)?", _positive_int)
+            batch_size = _ask("Batch size per training step (all GPUs together)?", positive_int_arg)
         if multi_gpu is None and recommend(task, batch_size).norm == "BatchNorm":
             multi_gpu = _ask(f"{Q_MULTI_GPU} [y/n]", _yes_no)
     except _EndOfInput:

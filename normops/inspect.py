@@ -56,7 +56,7 @@ from torch import nn
 
 import normops.nn as normops_nn
 from normops.backends import current_backend, triton_interpret
-from normops.check import _table, positive_int_arg
+from normops.check import _error_text, _table, positive_int_arg
 from normops.convert import TWINS
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -409,11 +409,6 @@ def _restored(model):
                 b.copy_(saved)
         for m, training in modes:
             m.training = training
-
-
-def _error_text(e):
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _run_example(model, example_input, layers, findings):

@@ -15,18 +15,15 @@ import time
 import torch
 from torch import nn
 
-NORMS = ("normops", "torch")
+from ..check import _error_text as error_text  # noqa: F401
+from ..models.data import generator  # noqa: F401  (the lessons' seeded generators too)
+from ..models.norms import NORMS, check_norm  # noqa: F401
+
 CNN_KINDS = ("none", "batch", "layer", "group", "instance")
 GROUPS = 4  # GroupNorm groups in the CNN: 16 and 32 channels, 4 or 8 per group
 
 
 # --- which implementation ------------------------------------------------------------------------
-
-def check_norm(norm):
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}; got {norm!r}")
-    return norm
-
 
 def modules(norm):
     """The module namespace of ``norm``: ``normops.nn`` or ``torch.nn``."""
@@ -82,10 +79,6 @@ def lesson(fn):
     return run
 
 
-def generator(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def header(title):
     print(f"\n== {title} ==")
 
@@ -99,10 +92,6 @@ def max_diff(a, b):
 def fmt(values, spec="+.3f"):
     """A list of floats as ``[a, b, c]`` with ``spec``."""
     return "[" + ", ".join(format(float(v), spec) for v in values) + "]"
-
-
-def error_text(e):
-    return f"{type(e).__name__}: {e}"
 
 
 # --- plots ---------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ _ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.
 
 
 def check_norm(norm):
+    """``norm`` itself when it is one of ``NORMS`` (the models' and the lessons' choice), else ValueError."""
     if norm not in NORMS:
-        raise ValueError(f"norm must be 'normops' or 'torch', got {norm!r}")
+        raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}; got {norm!r}")
     return norm
 
 
