@@ -4,7 +4,6 @@ flags, with answers fed on stdin (interactive), at the end of input, and on usag
 The command runs through a parser built here with ``guide.add_parser`` (the one ``normops.cli``
 registers), in-process: nothing here needs more than the standard library and normops.
 """
-import argparse
 import io
 import re
 import sys
@@ -14,7 +13,7 @@ import torch
 
 import normops
 from cases import argparse_rejects
-from normops import guide
+from normops import cli, guide
 
 IMAGES, NOT_IMAGES = "Working with images? yes", "Working with images? no"
 
@@ -115,10 +114,7 @@ def test_recommend_rejects(task, batch_size, message):
 # --- the command ---------------------------------------------------------------------------------
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="normops")
-    guide.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)
 
 
 def run(capsys, monkeypatch, *argv, stdin=None):

@@ -4,7 +4,6 @@ it was (buffers, training flags, hooks), and ``normops inspect`` through a fake 
 
 Models are a few channels at 8x8 so the whole file runs in seconds on two CPU cores.
 """
-import argparse
 import sys
 import types
 
@@ -13,8 +12,9 @@ import torch
 from torch import nn
 
 import normops
+from normops import cli
 from normops import nn as nnn
-from normops.inspect import MODEL, NOT_NORMOPS, Finding, Report, add_parser, inspect
+from normops.inspect import MODEL, NOT_NORMOPS, Finding, Report, inspect
 
 
 def checks(report):
@@ -365,10 +365,7 @@ def fake_models(monkeypatch, example=True, build=True):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="normops")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)
 
 
 def run(capsys, *argv):

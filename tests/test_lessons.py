@@ -7,12 +7,11 @@ lesson that compared a module with itself, used the biased running variance, or 
 and eval would trip them. Where a lesson reports an error it computed itself, a check below also
 recomputes the quantity independently with torch.nn.
 """
-import argparse
 
 import pytest
 import torch
 
-from normops import lessons
+from normops import cli, lessons
 from normops.lessons import batch_norm, sequences
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -165,10 +164,7 @@ def test_mistakes(tmp_path):
 # --- the command line --------------------------------------------------------------------------
 
 def demo(capsys, *argv):
-    parser = argparse.ArgumentParser(prog="normops")
-    lessons.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["demo", *argv])
-    code = args.func(args)
+    code = cli.main(["demo", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -6,7 +6,6 @@ Everything here is small: a few training steps, tiny models for the Triton inter
 runner and the command in quick mode or with 2 steps. Whether the full training runs meet their
 targets is not tested here (minutes of CPU); ``normops models`` checks that.
 """
-import argparse
 import contextlib
 import importlib
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 import normops
-from normops import models
+from normops import cli, models
 from normops.models import data
 
 MODULES = {name: importlib.import_module(f"normops.models.{name}") for name in models.MODELS}
@@ -194,10 +193,7 @@ def test_runner_quick(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="normops")
-    models.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)
 
 
 def test_cli_quick_prints_table_and_exits_0(tmp_path, capsys):

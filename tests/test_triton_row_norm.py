@@ -11,12 +11,10 @@ import torch
 pytest.importorskip("triton")
 
 import normops  # noqa: E402
-from cases import ATOL, F, TF, assert_close_to_reference, err, layout_copies, make, params  # noqa: E402
+from cases import (  # noqa: E402
+    ATOL, CUDA, DEVICE, LOW, F, TF, assert_close_to_reference, err, layout_copies, make, params)
 from normops.backends import numpy_backend  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-LOW = [torch.float16, torch.bfloat16]
 # 1, 7 and 781 are one-pass and packed several rows a program; 4097 is one pass just past a power
 # of two; 20000 is past both one-pass limits (16K forward, 8K backward): the column-looped kernels.
 WIDTHS = [1, 7, 781, 4097, 20000]
