@@ -3,6 +3,18 @@
 #
 #     bash benchmarks/gpu_validate.sh [STAGE ...]      stages: install env tests check aot bench report
 #                                                      (default: all of them, in that order)
+#                                                      and acceptance (not in the default)
+#
+# On a lease of 15 minutes of device time (the machine's start included), run
+#
+#     bash benchmarks/gpu_validate.sh install acceptance
+#
+# and nothing else first: benchmarks/acceptance.py runs the Triton CUDA tests and `normops check`
+# in the background while it warms the kernel caches in parallel, then times only the cases that
+# the issues' performance points name, within a budget (about 7 minutes in all), and prints a
+# verdict per point last. When $OUT is set (the device tool), the results folder is packed into
+# $OUT/results.tgz and acceptance.md is copied beside it. The full stages below take far longer:
+# the bench stage alone times 1134 cases, 162 under torch.compile.
 #
 # Everything it produces lands in benchmarks/results/<gpu>-<date>/: the environment, one log per
 # stage, the AOT table, the pytest-benchmark JSON, the report (markdown + plots), and status.txt
@@ -12,7 +24,8 @@
 # beyond `pip install --no-deps --no-build-isolation -e .` (the `install` stage runs exactly that;
 # pytest, pytest-benchmark and matplotlib are expected to be there already).
 #
-# Knobs: PYTHON (default python3); NORMOPS_TEST_ARGS (extra pytest arguments for the tests stage,
+# Knobs: PYTHON (default python3); NORMOPS_ACCEPTANCE_ARGS (extra arguments of acceptance.py, e.g.
+# "--budget 300 --families row_norm"); NORMOPS_TEST_ARGS (extra pytest arguments for the tests stage,
 # e.g. "-n 8" where pytest-xdist is installed); for the bench stage NORMOPS_BENCH_FAMILIES (default
 # "row_norm group_norm batch_norm", one JSON each), NORMOPS_BENCH_ARGS (extra pytest arguments, e.g.
 # "-k 'not compile'") and NORMOPS_BENCH_TAG (a suffix for the JSON names, so filtered runs add files
@@ -55,10 +68,16 @@ for stage in "${stages[@]}"; do
         run_stage "bench-$fam" bash -c "$PY -m pytest benchmarks/bench_${fam}.py -q -p no:cacheprovider --benchmark-json=$json ${NORMOPS_BENCH_ARGS:-}"
       done ;;
     report) run_stage report bash -c "$PY benchmarks/report.py $out/bench-*.json --out $out" ;;
-    *) echo "unknown stage: $stage (stages: install env tests check aot bench report)"; exit 2 ;;
+    acceptance) run_stage acceptance $PY benchmarks/acceptance.py --out "$out" --tests ${NORMOPS_ACCEPTANCE_ARGS:-} ;;
+    *) echo "unknown stage: $stage (stages: install env tests check aot bench report acceptance)"; exit 2 ;;
   esac
 done
 echo
 echo "results: $out"
 cat "$out/status.txt"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool brings back what is under $OUT: 8 files at most
+  tar czf "$OUT/results.tgz" -C "$(dirname "$out")" "$(basename "$out")"
+  [ -f "$out/acceptance.md" ] && cp "$out/acceptance.md" "$OUT/"
+fi
 if [ -f "$out/report.log" ]; then echo; cat "$out/report.log"; fi  # the benchmark summary, last
+if [ -f "$out/acceptance.md" ]; then echo; cat "$out/acceptance.md"; fi

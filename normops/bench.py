@@ -138,10 +138,12 @@ def _clear_grads(inputs):
         inputs[k].grad = None
 
 
-def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torch.contiguous_format):
-    """A zero-argument callable running one timed call (synchronized on a GPU). The input (and
-    residual) are laid out in `memory_format`; the incoming gradient in the output's layout, as the
-    next layer of a network would hand it back."""
+def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torch.contiguous_format, sync=True,
+                copies=None):
+    """A zero-argument callable running one timed call (synchronized on a GPU unless `sync` is
+    false: time_events times back-to-back calls). The input (and residual) are laid out in
+    `memory_format`; the incoming gradient in the output's layout, as the next layer of a network
+    would hand it back. `copies`: input sets to rotate through (default: enough to leave L2)."""
     op = OPS[op_name]
     device = torch.device(device)
     fn = {"normops": op.ours, "torch": op.ref}.get(provider)
@@ -150,7 +152,7 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
         fn = torch.compile(op.ref)
     grad = pas != "fwd"
     inputs = []
-    for _ in range(_copies(shape, dtype, device)):
+    for _ in range(copies or _copies(shape, dtype, device)):
         t = op.make(shape, dtype, device)
         for k in ("x", "r"):
             if k in t:
@@ -171,7 +173,8 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
             i = state["i"] = (state["i"] + 1) % len(inputs)
             _clear_grads(inputs[i])  # no accumulation kernel into an existing .grad
             outs[i].backward(grads[i], retain_graph=True)
-            _sync(device)
+            if sync:
+                _sync(device)
     else:
         with torch.no_grad():  # the output's layout (instance_norm's is contiguous whatever the input's)
             dy = torch.randn_like(first(op.ref(inputs[0])))
@@ -182,7 +185,8 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
             if grad:
                 _clear_grads(inputs[i])
                 out.backward(dy)
-            _sync(device)
+            if sync:
+                _sync(device)
     return run
 
 
@@ -196,6 +200,39 @@ def time_runner(run, warmup=3, reps=20):
         run()
         times.append((time.perf_counter() - t) * 1e3)
     return _summary(times)
+
+
+def time_events(run, device, warmup=3, trial_ms=20.0, trials=5):
+    """Median, p20 and p80 in ms of one call of an unsynchronized `run` (make_runner(sync=False)),
+    each trial timing back-to-back calls between two CUDA events, so the launch gaps a training
+    step does not see stay out (a call whose host work outlasts its kernels is timed by the host
+    work, as a training step would be). The calls a trial makes come from a synchronized first
+    call, to fill about `trial_ms`. On a CPU device, wall time of the same loop."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    t = time.perf_counter()
+    run()
+    _sync(device)
+    calls = max(1, min(1000, int(trial_ms / max((time.perf_counter() - t) * 1e3, 1e-3))))
+    times = []
+    for _ in range(trials):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        else:
+            t = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times.append((time.perf_counter() - t) * 1e3 / calls)
+    return dict(_summary(times), calls=calls)
 
 
 def _summary(times):
@@ -232,7 +269,7 @@ def copy_bandwidth(device):
     n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32 per buffer
     a = torch.empty(n, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
-    t = time_runner(lambda: (b.copy_(a), _sync(device)), warmup=3, reps=10)
+    t = time_events(lambda: b.copy_(a), device, warmup=3, trial_ms=20.0, trials=5)
     return 2 * a.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
 
 

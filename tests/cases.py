@@ -6,6 +6,8 @@ atol. Torch's error is the honest yardstick: the inputs and outputs are rounded 
 no implementation can do much better, and one that does much worse has a real bug.
 """
 import contextlib
+import importlib.util
+import pathlib
 
 import torch
 from torch.nn import functional as TF
@@ -173,3 +175,12 @@ def torch_add_rms_norm(x, r, shape, w, eps=None):
 
 
 __all__ = ["F", "TF"]
+
+
+def benchmark_script(name):
+    """benchmarks/<name>.py (a script, not in a package) imported as a module."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"normops_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

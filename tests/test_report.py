@@ -4,12 +4,13 @@ The medians are chosen so every number in report.md is known exactly: normops 1 
 (float32) or 8 ms (bfloat16), so the geometric-mean speedup over a table is sqrt(2 * 8) = 4.00;
 torch.compile 1.5 ms (1.50); 2 MB moved in 1 ms = 2.0 GB/s, 20.0 % of a 10 GB/s copy bandwidth.
 """
-import importlib.util
 import json
 import pathlib
 import sys
 
 import pytest
+
+from cases import benchmark_script
 
 REPORT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
 OPS = {"layer_norm": [(4096, 1024), (4096, 4096)], "group_norm+silu": [(8, 256, 32, 32), (8, 64, 64, 64)]}
@@ -20,10 +21,7 @@ ENV = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "torch": "2.13.
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("normops_benchmarks_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("report")
 
 
 def record(op, shape, dtype, provider, pas):
