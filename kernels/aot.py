@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from . import batch_norm, group_norm, row_norm  # noqa: E402
+from .common import launch_options  # noqa: E402
 from .config import BatchNormConfig, GroupNormConfig, RowNormConfig  # noqa: E402
 
 # The widths the benchmarks run (transformer rows, narrow to 256K); the heuristics map them to
@@ -194,7 +195,7 @@ def compile_one(job):
     """(job, {"REG": .., "SHARED": .., "LOCAL": ..}, error or None)."""
     try:
         compiled = triton.compile(_source(job), target=GPUTarget("cuda", job.target, 32),
-                                  options={"num_warps": _config(job).num_warps})
+                                  options=launch_options(_config(job).num_warps))
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(compiled.asm["cubin"])
         try:
@@ -234,12 +235,17 @@ def _describe(job):
 
 
 def row_norm_jobs(targets):
-    configs = {"fwd": sorted({RowNormConfig.forward(n) for n in WIDTHS}, key=lambda c: (not c.one_pass, c.block_n)),
-               "bwd": sorted({RowNormConfig.backward(n) for n in WIDTHS}, key=lambda c: (not c.one_pass, c.block_n))}
-    configs["bwd_sums"] = [c for c in configs["bwd"] if not c.one_pass]
+    """Every (kernel, config) the heuristics pick over WIDTHS, for each variant and dtype (the
+    backward's one-pass limit depends on the element size)."""
     variants = [(v[0], d) for v in VARIANTS for d in DTYPES] + [(FP32_WEIGHT, "bf16")]
-    return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel, cfgs in configs.items()
-            for cfg in cfgs for variant, dtype in variants]
+    jobs = set()
+    for (variant, dtype), n in itertools.product(variants, WIDTHS):
+        bwd = RowNormConfig.backward(n, 4 if dtype == "fp32" else 2)
+        picks = [("fwd", RowNormConfig.forward(n)), ("bwd", bwd)] + ([] if bwd.one_pass else [("bwd_sums", bwd)])
+        jobs.update((kernel, cfg, variant, dtype) for kernel, cfg in picks)
+    order = {"fwd": 0, "bwd": 1, "bwd_sums": 2}
+    return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel, cfg, variant, dtype in
+            sorted(jobs, key=lambda j: (order[j[0]], not j[1].one_pass, j[1].block_n, variants.index((j[2], j[3]))))]
 
 
 def _gn_grid():

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from normops.backends.torch_backend import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
 from .config import LOOP_WARPS, BatchNormConfig, programs_per_wave
 
 
@@ -351,7 +351,7 @@ def _launch_geometry(cfg, n, c, s):
 
 def _tile_args(cfg, x):
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, ACC=acc_type(x.dtype),
-                num_warps=cfg.num_warps)
+                **launch_options(cfg.num_warps))
 
 
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation, config=None):
@@ -376,7 +376,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, ac
         _batch_norm_stats_kernel[grid](x, part, *geometry, **_tile_args(cfg, x))
         _batch_norm_finalize_kernel[(triton.cdiv(c, cfg.finalize_c),)](
             part, mean, rstd, var, c, cfg.split, n * s, eps, BLOCK_SPLIT=cfg.finalize_split,
-            BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), num_warps=4)
+            BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), **launch_options(4))
     _batch_norm_fwd_kernel[grid](x, y, w_arg, b_arg, mean, rstd, var, *geometry, eps, RUNNING=False,
                                  ONE_PASS=cfg.one_pass, **flags)
     return y, mean, rstd, var

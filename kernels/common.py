@@ -51,6 +51,20 @@ def param_grads(sums, weight, bias, want_dw, want_db):
     return dw, db
 
 
+# The occupancy the launch heuristics plan for: at least 16 warps an SM (kernels/config.py,
+# programs_per_wave), so 128 registers a thread at most whatever the block size.
+MIN_WARPS_PER_SM = 16
+
+
+def launch_options(num_warps):
+    """The launch options of a kernel of `num_warps` warps: those, and maxnreg, the registers a
+    thread may take while MIN_WARPS_PER_SM warps fit in an SM's 64K. Without .maxnreg, ptxas set
+    itself lower targets and at some block sizes kept a value in an 8-byte stack slot at 32-96
+    registers (seen under triton 3.6 and 3.9 by python -m normops.kernels.aot); at 255 it took up
+    to 159 registers, a third of the warps an SM could hold."""
+    return {"num_warps": num_warps, "maxnreg": min(255, 65536 // (32 * max(num_warps, MIN_WARPS_PER_SM)))}
+
+
 def dense(t):
     """Weight and bias are read with unit stride (None stays None)."""
     return None if t is None else t.contiguous()

@@ -3,6 +3,12 @@
 Every threshold says why it is what it is. The numbers are first estimates from the register
 budget of sm_80/sm_90 (64K 32-bit registers per SM, at most 255 per thread), checked for spills by
 ``python -m normops.kernels.aot``; they are to be re-tuned against GPU timings (benchmarks/).
+
+Every kernel is launched with ``maxnreg`` = 128, the registers a thread may take while 16 warps
+fit in an SM (``common.launch_options``, the occupancy ``programs_per_wave`` plans for). The
+spills quoted below as the reason for a limit were seen before that (up to 2026-11-25), when ptxas
+chose its own, lower register targets: some of those limits may now be tighter than they need be,
+which only GPU timings can say is worth changing.
 """
 import dataclasses
 import functools
@@ -38,8 +44,11 @@ def programs_per_wave(device, num_warps):
 # gets at 512 threads, no spills.
 FWD_ONE_PASS_MAX = 16384
 # The backward keeps x, dy, x_hat, the gradient and the dw/db accumulators alive at once: about
-# twice the forward's live values, so half the width.
+# twice the forward's live values, so half the width. Rows of 4-byte (or wider) elements stop at
+# 4K: the fp32 residual+gelu backward at 8K reached the 128-register cap of 16 warps and spilled 40
+# bytes under triton 3.6 (sm_90), and fp64 needs twice fp32's registers.
 BWD_ONE_PASS_MAX = 8192
+BWD_ONE_PASS_MAX_WIDE = 4096
 # Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
 # (16 warps spilled 8 bytes in the looped forward on sm_90.)
 LOOP_BLOCK_N = 4096
@@ -50,13 +59,17 @@ MAX_ROWS_PER_PROGRAM = 16
 
 
 LOOP_WARPS = 8  # for the looped kernels' LOOP_BLOCK_N columns: 16 fp32 values a thread
+# The row norms' looped backward kernels hold more per value (x, dy, x_hat, the gradient, dw/db):
+# at 8 warps, under the 128-register launch budget (common.launch_options), the fp32
+# residual+gelu backward spilled 16 bytes (sm_90, triton 3.6); at 16 (8 values a thread), none.
+BWD_LOOP_WARPS = 16
 
 
 def _warps(elements, per_warp):
     """One warp per `per_warp` elements of a block, between 4 and 16 (more than 16 warps caps a
-    thread at 64 registers). The forward uses 256 (8 fp32 values a thread: at 512, fp32 weights
-    with bf16 x spilled 4 bytes at 2K on sm_80), the backward 512 (it keeps more values alive per
-    element, and at 256 the same case spilled too)."""
+    thread at 64 registers). The row norms use 256 (8 fp32 values a thread) forward and backward:
+    at 512, fp32 weights with bf16 x spilled 4 bytes at 2K on sm_80 in the forward, and under the
+    128-register launch budget the fp32 residual+gelu backward 8 bytes at 4K (sm_90, triton 3.6)."""
     return max(4, min(16, elements // per_warp))
 
 
@@ -75,17 +88,18 @@ class RowNormConfig:
 
     @classmethod
     def forward(cls, n):
-        return cls._make(n, FWD_ONE_PASS_MAX, 256)
+        return cls._make(n, FWD_ONE_PASS_MAX, 256, LOOP_WARPS)
 
     @classmethod
-    def backward(cls, n):
-        return cls._make(n, BWD_ONE_PASS_MAX, 512)
+    def backward(cls, n, elem_bytes=2):
+        """elem_bytes: the size of an element of x."""
+        return cls._make(n, BWD_ONE_PASS_MAX if elem_bytes <= 2 else BWD_ONE_PASS_MAX_WIDE, 256, BWD_LOOP_WARPS)
 
     @classmethod
-    def _make(cls, n, one_pass_max, per_warp):
+    def _make(cls, n, one_pass_max, per_warp, loop_warps):
         block_n = next_pow2(max(n, 1))
         if block_n > one_pass_max:
-            return cls(LOOP_BLOCK_N, 1, LOOP_WARPS, False)
+            return cls(LOOP_BLOCK_N, 1, loop_warps, False)
         block_m = max(1, min(MAX_ROWS_PER_PROGRAM, MIN_ELEMENTS_PER_PROGRAM // block_n))
         return cls(block_n, block_m, _warps(block_m * block_n, per_warp), True)
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from normops.backends.torch_backend import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
 
 
@@ -334,7 +334,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, con
     part = None
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
     tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+                ACC=acc_type(x.dtype), **launch_options(cfg.num_warps))
     if not cfg.one_pass:
         part = torch.empty((n, g, cfg.split, 2), dtype=sd, device=x.device)
         _group_norm_stats_kernel[grid](x, part, *geometry, **tile)
@@ -365,7 +365,7 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
                  CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                 ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+                 ACC=acc_type(x.dtype), **launch_options(cfg.num_warps))
     w_arg = weight if weight is not None else rstd
     b_arg = bias if bias is not None else rstd
     if not cfg.one_pass:

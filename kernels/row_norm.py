@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
 from .config import RowNormConfig, programs_per_wave
 
 @triton.jit
@@ -331,7 +331,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
         m, n, inner, sx_o, sx_i, sr_o, sr_i, eps,
         IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
         ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, ONE_PASS=cfg.one_pass,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **launch_options(cfg.num_warps))
     return y, (h if residual is not None else None), mean, rstd
 
 
@@ -345,7 +345,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     want_dx = output_mask[0]
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
-    cfg = RowNormConfig.backward(n)
+    cfg = RowNormConfig.backward(n, x.element_size())
     sd = stat_dtype(x.dtype)
     n_col = triton.cdiv(n, cfg.block_n)
     n_row_blocks = triton.cdiv(m, cfg.block_m)
@@ -362,13 +362,13 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
         sums = torch.empty((m, 2), dtype=sd, device=x.device)
         _row_norm_bwd_sums_kernel[(m,)](
             dyv, xv, w_arg, b_arg, stats_mean, rstd, sums, n, inner, sdy_o, sdy_i, sx_o, sx_i,
-            BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), num_warps=cfg.num_warps, **flags)
+            BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **launch_options(cfg.num_warps), **flags)
     _row_norm_bwd_kernel[(n_col, g)](
         dyv, xv, w_arg, b_arg, stats_mean, rstd, sums,
         dx if dx is not None else rstd, part if part is not None else rstd,
         m, n, inner, sdy_o, sdy_i, sx_o, sx_i,
         WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ONE_PASS=cfg.one_pass,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), num_warps=cfg.num_warps, **flags)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **launch_options(cfg.num_warps), **flags)
     if part is None:
         return dx, None, None
     sums = part.sum(0)  # a fixed-order reduction over programs: deterministic

@@ -16,7 +16,8 @@ from cases import (  # noqa: E402
 from normops.backends import numpy_backend  # noqa: E402
 
 # 1, 7 and 781 are one-pass and packed several rows a program; 4097 is one pass just past a power
-# of two; 20000 is past both one-pass limits (16K forward, 8K backward): the column-looped kernels.
+# of two (the backward of 4-byte elements loops there: its one-pass limit is 4K); 20000 is past
+# every one-pass limit (16K forward, 8K backward): the column-looped kernels.
 WIDTHS = [1, 7, 781, 4097, 20000]
 
 
@@ -111,6 +112,25 @@ def test_strided_inputs(layout):
     assert bool(copies) == (layout == "last_dim_strided"), f"copies: {copies}"
     assert_close_to_reference(lambda x, w, b: F.layer_norm(x, [n], w, b),
                               lambda x, w, b: TF.layer_norm(x, [n], w, b), [x, w, b], "triton", torch.float32)
+
+
+@pytest.mark.parametrize("width, dtype, one_pass", [(4096, torch.bfloat16, True), (4097, torch.bfloat16, True),
+                                                     (4096, torch.float32, True), (4097, torch.float32, False)],
+                         ids=str)
+def test_backward_one_pass_limit_follows_dtype(monkeypatch, width, dtype, one_pass):
+    """The backward holds rows of 2-byte elements in registers up to 8K, of 4-byte ones up to 4K
+    (kernels/config.py, BWD_ONE_PASS_MAX_WIDE); past that it loops over column blocks."""
+    from normops.kernels import row_norm
+    picked = []
+    real = row_norm.RowNormConfig.backward
+    monkeypatch.setattr(row_norm.RowNormConfig, "backward", lambda *a: picked.append(real(*a)) or picked[-1])
+    x = make((2, width), dtype, requires_grad=False).to(DEVICE)
+    w = torch.ones(width, dtype=dtype, device=DEVICE)
+    with normops.backend("triton"):
+        from normops.backends import triton_backend as tb
+        y, _, mean, rstd = tb.row_norm_fwd(x, None, (width,), w, None, 1e-5, True, "none", True)
+        tb.row_norm_bwd(torch.ones_like(y), x, (width,), w, None, mean, rstd, True, "none", [True, True, False])
+    assert [c.one_pass for c in picked] == [one_pass]
 
 
 def test_wide_rows_several_per_program():
