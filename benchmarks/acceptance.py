@@ -1,33 +1,38 @@
 """The performance points of the kernel issues (#3 row norms, #4 GroupNorm/InstanceNorm, #5
 BatchNorm), measured in one bounded call on a GPU, with a verdict for each point.
 
-    python benchmarks/acceptance.py [--out DIR] [--budget SECONDS] [--families row_norm,group_norm,batch_norm]
-                                    [--dtype bfloat16] [--warm-jobs N] [--tests] [--no-compile] [--smoke]
+    python benchmarks/acceptance.py [--out DIR] [--mirror DIR] [--budget SECONDS] [--tests]
+                                    [--families row_norm,group_norm,batch_norm] [--dtype bfloat16]
+                                    [--warm-jobs N] [--no-compile] [--smoke]
 
 A lent GPU here has 15 minutes of device time, starting the machine included. The pytest-benchmark
 suites (benchmarks/bench_*.py) time 1134 cases, 162 of them under torch.compile, each by the host
 clock: they do not fit. This times the cases the points name, and nothing else:
-  1. with --tests, the Triton CUDA tests (and `normops check --device cuda`) start in the
-     background, under pytest-xdist where it is installed, while
+  1. with --tests, the Triton CUDA tests and `normops check --device cuda` start in the
+     background (pytest-xdist where it is installed), while
   2. --warm-jobs processes call every case once (normops and torch.compile), filling Triton's and
      Inductor's on-disk caches in parallel, so that the timed pass compiles nothing;
-  3. once both are done, the timed pass runs alone on the GPU, point by point, until the budget is
-     spent: normops.bench.time_events (CUDA events around back-to-back calls, inputs rotating
-     through enough copies that none is in L2);
-  4. each point gets PASS, MISS or INCOMPLETE (cases left unmeasured, none missed) and its worst
-     measured value.
-Written as it comes, under --out: acceptance.jsonl (a record per timed case, flushed at once, so
-a run killed at a time limit keeps what it measured), then acceptance.json and acceptance.md (the
-table, printed last); tests.log and check.log with --tests.
+  3. once all that is done or out of its --warm-budget, the timed pass runs alone on the GPU, one
+     subprocess per family and torch.compile's cases last (a crash, or a CUDA error that kills the
+     context, costs one family), until --budget is spent. Each case is timed by
+     normops.bench.time_events: GPU time per call of back-to-back calls between CUDA events, the
+     stream held while the host queues them, inputs rotating through enough copies that none is
+     in L2; the host-paced time is recorded too (`host_bound` where it is 10% slower);
+  4. each point gets PASS, MISS (a check under its bound), ERROR (a case failed, none missed) or
+     INCOMPLETE (cases not measured), with its worst measured check.
+Written as it comes, under --out and copied into --mirror (the device tool's $OUT): acceptance.jsonl
+(a record per timed case, flushed at once), then acceptance.json and acceptance.md (the table,
+printed last); tests.log and check.log with --tests. A watchdog writes the report from what was
+measured and exits at --budget + 60 s, should anything hang.
 
 --smoke maps every shape to a tiny one and runs on the CPU: it exercises this script (CI does,
 through tests/test_acceptance.py), it measures nothing.
 """
 import argparse
-import dataclasses
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -37,146 +42,11 @@ import torch
 
 from normops import bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: tests/ and benchmarks/results/
-# --- the points --------------------------------------------------------------------------------
-
-TOKENS = 4096  # the rows of every row-norm point (#3: "H100, bf16, 4096 rows")
-SD_UNET = [(2, 320, 64, 64), (2, 1280, 16, 16)]  # #4, 32 groups
-VIDEO = (1, 128, 8, 256, 256)  # #4, the small-batch video shape, 32 groups
-STYLE = [(1, 64, 256, 256), (4, 128, 128, 128), (4, 256, 64, 64)]  # #4, InstanceNorm2d
-RESNET50 = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7)]  # #5
-LAYOUTS = ("contiguous", "channels_last")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """What one timed call is: an op of normops.bench on a shape, layout and pass, by a provider."""
-    op: str
-    shape: tuple
-    layout: str
-    pas: str
-    provider: str = "normops"
-
-    def by(self, provider):
-        return dataclasses.replace(self, provider=provider)
-
-    @property
-    def label(self):
-        layout = "" if self.layout == "contiguous" else " cl"
-        return f"{self.op} {'x'.join(map(str, self.shape))}{layout} {self.pas}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One measured condition, value >= bound:
-        "pct"      normops' GB/s on `case` as a percentage of the measured copy bandwidth
-        "speedup"  time of `case` by provider `against` / time by normops
-        "per_byte" normops' GB/s on `case` / its GB/s on the case `against` (a fused op against
-                   the plain one: 0.95 = at most 5% dearer per byte)"""
-    kind: str
-    case: Case
-    bound: float
-    against: object = None
-
-    def cases(self):
-        other = self.case.by(self.against) if self.kind == "speedup" else self.against
-        return [self.case] + ([other] if other is not None else [])
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    issue: int
-    text: str
-    checks: tuple
-
-
-def _rows(op, widths, pas):
-    return [Case(op, (TOKENS, w), "contiguous", pas) for w in widths]
-
-
-def points(families):
-    """The performance sections of issues #3, #4 and #5, as checks on cases."""
-    out = []
-    if "row_norm" in families:
-        k = 1024
-        fwd, fwd_wide, bwd = [k * i for i in (1, 2, 4, 8, 16, 32, 64)], [128 * k, 256 * k], [k * i for i in (1, 2, 4, 8, 16, 32)]
-        fast, compiled, narrow = [4 * k, 8 * k, 16 * k, 32 * k, 64 * k, 256 * k], [4 * k, 16 * k, 64 * k], [128, 256, 512, k]
-        norms = ("layer_norm", "rms_norm")
-        out += [
-            Point(3, "forward >= 85% of copy bandwidth, widths 1K-64K",
-                  tuple(Check("pct", c, 85) for op in norms for c in _rows(op, fwd, "fwd"))),
-            Point(3, "forward >= 70% of copy bandwidth, widths 128K-256K",
-                  tuple(Check("pct", c, 70) for op in norms for c in _rows(op, fwd_wide, "fwd"))),
-            Point(3, "backward (dx, dw, db) >= 70% of copy bandwidth, widths 1K-32K",
-                  tuple(Check("pct", c, 70) for op in norms for c in _rows(op, bwd, "bwd"))),
-            Point(3, "fwd+bwd >= 1.5x torch.nn at widths >= 4K",
-                  tuple(Check("speedup", c, 1.5, "torch") for op in norms for c in _rows(op, fast, "fwd+bwd"))),
-            Point(3, "fwd+bwd >= 1.2x torch.compile at widths >= 4K",
-                  tuple(Check("speedup", c, 1.2, "compile") for op in norms for c in _rows(op, compiled, "fwd+bwd"))),
-            Point(3, "never slower than torch.nn at widths 128-1K (fwd, fwd+bwd)",
-                  tuple(Check("speedup", c, 1.0, "torch") for op in norms for pas in ("fwd", "fwd+bwd")
-                        for c in _rows(op, narrow, pas))),
-            Point(3, "add+RMSNorm costs at most 5% more per byte than RMSNorm (fwd, fwd+bwd, 1K-64K)",
-                  tuple(Check("per_byte", c, 0.95, dataclasses.replace(c, op="rms_norm"))
-                        for pas in ("fwd", "fwd+bwd") for c in _rows("add_rms_norm", fwd, pas))),
-        ]
-    if "group_norm" in families:
-        sd = [Case("group_norm", s, layout, "fwd+bwd") for layout in LAYOUTS for s in SD_UNET]
-        gn_shapes = [(s, layout) for layout in LAYOUTS for s in SD_UNET] + [(VIDEO, "contiguous")]
-        out += [
-            Point(4, "GroupNorm fwd+bwd >= 3x torch.nn on the SD U-Net shapes, NCHW",
-                  tuple(Check("speedup", c, 3.0, "torch") for c in sd if c.layout == "contiguous")),
-            Point(4, "GroupNorm fwd+bwd >= 5x torch.nn on the SD U-Net shapes, channels_last",
-                  tuple(Check("speedup", c, 5.0, "torch") for c in sd if c.layout == "channels_last")),
-            Point(4, "GroupNorm fwd+bwd >= 10x torch.nn on the small-batch video shape",
-                  (Check("speedup", Case("group_norm", VIDEO, "contiguous", "fwd+bwd"), 10.0, "torch"),)),
-            Point(4, "GroupNorm+SiLU fwd+bwd >= 3x torch.nn GroupNorm then F.silu",
-                  tuple(Check("speedup", Case("group_norm+silu", s, layout, "fwd+bwd"), 3.0, "torch")
-                        for s, layout in gn_shapes)),
-            Point(4, "GroupNorm forward >= 75% of copy bandwidth on those shapes",
-                  tuple(Check("pct", Case("group_norm", s, layout, "fwd"), 75) for s, layout in gn_shapes)),
-            Point(4, "GroupNorm backward >= 65% of copy bandwidth on those shapes",
-                  tuple(Check("pct", Case("group_norm", s, layout, "bwd"), 65) for s, layout in gn_shapes)),
-            Point(4, "InstanceNorm2d fwd+bwd >= 3x torch.nn on the style-transfer shapes",
-                  tuple(Check("speedup", Case("instance_norm", s, "contiguous", "fwd+bwd"), 3.0, "torch")
-                        for s in STYLE)),
-        ]
-    if "batch_norm" in families:
-        def bn(op, layout, pas):
-            return [Case(op, s, layout, pas) for s in RESNET50]
-        out += [
-            Point(5, "BatchNorm2d training fwd+bwd within 10% of cuDNN, channels_last",
-                  tuple(Check("speedup", c, 1 / 1.1, "torch") for c in bn("batch_norm", "channels_last", "fwd+bwd"))),
-            Point(5, "BatchNorm2d training fwd+bwd >= 1.5x cuDNN, NCHW",
-                  tuple(Check("speedup", c, 1.5, "torch") for c in bn("batch_norm", "contiguous", "fwd+bwd"))),
-            Point(5, "BatchNorm2d+ReLU fwd+bwd >= 1.3x torch.nn BatchNorm2d then ReLU",
-                  tuple(Check("speedup", c, 1.3, "torch") for layout in LAYOUTS
-                        for c in bn("batch_norm+relu", layout, "fwd+bwd"))),
-            Point(5, "training forward >= 70% of copy bandwidth (2 reads + 1 write)",
-                  tuple(Check("pct", c, 70) for layout in LAYOUTS for c in bn("batch_norm", layout, "fwd"))),
-            Point(5, "inference forward >= 85% of copy bandwidth",
-                  tuple(Check("pct", c, 85) for layout in LAYOUTS for c in bn("batch_norm_eval", layout, "fwd"))),
-        ]
-    return out
-
-
-def smoke_points(families):
-    """points() on tiny shapes: every dim at most 4 (rows: 8 x width / 1024)."""
-    def small(case):
-        shape = (8, max(1, case.shape[1] // 1024)) if case.op in ("layer_norm", "rms_norm", "add_rms_norm") else \
-            (min(case.shape[0], 2), 32) + tuple(min(d, 4) for d in case.shape[2:])
-        return dataclasses.replace(case, shape=shape)
-
-    def check(c):
-        against = small(c.against) if isinstance(c.against, Case) else c.against
-        return dataclasses.replace(c, case=small(c.case), against=against)
-    return [dataclasses.replace(p, checks=tuple(check(c) for c in p.checks)) for p in points(families)]
-
-
-def all_cases(pts, compile_=True):
-    """Every case the points need, once, in the points' order."""
-    cases = {c: None for p in pts for check in p.checks for c in check.cases()}
-    return [c for c in cases if compile_ or c.provider != "compile"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the repository: tests/ and benchmarks/results/
+if HERE not in sys.path:  # imported by path (tests/cases.benchmark_script) rather than run
+    sys.path.insert(0, HERE)
+from acceptance_points import Case, all_cases, points, smoke_points, verdict  # noqa: E402
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -192,10 +62,27 @@ def _runner(case, dtype, device, sync, copies=None):
                              memory_format=_memory_format(case), sync=sync, copies=copies)
 
 
+# CUDA errors after which the process's context is unusable: the timed pass stops there.
+STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+          "illegal instruction", "launch timed out", "hardware stack error", "invalid program counter",
+          "not supported on global/shared address space")
+
+
+def _record_of(case):
+    """What a record says of its case (load() builds the case back from it)."""
+    return {"op": case.op, "shape": list(case.shape), "layout": case.layout, "pass": case.pas,
+            "provider": case.provider, "case_dtype": case.dtype}
+
+
+def _dtype(case, default):
+    return getattr(torch, case.dtype) if case.dtype else default
+
+
 def measure(case, dtype, device, peak):
-    """A record of one case: its times (or its error) and the derived GB/s and % of peak."""
-    rec = {"op": case.op, "shape": list(case.shape), "layout": case.layout, "pass": case.pas,
-           "provider": case.provider, "dtype": str(dtype).replace("torch.", "")}
+    """A record of one case: its times (or its error) and the derived GB/s and % of peak, from
+    the GPU time (bench.time_events); `host_bound` when the host-paced loop is 10% slower."""
+    dtype = _dtype(case, dtype)
+    rec = dict(_record_of(case), dtype=str(dtype).replace("torch.", ""))
     try:
         torch.manual_seed(0)
         run = _runner(case, dtype, device, sync=False)
@@ -205,13 +92,57 @@ def measure(case, dtype, device, peak):
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     gc.collect()  # the runner's tensors go before the next case allocates its own
     if "error" in rec:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # outside the except block: the traceback no longer holds them
+        if device.type == "cuda" and not any(s in rec["error"] for s in STICKY):
+            try:
+                torch.cuda.empty_cache()  # outside the except block: the traceback no longer holds them
+            except RuntimeError as e:  # a sticky error STICKY does not know
+                rec["error"] += f"; then {e}"[:200]
         return rec
+    if case.provider == "torch" and case.op.startswith("batch_norm"):
+        rec["torch_backend"] = _batch_norm_backend(case, dtype, device)
     moved = bench.bytes_moved(bench.OPS[case.op], case.shape, dtype, case.pas)
     gbps = moved / (rec["median_ms"] * 1e-3) / 1e9
-    rec.update(bytes=moved, gbps=gbps, pct_of_peak=100 * gbps / peak)
+    rec.update(bytes=moved, gbps=gbps, pct_of_peak=100 * gbps / peak, host_bound=rec["wall_ms"] > 1.1 * rec["median_ms"])
     return rec
+
+
+def _batch_norm_backend(case, dtype, device):
+    """Which of its kernels torch's batch_norm runs on the case (cuDNN, MIOpen or native), or None."""
+    try:
+        t = bench.OPS[case.op].make(case.shape, dtype, device)
+        x = t["x"].contiguous(memory_format=_memory_format(case))
+        return str(torch._C._select_batch_norm_backend(x, t["w"], t["b"], t["rm"], t["rv"],
+                                                       case.op != "batch_norm_eval", 1e-5)).split(".")[-1]
+    except Exception:  # a private function: absent or changed in another torch
+        return None
+
+
+def _unusable(rec):
+    """Whether the error of a record left the CUDA context unusable."""
+    return any(s in rec.get("error", "") for s in STICKY) or "; then " in rec.get("error", "")
+
+
+def timed(cases, dtype, device, peak, jsonl, deadline):
+    """The timed pass over the cases jsonl has no record of yet (a pass started again after a
+    crash goes on from there), a record appended per case, until the deadline or a CUDA error
+    that leaves the context unusable."""
+    done = load(jsonl)[1]
+    cases = [c for c in cases if c not in done]
+    with open(jsonl, "a") as f:
+        for i, case in enumerate(cases):
+            if time.time() > deadline:
+                print(f"budget spent: {len(cases) - i} cases not measured", flush=True)
+                return 0
+            rec = measure(case, dtype, device, peak)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            value = rec.get("error") or (f"{rec['median_ms']:.4f} ms, {rec['pct_of_peak']:.0f}% of peak"
+                                         f"{' (host-bound: ' + format(rec['wall_ms'], '.4f') + ' ms)' if rec['host_bound'] else ''}")
+            print(f"[{i + 1}/{len(cases)}] {case.label} {case.provider}: {value}", flush=True)
+            if _unusable(rec):
+                print("a CUDA error left the context unusable: this pass stops", flush=True)
+                return 3
+    return 0
 
 
 def warm(cases, dtype, device):
@@ -219,98 +150,199 @@ def warm(cases, dtype, device):
     for the timed pass to record."""
     for case in cases:
         try:
-            run = _runner(case, dtype, device, sync=True, copies=1)  # one input set: compiling is the point
+            run = _runner(case, _dtype(case, dtype), device, sync=True, copies=1)  # one input set: compiling is the point
             run()
             del run
         except Exception as e:
             print(f"warm {case}: {type(e).__name__}: {e}"[:300], flush=True)
+            if any(s in str(e) for s in STICKY):
+                return
 
 
-def _warm_parallel(args, jobs, deadline):
-    """--warm-jobs subprocesses of this script, each warming every jobs-th case."""
-    base = [sys.executable, os.path.abspath(__file__), "--dtype", args.dtype, "--families", args.families,
-            "--device", str(args.device)] + (["--smoke"] if args.smoke else []) + (["--no-compile"] if args.no_compile else [])
-    procs = [subprocess.Popen(base + ["--warm-shard", f"{i}/{jobs}"]) for i in range(jobs)]
-    for p in procs:
+# Subprocesses compile and test beside each other during the warm-up: one Inductor compile thread
+# and one OpenMP thread each, so that 16 cores are not asked for 100 threads.
+QUIET = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _base_command(args):
+    return [sys.executable, os.path.abspath(__file__), "--dtype", args.dtype, "--device", str(args.device)] + \
+        (["--smoke"] if args.smoke else []) + (["--no-compile"] if args.no_compile else [])
+
+
+CHILDREN = []  # every subprocess started: stopped with this process (watchdog, SIGTERM)
+
+
+def _spawn(cmd, log=None, env=None):
+    """A subprocess in a session of its own (so that its children can be stopped with it), run
+    from the repository, its output in `log` (else this process's)."""
+    out = open(log, "w") if log else None
+    try:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=ROOT,
+                             start_new_session=True, env=dict(os.environ, **(env or {})))
+    finally:
+        if out:
+            out.close()
+    CHILDREN.append(p)
+    return p
+
+
+def _stop(procs, grace=0.0):
+    """Stop the subprocesses that still run, all at once, each with its session: SIGINT first when
+    `grace` (pytest then prints what failed so far), SIGKILL after."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
+        running = [p for p in procs if p.poll() is None]
+        if not running or not wait:
+            continue
+        for p in running:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.time() + wait
+        for p in running:
+            try:
+                p.wait(timeout=max(0.1, end - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _wait(procs, deadline, grace=0.0):
+    """{name: exit code} of subprocesses waited for until the deadline; those still running then
+    are stopped (_stop) and get "timeout"."""
+    codes = {}
+    for name, p in procs.items():
         try:
-            p.wait(timeout=max(1.0, deadline - time.time()))
+            codes[name] = p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            print("warm-up: a shard ran out of time; its cases compile in the timed pass", flush=True)
+            pass
+    late = [n for n in procs if n not in codes]
+    _stop([procs[n] for n in late], grace)
+    for n in late:
+        print(f"{n}: stopped at its deadline", flush=True)
+        codes[n] = "timeout"
+    return codes
 
 
-def _run_logged(cmd, log, deadline):
-    """Run cmd with its output in log; its exit code, or 'timeout' when killed at the deadline."""
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-        try:
-            return p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
-            return "timeout"
-
-
-def _tests(out, deadline, results):
-    """The Triton tests on CUDA, then normops check; exit codes into results."""
+def _side_runs(out, deadline, results):
+    """The Triton tests on CUDA (pytest-xdist where installed) and normops check, side by side;
+    their exit codes (or "timeout") into results."""
     try:
         import xdist  # noqa: F401
         parallel = ["-n", "8"]
     except ImportError:
         parallel = []
     files = [os.path.join("tests", f"test_triton_{f}.py") for f in ("row_norm", "group_norm", "batch_norm")]
-    results["tests"] = _run_logged([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", *parallel],
-                                   os.path.join(out, "tests.log"), deadline)
-    results["check"] = _run_logged([sys.executable, "-m", "normops.cli", "check", "--device", "cuda"],
-                                   os.path.join(out, "check.log"), deadline)
+    pytest = [sys.executable, "-m", "pytest", *files, "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider", *parallel]
+    procs = {"tests": _spawn(pytest, os.path.join(out, "tests.log"), QUIET),
+             "check": _spawn([sys.executable, "-m", "normops.cli", "check", "--device", "cuda"],
+                             os.path.join(out, "check.log"), QUIET)}
+    results.update(_wait(procs, deadline, grace=15.0))
+
+
+# A timed pass that writes no record for this long has hung (a case takes seconds; the first of a
+# pass also imports torch and starts CUDA; a torch.compile case compiles what the warm-up left).
+STALL_S = {"normops,torch": 60.0, "compile": 120.0}
+
+
+def _timed_family(args, family, providers, peak, out, deadline):
+    """One family's timed pass in a subprocess. One that hangs (no record in STALL_S), crashes or
+    loses its CUDA context is started again past the case it was on, at most 3 times; that case
+    gets an error record."""
+    jsonl = os.path.join(out, "acceptance.jsonl")
+    order = [c for c in all_cases(smoke_points([family]) if args.smoke else points([family]))
+             if c.provider in providers.split(",")]
+    cmd = _base_command(args) + ["--timed", f"{family}:{providers}", "--peak", str(peak), "--deadline",
+                                 str(deadline), "--out", out]
+    for _ in range(4):
+        p = _spawn(cmd)
+        size, grown = os.path.getsize(jsonl), time.time()
+        stalled = False
+        while True:
+            try:
+                p.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if os.path.getsize(jsonl) != size:
+                size, grown = os.path.getsize(jsonl), time.time()
+            stalled = time.time() - grown > STALL_S[providers]
+            if stalled or time.time() > deadline + 30:
+                _stop([p])
+                break
+        left = [c for c in order if c not in load(jsonl)[1]]
+        if not left or not (stalled or p.returncode):
+            return
+        why = f"stalled: no record in {STALL_S[providers]:.0f} s" if stalled else f"its pass exited {p.returncode}"
+        if p.returncode != 3:  # 3: it stopped after recording a CUDA error; else the case in flight failed
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(dict(_record_of(left[0]), error=why)) + "\n")
+        print(f"timed pass {family}:{providers}: {why} at {left[0].label}", flush=True)
+        if time.time() > deadline:
+            return
 
 
 # --- verdicts ----------------------------------------------------------------------------------
 
-def check_value(check, results):
-    """The check's value from the measured records (keyed by Case), or None if not measured."""
-    rec = results.get(check.case)
-    if rec is None or "error" in rec:
-        return None
-    if check.kind == "pct":
-        return rec["pct_of_peak"]
-    other = results.get(check.case.by(check.against) if check.kind == "speedup" else check.against)
-    if other is None or "error" in other:
-        return None
-    return other["median_ms"] / rec["median_ms"] if check.kind == "speedup" else rec["gbps"] / other["gbps"]
+def _case_of(rec):
+    return Case(rec["op"], tuple(rec["shape"]), rec["layout"], rec["pass"], rec["provider"], rec.get("case_dtype"))
 
 
-def verdict(point, results):
-    """(PASS | MISS | INCOMPLETE, worst measured check or None, its value, measured count)."""
-    values = [(c, check_value(c, results)) for c in point.checks]
-    measured = [(c, v) for c, v in values if v is not None]
-    worst = min(measured, key=lambda cv: cv[1] / cv[0].bound, default=(None, None))
-    if any(v < c.bound for c, v in measured):
-        status = "MISS"
-    else:
-        status = "PASS" if len(measured) == len(values) else "INCOMPLETE"
-    return status, worst[0], worst[1], len(measured)
+def load(jsonl):
+    """(environment, {Case: record}) from an acceptance.jsonl."""
+    env, results = {}, {}
+    if not os.path.exists(jsonl):
+        return env, results
+    with open(jsonl) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line half written when a process was killed
+                continue
+            if "environment" in rec:
+                env = rec["environment"]
+            else:
+                results[_case_of(rec)] = rec
+    return env, results
 
 
 def _fmt_value(check, value):
     if value is None:
         return "-"
-    return f"{value:.0f}%" if check.kind == "pct" else f"{value:.2f}x"
+    return f"{value:.1f}%" if check.kind == "pct" else f"{value:.3f}x"
+
+
+def _describe(check):
+    if check.kind == "speedup":
+        return f"{check.case.label} vs {check.against}"
+    if check.kind == "per_byte":
+        return f"{check.case.label} vs {check.against.op}"
+    return check.case.label
+
+
+def _host_bound(point, results):
+    """How many of the point's normops records are host-bound (bench.time_events)."""
+    recs = [results.get(c.case) for c in point.checks]
+    return sum(1 for r in recs if r and r.get("host_bound"))
 
 
 def report(pts, results, env, extra):
     """The markdown summary: environment, then a row per point."""
-    lines = [f"# Acceptance run: {env['device']}, {env['date']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, normops {env['normops']}; dtype {env['dtype']}; "
-             f"copy bandwidth {env['copy_gbps']:.0f} GB/s; {extra}", "",
-             "| issue | point | verdict | worst case | value | bound | measured |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# Acceptance run: {env.get('device')}, {env.get('date')}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, normops {env.get('normops')}; dtype "
+             f"{env.get('dtype')}; copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s; {extra}", "",
+             "Times are GPU time per call (bench.time_events: the stream held while the calls are queued); "
+             "host-bound counts the point's normops cases whose host-paced loop was over 10% slower.", "",
+             "| issue | point | verdict | worst case | value | bound | measured | host-bound |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in pts:
         status, check, value, n = verdict(p, results)
-        case = check.case.label + (f" vs {check.against}" if check and check.kind == "speedup" else "") if check else "-"
-        bound = _fmt_value(check, check.bound) if check else "-"
-        lines.append(f"| #{p.issue} | {p.text} | {status} | {case} | {_fmt_value(check, value) if check else '-'} "
-                     f"| {bound} | {n}/{len(p.checks)} |")
+        cells = (_describe(check), _fmt_value(check, value), _fmt_value(check, check.bound)) if check else ("-",) * 3
+        lines.append(f"| #{p.issue} | {p.text} | {status} | {' | '.join(cells)} | {n}/{len(p.checks)} "
+                     f"| {_host_bound(p, results)} |")
+    backends = sorted({(r["dtype"], r["torch_backend"]) for r in results.values() if r.get("torch_backend")})
+    if backends:
+        lines += ["", "torch's BatchNorm kernels (torch._C._select_batch_norm_backend): "
+                  + ", ".join(f"{b} in {d}" for d, b in backends) + "."]
     errors = [r for r in results.values() if "error" in r]
     if errors:
         lines += ["", "Errors:"] + [f"- {r['op']} {r['shape']} {r['layout']} {r['pass']} {r['provider']}: "
@@ -318,29 +350,80 @@ def report(pts, results, env, extra):
     return "\n".join(lines) + "\n"
 
 
+def finish(pts, out, extra, mirror=None):
+    """acceptance.md and acceptance.json from the records so far; copies into `mirror`."""
+    env, results = load(os.path.join(out, "acceptance.jsonl"))
+    text = report(pts, results, env, extra)
+    with open(os.path.join(out, "acceptance.md"), "w") as f:
+        f.write(text)
+    summary = []
+    for p in pts:
+        status, check, value, n = verdict(p, results)
+        summary.append(dict(issue=p.issue, point=p.text, verdict=status, worst=check and _describe(check),
+                            value=value, bound=check and check.bound, measured=n, checks=len(p.checks)))
+    with open(os.path.join(out, "acceptance.json"), "w") as f:
+        json.dump({"environment": env, "records": list(results.values()), "points": summary}, f, indent=1)
+    _mirror(out, mirror)
+    return text
+
+
+def _mirror(out, mirror):
+    """Copy the results files into `mirror` (the device tool's $OUT: what comes back)."""
+    if not mirror:
+        return
+    for name in ("acceptance.jsonl", "acceptance.md", "acceptance.json", "tests.log", "check.log"):
+        src = os.path.join(out, name)
+        if os.path.exists(src):
+            with open(src, "rb") as f, open(os.path.join(mirror, name), "wb") as g:
+                g.write(f.read())
+
+
 # --- main --------------------------------------------------------------------------------------
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="results folder (default: benchmarks/results/<gpu>-<date>)")
+    p.add_argument("--mirror", help="a folder that gets a copy of the results as they grow (the device tool's $OUT)")
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds for the whole run; cases left when it is spent are not measured")
     p.add_argument("--families", default="row_norm,group_norm,batch_norm")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="default bfloat16; float32 with --smoke (CPU BatchNorm takes no bf16 with fp32 running stats)")
+                   help="default bfloat16; float32 with --smoke")
     p.add_argument("--device", default="cuda")
     p.add_argument("--warm-jobs", type=int, default=8, help="parallel warm-up processes (0: none)")
-    p.add_argument("--warm-budget", type=float, default=150.0, help="seconds at most for the warm-up and tests")
+    p.add_argument("--warm-budget", type=float, default=180.0, help="seconds at most for the warm-up and tests")
     p.add_argument("--tests", action="store_true", help="run the Triton CUDA tests and normops check during the warm-up")
     p.add_argument("--no-compile", action="store_true", help="leave the torch.compile cases out")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: exercises the script, measures nothing")
     p.add_argument("--warm-shard", help=argparse.SUPPRESS)  # i/n: a warm-up subprocess
+    p.add_argument("--timed", help=argparse.SUPPRESS)  # FAMILY:normops,torch|compile: a timed-pass subprocess
+    p.add_argument("--peak", type=float, help=argparse.SUPPRESS)  # with --timed: the copy bandwidth
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # with --timed: epoch seconds
     args = p.parse_args(argv)
     if args.smoke and args.device == "cuda":
         args.device = "cpu"
     args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
     args.device = torch.device(args.device)
     return args
+
+
+def _passes(families, cases):
+    """The timed pass in subprocesses, one per family that has cases, torch.compile's cases last:
+    a crash (or a dead CUDA context) costs one family, and the slow compiles the end of the budget."""
+    passes = [(f, "normops,torch") for f in families] + [(f, "compile") for f in families]
+    return [(f, providers) for f, providers in passes
+            if any(bench.OPS[c.op].family == f and c.provider in providers.split(",") for c in cases)]
+
+
+def _no_autotune_cache():
+    """Inductor keeps the configs it benchmarks at a kernel's first launch, and writes whether to
+    into the kernel's cached source: off in the warm-up, which benchmarks them on a crowded GPU, so
+    that the timed pass picks its own, alone."""
+    import torch._inductor.config as inductor_config
+    try:
+        inductor_config.autotune_local_cache = False
+    except AttributeError:  # another torch without this knob
+        pass
 
 
 def main(argv=None):
@@ -352,49 +435,77 @@ def main(argv=None):
     cases = all_cases(pts, compile_=not args.no_compile)
     if args.warm_shard:
         i, n = map(int, args.warm_shard.split("/"))
+        _no_autotune_cache()
         warm([c for c in cases[i::n] if c.provider != "torch"], dtype, args.device)
         return 0
+    if args.timed:
+        family, providers = args.timed.split(":")
+        mine = [c for c in all_cases(smoke_points([family]) if args.smoke else points([family]))
+                if c.provider in providers.split(",")]
+        _no_autotune_cache()
+        return timed(mine, dtype, args.device, args.peak, os.path.join(args.out, "acceptance.jsonl"), args.deadline)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         print("acceptance: CUDA is not available (use --smoke for a CPU run of the script)", file=sys.stderr)
         return 2
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", "".join(
-        ch if ch.isalnum() or ch in "._-" else "-" for ch in bench.device_name(args.device)) + time.strftime("-%Y-%m-%d"))
+    out = os.path.abspath(args.out or os.path.join(ROOT, "benchmarks", "results", "".join(
+        ch if ch.isalnum() or ch in "._-" else "-" for ch in bench.device_name(args.device)) + time.strftime("-%Y-%m-%d")))
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "acceptance.jsonl"), "w"):
+        pass  # a fresh record file: an earlier run's records would count as measured
     deadline = start + args.budget
-    results, side = {}, {}
-    tests = None
-    if args.tests:
-        tests = threading.Thread(target=_tests, args=(out, start + args.warm_budget, side))
-        tests.start()
+    side = {}
+
+    def extra(note=""):
+        tests = f"; tests exit {side.get('tests')}, normops check exit {side.get('check')}" if args.tests else ""
+        return f"{time.time() - start:.0f} s{tests}{note}"
+
+    def bail(note, code):
+        """Stop every subprocess, write the report from what was measured, exit."""
+        try:
+            _stop(CHILDREN)
+            finish(pts, out, extra(note), args.mirror)
+        finally:
+            os._exit(code)
+
+    # a hang the deadlines miss (a stuck synchronize, say), or `timeout` sending SIGTERM
+    watchdog = threading.Timer(args.budget + 60, bail, ("; stopped by the watchdog", 3))
+    watchdog.daemon = True
+    watchdog.start()
+    sigterm = signal.signal(signal.SIGTERM, lambda *_: bail("; stopped by SIGTERM", 4))
+    try:
+        return _run(args, pts, cases, families, out, start, deadline, side, extra)
+    finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def _run(args, pts, cases, families, out, start, deadline, side, extra):
+    """main's run once its safety nets are up: warm-up and tests, the timed passes, the report."""
+    warm_deadline = min(start + args.warm_budget, deadline - 60)
     print(f"acceptance: {len(pts)} points, {len(cases)} cases; warm-up with {args.warm_jobs} jobs", flush=True)
-    if args.warm_jobs:
-        _warm_parallel(args, args.warm_jobs, start + args.warm_budget)
-    if tests is not None:
+    tests = threading.Thread(target=_side_runs, args=(out, warm_deadline, side)) if args.tests else None
+    if tests:
+        tests.start()
+    shards = {f"warm-up shard {i}": _spawn(_base_command(args) + ["--families", args.families, "--warm-shard",
+                                                                  f"{i}/{args.warm_jobs}"], env=QUIET)
+              for i in range(args.warm_jobs)}
+    _wait(shards, warm_deadline)
+    if tests:
         tests.join()
         print(f"tests: {side.get('tests')}, check: {side.get('check')} (logs in {out})", flush=True)
+        _mirror(out, args.mirror)
     env = dict(bench.environment(args.device), dtype=args.dtype, copy_gbps=bench.copy_bandwidth(str(args.device)))
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy buffers, before the timed subprocesses allocate
     print(f"warm-up done at {time.time() - start:.0f} s; copy bandwidth {env['copy_gbps']:.0f} GB/s", flush=True)
     with open(os.path.join(out, "acceptance.jsonl"), "w") as f:
         f.write(json.dumps({"environment": env}) + "\n")
-        for i, case in enumerate(cases):
-            if time.time() > deadline:
-                print(f"budget spent: {len(cases) - i} cases not measured", flush=True)
-                break
-            rec = measure(case, dtype, args.device, env["copy_gbps"])
-            results[case] = rec
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            value = rec.get("error") or f"{rec['median_ms']:.4f} ms  {rec['pct_of_peak']:.0f}%"
-            print(f"[{i + 1}/{len(cases)}] {case.label} {case.provider}: {value}", flush=True)
-    extra = f"{len(results)}/{len(cases)} cases in {time.time() - start:.0f} s"
-    if args.tests:
-        extra += f"; tests exit {side.get('tests')}, normops check exit {side.get('check')}"
-    text = report(pts, results, env, extra)
-    with open(os.path.join(out, "acceptance.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "acceptance.json"), "w") as f:
-        json.dump({"environment": env, "records": list(results.values()),
-                   "points": [dict(issue=p.issue, point=p.text, verdict=verdict(p, results)[0]) for p in pts]}, f, indent=1)
+    for family, providers in _passes(families, cases):
+        if time.time() > deadline:
+            break
+        _timed_family(args, family, providers, env["copy_gbps"], out, deadline)
+        _mirror(out, args.mirror)
+    text = finish(pts, out, extra(), args.mirror)
     print()
     print(text)
     return 0

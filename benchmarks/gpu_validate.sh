@@ -7,14 +7,15 @@
 #
 # On a lease of 15 minutes of device time (the machine's start included), run
 #
-#     bash benchmarks/gpu_validate.sh install acceptance
+#     bash benchmarks/gpu_validate.sh install env acceptance
 #
 # and nothing else first: benchmarks/acceptance.py runs the Triton CUDA tests and `normops check`
 # in the background while it warms the kernel caches in parallel, then times only the cases that
-# the issues' performance points name, within a budget (about 7 minutes in all), and prints a
-# verdict per point last. When $OUT is set (the device tool), the results folder is packed into
-# $OUT/results.tgz and acceptance.md is copied beside it. The full stages below take far longer:
-# the bench stage alone times 1134 cases, 162 under torch.compile.
+# the issues' performance points name, within a budget (about 7 minutes in all; killed at
+# NORMOPS_ACCEPTANCE_TIMEOUT, 500 s), and prints a verdict per point last. When $OUT is set (the
+# device tool), acceptance.py copies its results there as they grow, and at the end the results
+# folder is packed into $OUT/results.tgz. The full stages below take far longer: the bench stage
+# alone times 1134 cases, 162 under torch.compile.
 #
 # Everything it produces lands in benchmarks/results/<gpu>-<date>/: the environment, one log per
 # stage, the AOT table, the pytest-benchmark JSON, the report (markdown + plots), and status.txt
@@ -57,8 +58,8 @@ run_stage() {  # run_stage NAME COMMAND...: log to $out/NAME.log, record the exi
 
 for stage in "${stages[@]}"; do
   case $stage in
-    install) run_stage install $PY -m pip install --no-deps --no-build-isolation -e . ;;
-    env) run_stage env bash -c "$PY -c 'import json, normops.bench as b; print(json.dumps(b.environment(\"cuda\"), indent=1)); print(\"copy GB/s\", b.copy_bandwidth(\"cuda\"))'; nvidia-smi; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|numpy|pytest|matplotlib|normops) '" ;;
+    install) run_stage install $PY -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e . ;;
+    env) run_stage env timeout -k 5 90 bash -c "$PY -c 'import json, normops.bench as b; print(json.dumps(b.environment(\"cuda\"), indent=1)); print(\"copy GB/s\", b.copy_bandwidth(\"cuda\"))'; nvidia-smi; nvidia-smi -q -d CLOCK,PERFORMANCE,COMPUTE,ECC; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|numpy|pytest|matplotlib|normops) '" ;;
     tests) run_stage tests bash -c "$PY -m pytest tests -q -p no:cacheprovider ${NORMOPS_TEST_ARGS:-}" ;;
     check) run_stage check $PY -m normops.cli check --device cuda ;;
     aot) run_stage aot $PY -m normops.kernels.aot; cp "$out/aot.log" "$out/aot.txt" ;;
@@ -68,7 +69,9 @@ for stage in "${stages[@]}"; do
         run_stage "bench-$fam" bash -c "$PY -m pytest benchmarks/bench_${fam}.py -q -p no:cacheprovider --benchmark-json=$json ${NORMOPS_BENCH_ARGS:-}"
       done ;;
     report) run_stage report bash -c "$PY benchmarks/report.py $out/bench-*.json --out $out" ;;
-    acceptance) run_stage acceptance $PY benchmarks/acceptance.py --out "$out" --tests ${NORMOPS_ACCEPTANCE_ARGS:-} ;;
+    acceptance)  # a hard stop inside the device tool's 600 s; --mirror keeps $OUT filled as it goes
+      run_stage acceptance timeout -k 10 "${NORMOPS_ACCEPTANCE_TIMEOUT:-500}" $PY benchmarks/acceptance.py --out "$out" \
+        --tests ${OUT:+--mirror "$OUT"} ${NORMOPS_ACCEPTANCE_ARGS:-} ;;
     *) echo "unknown stage: $stage (stages: install env tests check aot bench report acceptance)"; exit 2 ;;
   esac
 done
@@ -77,7 +80,6 @@ echo "results: $out"
 cat "$out/status.txt"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool brings back what is under $OUT: 8 files at most
   tar czf "$OUT/results.tgz" -C "$(dirname "$out")" "$(basename "$out")"
-  [ -f "$out/acceptance.md" ] && cp "$out/acceptance.md" "$OUT/"
 fi
 if [ -f "$out/report.log" ]; then echo; cat "$out/report.log"; fi  # the benchmark summary, last
 if [ -f "$out/acceptance.md" ]; then echo; cat "$out/acceptance.md"; fi

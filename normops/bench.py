@@ -66,9 +66,14 @@ def _channel_inputs(shape, dtype, device):
 
 
 def _bn_inputs(shape, dtype, device):
+    """BatchNorm as mixed precision runs it: fp16/bf16 activations, fp32 weight, bias and running
+    statistics. (torch's CUDA NCHW training backward rejects bf16 parameters with fp32 running
+    statistics, and its CPU kernels reject them in the forward.)"""
     t = _channel_inputs(shape, dtype, device)
-    t["rm"] = torch.zeros(shape[1], dtype=torch.float32, device=device)
-    t["rv"] = torch.ones(shape[1], dtype=torch.float32, device=device)
+    p = torch.float64 if dtype == torch.float64 else torch.float32
+    t["w"], t["b"] = t["w"].to(p), t["b"].to(p)
+    t["rm"] = torch.zeros(shape[1], dtype=p, device=device)
+    t["rv"] = torch.ones(shape[1], dtype=p, device=device)
     return t
 
 
@@ -142,11 +147,13 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
                 copies=None):
     """A zero-argument callable running one timed call (synchronized on a GPU unless `sync` is
     false: time_events times back-to-back calls). The input (and residual) are laid out in
-    `memory_format`; the incoming gradient in the output's layout, as the next layer of a network
-    would hand it back. `copies`: input sets to rotate through (default: enough to leave L2)."""
+    `memory_format`; the incoming gradient, one per input set, in the layout of the provider's own
+    output, as the next layer of a network would hand it back. `copies`: input sets to rotate
+    through (default: enough to leave L2)."""
     op = OPS[op_name]
     device = torch.device(device)
     fn = {"normops": op.ours, "torch": op.ref}.get(provider)
+    eager = op.ours if provider == "normops" else op.ref  # the provider's output layout, uncompiled
     if provider == "compile":
         torch._dynamo.reset()  # a fresh cache: no shape-generalized or stale graph from an earlier case
         fn = torch.compile(op.ref)
@@ -176,15 +183,16 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
             if sync:
                 _sync(device)
     else:
-        with torch.no_grad():  # the output's layout (instance_norm's is contiguous whatever the input's)
-            dy = torch.randn_like(first(op.ref(inputs[0])))
+        if grad:
+            with torch.no_grad():  # (torch's instance_norm output is contiguous whatever the input's)
+                dys = [torch.randn_like(first(eager(t))) for t in inputs]
 
         def run():
             i = state["i"] = (state["i"] + 1) % len(inputs)
             out = first(fn(inputs[i]))
             if grad:
                 _clear_grads(inputs[i])
-                out.backward(dy)
+                out.backward(dys[i])
             if sync:
                 _sync(device)
     return run
@@ -202,12 +210,28 @@ def time_runner(run, warmup=3, reps=20):
     return _summary(times)
 
 
-def time_events(run, device, warmup=3, trial_ms=20.0, trials=5):
-    """Median, p20 and p80 in ms of one call of an unsynchronized `run` (make_runner(sync=False)),
-    each trial timing back-to-back calls between two CUDA events, so the launch gaps a training
-    step does not see stay out (a call whose host work outlasts its kernels is timed by the host
-    work, as a training step would be). The calls a trial makes come from a synchronized first
-    call, to fill about `trial_ms`. On a CPU device, wall time of the same loop."""
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device):
+    """Clock cycles of torch.cuda._sleep per ms on a CUDA device, measured once."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(20_000_000)
+    end.record()
+    end.synchronize()
+    return 20_000_000 / max(start.elapsed_time(end), 1e-3)
+
+
+def time_events(run, device, warmup=3, trial_ms=5.0, trials=5, max_calls=50):
+    """Per-call times in ms of an unsynchronized `run` (make_runner(sync=False)), both from trials
+    of `calls` back-to-back calls between two CUDA events (on a CPU device, wall time):
+      median_ms, p20_ms, p80_ms: GPU time. The stream is held by a sleep kernel while the host
+        queues the calls, so the GPU runs them with no launch gaps: the kernels' time, with the
+        host work per call hidden, as in a training step whose host runs ahead.
+      wall_ms: the same loop without the sleep. When it is well above median_ms, the host, not
+        the GPU, bounds a loop that waits on nothing else ("host-bound").
+    `calls` fills about trial_ms from a synchronized first call, at most max_calls (with a few
+    launches a call, that keeps the queued launches under the depth at which queueing blocks)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -216,23 +240,46 @@ def time_events(run, device, warmup=3, trial_ms=20.0, trials=5):
     t = time.perf_counter()
     run()
     _sync(device)
-    calls = max(1, min(1000, int(trial_ms / max((time.perf_counter() - t) * 1e3, 1e-3))))
-    times = []
-    for _ in range(trials):
+    calls = max(1, min(max_calls, int(trial_ms / max((time.perf_counter() - t) * 1e3, 1e-3))))
+
+    def trial(sleep_ms=0.0):
+        """(ms per call between the events, host ms per call to queue them, whether the sleep
+        still held the stream when the last call was queued)."""
+        _sync(device)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if sleep_ms:
+                torch.cuda._sleep(int(_sleep_cycles_per_ms(device.index) * min(sleep_ms, 1000.0)))
             start.record()
-            for _ in range(calls):
-                run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-        else:
-            t = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times.append((time.perf_counter() - t) * 1e3 / calls)
-    return dict(_summary(times), calls=calls)
+        t = time.perf_counter()
+        for _ in range(calls):
+            run()
+        host = (time.perf_counter() - t) * 1e3 / calls
+        if not cuda:
+            return host, host, True
+        covered = not sleep_ms or not start.query()  # the GPU had not reached `start` yet
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls, host, covered
+
+    wall = [trial() for _ in range(trials)]
+    host_ms = statistics.median(h for _, h, _ in wall)
+    gpu, covered = [], 0
+    for _ in range(trials if cuda else 0):
+        # the sleep outlasts the queueing by half again, plus 1 ms, in cycles measured once; if the
+        # clock has risen since and the sleep ended early, again with a longer one. (A sleep too
+        # short only lets host gaps back in: the time can come out longer, never shorter.)
+        sleep = 1.5 * calls * host_ms + 1.0
+        for _ in range(3):
+            ms, _, ok = trial(sleep)
+            if ok:
+                break
+            sleep *= 4
+        gpu.append(ms)
+        covered += ok
+    gpu = gpu or [w for w, _, _ in wall]
+    return dict(_summary(gpu), wall_ms=statistics.median(w for w, _, _ in wall), host_ms=host_ms, calls=calls,
+                sleep_covered=covered / trials if cuda else None)
 
 
 def _summary(times):
