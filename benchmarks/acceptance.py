@@ -329,7 +329,8 @@ def report(pts, results, env, extra):
     """The markdown summary: environment, then a row per point."""
     lines = [f"# Acceptance run: {env.get('device')}, {env.get('date')}", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, normops {env.get('normops')}; dtype "
-             f"{env.get('dtype')}; copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s; {extra}", "",
+             f"{env.get('dtype')}; NORMOPS_MAXNREG {env.get('maxnreg')}; copy bandwidth {env.get('copy_gbps', 0):.0f} GB/s; "
+             f"{extra}", "",
              "Times are GPU time per call (bench.time_events: the stream held while the calls are queued); "
              "host-bound counts the point's normops cases whose host-paced loop was over 10% slower.", "",
              "| issue | point | verdict | worst case | value | bound | measured | host-bound |",
@@ -494,7 +495,8 @@ def _run(args, pts, cases, families, out, start, deadline, side, extra):
         tests.join()
         print(f"tests: {side.get('tests')}, check: {side.get('check')} (logs in {out})", flush=True)
         _mirror(out, args.mirror)
-    env = dict(bench.environment(args.device), dtype=args.dtype, copy_gbps=bench.copy_bandwidth(str(args.device)))
+    env = dict(bench.environment(args.device), dtype=args.dtype, copy_gbps=bench.copy_bandwidth(str(args.device)),
+               maxnreg=os.environ.get("NORMOPS_MAXNREG", "default"))
     if args.device.type == "cuda":
         torch.cuda.empty_cache()  # the copy buffers, before the timed subprocesses allocate
     print(f"warm-up done at {time.time() - start:.0f} s; copy bandwidth {env['copy_gbps']:.0f} GB/s", flush=True)

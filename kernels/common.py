@@ -1,4 +1,6 @@
-"""What every kernel family shares: the fused activations and the accumulation dtypes."""
+"""What every kernel family shares: the fused activations, the accumulation dtypes, the launch options."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -61,7 +63,15 @@ def launch_options(num_warps):
     thread may take while MIN_WARPS_PER_SM warps fit in an SM's 64K. Without .maxnreg, ptxas set
     itself lower targets and at some block sizes kept a value in an 8-byte stack slot at 32-96
     registers (seen under triton 3.6 and 3.9 by python -m normops.kernels.aot); at 255 it took up
-    to 159 registers, a third of the warps an SM could hold."""
+    to 159 registers, a third of the warps an SM could hold.
+
+    NORMOPS_MAXNREG, read at each launch, overrides it for measurements on a GPU: 0 leaves the
+    choice to ptxas (no .maxnreg), a number caps the registers there."""
+    cap = os.environ.get("NORMOPS_MAXNREG")
+    if cap is not None:
+        if not cap.isdigit() or not (int(cap) == 0 or 16 <= int(cap) <= 255):
+            raise ValueError(f"NORMOPS_MAXNREG={cap!r}: expected registers a thread, 16 to 255, or 0 for no cap")
+        return {"num_warps": num_warps, **({"maxnreg": int(cap)} if int(cap) else {})}
     return {"num_warps": num_warps, "maxnreg": min(255, 65536 // (32 * max(num_warps, MIN_WARPS_PER_SM)))}
 
 

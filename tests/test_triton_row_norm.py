@@ -133,6 +133,21 @@ def test_backward_one_pass_limit_follows_dtype(monkeypatch, width, dtype, one_pa
     assert [c.one_pass for c in picked] == [one_pass]
 
 
+def test_launch_options(monkeypatch):
+    """Every kernel is launched with a register cap that keeps 16 warps an SM (kernels/common.py);
+    NORMOPS_MAXNREG overrides it for measurements: 0 drops the cap."""
+    from normops.kernels.common import launch_options
+    assert launch_options(4) == {"num_warps": 4, "maxnreg": 128}
+    assert launch_options(16)["maxnreg"] == 128 and launch_options(32)["maxnreg"] == 64
+    monkeypatch.setenv("NORMOPS_MAXNREG", "0")
+    assert launch_options(8) == {"num_warps": 8}
+    monkeypatch.setenv("NORMOPS_MAXNREG", "96")
+    assert launch_options(8) == {"num_warps": 8, "maxnreg": 96}
+    monkeypatch.setenv("NORMOPS_MAXNREG", "lots")
+    with pytest.raises(ValueError, match="NORMOPS_MAXNREG='lots': expected registers a thread"):
+        launch_options(8)
+
+
 def test_wide_rows_several_per_program():
     """The looped forward is persistent: with more rows than programs each program takes several
     (on the CPU interpreter 4 programs; 9 rows here), residual included."""
