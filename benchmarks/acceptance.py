@@ -51,21 +51,20 @@ from acceptance_points import Case, all_cases, points, smoke_points, verdict  # 
 
 # --- measuring ---------------------------------------------------------------------------------
 
-def _memory_format(case):
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return formats.get(len(case.shape), torch.contiguous_format) if case.layout == "channels_last" \
-        else torch.contiguous_format
-
-
 def _runner(case, dtype, device, sync, copies=None):
     return bench.make_runner(case.op, case.shape, dtype, device, case.provider, case.pas,
-                             memory_format=_memory_format(case), sync=sync, copies=copies)
+                             memory_format=bench.memory_format(case.layout, len(case.shape)), sync=sync, copies=copies)
 
 
 # CUDA errors after which the process's context is unusable: the timed pass stops there.
 STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
           "illegal instruction", "launch timed out", "hardware stack error", "invalid program counter",
           "not supported on global/shared address space")
+
+
+def _sticky(text):
+    """Whether an error's text names one of the STICKY CUDA errors."""
+    return any(s in text for s in STICKY)
 
 
 def _record_of(case):
@@ -92,7 +91,7 @@ def measure(case, dtype, device, peak):
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     gc.collect()  # the runner's tensors go before the next case allocates its own
     if "error" in rec:
-        if device.type == "cuda" and not any(s in rec["error"] for s in STICKY):
+        if device.type == "cuda" and not _sticky(rec["error"]):
             try:
                 torch.cuda.empty_cache()  # outside the except block: the traceback no longer holds them
             except RuntimeError as e:  # a sticky error STICKY does not know
@@ -110,7 +109,7 @@ def _batch_norm_backend(case, dtype, device):
     """Which of its kernels torch's batch_norm runs on the case (cuDNN, MIOpen or native), or None."""
     try:
         t = bench.OPS[case.op].make(case.shape, dtype, device)
-        x = t["x"].contiguous(memory_format=_memory_format(case))
+        x = t["x"].contiguous(memory_format=bench.memory_format(case.layout, len(case.shape)))
         return str(torch._C._select_batch_norm_backend(x, t["w"], t["b"], t["rm"], t["rv"],
                                                        case.op != "batch_norm_eval", 1e-5)).split(".")[-1]
     except Exception:  # a private function: absent or changed in another torch
@@ -119,7 +118,7 @@ def _batch_norm_backend(case, dtype, device):
 
 def _unusable(rec):
     """Whether the error of a record left the CUDA context unusable."""
-    return any(s in rec.get("error", "") for s in STICKY) or "; then " in rec.get("error", "")
+    return _sticky(rec.get("error", "")) or "; then " in rec.get("error", "")
 
 
 def timed(cases, dtype, device, peak, jsonl, deadline):
@@ -155,7 +154,7 @@ def warm(cases, dtype, device):
             del run
         except Exception as e:
             print(f"warm {case}: {type(e).__name__}: {e}"[:300], flush=True)
-            if any(s in str(e) for s in STICKY):
+            if _sticky(str(e)):
                 return
 
 
@@ -244,13 +243,18 @@ def _side_runs(out, deadline, results):
 STALL_S = {"normops,torch": 60.0, "compile": 120.0}
 
 
+def _family_cases(args, family, providers):
+    """The cases of one family's timed pass, in the order it times them."""
+    return [c for c in all_cases(smoke_points([family]) if args.smoke else points([family]))
+            if c.provider in providers.split(",")]
+
+
 def _timed_family(args, family, providers, peak, out, deadline):
     """One family's timed pass in a subprocess. One that hangs (no record in STALL_S), crashes or
     loses its CUDA context is started again past the case it was on, at most 3 times; that case
     gets an error record."""
     jsonl = os.path.join(out, "acceptance.jsonl")
-    order = [c for c in all_cases(smoke_points([family]) if args.smoke else points([family]))
-             if c.provider in providers.split(",")]
+    order = _family_cases(args, family, providers)
     cmd = _base_command(args) + ["--timed", f"{family}:{providers}", "--peak", str(peak), "--deadline",
                                  str(deadline), "--out", out]
     for _ in range(4):
@@ -441,10 +445,8 @@ def main(argv=None):
         return 0
     if args.timed:
         family, providers = args.timed.split(":")
-        mine = [c for c in all_cases(smoke_points([family]) if args.smoke else points([family]))
-                if c.provider in providers.split(",")]
         _no_autotune_cache()
-        return timed(mine, dtype, args.device, args.peak, os.path.join(args.out, "acceptance.jsonl"), args.deadline)
+        return timed(_family_cases(args, family, providers), dtype, args.device, args.peak, os.path.join(args.out, "acceptance.jsonl"), args.deadline)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         print("acceptance: CUDA is not available (use --smoke for a CPU run of the script)", file=sys.stderr)
         return 2

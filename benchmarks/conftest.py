@@ -31,9 +31,6 @@ import torch
 from normops import bench
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Only channels_last is named by the bench files; it means channels_last_3d on 5-D inputs.
-LAYOUTS = {"contiguous": {4: torch.contiguous_format, 5: torch.contiguous_format},
-           "channels_last": {4: torch.channels_last, 5: torch.channels_last_3d}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +44,7 @@ class Case:
 
     @property
     def memory_format(self):
-        return LAYOUTS[self.layout].get(len(self.shape), torch.contiguous_format)
+        return bench.memory_format(self.layout, len(self.shape))
 
     @property
     def group(self):

@@ -129,6 +129,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def memory_format(layout, ndim):
+    """The torch memory format of a benchmark layout name for an ndim-D input: "channels_last" is
+    channels_last_3d on 5-D inputs, and plain contiguous where neither applies."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d} if layout == "channels_last" else {}
+    return formats.get(ndim, torch.contiguous_format)
+
+
 def _copies(shape, dtype, device):
     """How many input copies to rotate through so that none is still in L2 when reused."""
     if device.type != "cuda":
