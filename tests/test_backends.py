@@ -78,6 +78,8 @@ def test_context_restores_after_error(calls):
     assert calls == ["torch"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels are compiled for it; importing "
+                    "them here under TRITON_INTERPRET=1 would run this worker's CUDA tests in the interpreter")
 def test_triton_backend_under_interpreter(monkeypatch):
     """With TRITON_INTERPRET=1 the triton backend accepts CPU tensors: that is how its kernels
     are tested without a GPU."""
@@ -116,3 +118,15 @@ def test_plain_fp32_goes_straight_to_aten(calls):
     with normops.backend("numpy"):
         F.layer_norm(x, [3])
     assert calls[-1] == "numpy"
+
+
+def test_compiled_kernels_refuse_cpu_tensors_clearly(monkeypatch):
+    """TRITON_INTERPRET set after normops.kernels was imported without it: the kernels are compiled
+    ones, which cannot read CPU tensors; the call says so instead of failing inside Triton."""
+    pytest.importorskip("triton")
+    from normops.backends import triton_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_backend, "INTERPRETED", False)
+    with normops.backend("triton"), pytest.raises(RuntimeError, match="imported before TRITON_INTERPRET was set"):
+        F.layer_norm(torch.randn(2, 3), [3])

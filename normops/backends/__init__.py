@@ -110,4 +110,10 @@ def resolve(x):
     module = _loaded.get(name)
     if module is None:  # imported on first use: the numpy and triton backends cost nothing until then
         module = _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    if name == "triton" and x.device.type != "cuda" and not module.INTERPRETED:
+        raise RuntimeError(
+            f"the triton backend got a {x.device.type} tensor with TRITON_INTERPRET=1, but normops' Triton "
+            f"kernels were compiled for CUDA: normops.kernels was imported before TRITON_INTERPRET was set, "
+            f"and triton.jit reads it only then. Set it before the first use of the triton backend, or use "
+            f"normops.backend('torch').")
     return module

@@ -16,6 +16,20 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from . import torch_backend  # noqa: E402
 
+
+
+def _interpreted():
+    """Whether every kernel is a Triton interpreter function. triton.jit fixes that when a kernel
+    module is first imported (by this module or another), whatever TRITON_INTERPRET says later."""
+    import sys
+
+    kinds = {type(v).__name__ for name, m in sys.modules.items() if name.startswith("normops.kernels.")
+             for v in vars(m).values() if type(v).__name__ in ("JITFunction", "InterpretedFunction")}
+    return kinds == {"InterpretedFunction"}
+
+
+INTERPRETED = _interpreted()
+
 # Families whose plain fp32/fp64 eager calls go straight to ATen's norm (normops.library.aten_direct):
 # none, every family has its Triton kernels.
 NATIVE = frozenset()
