@@ -1,4 +1,5 @@
 """Backend choice: per call, from the device and the user's setting, in a fixed precedence."""
+import contextlib
 import threading
 
 import pytest
@@ -130,3 +131,39 @@ def test_compiled_kernels_refuse_cpu_tensors_clearly(monkeypatch):
     monkeypatch.setattr(triton_backend, "INTERPRETED", False)
     with normops.backend("triton"), pytest.raises(RuntimeError, match="imported before TRITON_INTERPRET was set"):
         F.layer_norm(torch.randn(2, 3), [3])
+
+
+def test_triton_calls_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: a call on another device's tensors makes theirs
+    current for its duration (checked with stand-ins here; the two-GPU test below runs it)."""
+    pytest.importorskip("triton")
+    from normops.backends import triton_backend
+
+    entered = []
+
+    class Tensor:  # what the guard reads of a CUDA tensor on device 1
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    assert triton_backend._on_its_device(lambda t, a, k=None: (a, k))(Tensor(), 1, k=2) == (1, 2)
+    assert entered == [torch.device("cuda", 1)]
+    Tensor.device = torch.device("cuda", 0)
+    triton_backend._on_its_device(lambda t: None)(Tensor())
+    assert len(entered) == 1  # already current: no switch
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_on_the_second_gpu():
+    x = (3.0 + 2.0 * torch.randn(6, 300, device="cuda:1")).requires_grad_()
+    w = torch.rand(300, device="cuda:1", requires_grad=True)
+    with normops.backend("triton"):
+        y = F.layer_norm(x, [300], w)
+        g = F.group_norm(x.reshape(6, 30, 10), 5)
+    (y.sum() + g.square().sum()).backward()
+    assert torch.cuda.current_device() == 0
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    (torch.nn.functional.layer_norm(xr, [300], wr).sum()
+     + torch.nn.functional.group_norm(xr.reshape(6, 30, 10), 5).square().sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)

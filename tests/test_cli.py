@@ -78,7 +78,8 @@ def test_wrong_output_is_a_failure(capsys, monkeypatch):
         return y * 1.01, h, mean, rstd
 
     monkeypatch.setattr(numpy_backend, "row_norm_fwd", off_by_a_bit)
-    code, out = check(capsys, "--quick", "--op", "layer_norm", "--backend", "numpy", "--backend", "torch")
+    code, out = check(capsys, "--quick", "--op", "layer_norm", "--backend", "numpy", "--backend", "torch",
+                      "--device", "cpu")  # the default is cuda where there is one; the message names the device
     assert code == 1
     table = rows(out)
     assert table[("layer_norm", "numpy", "float32")][1] == "FAIL"
@@ -123,7 +124,8 @@ def test_exception_is_reported_not_raised(capsys, monkeypatch):
         raise RuntimeError("kernel exploded\nsecond line")
 
     monkeypatch.setattr(numpy_backend, "group_norm_fwd", boom)
-    code, out = check(capsys, "--quick", "--op", "group_norm", "--op", "instance_norm", "--backend", "numpy")
+    code, out = check(capsys, "--quick", "--op", "group_norm", "--op", "instance_norm", "--backend", "numpy",
+                      "--device", "cpu")
     assert code == 1
     table = rows(out)
     assert table[("group_norm", "numpy", "float32")][1] == "ERROR"

@@ -115,6 +115,8 @@ def test_forward_backward_on_triton_backend(name, monkeypatch):
     """A tiny model's loss and every gradient on the Triton kernels (the interpreter without a GPU)
     match the same model on the default torch backend."""
     pytest.importorskip("triton")
+    if not normops.backends.triton_interpret():
+        pytest.skip("the tiny models are CPU tensors: the triton backend takes them only under TRITON_INTERPRET=1")
     m = MODULES[name]
     ref_model, ref_loss = m.tiny_loss("normops", seed=0)
     ref_loss.backward()

@@ -7,6 +7,8 @@ the residual add and the dtype bookkeeping of the backend contract around it.
 
 RMSNorm is the exception: ATen has a fused CPU forward (``_fused_rms_norm``) but no CPU
 backward, so the backward is a short composition, as ``torch.nn.RMSNorm``'s own is.
+Off the CPU, fp16/bf16 layer, RMS and group norms run in fp32 (see ``_in_fp32``): ATen's CUDA
+kernels take no fp32 parameters with a low-precision input.
 See ``normops/backends/__init__.py`` for the contract.
 """
 import math
@@ -41,6 +43,19 @@ def _opmath(x, *params):
     if x.dtype in (torch.float16, torch.bfloat16):
         return [None if p is None else p.float() for p in params]
     return list(params)
+
+
+def _in_fp32(x):
+    """Whether this call runs in fp32: fp16/bf16 layer, RMS and group norms off the CPU. ATen's
+    CUDA kernels for those read weight and bias in the input's dtype (no fp32 parameters with a
+    low-precision input, unlike the CPU's mixed-type path) and return statistics in dtypes of their
+    own; in fp32 every parameter dtype is right and the statistics are the contract's. It costs an
+    fp32 copy of the input: this backend is CUDA's fallback, the triton one its default."""
+    return x.dtype in (torch.float16, torch.bfloat16) and x.device.type != "cpu"
+
+
+def _f32(t):
+    return None if t is None else t.float()
 
 
 def _cast(t, like):
@@ -92,6 +107,10 @@ def _rms_forward(x, normalized_shape, weight, eps):
 def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
     h = x + residual if residual is not None else None
     inp = h if h is not None else x
+    if _in_fp32(inp):
+        y, _, mean, rstd = row_norm_fwd(inp.float(), None, normalized_shape, _f32(weight), _f32(bias), eps, rms,
+                                        activation, need_stats)
+        return y.to(inp.dtype), h, mean, rstd
     batch_shape = inp.shape[: inp.dim() - len(normalized_shape)]
     weight, bias = _opmath(inp, weight, bias)
     if rms:
@@ -127,6 +146,10 @@ def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
 
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
+    if _in_fp32(x):
+        dx, dw, db = row_norm_bwd(dy.float(), x.float(), normalized_shape, _f32(weight), _f32(bias), mean, rstd,
+                                  rms, activation, output_mask)
+        return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
     k = len(normalized_shape)
     keep = x.shape[: x.dim() - k] + (1,) * k  # ATen keeps the normalized dims as 1s
     w, b = _opmath(x, weight, bias)
@@ -183,6 +206,9 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
     if num_groups == c:
         y, mean, rstd = _instance_norm_fwd(x, weight, bias, eps, activation)
         return (y, mean, rstd) if need_stats else (y, None, None)
+    if _in_fp32(x):
+        y, mean, rstd = group_norm_fwd(x.float(), num_groups, _f32(weight), _f32(bias), eps, activation, need_stats)
+        return y.to(x.dtype), mean, rstd
     x = x.contiguous(memory_format=memory_format_of(x))  # ATen's kernel wants a dense layout
     weight, bias = _opmath(x, weight, bias)
     y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
@@ -218,6 +244,10 @@ def _recompute_group(x, num_groups, weight, bias, mean, rstd):
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
+    if num_groups != c and _in_fp32(x):  # InstanceNorm runs batch norm's kernels, which take fp32 parameters
+        dx, dw, db = group_norm_bwd(dy.float(), x.float(), num_groups, _f32(weight), _f32(bias), mean, rstd,
+                                    activation, output_mask)
+        return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
     fmt = memory_format_of(x)
     x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
     w, b = _opmath(x, weight, bias)

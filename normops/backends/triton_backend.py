@@ -6,16 +6,19 @@ the torch backend's code. On CPU tensors it runs only under ``TRITON_INTERPRET=1
 Triton's interpreter, which is how the kernels are tested without a GPU (the variable must be set
 before this module is first imported: ``triton.jit`` reads it then).
 """
+import functools
+
+import torch
+
 try:
     from normops.kernels import batch_norm as _batch_norm
     from normops.kernels import group_norm as _group_norm
-    from normops.kernels.row_norm import row_norm_bwd, row_norm_fwd  # noqa: F401
+    from normops.kernels import row_norm as _row_norm
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
 from . import torch_backend  # noqa: E402
-
 
 
 def _interpreted():
@@ -30,29 +33,49 @@ def _interpreted():
 
 INTERPRETED = _interpreted()
 
+
+def _on_its_device(fn):
+    """fn run with its tensors' CUDA device current: Triton launches on the current device (and its
+    current stream), so a tensor on cuda:1 while cuda:0 is current would be read from the wrong GPU."""
+    @functools.wraps(fn)
+    def run(t, *args, **kwargs):  # t: x (forward) or dy (backward); a call's tensors share its device
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+    return run
+
+
+row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
+row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
+
 # Families whose plain fp32/fp64 eager calls go straight to ATen's norm (normops.library.aten_direct):
 # none, every family has its Triton kernels.
 NATIVE = frozenset()
 
 
+@_on_its_device
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
     if not _group_norm.supported(x, num_groups):  # > 1024 channels a group, or > 2**31 elements a sample
         return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
     return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
 
 
+@_on_its_device
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
     if not _group_norm.supported(x, num_groups):
         return torch_backend.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
     return _group_norm.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
 
 
+@_on_its_device
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
     if not _batch_norm.supported(x):  # empty, or a sample too large for int32 offsets in a tile
         return torch_backend.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
     return _batch_norm.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
 
 
+@_on_its_device
 def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training, eps,
                    activation, output_mask):
     if not _batch_norm.supported(x):
