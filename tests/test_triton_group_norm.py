@@ -103,7 +103,9 @@ def test_large_offsets(path):
     with normops.backend("triton"):
         _, mean, rstd = kernels.group_norm_fwd(x.detach(), 2, None, None, 1e-5, "none", True)
     _, rmean, rrstd = numpy_backend.group_norm_fwd(x.detach(), 2, None, None, 1e-5, "none", True)
-    assert err(mean, rmean) < 1e-3 and err(rstd, rrstd) < 1e-4 * rrstd.abs().max().item()
+    # the mean to a few fp32 ulps (one is 1e-3 at 1e4; summation orders differ by one or two)
+    assert err(mean, rmean) < 4 * torch.finfo(torch.float32).eps * rmean.abs().max().item()
+    assert err(rstd, rrstd) < 1e-4 * rrstd.abs().max().item()
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -142,7 +144,7 @@ def test_instance_norm(shape, dtype, path):
                               lambda x, w, b: TF.relu(TF.instance_norm(x, weight=w, bias=b)), [x, w, b],
                               "triton", dtype)
     ours = [torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)]
-    ref = [t.clone() for t in ours]
+    ref = [t.double() for t in ours]  # fp64 like the reference's input: CUDA's batch norm misreads mixed ones
     with normops.backend("triton"):
         F.instance_norm(x.detach(), *ours, momentum=0.3)
     TF.instance_norm(x.detach().double(), *ref, momentum=0.3)
