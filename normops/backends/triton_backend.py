@@ -7,6 +7,7 @@ Triton's interpreter, which is how the kernels are tested without a GPU (the var
 before this module is first imported: ``triton.jit`` reads it then).
 """
 import functools
+import sys
 
 import torch
 
@@ -24,8 +25,6 @@ from . import torch_backend  # noqa: E402
 def _interpreted():
     """Whether every kernel is a Triton interpreter function. triton.jit fixes that when a kernel
     module is first imported (by this module or another), whatever TRITON_INTERPRET says later."""
-    import sys
-
     kinds = {type(v).__name__ for name, m in sys.modules.items() if name.startswith("normops.kernels.")
              for v in vars(m).values() if type(v).__name__ in ("JITFunction", "InterpretedFunction")}
     return kinds == {"InterpretedFunction"}
