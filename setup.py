@@ -11,7 +11,9 @@ setup(
     # kernels/ holds the Triton kernels; it installs as normops.kernels (the import name
     # `kernels` is taken on PyPI).
     packages=["normops", "normops.backends", "normops.kernels", "normops.lessons", "normops.models"],
-    package_dir={"normops": "normops", "normops.kernels": "kernels"},
+    package_dir={"normops": "normops", "normops.kernels": "kernels", "": "normops/_launcher"},
+    # the console script's launcher: a top-level module, so a Ctrl-C during the imports is caught too
+    py_modules=["normops_cli"],
     # torch is not pinned here: pinning would make pip replace a working CUDA torch.
     # triton is optional: only the "triton" backend imports it.
     install_requires=["torch>=2.5", "numpy", "tqdm"],
@@ -22,5 +24,5 @@ setup(
         # the practical models and the lessons (normops models, normops demo): the digits dataset, plots
         "models": ["scikit-learn", "matplotlib"],
     },
-    entry_points={"console_scripts": ["normops=normops.cli:main"]},
+    entry_points={"console_scripts": ["normops=normops_cli:main"]},
 )

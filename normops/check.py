@@ -9,9 +9,12 @@ tensor, or when a shape or dtype differs from torch's. A case that raises is a f
 message, never a crash. The command line around it is ``normops.cli``.
 """
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import math
+import os
+import tempfile
 import zlib
 from typing import Callable, List, Optional, Tuple
 
@@ -277,9 +280,10 @@ def run_case(op, backend_name, dtype_name, device):
 # --- check: which cases ----------------------------------------------------------------------
 
 def _triton_unavailable(device):
-    """None when the triton backend can run on device, else why not."""
+    """None when the triton backend can run on device, else why not (and how to include it)."""
     if device.type == "cpu" and not triton_interpret():
-        return "the triton backend runs on CPU only with TRITON_INTERPRET=1"
+        return ("the triton backend runs on CPU only with TRITON_INTERPRET=1 (set it to include the "
+                "backend: its kernels then run in Triton's interpreter, slowly)")
     if device.type not in ("cpu", "cuda"):
         return f"the triton backend does not run on {device.type}"
     try:
@@ -306,6 +310,49 @@ def positive_int_arg(text):
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def writable_folder(path, what="--out"):
+    """Create folder ``path`` if missing and check a file can be written in it, before any work
+    starts (a run that fails at its last step wastes the run); ValueError (usage) when not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: not a writable folder ({e.strerror or e})") from None
+    return path
+
+
+def writable_file(path, what):
+    """Check that file ``path`` can be written (its folder exists and takes a file), before any work."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: is a folder, expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: no such directory {folder}")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {folder} ({e.strerror or e})") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """``with atomic_output(path) as tmp: write(tmp)``: the file appears at ``path`` whole or not at
+    all (an error or Ctrl-C while writing leaves no partial file)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open(path, "w") would create it (mkstemp's file is private)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _dtype_arg(text):
@@ -336,7 +383,9 @@ def _default_device():
 
 
 def plan_cases(args):
-    """[(op, backend, dtype name, device)] for the parsed options, or raise ValueError (usage)."""
+    """([(op, backend, dtype name, device)], {(backend, device): why skipped}) for the parsed options,
+    or raise ValueError (usage). A backend that cannot run here is skipped when it was not asked
+    for by name, and an error when it was."""
     devices = args.device or [torch.device(_default_device())]
     for d in devices:
         if d.type == "cuda" and not torch.cuda.is_available():
@@ -349,7 +398,7 @@ def plan_cases(args):
         dtypes = [d for d in dtypes if d in QUICK_DTYPES]
         if not dtypes:
             raise ValueError(f"--quick checks only {' and '.join(QUICK_DTYPES)}; none of them was selected")
-    cases = []
+    cases, skipped = [], {}
     for device in devices:
         names = list(dict.fromkeys(args.backend or ("torch", "numpy", "triton")))
         for name in names:
@@ -357,6 +406,7 @@ def plan_cases(args):
             if why:
                 if args.backend:  # asked for by name: say it cannot run rather than pass quietly
                     raise ValueError(f"--backend triton on {device}: {why}")
+                skipped[name, device] = why
                 continue
             for op in ops:
                 for dt in dtypes:
@@ -365,7 +415,7 @@ def plan_cases(args):
     if not cases:
         raise ValueError("the options select no case")
     order = {n: i for i, n in enumerate(OP_NAMES)}
-    return sorted(cases, key=lambda c: (str(c[3]), order[c[0].name]))  # group rows by op, stable
+    return sorted(cases, key=lambda c: (str(c[3]), order[c[0].name])), skipped  # rows grouped by op, stable
 
 
 # --- check: output -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Each command is one ``_add_<command>_parser`` (its options) plus one ``_run_<com
 ``main`` only dispatches.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,8 @@ from typing import Tuple
 
 import torch
 
-from . import __version__, bench, current_backend, lessons
+from . import __version__, backend, bench, current_backend, lessons
+from .backends import BACKENDS, backend_from_env
 from .guide import add_parser as _add_guide_parser
 from .inspect import add_parser as _add_inspect_parser
 from .models import add_parser as _add_models_parser
@@ -40,10 +42,13 @@ from .check import (  # noqa: F401  (OP_NAMES: read by the tests)
     _error_text,
     _op_arg,
     _table,
+    _triton_unavailable,
+    atomic_output,
     format_table,
     plan_cases,
     positive_int_arg,
     run_case,
+    writable_file,
 )
 
 
@@ -69,7 +74,7 @@ def _add_check_parser(sub):
 
 def _run_check(args):
     try:
-        cases = plan_cases(args)
+        cases, skipped = plan_cases(args)
     except ValueError as e:
         print(f"normops check: error: {e}", file=sys.stderr)
         return 2
@@ -86,6 +91,10 @@ def _run_check(args):
 
     devices = sorted({r.device for r in results})
     print(f"normops {__version__}, torch {torch.__version__}, device {', '.join(devices)}")
+    ran = dict.fromkeys(f"{r.backend} ({r.device})" for r in results)
+    print(f"backends checked: {', '.join(ran)}")
+    for (name, device), why in skipped.items():
+        print(f"backend skipped: {name} ({device}): {why}")
     print(format_table(results, show_device=len(devices) > 1))
     print("err, tol: the compared tensor (output, gradient or running statistic) closest to its tolerance; "
           "tol = rel tol x max(1, max|ref|)")
@@ -171,8 +180,8 @@ def plan_bench(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available")
     for opt, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{opt} {path}: no such directory")
+        if path:
+            writable_file(path, opt)
     ops = list(dict.fromkeys(args.op or bench.OPS))
     dtypes = list(dict.fromkeys(args.dtype or [BENCH_DTYPE.get(device.type, "float32")]))
     passes = list(dict.fromkeys(args.passes or ["fwd+bwd"]))
@@ -293,6 +302,7 @@ def _add_bench_parser(sub):
     p.add_argument("--json", metavar="PATH", help="write the environment and one record per case as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="draw the speedup per case as a bar chart (needs matplotlib)")
     p.set_defaults(func=_run_bench)
+    return p
 
 
 def _run_bench(args):
@@ -341,7 +351,7 @@ def _run_bench(args):
                    "settings": {"device": str(device), "providers": providers, "warmup": warmup, "reps": reps,
                                 "quick": args.quick},
                    "results": [bench_record(r, providers, peak) for r in results]}
-            with open(args.json, "w", encoding="utf-8") as f:
+            with atomic_output(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1)
             print(f"wrote {args.json}")
         if args.plot:
@@ -355,17 +365,49 @@ def _run_bench(args):
 
 # --- entry point -------------------------------------------------------------------------------
 
+EXIT_STATUS = ("exit status: 0 ok; 1 findings or failures (a check or case that failed, a target missed, "
+               "a likely mistake found); 2 usage error (bad option, value or environment, nothing run); "
+               "130 interrupted (Ctrl-C)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: what is wrong, and where the help is; exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_backend_arg(p):
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="the backend normops' norms run on (default: NORMOPS_BACKEND if set, else the "
+                        "device's: triton on CUDA, torch on the CPU)")
+    return p
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="normops", description="normops: fused normalization layers for PyTorch.")
+    parser = _Parser(prog="normops", description="normops: fused normalization layers for PyTorch.",
+                     epilog=f"Every command: {EXIT_STATUS}.")
     parser.add_argument("--version", action="version", version=f"normops {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_check_parser(sub)
-    _add_bench_parser(sub)
-    _add_models_parser(sub)
-    lessons.add_parser(sub)
+    _add_check_parser(sub)  # its --backend selects the backends to compare (repeatable)
+    for add in (_add_bench_parser, _add_models_parser, lessons.add_parser, _add_inspect_parser):
+        _add_backend_arg(add(sub))
     _add_guide_parser(sub)
-    _add_inspect_parser(sub)
     return parser
+
+
+def _backend_error(args):
+    """Why the backend settings cannot run this command (NORMOPS_BACKEND, ``--backend``), or None:
+    checked once, before any work."""
+    try:
+        backend_from_env()
+    except ValueError as e:
+        return f"{e} (or unset it)"
+    name = getattr(args, "backend", None)
+    if args.command != "check" and name == "triton":
+        device = getattr(args, "device", None) or torch.device(_default_device())
+        return _triton_unavailable(device)
+    return None
 
 
 def main(argv=None):
@@ -375,8 +417,17 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    error = _backend_error(args)
+    if error:
+        print(f"normops {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    name = getattr(args, "backend", None) if args.command != "check" else None
     try:
-        return args.func(args)
+        with backend(name) if name else contextlib.nullcontext():
+            return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; files are written whole or not at all
+        print(f"\nnormops {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `normops ... | head`: the reader left; no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

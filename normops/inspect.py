@@ -612,4 +612,7 @@ def run_cli(args):
     with torch.no_grad() if args.no_grad else contextlib.nullcontext():
         report = inspect(model, example)
     print(report)
-    return 1 if report.findings else 0
+    n = len(report.findings)
+    if n:
+        print(f"\nexit status 1: {n} finding{'s' * (n != 1)} (0 when there are none)")
+    return 1 if n else 0

@@ -88,12 +88,15 @@ def current_backend(device):
         return stack[-1]
     if _global is not None:
         return _global
+    return backend_from_env() or ("triton" if torch_device_type(device) == "cuda" else "torch")
+
+
+def backend_from_env():
+    """The backend NORMOPS_BACKEND names (None when unset or empty); ValueError when it names none."""
     env = os.environ.get("NORMOPS_BACKEND")
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"NORMOPS_BACKEND={env!r} is not a normops backend; expected one of {', '.join(BACKENDS)}")
-        return env
-    return "triton" if torch_device_type(device) == "cuda" else "torch"
+    if env and env not in BACKENDS:
+        raise ValueError(f"NORMOPS_BACKEND={env!r} is not a normops backend; expected one of {', '.join(BACKENDS)}")
+    return env or None
 
 
 def torch_device_type(device):

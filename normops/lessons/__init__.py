@@ -22,11 +22,11 @@ plots matplotlib; both are imported on first use only.
 """
 import argparse
 import importlib
-import os
 import sys
 import traceback
 
 from . import batch_norm, batch_size, mistakes, sequences, style, with_without
+from ..check import writable_folder
 from ._common import NORMS
 
 __all__ = ["LESSONS", "add_parser", "run", "run_cli"]
@@ -85,12 +85,14 @@ def run_cli(args):
         return 2
     names = list(LESSONS) if args.lesson == "all" else [args.lesson]
     try:  # what every lesson needs, checked before any of them trains
+        writable_folder(args.out)
         for module in ("matplotlib", "sklearn"):
             importlib.import_module(module)
-        os.makedirs(args.out, exist_ok=True)
-    except (ImportError, OSError) as e:
-        print(f"normops demo: error: {type(e).__name__}: {e} (pip install 'normops[models]'; --out must be a "
-              f"writable folder)", file=sys.stderr)
+    except ValueError as e:
+        print(f"normops demo: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"normops demo: error: {e} (pip install 'normops[models]')", file=sys.stderr)
         return 2
     failed = []
     for name in names:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..check import positive_int_arg
+from ..check import positive_int_arg, writable_folder
 from .train import Row, Trained, format_rows
 from .train import run as _run
 
@@ -115,8 +115,9 @@ def run_cli(args):
     start = time.perf_counter()
     try:
         norms = tuple(dict.fromkeys(args.norms or ("normops", "torch")))
+        writable_folder(args.out)  # before any training
         rows = run(args.only, args.out, args.quick, args.progress, norms, args.steps, args.seed, args.threads)
-    except (ImportError, OSError) as e:  # scikit-learn or matplotlib missing, out dir not writable
+    except (ImportError, OSError, ValueError) as e:  # scikit-learn or matplotlib missing, out dir not writable
         print(f"normops models: error: {e}", file=sys.stderr)
         return 2
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, seed {args.seed}"
