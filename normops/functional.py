@@ -79,6 +79,16 @@ def _channels(input, what):
     return input.shape[1]
 
 
+def _check_per_channel(input, what, running_mean, running_var, weight, bias):
+    """Batch and instance norm's tensors: input floating and (N, C, *); running statistics, weight
+    and bias floating, on input's device, of shape [C]. Returns C."""
+    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    c = _channels(input, what)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_shape(name, t, (c,))
+    return c
+
+
 def _grad_needed(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -167,11 +177,8 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     """Instance normalization, like ``torch.nn.functional.instance_norm``: each (sample, channel)
     normalized over its spatial positions. With ``use_input_stats`` and running statistics given,
     those are updated with the mean over the batch of the per-instance statistics."""
-    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    c = _channels(input, "instance_norm")
+    c = _check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
     _running_pair(running_mean, running_var)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_shape(name, t, (c,))
     act = _activation(activation)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
@@ -205,11 +212,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     and spatial dims. In training the batch statistics normalize and, when given, the running
     statistics are updated in place (mean, and the unbiased variance); otherwise the running ones
     normalize."""
-    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    c = _channels(input, "batch_norm")
+    _check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
     _running_pair(running_mean, running_var)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_shape(name, t, (c,))
     act = _activation(activation)
     if training:
         if input.shape[0] * math.prod(input.shape[2:]) == 1:

@@ -161,9 +161,11 @@ class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+
+    def forward(self, input: Tensor) -> Tensor:
         factor, running, bn_training, track = self._plan()
         group = None
         if bn_training and self.training and dist.is_available() and dist.is_initialized():
@@ -171,9 +173,11 @@ class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
             if dist.get_world_size(group) == 1:
                 group = None
         if group is None:
+            self._check_input(input)
             return super().forward(input)
+        # the input checks run inside, where a failure on one rank is raised on every rank
         out = sync_batch_norm(input, self.weight, self.bias, *running, self.eps, factor,
-                              F._activation(self.activation), group)
+                              F._activation(self.activation), group, check=self._check_input)
         if track:
             self.num_batches_tracked.add_(1)
         return out
