@@ -1,13 +1,17 @@
 """Regressions from issue #15: the backend context's scope (asyncio tasks, generators, threads),
 and tracing (torch.fx, torch.jit) of the normops modules and functionals."""
 import asyncio
+import copy
+import os
 import threading
+import warnings
 
 import pytest
 import torch
 
 import normops
 from normops.backends import current_backend, resolve
+from cases import F
 
 CPU = torch.device("cpu")
 
@@ -96,12 +100,6 @@ def test_backend_context_is_not_seen_by_other_threads_but_set_backend_is():
 
 
 # --- tracing: torch.fx.symbolic_trace, torch.jit.trace, torch.jit.script -------------------------
-
-import copy  # noqa: E402
-import os  # noqa: E402
-import warnings  # noqa: E402
-
-from cases import F  # noqa: E402
 
 # module, input (training mode: the batch and instance norms also update running statistics)
 MODULES = {
