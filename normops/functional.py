@@ -4,6 +4,10 @@ output shape, dtype and memory format, and the same in-place running-statistics 
 Extras, keyword-only: ``activation=None | "relu" | "silu" | "gelu"`` fused after the affine
 transform, and ``add_layer_norm`` / ``add_rms_norm`` for pre-norm residual streams.
 
+Each function first hands a call with a ``__torch_function__`` argument to it, as torch's functionals
+do: ``torch.fx.symbolic_trace`` then records one call to the normops function (the Proxy's
+``__torch_function__``), and tensor subclasses see the call as one.
+
 Input validation lives here, before any op runs, so a bad call raises a clear error and leaves
 running statistics untouched. The work itself is done by the ``normops::`` ops
 (``normops/library.py``), on the backend ``normops.backends`` picks for the call; a plain fp32/fp64
@@ -15,6 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import library as ops  # the normops:: ops, with their eager fast path
 
@@ -79,7 +84,19 @@ def _channels(input, what):
     return input.shape[1]
 
 
+def _check_per_channel(input, what, running_mean, running_var, weight, bias):
+    """Batch and instance norm's tensors: input floating and (N, C, *); running statistics, weight
+    and bias floating, on input's device, of shape [C]. Returns C."""
+    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    c = _channels(input, what)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_shape(name, t, (c,))
+    return c
+
+
 def _grad_needed(*tensors):
+    if torch._C._get_tracing_state() is not None:  # a jit trace may be replayed with grad: keep statistics
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -108,6 +125,9 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
                bias: Optional[Tensor] = None, eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
     """Layer normalization over the last ``len(normalized_shape)`` dims, like
     ``torch.nn.functional.layer_norm``: y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(layer_norm, (input, weight, bias), input, normalized_shape, weight, bias, eps,
+                                     activation=activation)
     return _row_norm(input, None, normalized_shape, weight, bias, eps, False, activation)[0]
 
 
@@ -116,12 +136,18 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
     """Root-mean-square normalization, like ``torch.nn.functional.rms_norm``:
     y = x / sqrt(mean(x^2) + eps) * weight; ``eps=None`` is the machine epsilon of the dtype the
     statistics are computed in (float32's for float16/bfloat16/float32 input, as torch does)."""
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight, eps,
+                                     activation=activation)
     return _row_norm(input, None, normalized_shape, weight, None, eps, True, activation)[0]
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """Pre-norm residual step: ``h = x + residual; return layer_norm(h), h``, fused in one pass."""
+    if has_torch_function_variadic(x, residual, weight, bias):
+        return handle_torch_function(add_layer_norm, (x, residual, weight, bias), x, residual, normalized_shape,
+                                     weight, bias, eps)
     y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, bias, eps, False, None)
     return y, h
 
@@ -129,6 +155,8 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int],
 def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                  eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """Pre-norm residual step: ``h = x + residual; return rms_norm(h), h``, fused in one pass."""
+    if has_torch_function_variadic(x, residual, weight):
+        return handle_torch_function(add_rms_norm, (x, residual, weight), x, residual, normalized_shape, weight, eps)
     y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, None, eps, True, None)
     return y, h
 
@@ -139,6 +167,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
     """Group normalization, like ``torch.nn.functional.group_norm``: the C channels are split into
     ``num_groups`` groups, each normalized over its channels and all spatial positions, per sample."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight, bias, eps,
+                                     activation=activation)
     _check_tensors(input, weight=weight, bias=bias)
     c = _channels(input, "group_norm")
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
@@ -167,11 +198,12 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     """Instance normalization, like ``torch.nn.functional.instance_norm``: each (sample, channel)
     normalized over its spatial positions. With ``use_input_stats`` and running statistics given,
     those are updated with the mean over the batch of the per-instance statistics."""
-    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    c = _channels(input, "instance_norm")
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(instance_norm, (input, running_mean, running_var, weight, bias), input,
+                                     running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                     activation=activation)
+    c = _check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
     _running_pair(running_mean, running_var)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_shape(name, t, (c,))
     act = _activation(activation)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
@@ -205,11 +237,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     and spatial dims. In training the batch statistics normalize and, when given, the running
     statistics are updated in place (mean, and the unbiased variance); otherwise the running ones
     normalize."""
-    _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    c = _channels(input, "batch_norm")
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(batch_norm, (input, running_mean, running_var, weight, bias), input,
+                                     running_mean, running_var, weight, bias, training, momentum, eps,
+                                     activation=activation)
+    _check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
     _running_pair(running_mean, running_var)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_shape(name, t, (c,))
     act = _activation(activation)
     if training:
         if input.shape[0] * math.prod(input.shape[2:]) == 1:

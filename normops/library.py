@@ -52,7 +52,7 @@ def _zero_filled(outputs):
 # a whole 2M-element GroupNorm takes ~1.2 ms. In plain eager mode nothing needs that machinery, so
 # the same implementations run through a plain autograd.Function instead (same setup_context and
 # backward functions). Anything that traces or transforms (torch.compile, export, fake/meta
-# tensors, dispatch modes, functorch, autocast) goes through the registered ops.
+# tensors, dispatch modes, functorch, autocast, torch.jit.trace) goes through the registered ops.
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -60,6 +60,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _eager(args):
     """True when the ops' implementations may run directly: real CPU/CUDA tensors, no tracing."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace records the op, not what it runs
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False

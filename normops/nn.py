@@ -6,9 +6,14 @@ checkpoint loads into these modules and back. The one addition is the keyword-on
 ``activation=None | "relu" | "silu" | "gelu"``, fused into the norm (shown in ``repr`` when set).
 Keyword-only arguments of newer torch versions (``bias=`` on GroupNorm and the batch/instance
 norms) pass through to torch.
+
+Tracing and scripting: ``torch.fx.symbolic_trace`` records LayerNorm, RMSNorm and GroupNorm as a call
+to their ``normops.functional`` function, and the batch, instance and sync batch norms inside a
+model as ``call_module`` leaves, as torch's are (see ``_fx_leaf``). ``torch.jit.trace`` records the
+``normops::`` ops. ``torch.jit.script`` cannot compile them (see ``__prepare_scriptable__``).
 """
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from . import functional as F
 from .sync_batch_norm import sync_batch_norm
@@ -28,6 +33,29 @@ class _Activation:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return f"{s}, activation={self.activation!r}" if self.activation else s
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is about to compile, so the error names the
+        # module instead of a keyword-only argument deep in normops.functional
+        raise RuntimeError(
+            f"torch.jit.script cannot compile normops.nn.{type(self).__name__}: its forward is Python (input "
+            f"validation, then normops:: custom ops implemented in Python), which TorchScript does not "
+            f"compile. Use torch.jit.trace (it records the normops:: ops), torch.compile or torch.export.")
+
+
+def _fx_leaf(module, input):
+    """``torch.fx.symbolic_trace`` through a batch or instance norm: a ``call_module`` node, the leaf
+    torch makes of its own norms. Their forward checks the input's shape in Python (instance norm
+    also takes unbatched input) and a cumulative momentum reads ``num_batches_tracked``: a Proxy
+    can answer neither, so the traced graph calls the module, which checks at run time. The root
+    of a trace has no module to call: like torch's, these norms cannot be traced on their own."""
+    path = input.tracer.path_of_module(module)
+    if not path:
+        raise fx.proxy.TraceError(
+            f"torch.fx.symbolic_trace cannot trace a normops.nn.{type(module).__name__} as the root module (nor "
+            f"can it torch.nn's): its forward checks the input's shape in Python. Trace a model that contains "
+            f"it (it is recorded as a call_module leaf), or a function calling normops.functional.")
+    return input.tracer.create_proxy("call_module", path, (input,), {})
 
 
 class LayerNorm(_Activation, nn.LayerNorm):
@@ -88,6 +116,8 @@ class _BatchNorm(_Activation):
         return factor, running, bn_training, track
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return _fx_leaf(self, input)
         self._check_input_dim(input)
         factor, running, bn_training, track = self._plan()
         out = F.batch_norm(input, *running, self.weight, self.bias, bn_training, factor, self.eps,
@@ -116,6 +146,11 @@ class _InstanceNorm(_Activation):
                  dtype=None, *, activation=None, **kwargs):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._set_activation(activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return _fx_leaf(self, input)
+        return super().forward(input)
 
     def _apply_instance_norm(self, input):
         return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
@@ -161,9 +196,13 @@ class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return _fx_leaf(self, input)
         factor, running, bn_training, track = self._plan()
         group = None
         if bn_training and self.training and dist.is_available() and dist.is_initialized():
@@ -171,9 +210,11 @@ class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
             if dist.get_world_size(group) == 1:
                 group = None
         if group is None:
+            self._check_input(input)
             return super().forward(input)
+        # the input checks run inside, where a failure on one rank is raised on every rank
         out = sync_batch_norm(input, self.weight, self.bias, *running, self.eps, factor,
-                              F._activation(self.activation), group)
+                              F._activation(self.activation), group, check=self._check_input)
         if track:
             self.num_batches_tracked.add_(1)
         return out

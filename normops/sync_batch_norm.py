@@ -10,11 +10,20 @@ The weight and bias gradients stay per rank (DistributedDataParallel reduces the
 Any backend and device torch.distributed supports: gloo on CPU tensors (which torch's own
 SyncBatchNorm refuses) and NCCL on CUDA ones. Statistics accumulate in fp32 (fp64 for fp64) and are
 exchanged and combined in fp64.
+
+Bad input raises on every rank, never on one alone (the others would wait in the collective for
+ever), and never reaches the statistics exchange (gloo aborts the process on tensors of different
+sizes). Each rank first checks its own input as BatchNorm does; then the ranks all_gather a small
+descriptor (that check's verdict, C, dtype, device type) and go on only when every rank passed and
+all agree. Otherwise every rank gathers the details and raises the same error.
 """
+import zlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import functional as F
 from .backends.torch_backend import _channel_view
 from .backends.torch_backend import activate, activation_backward, stat_dtype
 
@@ -86,8 +95,65 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
-def sync_batch_norm(input: Tensor, weight, bias, running_mean, running_var, eps, momentum, activation, group):
+def _code(name):
+    """A number for a dtype or device type name that every process computes alike (hash() is salted)."""
+    return zlib.crc32(name.encode())
+
+
+def _descriptor_device(group, x):
+    """Where the descriptor is exchanged: on CPU, unless the group's backend is NCCL alone (it takes
+    CUDA tensors only), whatever device this rank's (possibly bad) input is on."""
+    if dist.get_backend(group) == "nccl":
+        return x.device if isinstance(x, Tensor) and x.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _local_error(input, weight, bias, running_mean, running_var, check):
+    """What this rank's own checks find wrong with its input (BatchNorm's, and the caller's ``check``),
+    or None: caught, not raised, so that every rank raises it together."""
+    try:
+        if check is not None and isinstance(input, Tensor):  # a non-tensor is refused below
+            check(input)
+        F._check_per_channel(input, "SyncBatchNorm", running_mean, running_var, weight, bias)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return e
+    return None
+
+
+def _agree(group, input, error):
+    """Returns when every rank of ``group`` passed its own checks and all have the same C, dtype and
+    device type; else raises one error, the same on every rank (decided from gathered data only)."""
+    x = input if isinstance(input, Tensor) else None
+    c = x.shape[1] if x is not None and x.dim() > 1 else -1
+    dtype, device = (str(x.dtype), x.device.type) if x is not None else ("-", "-")
+    mine = torch.tensor([error is None, c, _code(dtype), _code(device)], dtype=torch.int64,
+                        device=_descriptor_device(group, input))
+    ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(ranks, mine, group=group)
+    if all(bool(r[0]) and torch.equal(r, ranks[0]) for r in ranks):
+        return
+    # Something is wrong somewhere: every rank gathers the details (a second collective, on this
+    # failure path only) and builds the same error from them.
+    details = [None] * len(ranks)
+    dist.all_gather_object(details, (None if error is None else (type(error), str(error)), c, dtype, device),
+                           group=group)
+    failed = [(r, e) for r, (e, *_) in enumerate(details) if e is not None]
+    if failed:
+        cls = failed[0][1][0]
+        raise cls("SyncBatchNorm: " + "; ".join(f"on rank {r}: {message}" for r, (_, message) in failed)
+                  + " (raised on every rank)")
+    channels, dtypes = {d[1] for d in details}, {d[2] for d in details}
+    cls = F.ShapeError if len(channels) > 1 else TypeError if len(dtypes) > 1 else RuntimeError
+    raise cls("SyncBatchNorm needs the same number of channels, dtype and device type on every rank, got "
+              + "; ".join(f"rank {r}: {d[1]} channels, {d[2]} on {d[3]}" for r, d in enumerate(details)))
+
+
+def sync_batch_norm(input: Tensor, weight, bias, running_mean, running_var, eps, momentum, activation, group,
+                    check=None):
     """Training-mode batch norm over every rank of `group` (statistics exchanged, then normalized);
-    running statistics, when given, are updated in place with the global ones."""
+    running statistics, when given, are updated in place with the global ones. ``check(input)``:
+    the caller's own input checks, raising TypeError, ValueError or RuntimeError; like BatchNorm's
+    own, a failure on any rank raises on every rank, before any statistics are exchanged."""
+    _agree(group, input, _local_error(input, weight, bias, running_mean, running_var, check))
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, float(eps), float(momentum),
                                 activation, group)

@@ -4,6 +4,7 @@ Each rank normalizes its slice of one global batch, slices of uneven size and on
 the outputs, input gradients, summed weight/bias gradients and running statistics must equal one
 process's BatchNorm on the whole batch. Float64, so the comparison is tight.
 """
+import datetime
 import os
 import tempfile
 
@@ -47,8 +48,43 @@ def _step(m, x, dy, steps=2):
     return y.detach(), x.grad, m.weight.grad, m.bias.grad
 
 
+# Bad input on one rank or both (issue #15): module kwargs and this rank's input. Every rank must
+# raise the same error, before any statistics are exchanged (different C aborted both processes in
+# gloo; an int64 input gave truncated output and updated the running statistics).
+BAD = {
+    "channels_differ": lambda rank: (dict(affine=False, track_running_stats=False),
+                                     torch.randn(4, C + rank, 5, dtype=torch.float64)),
+    "channels_not_num_features": lambda rank: ({}, torch.randn(4, C + rank, 5, dtype=torch.float64)),
+    "int64_on_every_rank": lambda rank: ({}, torch.randint(0, 9, (4, C, 5))),
+    "int64_on_one_rank": lambda rank: ({}, torch.randint(0, 9, (4, C, 5)) if rank else torch.randn(4, C, 5)),
+    "dtypes_differ": lambda rank: ({}, torch.randn(4, C, 5, dtype=torch.float64 if rank else torch.float32)),
+    "1d_on_one_rank": lambda rank: ({}, torch.randn(4, C) if rank else torch.randn(C)),
+}
+
+
+def _bad_inputs(rank):
+    """{case: (error type, message, running_mean, running_var, num_batches_tracked)}, then a good
+    step's output, which shows the ranks are still in step after the errors."""
+    out = {}
+    for case, make in BAD.items():
+        kwargs, x = make(rank)
+        m = normops.nn.SyncBatchNorm(C, **kwargs).to(x.dtype if x.is_floating_point() else torch.float32)
+        try:
+            m(x)
+            out[case] = None
+        except Exception as e:  # whatever it is, the test reports it
+            stats = [None if t is None else t.clone() for t in (m.running_mean, m.running_var)]
+            tracked = None if m.num_batches_tracked is None else int(m.num_batches_tracked)
+            out[case] = (type(e).__name__, str(e), *stats, tracked)
+    x, _, _, _ = _global_batch(0)
+    out["good_after"] = normops.nn.SyncBatchNorm(C).double()(x[rank * 3:rank * 3 + 3]).detach()
+    return out
+
+
 def _worker(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         out = {}
         for case, (rows, activation, momentum) in enumerate(CASES):
@@ -83,6 +119,7 @@ def _worker(rank, init_file, results):
             m(torch.randn(1 - rank, C, dtype=torch.float64))
         except ValueError as e:
             out["error"] = (str(e), m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+        out["bad"] = _bad_inputs(rank)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -157,3 +194,34 @@ def test_fp32_channels_last(ranks):
     assert all(g[0].is_contiguous(memory_format=torch.channels_last) for g in got)
     torch.testing.assert_close(torch.cat([g[0] for g in got]), y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([g[1] for g in got]), dx, rtol=1e-5, atol=1e-5)
+
+
+EXPECTED = {  # error type, the words that must be in the message
+    "channels_differ": ("ShapeError", "same number of channels, dtype and device type on every rank, got rank 0: "
+                                      "3 channels, torch.float64 on cpu; rank 1: 4 channels"),
+    "channels_not_num_features": ("ShapeError", "on rank 1: expected running_mean of shape [4], got [3]"),
+    "int64_on_every_rank": ("TypeError", "on rank 0: input must be a floating-point tensor"),
+    "int64_on_one_rank": ("TypeError", "on rank 1: input must be a floating-point tensor"),
+    "dtypes_differ": ("TypeError", "rank 0: 3 channels, torch.float32 on cpu; rank 1: 3 channels, torch.float64"),
+    "1d_on_one_rank": ("ValueError", "on rank 0: expected at least 2D input (got 1D input)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_the_same_error_on_every_rank(ranks, case):
+    """Checked across ranks before any statistics are exchanged; running statistics untouched."""
+    kind, words = EXPECTED[case]
+    got = [ranks[r]["bad"][case] for r in range(WORLD)]
+    assert got[0] is not None and got[1] is not None, got
+    assert got[0][:2] == got[1][:2]  # the same error, word for word, on every rank
+    assert got[0][0] == kind and words in got[0][1], got[0]
+    for _, _, mean, var, tracked in got:
+        if mean is not None:
+            assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(var, torch.ones_like(var))
+            assert tracked == 0
+
+
+def test_ranks_stay_in_step_after_bad_input(ranks):
+    x, _, _, _ = _global_batch(0)
+    ref = normops.nn.BatchNorm2d(C).double()(x[:6])
+    torch.testing.assert_close(torch.cat([ranks[r]["bad"]["good_after"] for r in range(WORLD)]), ref)

@@ -11,6 +11,15 @@ Choose one with ``normops.set_backend(name)``, ``with normops.backend(name):`` o
 environment variable ``NORMOPS_BACKEND`` (read on every call). Precedence: the innermost
 ``with backend(...)``, then ``set_backend``, then ``NORMOPS_BACKEND``, then the device default.
 
+Scopes: ``set_backend`` is process-wide (every thread and task sees it). ``with backend(...)`` is a
+``contextvars`` setting, like ``decimal.localcontext``: it holds for the code in the block and what
+that code calls, in its own thread and asyncio task only. Each asyncio task runs in a copy of its
+creator's context, so tasks that interleave inside different blocks each keep their own; a new
+thread starts without it (the default context). A generator that yields from inside a block
+leaves the block's backend in force for its consumer until it resumes (as with any context
+variable), but a block the consumer opens meanwhile is innermost, and each block's exit removes its
+own setting only, whatever the order the blocks close in.
+
 The contract every backend module implements (tensors in, tensors out, ``None`` for "absent"):
 
     row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats)
@@ -42,15 +51,19 @@ Shapes and dtypes:
   ``dy``'s dtype is x's; dweight/dbias come back in weight's dtype.
 """
 import contextlib
+import contextvars
 import importlib
 import os
-import threading
 
 BACKENDS = ("torch", "triton", "numpy")
 _MODULES = {"torch": "torch_backend", "triton": "triton_backend", "numpy": "numpy_backend"}
 
 _loaded = {}
-_state = threading.local()  # per thread: the `with backend(...)` stack
+# The open `with backend(...)` blocks of this thread / asyncio task, innermost last: a context
+# variable, not a thread-local, since tasks on one thread interleave and each must keep its own.
+# Entries are (name, marker) and a block's exit removes its own by identity: blocks entered in a
+# generator and in its consumer can close out of order, which a token reset would get wrong.
+_context = contextvars.ContextVar("normops_backend", default=())
 _global = None  # set_backend's choice
 
 
@@ -61,20 +74,22 @@ def _check_name(name):
 
 
 def set_backend(name):
-    """Use backend ``name`` for every later call in this process (``None`` restores the default)."""
+    """Use backend ``name`` for every later call in this process, in every thread and task, unless a
+    ``with backend(...)`` block says otherwise (``None`` restores the default)."""
     global _global
     _global = None if name is None else _check_name(name)
 
 
 @contextlib.contextmanager
 def backend(name):
-    """``with normops.backend("numpy"): ...`` uses that backend inside the block (this thread)."""
-    stack = _state.__dict__.setdefault("stack", [])
-    stack.append(_check_name(name))
+    """``with normops.backend("numpy"): ...`` uses that backend inside the block, in this thread and
+    asyncio task only; the previous choice is back when the block exits, by error or not."""
+    entry = (_check_name(name), object())
+    _context.set(_context.get() + (entry,))
     try:
         yield
     finally:
-        stack.pop()
+        _context.set(tuple(e for e in _context.get() if e is not entry))
 
 
 def triton_interpret():
@@ -83,9 +98,9 @@ def triton_interpret():
 
 def current_backend(device):
     """The backend name a call on ``device`` uses now."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        return stack[-1]
+    blocks = _context.get()
+    if blocks:
+        return blocks[-1][0]
     if _global is not None:
         return _global
     return backend_from_env() or ("triton" if torch_device_type(device) == "cuda" else "torch")
