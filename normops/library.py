@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import backends
 from .backends.torch_backend import activate, memory_format_of, stat_dtype
@@ -80,6 +81,41 @@ def aten_direct(family, x, activation, *params):
     return (activation == "none" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
             and all(p is None or p.dtype == x.dtype for p in params) and _eager((x,) + params)
             and family in backends.resolve(x).NATIVE)
+
+
+# --- torch.func transforms and forward-mode AD ---------------------------------------------------
+# torch.library gives a custom op neither a forward-mode derivative (its tangent comes out zero or
+# None) nor functorch autograd (torch.func.grad refuses its generated autograd.Function). Under
+# those, normops.functional computes the norm with torch's own differentiable norms
+# (torch.layer_norm, torch.batch_norm...) and the fused extras composed around them, so every
+# transform gives torch's results, and torch's behaviour for the running statistics (updated
+# under grad/jvp; torch's error under vmap when the input is batched and they are not).
+
+def transformed(*tensors):
+    """True under a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap,
+    functionalize) or when a tensor carries a forward-AD tangent (``torch.autograd.forward_ad``)."""
+    # isinstance, not "is not None": torch.compile models the call's result as an object, which
+    # "is not None" even when the stack is empty.
+    if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor can carry a tangent
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def in_torch(fn, x, *params, buffers=(), updates=False):
+    """fn(x, *params, *buffers) for a transformed call. It runs in the statistics dtype (fp32 for
+    fp16/bf16 input, as normops keeps its statistics; parameters of any dtype, which ATen's
+    kernels refuse in some mixes) and returns x's dtype. Buffers that fn ``updates`` in place are
+    written back from their cast copies."""
+    sd = stat_dtype(x)
+    cast = [None if t is None else t.to(sd) for t in (x,) + params + tuple(buffers)]
+    y = fn(*cast)
+    if updates:
+        for b, c in zip(buffers, cast[1 + len(params):]):
+            if c is not b:
+                b.copy_(c)
+    return y.to(x.dtype)
 
 
 def _profiled(name, fn, *args):
