@@ -196,7 +196,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
             y = torch.instance_norm(x, w, b, rm, rv, use_input_stats, momentum, eps, torch.backends.cudnn.enabled)
             return activate(y, act)
 
-        y = ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var), updates=use_input_stats)
+        y = ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var))
         return y.contiguous()
     if ops.aten_direct("group_norm", input, act, weight, bias, running_mean, running_var):
         return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
@@ -242,7 +242,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             y = torch.batch_norm(x, w, b, rm, rv, training, momentum, eps, torch.backends.cudnn.enabled)
             return activate(y, act)
 
-        return ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var), updates=training)
+        return ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var))
     if ops.aten_direct("batch_norm", input, act, weight, bias, running_mean, running_var):
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                 torch.backends.cudnn.enabled)

@@ -103,19 +103,18 @@ def transformed(*tensors):
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def in_torch(fn, x, *params, buffers=(), updates=False):
-    """fn(x, *params, *buffers) for a transformed call. It runs in the statistics dtype (fp32 for
-    fp16/bf16 input, as normops keeps its statistics; parameters of any dtype, which ATen's
-    kernels refuse in some mixes) and returns x's dtype. Buffers that fn ``updates`` in place are
-    written back from their cast copies."""
-    sd = stat_dtype(x)
-    cast = [None if t is None else t.to(sd) for t in (x,) + params + tuple(buffers)]
-    y = fn(*cast)
-    if updates:
-        for b, c in zip(buffers, cast[1 + len(params):]):
-            if c is not b:
-                b.copy_(c)
-    return y.to(x.dtype)
+def in_torch(fn, x, *params, buffers=()):
+    """fn(x, *params, *buffers) for a transformed call, returned in x's dtype. x and the
+    parameters go in the statistics dtype (fp32 for fp16/bf16 input, as normops keeps its
+    statistics; parameters of any dtype, which ATen's kernels refuse in some mixes). Running
+    statistics go as they are, as fn updates them in place (a cast copy of a captured tensor is a
+    new tensor under grad transforms, which may not write back); when they are in x's dtype (a
+    model.half()), so are x and the parameters, and ATen accumulates in fp32 itself."""
+    same = any(b is not None and b.dtype == x.dtype for b in buffers)
+    dtype = x.dtype if same else stat_dtype(x)
+    # .to() only where the dtype differs: under grad transforms even a same-dtype .to() copies
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x,) + params]
+    return fn(*cast, *buffers).to(x.dtype)
 
 
 def _profiled(name, fn, *args):
