@@ -8,7 +8,10 @@ Input validation lives here, before any op runs, so a bad call raises a clear er
 running statistics untouched. The work itself is done by the ``normops::`` ops
 (``normops/library.py``), on the backend ``normops.backends`` picks for the call; a plain fp32/fp64
 call whose backend would run ATen's norm anyway goes straight to it (``library.aten_direct``),
-without the ops' Python autograd overhead.
+without the ops' Python autograd overhead. Under torch.func transforms (grad, vjp, jvp, jacrev,
+jacfwd, hessian, vmap) and forward-mode AD, which the ops do not support, each norm is computed by
+torch's own (``torch.layer_norm``, ``torch.batch_norm``...) with the activation and residual
+composed around it (``library.transformed``), whatever the backend.
 """
 import math
 from typing import Optional, Sequence, Tuple

@@ -21,6 +21,10 @@ supports double backward, so a drop-in must): their own backward is the vector-J
 a differentiable torch composition of the same norm, taken with ``torch.func.vjp``. It recomputes
 the statistics from x, so the saved ones need no gradient.
 
+torch.func transforms and forward-mode AD are the one thing the ops cannot serve (torch.library
+gives a custom op no forward-mode derivative and no functorch autograd): under them,
+``normops.functional`` computes each norm with torch's own differentiable norms (``transformed``).
+
 A custom op cannot return ``None``: an absent output (no residual, no statistics, a gradient not
 asked for) is an empty tensor here and ``None`` again in ``normops.functional``.
 """
@@ -112,7 +116,8 @@ def in_torch(fn, x, *params, buffers=()):
     model.half()), so are x and the parameters, and ATen accumulates in fp32 itself."""
     same = any(b is not None and b.dtype == x.dtype for b in buffers)
     dtype = x.dtype if same else stat_dtype(x)
-    # .to() only where the dtype differs: under grad transforms even a same-dtype .to() copies
+    # .to() only where the dtype differs: under grad transforms, .to() of a captured tensor lifts it
+    # into a new tensor even in its own dtype
     cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x,) + params]
     return fn(*cast, *buffers).to(x.dtype)
 
