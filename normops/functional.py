@@ -12,7 +12,10 @@ Input validation lives here, before any op runs, so a bad call raises a clear er
 running statistics untouched. The work itself is done by the ``normops::`` ops
 (``normops/library.py``), on the backend ``normops.backends`` picks for the call; a plain fp32/fp64
 call whose backend would run ATen's norm anyway goes straight to it (``library.aten_direct``),
-without the ops' Python autograd overhead.
+without the ops' Python autograd overhead. Under torch.func transforms (grad, vjp, jvp, jacrev,
+jacfwd, hessian, vmap) and forward-mode AD, which the ops do not support, each norm is computed by
+torch's own (``torch.layer_norm``, ``torch.batch_norm``...) with the activation and residual
+composed around it (``library.transformed``), whatever the backend.
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -22,6 +25,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import library as ops  # the normops:: ops, with their eager fast path
+from .backends.torch_backend import activate
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm"]
@@ -115,6 +119,14 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
     if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     act = _activation(activation)
+    if ops.transformed(input, residual, weight, bias):
+        h = input + residual if residual is not None else None
+
+        def norm(x, w, b):
+            y = torch.rms_norm(x, shape, w, eps) if rms else torch.layer_norm(x, shape, w, b, eps)
+            return activate(y, act)
+
+        return ops.in_torch(norm, input if h is None else h, weight, bias), h, None, None
     if residual is None and not rms and ops.aten_direct("row_norm", input, act, weight, bias):
         return (torch.layer_norm(input, shape, weight, bias, eps),)
     need = _grad_needed(input, residual, weight, bias)
@@ -181,6 +193,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
                          f"with num_groups={num_groups}")
     act = _activation(activation)
+    if ops.transformed(input, weight, bias):
+        def norm(x, w, b):
+            return activate(torch.group_norm(x, num_groups, w, b, eps, torch.backends.cudnn.enabled), act)
+
+        return ops.in_torch(norm, input, weight, bias)
     if ops.aten_direct("group_norm", input, act, weight, bias):
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
@@ -209,6 +226,13 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
     if not use_input_stats and running_mean is None:
         raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
+    if ops.transformed(input, weight, bias, running_mean, running_var):
+        def norm(x, w, b, rm, rv):
+            y = torch.instance_norm(x, w, b, rm, rv, use_input_stats, momentum, eps, torch.backends.cudnn.enabled)
+            return activate(y, act)
+
+        y = ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var))
+        return y.contiguous()
     if ops.aten_direct("group_norm", input, act, weight, bias, running_mean, running_var):
         return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                                    torch.backends.cudnn.enabled)
@@ -249,6 +273,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
     elif running_mean is None:
         raise ShapeError("running_mean must be defined in evaluation mode")
+    if ops.transformed(input, weight, bias, running_mean, running_var):
+        def norm(x, w, b, rm, rv):
+            y = torch.batch_norm(x, w, b, rm, rv, training, momentum, eps, torch.backends.cudnn.enabled)
+            return activate(y, act)
+
+        return ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var))
     if ops.aten_direct("batch_norm", input, act, weight, bias, running_mean, running_var):
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                 torch.backends.cudnn.enabled)

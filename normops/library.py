@@ -21,6 +21,10 @@ supports double backward, so a drop-in must): their own backward is the vector-J
 a differentiable torch composition of the same norm, taken with ``torch.func.vjp``. It recomputes
 the statistics from x, so the saved ones need no gradient.
 
+torch.func transforms and forward-mode AD are the one thing the ops cannot serve (torch.library
+gives a custom op no forward-mode derivative and no functorch autograd): under them,
+``normops.functional`` computes each norm with torch's own differentiable norms (``transformed``).
+
 A custom op cannot return ``None``: an absent output (no residual, no statistics, a gradient not
 asked for) is an empty tensor here and ``None`` again in ``normops.functional``.
 """
@@ -28,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import backends
 from .backends.torch_backend import activate, memory_format_of, stat_dtype
@@ -82,6 +87,41 @@ def aten_direct(family, x, activation, *params):
     return (activation == "none" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
             and all(p is None or p.dtype == x.dtype for p in params) and _eager((x,) + params)
             and family in backends.resolve(x).NATIVE)
+
+
+# --- torch.func transforms and forward-mode AD ---------------------------------------------------
+# torch.library gives a custom op neither a forward-mode derivative (its tangent comes out zero or
+# None) nor functorch autograd (torch.func.grad refuses its generated autograd.Function). Under
+# those, normops.functional computes the norm with torch's own differentiable norms
+# (torch.layer_norm, torch.batch_norm...) and the fused extras composed around them, so every
+# transform gives torch's results, and torch's behaviour for the running statistics (updated
+# under grad/jvp; torch's error under vmap when the input is batched and they are not).
+
+def transformed(*tensors):
+    """True under a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap,
+    functionalize) or when a tensor carries a forward-AD tangent (``torch.autograd.forward_ad``)."""
+    # isinstance, not "is not None": torch.compile models the call's result as an object, which
+    # "is not None" even when the stack is empty.
+    if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor can carry a tangent
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def in_torch(fn, x, *params, buffers=()):
+    """fn(x, *params, *buffers) for a transformed call, returned in x's dtype. x and the
+    parameters go in the statistics dtype (fp32 for fp16/bf16 input, as normops keeps its
+    statistics; parameters of any dtype, which ATen's kernels refuse in some mixes). Running
+    statistics go as they are, as fn updates them in place (a cast copy of a captured tensor is a
+    new tensor under grad transforms, which may not write back); when they are in x's dtype (a
+    model.half()), so are x and the parameters, and ATen accumulates in fp32 itself."""
+    same = any(b is not None and b.dtype == x.dtype for b in buffers)
+    dtype = x.dtype if same else stat_dtype(x)
+    # .to() only where the dtype differs: under grad transforms, .to() of a captured tensor lifts it
+    # into a new tensor even in its own dtype
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x,) + params]
+    return fn(*cast, *buffers).to(x.dtype)
 
 
 def _profiled(name, fn, *args):
