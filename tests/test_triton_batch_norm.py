@@ -174,6 +174,22 @@ def test_module_running_statistics(momentum, channels_last, path):
         torch.testing.assert_close(stateless(x), TF.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=str)
+def test_infinite_value_gives_torchs_running_mean_and_output(value, path):
+    """One +-inf in a channel: torch's mean is that inf (its sum / count), not the NaN of the
+    centering (inf - inf) or of Chan's combination; a NaN output stays NaN through the relu."""
+    x = torch.randn(6, 3, 20)
+    x[1, 0, 2] = value
+    rm, rv = torch.zeros(3), torch.ones(3)
+    want = TF.relu(TF.batch_norm(x, rm, rv, training=True))
+    ours_rm, ours_rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with normops.backend("triton"):
+        y = F.batch_norm(x.to(DEVICE), ours_rm, ours_rv, training=True, activation="relu")
+    torch.testing.assert_close(ours_rm.cpu(), rm, equal_nan=True)
+    torch.testing.assert_close(ours_rv.cpu(), rv, equal_nan=True)
+    torch.testing.assert_close(y.cpu(), want, equal_nan=True)
+
 def test_one_value_per_channel_is_rejected_and_leaves_running_stats():
     """Training on one value per channel raises torch's error before any kernel runs; the running
     statistics are untouched."""
