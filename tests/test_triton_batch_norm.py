@@ -41,11 +41,11 @@ def _running(c, dtype=torch.float32, seed=3):
 def _batch_norm(training, running=(None, None), activation=None):
     """(ours, torch's) as functions of (x, w, b); running statistics are cloned per call, so every
     call (ours, torch's same-dtype, torch's fp64) starts from the same ones."""
-    def fresh():
-        return [None if t is None else t.clone() for t in running]
-    ours = lambda x, w, b: F.batch_norm(x, *fresh(), w, b, training, activation=activation)  # noqa: E731
+    def fresh(x, w):  # in the weight's dtype: torch (and so normops) wants one dtype for all parameters
+        return [None if t is None else t.to((x if w is None else w).dtype, copy=True) for t in running]
+    ours = lambda x, w, b: F.batch_norm(x, *fresh(x, w), w, b, training, activation=activation)  # noqa: E731
     ref = lambda x, w, b: ACTIVATIONS.get(activation, lambda t: t)(  # noqa: E731
-        TF.batch_norm(x, *[None if t is None else t.to(x.dtype) for t in fresh()], w, b, training))
+        TF.batch_norm(x, *fresh(x, w), w, b, training))
     return ours, ref
 
 
@@ -61,10 +61,10 @@ def test_training_parity(shape, dtype, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 4, 5, 6), (1, 3, 2, 3, 4)], ids=str)
 def test_eval_parity(shape, dtype, path):
-    """Running statistics normalize (fp32 ones, as a bf16 model under AMP keeps them), and the
-    backward treats them as constants."""
+    """Running statistics normalize (fp32 ones with fp32 weights for bf16 input, as a model under
+    AMP keeps them), and the backward treats them as constants."""
     x = on_device(make(shape, dtype))
-    w, b = (on_device(t) for t in params((shape[1],), dtype))
+    w, b = (on_device(t) for t in params((shape[1],), torch.float32 if dtype in LOW else dtype))
     assert_close_to_reference(*_batch_norm(False, _running(shape[1])), [x, w, b], "triton", dtype)
 
 
@@ -76,7 +76,7 @@ def test_channels_last(shape, dtype, training, path):
     fmt = CHANNELS_LAST[len(shape)]
     x = on_device(make(shape, dtype), fmt)
     w, b = (on_device(t) for t in params((shape[1],), dtype))
-    running = _running(shape[1]) if not training else (None, None)
+    running = _running(shape[1], dtype) if not training else (None, None)  # the weight's dtype, as torch wants
     dy = torch.randn(shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     with layout_copies() as copies, normops.backend("triton"):
         y = F.batch_norm(x, *running, w, b, training, activation="relu")
