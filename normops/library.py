@@ -257,7 +257,8 @@ def _row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activa
     h = torch.empty_like(x + residual) if residual is not None else _absent(x)  # torch's layout of the sum
     mean = x.new_empty(batch, dtype=sd) if need_stats and not rms else _absent(x, sd)
     rstd = x.new_empty(batch, dtype=sd) if need_stats else _absent(x, sd)
-    y = torch.empty_like(x if residual is None else h, memory_format=_row_norm_format(x if residual is None else h, rms))
+    inp = x if residual is None else h
+    y = torch.empty_like(inp, memory_format=_row_norm_format(inp, rms))
     return y, h, mean, rstd
 
 

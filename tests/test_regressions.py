@@ -59,7 +59,8 @@ def _outputs_and_grads(fn, inputs, activation, dy_kind=None):
     views when given)."""
     out = fn(*inputs, activation)
     outs = list(out) if isinstance(out, tuple) else [out]
-    cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outs)]
+    cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)
+            for i, o in enumerate(outs)]
     if dy_kind == "expanded":
         cots = [c[..., :1].expand(c.shape) for c in cots]
     elif dy_kind is not None:
