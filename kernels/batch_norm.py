@@ -90,8 +90,13 @@ def _center(x, mask, count):
     would inherit); the mean of the residuals, small numbers, takes that error back out."""
     mean = _sum(x) / count
     xc = tl.where(mask, x - _bcast(mean), 0.0)
-    shift = _sum(xc) / count
+    shift = tl.where(_finite(mean), _sum(xc) / count, 0.0)  # an inf in x: the mean is inf, as torch's
     return mean + shift, tl.where(mask, xc - _bcast(shift), 0.0)
+
+
+@triton.jit
+def _finite(v):
+    return v - v == 0.0  # inf - inf and nan - nan are nan
 
 
 @triton.jit
@@ -145,7 +150,9 @@ def _batch_norm_stats_kernel(
         mean_b, d = _center(x, mask, n_b)
         total = count + n_b
         delta = mean_b - mean
-        mean += delta * (n_b / total)
+        # with an infinite mean on either side delta is inf - inf: the sum keeps the mean torch's
+        # sum / count gives (inf, or nan for infinities of both signs)
+        mean = tl.where(_finite(mean) & _finite(mean_b), mean + delta * (n_b / total), mean + mean_b)
         m2 += _sum(d * d) + delta * delta * (count * n_b / total)
         count = total
     ci = c0 + tl.arange(0, BLOCK_C)
@@ -168,12 +175,16 @@ def _batch_norm_finalize_kernel(
     ci = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ref = tl.load(PART + C + ci, mask=ci < C, other=0.0)
     acc = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=ACC)
+    inf = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=ACC)  # the chunks' infinite means, whose sum is the mean then
     for start in range(0, split, BLOCK_SPLIT):
         sp = start + tl.arange(0, BLOCK_SPLIT)
         m = (sp < split)[:, None] & (ci < C)[None, :]
         p = PART + sp[:, None] * 3 * C + ci[None, :]
-        acc += tl.where(m, tl.load(p, mask=m, other=0.0) * (tl.load(p + C, mask=m, other=0.0) - ref[None, :]), 0.0)
-    mean = ref + tl.sum(acc, 0) / total
+        mean_i = tl.load(p + C, mask=m, other=0.0)
+        acc += tl.where(m, tl.load(p, mask=m, other=0.0) * (mean_i - ref[None, :]), 0.0)
+        inf += tl.where(_finite(mean_i), 0.0, mean_i)
+    inf_sum = tl.sum(inf, 0)
+    mean = tl.where(inf_sum == 0.0, ref + tl.sum(acc, 0) / total, inf_sum)
     acc = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=ACC)
     for start in range(0, split, BLOCK_SPLIT):
         sp = start + tl.arange(0, BLOCK_SPLIT)

@@ -11,7 +11,7 @@ ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
 @triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # a NaN stays NaN, as in torch.relu (tl.maximum drops it)
     elif ACT == 2:
         z = z / (1.0 + tl.exp(-z))
     elif ACT == 3:
@@ -23,13 +23,22 @@ def _act(z, ACT: tl.constexpr):
 def _act_grad(z, ACT: tl.constexpr):
     """act'(z); ACT == 0 is never asked."""
     if ACT == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
+        d = tl.where(z <= 0, 0.0, 1.0)  # torch's threshold_backward: a NaN z passes dy through
     elif ACT == 2:
         s = 1.0 / (1.0 + tl.exp(-z))
         d = s * (1.0 + z * (1.0 - s))
     else:
         d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     return d
+
+
+@triton.jit
+def _inv_std(var, eps, instance):
+    """1 / sqrt(var + eps); but 0 for a constant instance-norm channel (`instance`) with eps = 0:
+    torch's instance_norm runs batch norm's statistics, which take rstd = 0 when var = eps = 0
+    (a zero output, not the NaN of 0 * inf; torch's group norm gives the NaN)."""
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return tl.where(instance & (var == 0.0) & (eps == 0.0), 0.0, rstd)
 
 
 def acc_type(dtype):

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from normops.backends.torch_backend import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, _inv_std, acc_type, dense, launch_options, param_grads, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
 
 
@@ -156,7 +156,7 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps,
         p = PART + (rows + sp[None, :]) * 2
         d = tl.load(p, mask=m, other=0.0) - mean[:, None]
         acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
-    return mean, 1.0 / tl.sqrt(tl.sum(acc, 1) / total + eps)
+    return mean, _inv_std(tl.sum(acc, 1) / total, eps, Cg == 1)
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _group_norm_fwd_kernel(
         x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
         mean = _sum2(x) / (Cg * S)
         xc = tl.where(mask, x - mean[:, None, None], 0.0)
-        rstd = 1.0 / tl.sqrt(_sum2(xc * xc) / (Cg * S) + eps)
+        rstd = _inv_std(_sum2(xc * xc) / (Cg * S), eps, Cg == 1)
     else:
         mean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, BLOCK_G, BLOCK_SPLIT, ACC)
     if STORE_STATS:

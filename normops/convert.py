@@ -13,9 +13,13 @@ TWINS = {
 
 def _twin(module):
     """A normops module that shares module's state: the same Parameter and buffer objects, the same
-    hook dicts (so existing hook handles still remove their hooks), the same training flag."""
+    hook dicts (so existing hook handles still remove their hooks), the same training flag. The
+    containers of parameters, buffers and submodules are its own: a buffer or parameter registered
+    later on the discarded original must not appear in the twin's state_dict."""
     twin = TWINS[type(module)].__new__(TWINS[type(module)])
     twin.__dict__.update(module.__dict__)
+    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+        twin.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])  # a shallow copy (dict / set)
     twin.activation = None
     return twin
 

@@ -37,6 +37,10 @@ class ShapeError(ValueError, RuntimeError):
     """A shape or size that does not fit: a ValueError, and a RuntimeError like torch's own."""
 
 
+class DtypeError(TypeError, RuntimeError):
+    """Parameters of a dtype torch's norms refuse: a TypeError, and a RuntimeError like torch's own."""
+
+
 # --- validation --------------------------------------------------------------------------------
 
 def _activation(activation):
@@ -63,6 +67,30 @@ def _check_tensors(input, **named):
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != input.device:
             raise RuntimeError(f"expected {name} on {input.device} like input, but it is on {t.device}")
+
+
+def _check_param_dtypes(input, **params):
+    """torch's rule for the parameters of layer, group, instance and batch norm: they share one
+    dtype, the input's, or float32 with a float16/bfloat16 input (ATen's CPU "mixed type" path).
+    (rms_norm takes a weight of any floating dtype, and instance_norm running statistics too.)"""
+    given = {name: t.dtype for name, t in params.items() if t is not None}
+    dtypes = set(given.values())
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    if not dtypes or dtypes == {input.dtype} or (low and dtypes == {torch.float32}):
+        return
+    allowed = f"{input.dtype}" + (" (or all torch.float32)" if low else "")
+    got = ", ".join(f"{name} {dtype}" for name, dtype in given.items())
+    raise DtypeError(f"expected {', '.join(given)} of the input's dtype {allowed}, as torch requires; "
+                     f"got input {input.dtype}, {got}")
+
+
+def _check_updatable(running_mean, running_var):
+    """Running statistics about to be updated in place must hold one memory location a channel."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.numel() > 1 and t.stride(0) == 0:
+            raise ValueError(f"{name} is an expanded tensor (stride 0: its channels share one memory location), "
+                             f"so it cannot be updated in place; pass one with storage of its own, e.g. "
+                             f"{name}.clone()")
 
 
 def _check_shape(name, t, shape):
@@ -111,6 +139,8 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
     shape = _normalized_shape(input, normalized_shape)
     _check_shape("weight", weight, shape)
     _check_shape("bias", bias, shape)
+    if not rms:
+        _check_param_dtypes(input, weight=weight, bias=bias)
     if residual is not None:
         if residual.shape != input.shape:
             raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
@@ -189,6 +219,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                          f"of shape {list(input.shape)} and num_groups={num_groups}")
     _check_shape("weight", weight, (c,))
     _check_shape("bias", bias, (c,))
+    _check_param_dtypes(input, weight=weight, bias=bias)
     if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
         raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
                          f"with num_groups={num_groups}")
@@ -198,7 +229,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
             return activate(torch.group_norm(x, num_groups, w, b, eps, torch.backends.cudnn.enabled), act)
 
         return ops.in_torch(norm, input, weight, bias)
-    if ops.aten_direct("group_norm", input, act, weight, bias):
+    # not with a bias but no weight: torch.group_norm's backward then fails ("tensor does not have a
+    # device", torch 2.13), the op's computes the bias gradient
+    if (weight is not None or bias is None) and ops.aten_direct("group_norm", input, act, weight, bias):
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
     return ops.group_norm(input, weight, bias, num_groups, float(eps), act, need)[0]
@@ -221,11 +254,14 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                                      activation=activation)
     c = _check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
     _running_pair(running_mean, running_var)
+    _check_param_dtypes(input, weight=weight, bias=bias)
     act = _activation(activation)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
     if not use_input_stats and running_mean is None:
         raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
+    if use_input_stats:
+        _check_updatable(running_mean, running_var)
     if ops.transformed(input, weight, bias, running_mean, running_var):
         def norm(x, w, b, rm, rv):
             y = torch.instance_norm(x, w, b, rm, rv, use_input_stats, momentum, eps, torch.backends.cudnn.enabled)
@@ -246,8 +282,9 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
             with torch.no_grad():
                 var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
-    else:
-        y = ops.batch_norm(input, weight, bias, running_mean, running_var, False, float(eps), act,
+    else:  # running statistics of any dtype, as torch takes them: read in the one the op computes in
+        sd = ops.stat_dtype(input)
+        y = ops.batch_norm(input, weight, bias, running_mean.to(sd), running_var.to(sd), False, float(eps), act,
                            grad=_grad_needed(input, weight, bias))[0]
     return y.contiguous()  # torch's instance_norm returns a contiguous tensor, whatever the input's layout
 
@@ -265,12 +302,21 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return handle_torch_function(batch_norm, (input, running_mean, running_var, weight, bias), input,
                                      running_mean, running_var, weight, bias, training, momentum, eps,
                                      activation=activation)
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+        return input.clone()  # torch returns a copy of it (an OpInfo sample): nothing to normalize
     _check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
+    # torch's own checks, in its order (eps: a zero variance would divide by zero)
+    if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
+        raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     _running_pair(running_mean, running_var)
+    _check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     act = _activation(activation)
     if training:
-        if input.shape[0] * math.prod(input.shape[2:]) == 1:
-            raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+        _check_updatable(running_mean, running_var)
     elif running_mean is None:
         raise ShapeError("running_mean must be defined in evaluation mode")
     if ops.transformed(input, weight, bias, running_mean, running_var):

@@ -46,6 +46,14 @@ def _or_absent(t, x, dtype=None):
     return _absent(x, dtype) if t is None else t
 
 
+def _dense(*tensors):
+    """The per-channel / per-feature tensors (weight, bias, statistics) as every backend takes them:
+    contiguous. ATen's group-norm kernels and the Triton kernels read them as raw pointers with unit
+    stride, so a strided, expanded (stride 0) or offset view would be read wrong, or out of bounds.
+    (x, residual and dy may have any layout: the backends handle those.)"""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 def _zero_filled(outputs):
     """Outputs for an empty input: the fake kernel's shapes, zero-filled (no backend is called)."""
     return tuple(t.zero_() for t in outputs)
@@ -253,10 +261,32 @@ def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequ
     if x.numel() == 0:
         return _zero_filled(_row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation,
                                            need_stats))
+    weight, bias = _dense(weight, bias)
     y, h, mean, rstd = backends.resolve(x).row_norm_fwd(
         x, residual, tuple(normalized_shape), weight, bias, eps, rms, activation, need_stats)
+    if h is not None:
+        h = _laid_out_as_sum(h, x, residual)
     sd = stat_dtype(x)
-    return (y.contiguous(), _or_absent(h, x).contiguous(), _or_absent(mean, x, sd), _or_absent(rstd, x, sd))
+    y = y.contiguous(memory_format=_row_norm_format(x if h is None else h, rms))
+    return y, _or_absent(h, x), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
+
+
+def _row_norm_format(inp, rms):
+    """The memory format of torch's result: layer_norm's is contiguous, rms_norm's keeps a
+    channels_last(_3d) input's layout (ATen allocates it in the input's suggested format)."""
+    return memory_format_of(inp) if rms else torch.contiguous_format
+
+
+def _laid_out_as_sum(h, x, residual):
+    """h (= x + residual) in the strides torch gives x + residual: TensorIterator orders the dims
+    as the operands' strides do (x's first), so a channels_last or transposed x gives such an h."""
+    if x.is_contiguous() and residual.is_contiguous():
+        return h.contiguous()
+    meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (x, residual)]
+    strides = (meta[0] + meta[1]).stride()
+    if h.stride() == strides:
+        return h
+    return torch.empty_strided(h.shape, strides, dtype=h.dtype, device=h.device).copy_(h)
 
 
 row_norm_op = _register("row_norm", _row_norm_impl)
@@ -266,10 +296,12 @@ row_norm_op = _register("row_norm", _row_norm_impl)
 def _row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
     batch = x.shape[: x.dim() - len(normalized_shape)]
     sd = stat_dtype(x)
-    h = x.new_empty(x.shape) if residual is not None else _absent(x)
+    h = torch.empty_like(x + residual) if residual is not None else _absent(x)  # torch's layout of the sum
     mean = x.new_empty(batch, dtype=sd) if need_stats and not rms else _absent(x, sd)
     rstd = x.new_empty(batch, dtype=sd) if need_stats else _absent(x, sd)
-    return x.new_empty(x.shape), h, mean, rstd
+    inp = x if residual is None else h
+    y = torch.empty_like(inp, memory_format=_row_norm_format(inp, rms))
+    return y, h, mean, rstd
 
 
 def _row_norm_backward_impl(dy: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor],
@@ -279,6 +311,7 @@ def _row_norm_backward_impl(dy: Tensor, x: Tensor, normalized_shape: Sequence[in
     if x.numel() == 0:
         return _zero_filled(_row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms,
                                                     activation, output_mask))
+    weight, bias, mean, rstd = _dense(weight, bias, mean, rstd)
     dx, dw, db = backends.resolve(x).row_norm_bwd(
         dy, x, tuple(normalized_shape), weight, bias, mean, rstd, rms, activation, list(output_mask))
     return _or_absent(dx, x).contiguous(), _or_absent(dw, x), _or_absent(db, x)
@@ -356,6 +389,7 @@ def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd)."""
     if x.numel() == 0:
         return _zero_filled(_group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats))
+    weight, bias = _dense(weight, bias)
     y, mean, rstd = backends.resolve(x).group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
     sd = stat_dtype(x)
     return y.contiguous(memory_format=memory_format_of(x)), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
@@ -379,6 +413,7 @@ def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
     if x.numel() == 0:
         return _zero_filled(_group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation,
                                                       output_mask))
+    weight, bias, mean, rstd = _dense(weight, bias, mean, rstd)
     dx, dw, db = backends.resolve(x).group_norm_bwd(
         dy, x, num_groups, weight, bias, mean, rstd, activation, list(output_mask))
     return _or_absent(dx, x).contiguous(memory_format=memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
@@ -446,6 +481,7 @@ def _batch_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     the last three are absent when not training (the running statistics normalize)."""
     if x.numel() == 0:
         return _zero_filled(_batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps, activation))
+    weight, bias, running_mean, running_var = _dense(weight, bias, running_mean, running_var)
     y, save_mean, save_rstd, batch_var = backends.resolve(x).batch_norm_fwd(
         x, weight, bias, running_mean, running_var, training, eps, activation)
     sd = stat_dtype(x)
@@ -472,6 +508,8 @@ def _batch_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
     if x.numel() == 0:
         return _zero_filled(_batch_norm_backward_fake(dy, x, weight, bias, running_mean, running_var, save_mean,
                                                       save_rstd, training, eps, activation, output_mask))
+    weight, bias, running_mean, running_var, save_mean, save_rstd = _dense(
+        weight, bias, running_mean, running_var, save_mean, save_rstd)
     dx, dw, db = backends.resolve(x).batch_norm_bwd(
         dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training, eps, activation,
         list(output_mask))

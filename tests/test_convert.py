@@ -357,3 +357,16 @@ def test_bert_training_step(bert_pair):
     opt.step()
     for n, p in ln_params.items():
         assert not torch.equal(p.detach(), before[n]), f"{n} not updated"
+
+
+def test_buffer_registered_on_discarded_original_stays_out_of_twin_state_dict():
+    """The twin shares the Parameter and buffer objects, not the containers: state registered on
+    the replaced torch module afterwards is not the twin's."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    original = model[0]
+    normops.convert(model)
+    keys = list(model.state_dict())
+    original.register_buffer("extra", torch.zeros(1))
+    original.register_parameter("extra_p", torch.nn.Parameter(torch.zeros(1)))
+    assert list(model.state_dict()) == keys
+    assert model[0].weight is original.weight and model[0].running_mean is original.running_mean

@@ -41,11 +41,11 @@ def _running(c, dtype=torch.float32, seed=3):
 def _batch_norm(training, running=(None, None), activation=None):
     """(ours, torch's) as functions of (x, w, b); running statistics are cloned per call, so every
     call (ours, torch's same-dtype, torch's fp64) starts from the same ones."""
-    def fresh():
-        return [None if t is None else t.clone() for t in running]
-    ours = lambda x, w, b: F.batch_norm(x, *fresh(), w, b, training, activation=activation)  # noqa: E731
+    def fresh(x, w):  # in the weight's dtype: torch (and so normops) wants one dtype for all parameters
+        return [None if t is None else t.to((x if w is None else w).dtype, copy=True) for t in running]
+    ours = lambda x, w, b: F.batch_norm(x, *fresh(x, w), w, b, training, activation=activation)  # noqa: E731
     ref = lambda x, w, b: ACTIVATIONS.get(activation, lambda t: t)(  # noqa: E731
-        TF.batch_norm(x, *[None if t is None else t.to(x.dtype) for t in fresh()], w, b, training))
+        TF.batch_norm(x, *fresh(x, w), w, b, training))
     return ours, ref
 
 
@@ -61,10 +61,10 @@ def test_training_parity(shape, dtype, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 4, 5, 6), (1, 3, 2, 3, 4)], ids=str)
 def test_eval_parity(shape, dtype, path):
-    """Running statistics normalize (fp32 ones, as a bf16 model under AMP keeps them), and the
-    backward treats them as constants."""
+    """Running statistics normalize (fp32 ones with fp32 weights for bf16 input, as a model under
+    AMP keeps them), and the backward treats them as constants."""
     x = on_device(make(shape, dtype))
-    w, b = (on_device(t) for t in params((shape[1],), dtype))
+    w, b = (on_device(t) for t in params((shape[1],), torch.float32 if dtype in LOW else dtype))
     assert_close_to_reference(*_batch_norm(False, _running(shape[1])), [x, w, b], "triton", dtype)
 
 
@@ -76,7 +76,7 @@ def test_channels_last(shape, dtype, training, path):
     fmt = CHANNELS_LAST[len(shape)]
     x = on_device(make(shape, dtype), fmt)
     w, b = (on_device(t) for t in params((shape[1],), dtype))
-    running = _running(shape[1]) if not training else (None, None)
+    running = _running(shape[1], dtype) if not training else (None, None)  # the weight's dtype, as torch wants
     dy = torch.randn(shape, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
     with layout_copies() as copies, normops.backend("triton"):
         y = F.batch_norm(x, *running, w, b, training, activation="relu")
@@ -173,6 +173,22 @@ def test_module_running_statistics(momentum, channels_last, path):
         stateless = normops.nn.BatchNorm2d(4, track_running_stats=False).to(DEVICE).eval()
         torch.testing.assert_close(stateless(x), TF.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=str)
+def test_infinite_value_gives_torchs_running_mean_and_output(value, path):
+    """One +-inf in a channel: torch's mean is that inf (its sum / count), not the NaN of the
+    centering (inf - inf) or of Chan's combination; a NaN output stays NaN through the relu."""
+    x = torch.randn(6, 3, 20)
+    x[1, 0, 2] = value
+    rm, rv = torch.zeros(3), torch.ones(3)
+    want = TF.relu(TF.batch_norm(x, rm, rv, training=True))
+    ours_rm, ours_rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with normops.backend("triton"):
+        y = F.batch_norm(x.to(DEVICE), ours_rm, ours_rv, training=True, activation="relu")
+    torch.testing.assert_close(ours_rm.cpu(), rm, equal_nan=True)
+    torch.testing.assert_close(ours_rv.cpu(), rv, equal_nan=True)
+    torch.testing.assert_close(y.cpu(), want, equal_nan=True)
 
 def test_one_value_per_channel_is_rejected_and_leaves_running_stats():
     """Training on one value per channel raises torch's error before any kernel runs; the running

@@ -79,7 +79,7 @@ def _activation_grad(z, name):
     if name == "none":
         return np.ones_like(z)
     if name == "relu":
-        return (z > 0).astype(np.float64)
+        return (~(z <= 0)).astype(np.float64)  # torch's threshold_backward: a NaN z passes dy through
     if name == "silu":
         s = _sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
@@ -216,6 +216,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activati
     wshape = xg.shape[1:3] + (1,)  # [G, C/G, 1]: per channel, broadcast over N and S
     mean, var = moments(xg, (2, 3))
     rstd = _rstd(var, eps)
+    if xg.shape[2] == 1 and eps == 0:  # instance norm: torch's (batch-norm) statistics give a constant
+        rstd = np.where(var == 0, 0.0, rstd)  # channel rstd 0 with eps = 0, so a zero output, not NaN
     y = normalize_forward(xg, (2, 3), mean, rstd, _per_channel(weight, wshape),
                           _per_channel(bias, wshape), activation)
     return y.reshape(x.shape), mean.reshape(xg.shape[:2]), rstd.reshape(xg.shape[:2])

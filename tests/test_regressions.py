@@ -1,0 +1,289 @@
+"""Regressions from adversarial testing (issue #15), each named after what it guards. Every case
+ends in torch's answer or in a clear error, on every backend (Triton in its interpreter at tiny sizes)."""
+import itertools
+
+import pytest
+import torch
+
+import normops
+from cases import TF, F
+from normops.functional import DtypeError
+
+BACKENDS = ["torch", "numpy", "triton"]
+
+
+def _act(activation):
+    return {"relu": TF.relu, "silu": TF.silu, None: lambda t: t}[activation]
+
+
+def _view(t, kind):
+    """An equal-valued view of the 1-D or N-D tensor t with odd strides: every other element of a
+    larger tensor, an offset into one, or (for a tensor constant along its last dim) an expand."""
+    if kind == "step":
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if kind == "offset":
+        big = torch.zeros(t.numel() + 3, dtype=t.dtype)
+        big[3:] = t.reshape(-1)
+        return big[3:].view(t.shape)
+    assert kind == "expanded" and bool((t == t[..., :1]).all())
+    return t[..., :1].expand(t.shape)
+
+
+# name -> (shapes of the inputs, normops call, torch reference); the parameters come after x
+OPS = {
+    "layer_norm": ({"x": (3, 4, 6), "w": (6,), "b": (6,)},
+                   lambda x, w, b, a: F.layer_norm(x, [6], w, b, activation=a),
+                   lambda x, w, b, a: _act(a)(TF.layer_norm(x, [6], w, b))),
+    "rms_norm": ({"x": (3, 4, 6), "w": (6,)},
+                 lambda x, w, a: F.rms_norm(x, [6], w, activation=a),
+                 lambda x, w, a: _act(a)(TF.rms_norm(x, [6], w))),
+    "add_layer_norm": ({"x": (3, 4, 6), "r": (3, 4, 6), "w": (6,), "b": (6,)},
+                       lambda x, r, w, b, a: F.add_layer_norm(x, r, [6], w, b),
+                       lambda x, r, w, b, a: (TF.layer_norm(x + r, [6], w, b), x + r)),
+    "group_norm": ({"x": (3, 4, 6), "w": (4,), "b": (4,)},
+                   lambda x, w, b, a: F.group_norm(x, 2, w, b, activation=a),
+                   lambda x, w, b, a: _act(a)(TF.group_norm(x, 2, w, b))),
+    "instance_norm": ({"x": (3, 4, 6), "w": (4,), "b": (4,)},
+                      lambda x, w, b, a: F.instance_norm(x, weight=w, bias=b, activation=a),
+                      lambda x, w, b, a: _act(a)(TF.instance_norm(x, weight=w, bias=b))),
+    "batch_norm": ({"x": (3, 4, 6), "w": (4,), "b": (4,)},
+                   lambda x, w, b, a: F.batch_norm(x, None, None, w, b, True, activation=a),
+                   lambda x, w, b, a: _act(a)(TF.batch_norm(x, None, None, w, b, True))),
+}
+
+
+def _outputs_and_grads(fn, inputs, activation, dy_kind=None):
+    """fn's outputs and the gradients of all its inputs, for fixed cotangents (made `dy_kind`
+    views when given)."""
+    out = fn(*inputs, activation)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)
+            for i, o in enumerate(outs)]
+    if dy_kind == "expanded":
+        cots = [c[..., :1].expand(c.shape) for c in cots]
+    elif dy_kind is not None:
+        cots = [_view(c, dy_kind) for c in cots]
+    grads = torch.autograd.grad(outs, inputs, cots)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _inputs(shapes, constant=None):
+    g = torch.Generator().manual_seed(0)
+    return {name: (torch.full(s, 0.7) if name == constant else torch.randn(s, generator=g)) for name, s in shapes.items()}
+
+
+def _check(name, backend, activation, view=None, kind=None, dy_kind=None):
+    shapes, ours, ref = OPS[name]
+    base = _inputs(shapes, constant=view if kind == "expanded" else None)
+    args = [(_view(t, kind) if n == view else t).detach().requires_grad_() for n, t in base.items()]
+    dense = [t.detach().clone().requires_grad_() for t in base.values()]
+    with normops.backend(backend):
+        got = _outputs_and_grads(ours, args, activation, dy_kind)
+    want = _outputs_and_grads(ref, dense, activation, dy_kind)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["step", "offset", "expanded"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_strided_and_expanded_parameters_are_read_as_their_values(name, kind, backend):
+    """A weight or bias that is a strided, offset or expanded view reached ATen's group norm (and
+    could reach any kernel) as a raw pointer read with unit stride: wrong outputs and gradients,
+    or an out-of-bounds read (4.7e24 off with an expanded weight)."""
+    params = [n for n in OPS[name][0] if n in ("w", "b")]
+    for view, activation in itertools.product(params, [None, "silu"]):
+        _check(name, backend, activation, view, kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["step", "expanded"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_strided_incoming_gradient_and_residual(name, kind, backend):
+    """dy (and add_layer_norm's residual) as strided or expanded views: read as their values."""
+    _check(name, backend, "relu", dy_kind=kind)
+    if name == "add_layer_norm":
+        _check(name, backend, None, "r", "step")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_running_stats_views_are_read_and_updated_in_place(backend, training):
+    """running_mean/var as non-contiguous views of larger buffers: read as their values in eval,
+    updated in place in training (the rest of the buffer untouched), as torch does."""
+    x = torch.randn(3, 4, 6)
+    storage = [torch.zeros(8), torch.ones(8) + torch.arange(8.0)]
+    ref_storage = [s.clone() for s in storage]
+    ours = [s[::2] for s in storage]
+    refs = [s[::2] for s in ref_storage]
+    with normops.backend(backend):
+        y = F.batch_norm(x, *ours, training=training, activation="relu")
+        yi = F.instance_norm(x, *ours, use_input_stats=training, activation="relu")
+    want = TF.relu(TF.batch_norm(x, *refs, training=training))
+    want_i = TF.relu(TF.instance_norm(x, *refs, use_input_stats=training))
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(yi, want_i)
+    for s, r in zip(storage, ref_storage):
+        torch.testing.assert_close(s, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_running_stats_refused_before_any_update(backend):
+    """An expanded running_mean/var (one memory location for all channels) cannot hold a per-channel
+    update (torch writes the channels over each other): a clear error, the stats untouched."""
+    x = torch.randn(3, 4, 6)
+    for expanded in ("running_mean", "running_var"):
+        stats = {"running_mean": torch.zeros(4), "running_var": torch.ones(4)}
+        stats[expanded] = stats[expanded][:1].expand(4)
+        before = {k: v.clone() for k, v in stats.items()}
+        for call in (lambda: F.batch_norm(x, stats["running_mean"], stats["running_var"], training=True),
+                     lambda: F.instance_norm(x, stats["running_mean"], stats["running_var"])):
+            with normops.backend(backend), pytest.raises(ValueError, match=f"{expanded} is an expanded tensor"):
+                call()
+            for k in stats:
+                assert torch.equal(stats[k], before[k])
+        with normops.backend(backend):  # only read: accepted
+            F.batch_norm(x, stats["running_mean"], stats["running_var"], training=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_eps_checked_as_torch_does_before_stats_are_touched(backend):
+    x = torch.randn(4, 3, 5)
+    for eps, training in ((0.0, True), (-1e-5, True), (-1e-5, False)):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        with pytest.raises(ValueError) as want:
+            TF.batch_norm(x, rm.clone(), rv.clone(), training=training, eps=eps)
+        for activation in (None, "relu"):
+            with normops.backend(backend), pytest.raises(ValueError) as got:
+                F.batch_norm(x, rm, rv, training=training, eps=eps, activation=activation)
+            assert str(got.value) == str(want.value)
+            assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with normops.backend(backend):  # eval with eps = 0 is allowed, as in torch
+        torch.testing.assert_close(F.batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0),
+                                   TF.batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_instance_norm_eps0_constant_channel_normalizes_to_zero(backend, activation):
+    """torch's instance_norm runs batch norm's statistics, which take rstd = 0 for var = eps = 0: a
+    constant channel gives act(bias), not NaN; its gradients are finite too."""
+    x = torch.full((2, 3, 5), 0.25)
+    x[1] = torch.randn(3, 5)  # one sample varies: those channels normalize as usual
+    w, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -0.1, -0.2])
+    inputs = [x, w, b]
+    ref = _outputs_and_grads(lambda x, w, b, a: _act(a)(TF.instance_norm(x, weight=w, bias=b, eps=0.0)),
+                             [t.clone().requires_grad_() for t in inputs], activation)
+    with normops.backend(backend):
+        got = _outputs_and_grads(lambda x, w, b, a: F.instance_norm(x, weight=w, bias=b, eps=0.0, activation=a),
+                                 [t.clone().requires_grad_() for t in inputs], activation)
+    assert not ref[0].isnan().any()
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+
+
+_LOW = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64) + _LOW
+
+
+def _param_calls(x, p, q):
+    """Each norm with parameters of dtype p (and running statistics of dtype q)."""
+    c = x.shape[1]
+    ones = lambda n, dt: torch.ones(n, dtype=dt)  # noqa: E731
+    return {
+        "layer_norm": lambda M: M.layer_norm(x, [5], ones(5, p), ones(5, q)),
+        "rms_norm": lambda M: M.rms_norm(x, [5], ones(5, p)),
+        "group_norm": lambda M: M.group_norm(x, 2, ones(c, p), ones(c, q)),
+        "batch_norm": lambda M: M.batch_norm(x, torch.zeros(c, dtype=q), ones(c, q), ones(c, p), None, True),
+        "instance_norm": lambda M: M.instance_norm(x, torch.zeros(c, dtype=q), ones(c, q), ones(c, p), ones(c, p)),
+        "instance_norm_eval": lambda M: M.instance_norm(x, torch.zeros(c, dtype=q), ones(c, q), ones(c, p), None,
+                                                        use_input_stats=False),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_dtypes_accepted_exactly_as_torch_does(backend):
+    """Parameters of another float dtype than the input: torch's rule on every backend (it was
+    enforced by the torch backend's ATen call only). Accepted combinations give torch's result in
+    the input's dtype; refused ones raise a DtypeError (a TypeError and a RuntimeError)."""
+    x0 = torch.randn(2, 4, 3, 5)
+    combos = [(xd, p, q) for xd, p, q in itertools.product(_DTYPES, repeat=3) if not (xd == p == q)]
+    if backend == "triton":
+        combos = [c for c in combos if c[0] in (torch.float32, torch.bfloat16) and torch.float16 not in c[1:]]
+    for xd, p, q in combos:
+        x = x0.to(xd)
+        for name, call in _param_calls(x, p, q).items():
+            try:
+                want = call(TF)
+            except RuntimeError:
+                want = None
+            with normops.backend(backend):
+                if want is None:
+                    with pytest.raises(DtypeError, match="as torch requires"):
+                        call(F)
+                    continue
+                got = call(F)
+            tol = 1e-2 if xd in _LOW else 1e-5
+            assert got.dtype == want.dtype, (name, xd, p, q)
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=f"{name} {xd} {p} {q}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_bias_without_weight_has_gradients(backend):
+    """torch.group_norm's backward fails with a bias and no weight ("tensor does not have a
+    device"); normops no longer hands that call to it, and gives torch's gradients (as with a
+    weight of ones)."""
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    dy = torch.randn(3, 4, 5)
+    with normops.backend(backend):
+        got = torch.autograd.grad(F.group_norm(x, 2, None, b), [x, b], dy)
+    want = torch.autograd.grad(TF.group_norm(x, 2, torch.ones(4), b), [x, b], dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_1d_empty_input_returns_empty(backend, training):
+    """PyTorch's OpInfo sample: batch_norm of a (0,)-shaped input gives an empty result, the running
+    statistics untouched."""
+    x = torch.randn(0, requires_grad=True)
+    rm, rv = torch.zeros(0), torch.ones(0)
+    with normops.backend(backend):
+        y = F.batch_norm(x, rm, rv, training=training)
+    want = TF.batch_norm(x, rm, rv, training=training)
+    assert y.shape == want.shape and y.dtype == want.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def _layouts(shape):
+    x = torch.randn(shape)
+    yield x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    yield x.transpose(0, 1).contiguous().transpose(0, 1)
+    yield x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (2, 4, 3, 2, 5)], ids=str)
+def test_row_norm_output_strides_are_torchs(backend, shape):
+    """rms_norm keeps a channels_last input's layout, as torch's does; layer_norm's result is
+    contiguous; add_*'s h is laid out as torch's x + residual."""
+    for x in _layouts(shape):
+        r = torch.randn(shape)
+        cases = [(lambda M: M.rms_norm(x, [5]), lambda: TF.rms_norm(x, [5])),
+                 (lambda M: M.layer_norm(x, [5]), lambda: TF.layer_norm(x, [5])),
+                 (lambda M: F.rms_norm(x, [5], activation="relu"), lambda: TF.relu(TF.rms_norm(x, [5]))),
+                 (lambda M: F.add_rms_norm(x, r, [5]), lambda: (TF.rms_norm(x + r, [5]), x + r)),
+                 (lambda M: F.add_layer_norm(x, x.clone(), [5]), lambda: (TF.layer_norm(x + x, [5]), x + x))]
+        for ours, ref in cases:
+            with normops.backend(backend):
+                got = ours(F)
+            want = ref()
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for g, w in zip(got, want):
+                assert g.stride() == w.stride()
+                torch.testing.assert_close(g, w)
