@@ -59,7 +59,7 @@ BACKENDS = ["torch", "numpy", pytest.param("triton", marks=pytest.mark.skipif(
     not _triton_ready(), reason="needs triton, and CUDA or TRITON_INTERPRET=1"))]
 # Per test: CI examples, and the largest tensor. The interpreter runs a kernel in Python, element
 # by element: ~0.1-1 s an example at 64 elements.
-EXAMPLES = {"torch": 30, "numpy": 30, "triton": 6}
+EXAMPLES = {"torch": 20, "numpy": 20, "triton": 5}
 MAX_NUMEL = {"torch": 192, "numpy": 192, "triton": 64}
 MAX_NUMEL_CUDA_TRITON = 4096
 
@@ -349,6 +349,13 @@ def _non_empty(case):
     return dataclasses.replace(case, args=tuple(map(grow, case.args)), cots=tuple(map(grow, case.cots)))
 
 
+def _at_relu_kink(case, dtype, torch_fn):
+    """Some pre-activation is 0 up to `dtype`'s rounding (constant or integer inputs make exact 0s)."""
+    pre = run(dataclasses.replace(case, activation=None), dtype, torch_fn, dense=True).outputs[0].detach()
+    return bool((pre.abs() <= 4 * torch.finfo(dtype).eps * max(1.0, pre.abs().max().item())).any()) \
+        if pre.numel() else False
+
+
 def check(case, backend):
     dtype = case.args[0].dtype
     ours_fn, torch_fn = OPS[case.op]
@@ -388,6 +395,8 @@ def check(case, backend):
         # the layout torch gives a norm's output (the add_ ops' torch composition has no layout to match)
         if not case.op.startswith("add_") and not s.is_contiguous():
             assert _strides(o) == _strides(s), f"output {i}: strides {o.stride()} != torch's {s.stride()}"
+    if case.activation == "relu" and _at_relu_kink(case, dtype, torch_fn):
+        return  # relu' at 0 is a convention, and which side of 0 a rounded 0 falls on is noise
     assert len(ours.grads) == len(ref.grads)
     names = [f"grad of argument {i}" for i, a in enumerate(case.args) if isinstance(a, Spec) and a.grad]
     for name, o, s, r in zip(names, ours.grads, same.grads, ref.grads):
