@@ -59,7 +59,7 @@ BACKENDS = ["torch", "numpy", pytest.param("triton", marks=pytest.mark.skipif(
     not _triton_ready(), reason="needs triton, and CUDA or TRITON_INTERPRET=1"))]
 # Per test: CI examples, and the largest tensor. The interpreter runs a kernel in Python, element
 # by element: ~0.1-1 s an example at 64 elements.
-EXAMPLES = {"torch": 20, "numpy": 20, "triton": 5}
+EXAMPLES = {"torch": 20, "numpy": 20, "triton": 4}
 MAX_NUMEL = {"torch": 192, "numpy": 192, "triton": 64}
 MAX_NUMEL_CUDA_TRITON = 4096
 
