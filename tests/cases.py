@@ -137,8 +137,14 @@ def assert_close_to_reference(ours_fn, torch_fn, inputs, backend, dtype):
     for i, (o, s, r) in enumerate(zip(ours, same, ref)):
         assert o.shape == r.shape, f"result {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
         assert o.dtype == s.dtype, f"result {i}: dtype {o.dtype} != torch's {s.dtype}"
-        bound = 2 * err(s, r) + ATOL[dtype] * max(1.0, r.abs().max().item() if r.numel() else 1.0)
+        bound = tolerance(s, r, dtype)
         assert err(o, r) <= bound, f"result {i}: error {err(o, r):.3g} > {bound:.3g} (torch's own: {err(s, r):.3g})"
+
+
+def tolerance(same, ref, dtype):
+    """The rule: the error against the fp64 result `ref` that a result may have, given torch's own
+    `dtype` result `same`: twice torch's error, plus ATOL relative to the result's magnitude."""
+    return 2 * err(same, ref) + ATOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
 
 
 # The ops side by side: name -> (normops function, torch reference), both taking (x, w, b).
