@@ -225,7 +225,7 @@ def plot_losses(runs: Sequence[Trained], path):
             ax.plot(smooth, color=f"C{k}", linewidth=1.2, linestyle="-" if k == 0 else "--",
                     label=f"{r.norm} norms ({r.steps_per_s:.1f} steps/s)")
         set_loss_scale(ax, [v for r in runs for v in r.losses[key]])
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # a short run: no step 0.5
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # no step 0.5, no 150
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{key} loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.set_title(f"{runs[0].name}: training loss, {key}", fontsize=9)
