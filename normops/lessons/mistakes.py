@@ -83,7 +83,8 @@ def forgot_eval(norm, seed):
     print("   test accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     print(f"   the class-sorted pass, under torch.no_grad(), still made {int(probe[1].num_batches_tracked) - before} "
           f"running-statistics updates: the first BatchNorm's running_mean moved by up to {drift:.3f}")
-    return {"label": label, "eval_logit_spread": spread["eval"], "train_logit_spread": spread["train"], "flipped": flipped,
+    return {"label": label, "eval_logit_spread": spread["eval"], "train_logit_spread": spread["train"],
+            "flipped": flipped,
             "predictions": {m: {n: int(v.argmax()) for n, v in d.items()} for m, d in logits.items()},
             "logits": {m: {n: v.tolist() for n, v in d.items()} for m, d in logits.items()},
             "accuracy": acc, "running_mean_drift": drift}
