@@ -163,8 +163,9 @@ def run(out_dir, *, quick, seed, norm):
                     label=f"channel {c}, momentum None")
             ax.axhline(true[c], color=color, linewidth=0.6, linestyle=":")
         ax.set_xlabel("training step")
+        ax.set_ylabel(f"{label} per channel")
         ax.set_title(f"{label} ({norm}); dotted: the data's true {key}", fontsize=9)
-    axes[0].legend(fontsize=7, ncol=2, loc="center right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=C, fontsize=7)
     path = save(fig, out_dir, NAME)
 
     return {

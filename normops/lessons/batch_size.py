@@ -130,6 +130,7 @@ def run(out_dir, *, quick, seed, norm):
     ax2.set_xscale("log", base=2)
     ax2.set_xticks(sizes, [str(s) for s in sizes])
     ax2.set_xlabel("batch size")
+    ax2.set_ylabel("RMS(train - eval output) / RMS(eval output)")
     ax2.set_title("BatchNorm train/eval gap (first layer)", fontsize=9)
     path = save(fig, out_dir, NAME)
     return {"batch_sizes": list(sizes), "accuracy": {k: {str(bs): a for bs, a in v.items()} for k, v in acc.items()},

@@ -51,7 +51,7 @@ def forgot_eval(norm, seed):
             logits[mode] = {name: probe(b)[0] for name, b in batches.items()}
     names = list(batches)
     spread = {m: max(max_diff(v[names[0]], v[n]) for n in names[1:]) for m, v in logits.items()}
-    print(f"   test digit 0 (a '{label}') in three batches: its logits differ by up to {spread['eval']:.1e} in eval "
+    print(f"   test image 0 (a '{label}') in three batches: its logits differ by up to {spread['eval']:.1e} in eval "
           f"mode, {spread['train']:.2f} in train mode")
     for name in names:
         print(f"   {name:<26} eval mode predicts {int(logits['eval'][name].argmax())}, train mode "
@@ -83,7 +83,8 @@ def forgot_eval(norm, seed):
     print("   test accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     print(f"   the class-sorted pass, under torch.no_grad(), still made {int(probe[1].num_batches_tracked) - before} "
           f"running-statistics updates: the first BatchNorm's running_mean moved by up to {drift:.3f}")
-    return {"eval_logit_spread": spread["eval"], "train_logit_spread": spread["train"], "flipped": flipped,
+    return {"label": label, "eval_logit_spread": spread["eval"], "train_logit_spread": spread["train"],
+            "flipped": flipped,
             "predictions": {m: {n: int(v.argmax()) for n, v in d.items()} for m, d in logits.items()},
             "logits": {m: {n: v.tolist() for n, v in d.items()} for m, d in logits.items()},
             "accuracy": acc, "running_mean_drift": drift}
@@ -182,22 +183,32 @@ def run(out_dir, *, quick, seed, norm):
     for k, name in enumerate(contexts):
         ax1.bar(classes - 0.4 + width * (k + 1.5), ev["logits"]["train"][name], width, label=f"train mode, {name}")
     ax1.set_xticks(range(10))
-    ax1.set_xlabel("class")
-    ax1.set_title("test digit 0's logits: no model.eval()", fontsize=9)
+    ax1.set_xlabel("class (digit)")
+    ax1.set_ylabel("logit")
+    # the test set's first image (a '6' with seed 0), not the digit zero: its peak is its own class
+    label, predicted = ev["label"], ev["predictions"]["eval"][contexts[0]]
+    verdict = "right" if predicted == label else "wrong"
+    ax1.set_title(f"no model.eval(): logits of the first test image, a '{label}'\neval mode: peak at {predicted} "
+                  f"({verdict}) in any batch\ntrain mode: the logits change with the batch", fontsize=9)
     ax1.legend(fontsize=6)
     names = list(ev["accuracy"])
-    ax2.bar(range(len(names)), [ev["accuracy"][n] for n in names], color=["black"] + [f"C{k}" for k in range(4)])
+    bars = ax2.bar(range(len(names)), [ev["accuracy"][n] for n in names], color=["black"] + [f"C{k}" for k in range(4)])
+    ax2.bar_label(bars, fmt="{:.0%}", fontsize=7)
     short = ["eval", f"train mode\nrandom, {BATCH}", "train mode\nrandom, 2", f"train mode\nsorted, {BATCH}",
              "eval after\nsorted pass"]  # the keys of forgot_eval's accuracy, in order
     ax2.set_xticks(range(len(names)), short, fontsize=7)
-    ax2.set_ylim(0, 1)
-    ax2.set_title("test accuracy of the BatchNorm MLP", fontsize=9)
+    ax2.set_ylim(0, 1.1)  # room for the 100% bars' labels
+    ax2.set_ylabel("test accuracy")
+    ax2.set_title("BatchNorm MLP: test accuracy, eval mode vs\ntrain mode (no model.eval()) in batches", fontsize=9)
     kinds = list(inst["accuracy"])
-    ax3.bar(range(len(kinds)), [inst["accuracy"][k] for k in kinds], color=["C0", "C1", "C3"])
+    bars = ax3.bar(range(len(kinds)), [inst["accuracy"][k] for k in kinds], color=["C0", "C1", "C3"])
+    ax3.bar_label(bars, fmt="{:.0%}", fontsize=7)
     ax3.axhline(1 / len(EXPOSURES), color="black", linestyle=":", label="chance")
     ax3.set_xticks(range(len(kinds)), ["BatchNorm2d", "LayerNorm", "InstanceNorm2d"], fontsize=8)
-    ax3.set_ylim(0, 1)
-    ax3.set_title("exposure classification (class = image intensity)", fontsize=9)
+    ax3.set_ylim(0, 1.1)
+    ax3.set_ylabel("test accuracy")
+    ax3.set_title(f"is a digit x{EXPOSURES[0]}, x{EXPOSURES[1]} or x{EXPOSURES[2]} exposed? InstanceNorm\n"
+                  f"removes the image's intensity, the very class", fontsize=9)
     ax3.legend(fontsize=7)
     path = save(fig, out_dir, NAME)
     return {"forgot_eval": ev, "batch_of_one": one, "instance_classification": inst, "plot": path}

@@ -119,7 +119,9 @@ def run(out_dir, *, quick, seed, norm):
             ax.plot(range(LEN_A), outs[kind][name][:, 0].numpy(), marker="o", color=f"C{k}", label=f"A {name}",
                     linestyle=("-", "--", ":")[k])
         ax.set_xlabel("token of sequence A")
-        ax.set_title(f"{label}: A's feature 0 in 3 batches", fontsize=9)
+        ax.set_ylabel(f"{label.split()[0]} output, feature 0")
+        same = ", one line: they coincide" if spread[kind] < 1e-3 else ""
+        ax.set_title(f"{label}: sequence A's feature 0\nin 3 different batches{same}", fontsize=9)
         ax.set_xticks(range(LEN_A))
     axes[0].legend(fontsize=7)
     xs = np.arange(C)
@@ -127,7 +129,9 @@ def run(out_dir, *, quick, seed, norm):
     axes[2].bar(xs + 0.2, bn_run.running_mean.numpy(), 0.4, label="BatchNorm1d running_mean")
     axes[2].set_xticks(range(C))
     axes[2].set_xlabel("feature")
-    axes[2].set_title(f"after {steps} padded batches ({p:.0%} padding)", fontsize=9)
+    axes[2].set_ylabel("mean of the feature")
+    axes[2].set_title(f"feature means vs BatchNorm1d running_mean\nafter {steps} padded batches "
+                      f"({p:.0%} padding)", fontsize=9)
     axes[2].legend(fontsize=7)
     path = save(fig, out_dir, NAME)
     return {"batchnorm_context_max_diff": spread["batch"], "layernorm_context_max_diff": spread["layer"],

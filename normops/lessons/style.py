@@ -104,10 +104,14 @@ def run(out_dir, *, quick, seed, norm):
                                                        (lnorm, "layer", "LayerNorm"))):
                 normed = ((module(v)[0] + 3) / 6).permute(1, 2, 0).clamp(0, 1)  # [-3, 3] -> [0, 1]
                 axes[i + 1, j].imshow(normed.numpy(), interpolation="nearest")
-                axes[i + 1, j].set_title(f"{label} (diff {diffs[kind].get(s, 0.0):.0e})", fontsize=8)
+                diff = "reference" if s not in diffs[kind] else f"diff {diffs[kind][s]:.1g}"
+                axes[i + 1, j].set_title(f"{label} ({diff})", fontsize=8)
             for ax in axes[:, j]:
                 ax.set_xticks([])
                 ax.set_yticks([])
+    fig.suptitle(f"top: image 0 in each style (gain * x + offset per channel); below: after each norm, drawn on "
+                 f"[-3, 3]\ndiff: max |output(style) - output(original)| over the {K} images (0: the same output)",
+                 fontsize=9)
     path = save(fig, out_dir, NAME)
     return {"instance_max_diff": worst["instance"], "layer_max_diff": diffs["layer"], "batch_max_diff": diffs["batch"],
             "uniform_styles": uniform, "per_channel_styles": per_channel,

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import digits, figure, generator, header, lesson, modules, save, train_epoch, accuracy
+from ._common import accuracy, digits, figure, generator, header, lesson, modules, save, set_loss_scale, train_epoch
 
 NAME = "with-without"
 DESCRIPTION = "training curves of one MLP on the digits with and without norm layers, at a small and a large lr"
@@ -97,7 +97,9 @@ def run(out_dir, *, quick, seed, norm):
         print(f"lr {lr}: without norm {none['test_acc'][-1]:.1%}, with BatchNorm {batch['test_acc'][-1]:.1%} "
               f"after {epochs} epochs")
 
-    fig = figure(figsize=(3.6 * len(lrs), 5.6))
+    from matplotlib.ticker import MaxNLocator  # matplotlib: imported on first use
+
+    fig = figure(figsize=(3.8 * len(lrs), 5.6))
     axes = fig.subplots(2, len(lrs), squeeze=False)
     ep = range(1, epochs + 1)
     for j, lr in enumerate(lrs):
@@ -106,11 +108,15 @@ def run(out_dir, *, quick, seed, norm):
             style = dict(marker="o", markersize=3, color=f"C{k}", label=LABELS[kind], linestyle=STYLES[kind])
             axes[0, j].plot(ep, r["loss"], **style)
             axes[1, j].plot(ep, r["test_acc"], **style)
-        axes[0, j].set_yscale("log")
-        axes[0, j].set_title(f"lr {lr}: train loss (missing: diverged)", fontsize=9)
+        set_loss_scale(axes[0, j], [v for (lr_, _), r in runs.items() if lr_ == lr for v in r["loss"]])
+        axes[0, j].set_title(f"lr {lr}: training loss (a line that stops: diverged)", fontsize=9)
         axes[1, j].set_title(f"lr {lr}: test accuracy", fontsize=9)
         axes[1, j].set_ylim(0, 1)
-        axes[1, j].set_xlabel("epoch")
+        axes[0, j].set_ylabel("training loss, epoch mean" + (" (log)" if axes[0, j].get_yscale() == "log" else ""))
+        axes[1, j].set_ylabel("test accuracy")
+        for ax in axes[:, j]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+            ax.set_xlabel("epoch")
     axes[1, 0].legend(fontsize=8)
     path = save(fig, out_dir, NAME)
     return {"lrs": list(lrs), "epochs": epochs, "same_init": same_init,

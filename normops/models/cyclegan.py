@@ -162,11 +162,11 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
     def draw(fig):
         with torch.no_grad():
             rows = [a_test[:6], model.g_ab(a_test[:6]), b_test[:6], model.g_ba(b_test[:6])]
-        titles = ["A", "A -> B", "B", "B -> A"]
+        titles = ["domain A (real)", "A -> B (generated)", "domain B (real)", "B -> A (generated)"]
         axes = fig.subplots(4, 6)
         for r, (imgs, title) in enumerate(zip(rows, titles)):
             for k in range(6):
-                axes[r, k].imshow(((imgs[k].permute(1, 2, 0) + 1) / 2).clamp(0, 1))
+                axes[r, k].imshow(((imgs[k].permute(1, 2, 0) + 1) / 2).clamp(0, 1), interpolation="nearest")
                 axes[r, k].set_title(title, fontsize=7)
                 axes[r, k].axis("off")
 

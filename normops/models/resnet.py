@@ -101,12 +101,15 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
         with torch.no_grad():
             pred = model(x_test[:24]).argmax(1)
         model.train()
+        fig.set_size_inches(9, 4.8)
         for k, ax in enumerate(fig.subplots(3, 8).flat):
             ax.imshow(x_test[k, 0], cmap="gray_r")
             ok = pred[k] == y_test[k]
-            ax.set_title(f"{pred[k].item()}" + ("" if ok else f" (true {y_test[k].item()})"), fontsize=8,
-                         color="black" if ok else "red")
+            ax.set_title(f"pred {pred[k].item()} / label {y_test[k].item()}", fontsize=8,
+                         color="black" if ok else "red", fontweight="normal" if ok else "bold")
             ax.axis("off")
+        fig.supxlabel("held-out digits: the model's prediction / the true label; wrong predictions in red",
+                      fontsize=8)
 
     return Trained(NAME, norm, steps, seconds, losses, acc, model, draw)
 

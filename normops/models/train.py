@@ -7,6 +7,7 @@ norm in ``norms`` and returns one ``Row`` per model. Plots use matplotlib's ``Fi
 Agg canvas, no pyplot): no GUI backend and no global state.
 """
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -152,7 +153,7 @@ def run(names=None, out_dir="normops-models", quick=False, progress=True, norms=
                         {r.norm: r.seconds for r in runs}))
         if out_dir is not None:
             plot_losses(runs, os.path.join(out_dir, f"{name}_loss.png"))
-            plot_samples(runs[0], os.path.join(out_dir, f"{name}_samples.png"))
+            plot_samples(runs[0], os.path.join(out_dir, f"{name}_samples.png"), m.TASK, m.METRIC)
     return rows
 
 
@@ -186,9 +187,32 @@ def _figure(**kw):
     return Figure(layout="constrained", **kw)
 
 
+def set_loss_scale(ax, values):
+    """Log-scale ``ax``'s y axis when the positive ``values`` span a decade or more, else keep it
+    linear; tick labels plain numbers (0.1, 2, 0.05) either way. A log axis over less than a decade
+    (a short run's 2.25-2.43) has no power of ten to label, and matplotlib then writes its ticks as
+    2.425x10^0."""
+    from matplotlib import ticker
+
+    finite = [v for v in values if math.isfinite(v)]
+    if not (finite and min(finite) > 0 and max(finite) >= 10 * min(finite)):
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+
+    def minor(v, _):  # the 2x and 5x ticks between powers of ten, where the axis spans under 2 decades
+        return f"{v:g}" if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""
+
+    wide = math.log10(max(finite) / min(finite)) >= 2
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter() if wide else ticker.FuncFormatter(minor))
+
+
 def plot_losses(runs: Sequence[Trained], path):
     """One panel per loss series, one line per norm: a running mean over the raw losses (faint);
-    log-scaled when the losses are positive."""
+    log-scaled when the losses span a decade or more."""
+    from matplotlib import ticker
+
     keys = list(runs[0].losses)
     fig = _figure(figsize=(4.2 * len(keys), 3.2))
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -199,31 +223,44 @@ def plot_losses(runs: Sequence[Trained], path):
             smooth = torch.cat([y[:1].expand(w - 1), y]).unfold(0, w, 1).mean(1)
             ax.plot(y, color=f"C{k}", linewidth=0.5, alpha=0.3)
             ax.plot(smooth, color=f"C{k}", linewidth=1.2, linestyle="-" if k == 0 else "--",
-                    label=f"{r.norm} ({r.steps_per_s:.1f} steps/s)")
-        if all(v > 0 for r in runs for v in r.losses[key]):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(f"{runs[0].name}: {key}", fontsize=9)
+                    label=f"{r.norm} norms ({r.steps_per_s:.1f} steps/s)")
+        set_loss_scale(ax, [v for r in runs for v in r.losses[key]])
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # no step 0.5, no 150
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{key} loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+        ax.set_title(f"{runs[0].name}: training loss, {key}", fontsize=9)
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
 
 
 def draw_sequences(fig, x, pred, target):
-    """Digit sequences in and out as monospace text, each wrong output digit in brackets."""
-    lines = []
-    for xs, ps, ts in zip(x.tolist(), pred.tolist(), target.tolist()):
-        out = " ".join(str(p) if p == t else f"[{p}]" for p, t in zip(ps, ts))
-        lines.append(f"{' '.join(map(str, xs))}  ->  {out}")
-    width = 2 * x.shape[1] - 1
+    """Digit sequences as a grid: input, expected output, the model's output with each wrong digit
+    in red; the figure is sized to the grid."""
+    rows, length = x.shape
+    x, pred, target = x.tolist(), pred.tolist(), target.tolist()
+    blocks = [("input", x, None), ("expected output", target, None), ("model output (wrong in red)", pred, target)]
+    cell = 0.17  # inches per digit column at fontsize 9 (a digit and a space of monospace)
+    gap = 2  # empty columns between blocks
+    width = len(blocks) * length + (len(blocks) - 1) * gap
+    fig.set_size_inches(width * cell + 0.3, (rows + 1.5) * 0.19 + 0.45)
     ax = fig.subplots()
     ax.axis("off")
-    ax.text(0, 1, "\n".join([f"{'input':<{width}}  ->  output (wrong digits in brackets)"] + lines),
-            family="monospace", fontsize=9, va="top")
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(rows - 0.5, -1.5)  # row -1: the block headers
+    for b, (title, values, truth) in enumerate(blocks):
+        left = b * (length + gap)
+        ax.text(left - 0.4, -1, title, fontsize=9, va="center", ha="left")
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                wrong = truth is not None and v != truth[i][j]
+                ax.text(left + j, i, str(v), fontsize=9, family="monospace", ha="center", va="center",
+                        color="red" if wrong else "black", fontweight="bold" if wrong else "normal")
 
 
-def plot_samples(trained: Trained, path):
+def plot_samples(trained: Trained, path, task, metric):
+    """The model's ``draw_samples`` figure, titled with its task and its metric on held-out data."""
     fig = _figure(figsize=(8, 4.5))
     trained.draw_samples(fig)
-    fig.suptitle(f"{trained.name} ({trained.norm} norms), {trained.steps} steps: metric {trained.metric:.4g}",
-                 fontsize=9)
+    fig.suptitle(f"{trained.name} on {task} ({trained.norm} norms, {trained.steps} steps): "
+                 f"{metric} {trained.metric:.4g}", fontsize=9)
     fig.savefig(path, dpi=110)

@@ -108,15 +108,22 @@ def train(norm="normops", steps=STEPS, seed=0, progress=False):
     iou = mean_iou(predict(model, x_test), m_test)
 
     def draw(fig):
+        from matplotlib import colormaps
+        from matplotlib.patches import Patch
+
         pred = predict(model, x_test[:6])
         axes = fig.subplots(3, 6)
+        cmap = colormaps["viridis"].resampled(len(SHAPE_CLASSES))
         for k in range(6):
-            for row, (img, title) in enumerate([(x_test[k, 0], "image"), (m_test[k], "target"), (pred[k], "output")]):
+            for row, (img, title) in enumerate([(x_test[k, 0], "input image"), (m_test[k], "true mask"),
+                                                (pred[k], "predicted mask")]):
                 ax = axes[row, k]
-                ax.imshow(img, cmap="gray" if row == 0 else "viridis", vmin=None if row == 0 else 0,
-                          vmax=None if row == 0 else len(SHAPE_CLASSES) - 1)
+                ax.imshow(img, cmap="gray" if row == 0 else cmap, vmin=None if row == 0 else 0,
+                          vmax=None if row == 0 else len(SHAPE_CLASSES) - 1, interpolation="nearest")
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")
+        fig.legend([Patch(color=cmap(c)) for c in range(len(SHAPE_CLASSES))], SHAPE_CLASSES, loc="outside lower center",
+                   ncol=len(SHAPE_CLASSES), fontsize=8, title="mask classes", title_fontsize=8)
 
     return Trained(NAME, norm, steps, seconds, losses, iou, model, draw)
 
