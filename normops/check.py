@@ -355,6 +355,12 @@ def atomic_output(path):
         raise
 
 
+def save_figure(fig, path, **savefig_kwargs):
+    """``fig.savefig(path)``, the file whole or not at all (``atomic_output``)."""
+    with atomic_output(path) as tmp:  # tmp keeps path's extension: savefig's format
+        fig.savefig(tmp, **savefig_kwargs)
+
+
 def _dtype_arg(text):
     name = DTYPE_ALIASES.get(text, text)
     if name not in DTYPES:

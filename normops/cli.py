@@ -48,6 +48,7 @@ from .check import (  # noqa: F401  (OP_NAMES: read by the tests)
     plan_cases,
     positive_int_arg,
     run_case,
+    save_figure,
     writable_file,
 )
 
@@ -284,7 +285,7 @@ def plot_speedups(results, providers, env, path):
                  f"{env['date'][:10]}", fontsize=9)
     if len(series) > 1:
         ax.legend(fontsize=7)  # "best": where it covers the fewest bars
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def _add_bench_parser(sub):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..check import _error_text as error_text  # noqa: F401
+from ..check import save_figure
 from ..models.data import generator  # noqa: F401  (the lessons' seeded generators too)
 from ..models.norms import NORMS, check_norm  # noqa: F401
 from ..models.train import set_loss_scale  # noqa: F401  (the loss axes of the models' plots)
@@ -111,7 +112,7 @@ def figure(**kw):
 
 def save(fig, out_dir, name):
     path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     print(f"plot: {path}")
     return path
 

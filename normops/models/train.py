@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.nn import functional as TF
 
-from ..check import _table  # the aligned text table of `normops check`
+from ..check import _table, save_figure  # the aligned text table of `normops check`, whole-file figures
 from .norms import check_norm, seeded
 
 
@@ -230,7 +230,7 @@ def plot_losses(runs: Sequence[Trained], path):
         ax.set_ylabel(f"{key} loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.set_title(f"{runs[0].name}: training loss, {key}", fontsize=9)
         ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def draw_sequences(fig, x, pred, target):
@@ -263,4 +263,4 @@ def plot_samples(trained: Trained, path, task, metric):
     trained.draw_samples(fig)
     fig.suptitle(f"{trained.name} on {task} ({trained.norm} norms, {trained.steps} steps): "
                  f"{metric} {trained.metric:.4g}", fontsize=9)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
