@@ -11,6 +11,10 @@ enough copies that a call never finds them in L2, and warm-up calls (compilation
 timed. The bytes model is the minimum a kernel must move (each tensor read or written once, except
 where the algorithm needs two passes: BatchNorm training), so GB/s = bytes / time and % of peak =
 GB/s / the copy bandwidth measured in the same process.
+
+``normops bench`` (``normops.cli.bench``) plans its cases here (``plan_bench``: the model-sized
+shapes per device, ``BENCH_SHAPES``), times each with ``run_bench_case`` into a ``BenchResult``,
+and prints, saves and plots them with ``format_bench_table``, ``bench_record`` and ``plot_speedups``.
 """
 import dataclasses
 import datetime
@@ -19,12 +23,15 @@ import math
 import platform
 import statistics
 import time
+from typing import Tuple
 
 import torch
 from torch.nn import functional as TF
 
 from . import __version__
 from . import functional as F
+from .backends import current_backend
+from .cliutil import DTYPES, default_device, error_text, save_figure, text_table, writable_file
 
 PROVIDERS = ("normops", "torch", "compile")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -361,3 +368,177 @@ def extra_info(op_name, shape, dtype, device, provider, pas, median_ms):
     return {"op": op_name, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": provider,
             "pass": pas, "bytes": moved, "gbps": gbps, "peak_gbps": peak, "pct_of_peak": 100 * gbps / peak,
             **environment(device)}
+
+
+# --- normops bench: which cases ----------------------------------------------------------------
+
+# Default shapes per device type, looked up by op name, else by the op's family. CPU: past the
+# caches (4-25 MiB of fp32 per tensor, so memory-bound like on a GPU) yet a few ms per call, so the
+# default run takes seconds on two cores. CUDA: where the norms sit in the models normops targets.
+BENCH_SHAPES = {
+    "cpu": {
+        "row_norm": [(4096, 1024), (1024, 4096)],   # tokens x hidden: many narrow rows, fewer wide ones
+        "group_norm": [(8, 256, 32, 32)],           # a U-Net block at low resolution, 32 groups
+        "instance_norm": [(8, 64, 64, 64)],         # a style-transfer layer
+        "batch_norm": [(32, 64, 56, 56)],           # ResNet stage 1 at batch 32
+    },
+    "cuda": {
+        "row_norm": [(4096, 1024), (4096, 8192)],   # 4096 tokens at BERT-large and Llama-70B widths
+        "group_norm": [(2, 320, 64, 64),            # SD U-Net first block, 512 px, batch 2 (CFG)
+                       (1, 512, 128, 128)],         # SD VAE decoder, 512 px
+        "instance_norm": [(16, 64, 128, 128)],      # style-transfer generator's 64-channel layer, 256 px
+        "batch_norm": [(256, 256, 56, 56),          # ResNet-50 at batch 256: stage 1 (large H*W) ...
+                       (256, 2048, 7, 7)],          # ... and the last stage (many channels, small H*W)
+    },
+}
+# --quick: one small shape per op, a smoke test of the whole path (for tests and CI), not a measurement
+BENCH_QUICK_SHAPES = {"row_norm": [(256, 512)], "group_norm": [(2, 64, 16, 16)], "instance_norm": [(2, 32, 16, 16)],
+                      "batch_norm": [(8, 32, 16, 16)]}
+BENCH_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what each device's models run in
+BENCH_WARMUP, BENCH_REPS = 3, 20
+BENCH_QUICK_WARMUP, BENCH_QUICK_REPS = 1, 5  # 5: the fewest for which time_runner gives real p20/p80
+
+
+@dataclasses.dataclass
+class BenchResult:
+    op: str
+    shape: Tuple[int, ...]
+    dtype: str
+    pas: str
+    device: str
+    bytes: int = 0
+    times: dict = dataclasses.field(default_factory=dict)   # provider -> {"median_ms", "p20_ms", "p80_ms"}
+    errors: dict = dataclasses.field(default_factory=dict)  # provider -> message
+
+    def ms(self, provider):
+        t = self.times.get(provider)
+        return t and t["median_ms"]
+
+    def speedup(self, provider="torch"):
+        """provider's median over normops's: > 1 when normops is faster."""
+        ours, theirs = self.ms("normops"), self.ms(provider)
+        return theirs / ours if ours and theirs else None
+
+    def gbps(self, provider="normops"):
+        ms = self.ms(provider)
+        return self.bytes / (ms * 1e-3) / 1e9 if ms else None
+
+
+def bench_shapes(op, device, quick):
+    table = BENCH_QUICK_SHAPES if quick else BENCH_SHAPES.get(device.type, BENCH_SHAPES["cuda"])
+    return table.get(op.name) or table[op.family]
+
+
+def plan_bench(args):
+    """(device, [(op name, shape, dtype name, pass)], providers) for the parsed options, or raise
+    ValueError (usage)."""
+    device = args.device or torch.device(default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available")
+    for opt, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            writable_file(path, opt)
+    ops = list(dict.fromkeys(args.op or OPS))
+    dtypes = list(dict.fromkeys(args.dtype or [BENCH_DTYPE.get(device.type, "float32")]))
+    passes = list(dict.fromkeys(args.passes or ["fwd+bwd"]))
+    cases = [(name, shape, dt, pas) for name in ops for shape in bench_shapes(OPS[name], device, args.quick)
+             for dt in dtypes for pas in passes]
+    return device, cases, ["normops", "torch"] + (["compile"] if args.compile else [])
+
+
+def run_bench_case(op_name, shape, dtype_name, pas, device, providers, warmup, reps):
+    """Time one case with every provider; a provider that raises (OOM, compile failure) is recorded
+    in .errors, never raised."""
+    dtype = DTYPES[dtype_name]
+    res = BenchResult(op_name, tuple(shape), dtype_name, pas, str(device),
+                      bytes_moved(OPS[op_name], shape, dtype, pas))
+    runners = {}
+    for provider in providers:
+        try:  # make_runner starts compile providers from a fresh dynamo cache
+            runners[provider] = make_runner(op_name, shape, dtype, device, provider, pas)
+        except Exception as e:  # one failing case is an error in the table, not a crash
+            res.errors[provider] = error_text(e)
+    errors = {}
+    res.times = time_interleaved(runners, warmup=warmup, reps=reps, errors=errors)
+    res.errors.update(errors)
+    del runners
+    if res.errors and device.type == "cuda":
+        torch.cuda.empty_cache()  # give an OOM's cached blocks back before the next case
+    return res
+
+
+# --- normops bench: output ---------------------------------------------------------------------
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def format_bench_table(results, providers, peak):
+    labels = {"normops": "normops ms", "torch": "torch.nn ms", "compile": "compile ms"}
+    headers = ["op", "shape", "dtype", "pass"] + [labels[p] for p in providers] + ["speedup", "GB/s", "% peak"]
+    rows = []
+    for r in results:
+        gbps = r.gbps()
+        rows.append([r.op, "x".join(map(str, r.shape)), r.dtype, r.pas]
+                    + ["error" if p in r.errors else _fmt(r.ms(p), ".3f") for p in providers]
+                    + [_fmt(r.speedup(), ".2f"), _fmt(gbps, ".1f"),
+                       _fmt(gbps and peak and 100 * gbps / peak, ".0f")])
+    return text_table(headers, rows, right=set(headers[4:]))
+
+
+def bench_record(r, providers, peak):
+    """One JSON record: the case, each provider's median/p20/p80 (or its error), derived numbers."""
+    rec = {"op": r.op, "family": OPS[r.op].family, "shape": list(r.shape), "dtype": r.dtype, "pass": r.pas,
+           "device": r.device, "bytes": r.bytes, "status": "error" if r.errors else "ok"}
+    for p in providers:
+        if p in r.errors:
+            rec[p] = {"error": r.errors[p]}
+        else:
+            gbps = r.gbps(p)
+            rec[p] = dict(r.times[p], gbps=gbps, pct_of_peak=peak and 100 * gbps / peak)
+    gbps = r.gbps()
+    rec.update(speedup=r.speedup(), gbps=gbps, pct_of_peak=gbps and peak and 100 * gbps / peak)
+    if "compile" in providers:
+        rec["speedup_vs_compile"] = r.speedup("compile")
+    return rec
+
+
+def figure_class():
+    """matplotlib's Figure (no pyplot: no GUI backend, no global state), imported only for --plot;
+    ValueError (usage) without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ValueError(f"--plot needs matplotlib ({e}); install it with `pip install matplotlib` "
+                         f"or `pip install -e '.[bench]'`")
+    return Figure
+
+
+def plot_speedups(results, providers, env, path):
+    """A horizontal bar per case: torch.nn time / normops time (and compile's, if timed); 1 = parity."""
+    series = [("torch", "vs torch.nn.functional")] + (
+        [("compile", "vs torch.compile(torch.nn.functional)")] if "compile" in providers else [])
+    labels = [f"{r.op} {'x'.join(map(str, r.shape))} {r.dtype} {r.pas}" for r in results]
+    fig = figure_class()(figsize=(9, 1.6 + 0.32 * len(results) * len(series)), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / len(series)
+    for k, (provider, label) in enumerate(series):
+        ys = [i + (k - (len(series) - 1) / 2) * height for i in range(len(results))]
+        vals = [r.speedup(provider) for r in results]
+        bars = ax.barh(ys, [v or 0 for v in vals], height, label=label)
+        ax.bar_label(bars, ["error" if v is None else f"{v:.2f}x" for v in vals], padding=2, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    # bar_label writes past the bar's end: leave room for the longest bar's label inside the axes
+    longest = max([r.speedup(p) or 0 for r in results for p, _ in series] + [1.0])
+    ax.set_xlim(0, longest * 1.15)
+    ax.set_yticks(range(len(results)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of normops = other's median time / normops' median time (> 1: normops faster)")
+    versus = " and torch.compile" if len(series) > 1 else ""
+    device = results[0].device if results else env["device_type"]
+    ax.set_title(f"normops (backend {current_backend(torch.device(device))}) vs torch.nn.functional{versus}: "
+                 f"speedup per case\n{env['device']} ({device}), normops {env['normops']}, torch {env['torch']}, "
+                 f"{env['date'][:10]}", fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)  # "best": where it covers the fewest bars
+    save_figure(fig, path, dpi=120)

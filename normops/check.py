@@ -6,15 +6,11 @@ against ``torch.nn.functional`` computed in float64 on the same (already rounded
 
 An error counts when ``max|ours - ref| > TOLERANCE[dtype] * max(1, max|ref|)`` for any compared
 tensor, or when a shape or dtype differs from torch's. A case that raises is a failure with its
-message, never a crash. The command line around it is ``normops.cli``.
+message, never a crash. The command line around it is ``normops.cli.check``.
 """
-import argparse
-import contextlib
 import dataclasses
 import importlib
 import math
-import os
-import tempfile
 import zlib
 from typing import Callable, List, Optional, Tuple
 
@@ -24,13 +20,10 @@ from torch.nn import functional as TF
 from . import backend
 from . import functional as NF
 from .backends import triton_interpret
+from .cliutil import DTYPES, default_device, error_text, text_table
 
 # --- check: what is compared, and how closely ------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64",
-                 "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 QUICK_DTYPES = ("float32", "float64")
 
 # Relative tolerance: a tensor passes when max|ours - ref| <= TOLERANCE[dtype] * max(1, max|ref|),
@@ -240,13 +233,6 @@ class CaseResult:
     details: List[str] = dataclasses.field(default_factory=list)
 
 
-def _error_text(e):
-    """``Type: first line of the message`` (at most 300 characters; just ``Type`` without a message)."""
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(e).__name__}: {first[:300]}".rstrip(": ")
-
-
 def run_case(op, backend_name, dtype_name, device):
     """Compare one op on one backend in one dtype with torch.nn.functional; never raises."""
     dtype = DTYPES[dtype_name]
@@ -263,7 +249,7 @@ def run_case(op, backend_name, dtype_name, device):
             res.details.append(msg)
     except Exception as e:  # one broken case is a failure in the table, not a crash
         res.status = "ERROR"
-        res.details.append(_error_text(e))
+        res.details.append(error_text(e))
     if dtype == torch.float64:
         try:
             with backend(backend_name):
@@ -273,13 +259,13 @@ def run_case(op, backend_name, dtype_name, device):
             res.gradcheck = "FAIL"
             if res.status == "ok":
                 res.status = "FAIL"
-            res.details.append("gradcheck: " + _error_text(e))
+            res.details.append("gradcheck: " + error_text(e))
     return res
 
 
 # --- check: which cases ----------------------------------------------------------------------
 
-def _triton_unavailable(device):
+def triton_unavailable(device):
     """None when the triton backend can run on device, else why not (and how to include it)."""
     if device.type == "cpu" and not triton_interpret():
         return ("the triton backend runs on CPU only with TRITON_INTERPRET=1 (set it to include the "
@@ -289,7 +275,7 @@ def _triton_unavailable(device):
     try:
         importlib.import_module("triton")
     except Exception as e:  # ImportError, or a broken install
-        return f"import triton failed ({_error_text(e)})"
+        return f"import triton failed ({error_text(e)})"
     return None
 
 
@@ -301,98 +287,11 @@ def _backend_dtypes(name, device):
     return tuple(DTYPES)
 
 
-def positive_int_arg(text):
-    """argparse type of a count option (``--reps``, ``--steps``, ``--batch-size``...)."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
-def writable_folder(path, what="--out"):
-    """Create folder ``path`` if missing and check a file can be written in it, before any work
-    starts (a run that fails at its last step wastes the run); ValueError (usage) when not."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise ValueError(f"{what} {path}: not a writable folder ({e.strerror or e})") from None
-    return path
-
-
-def writable_file(path, what):
-    """Check that file ``path`` can be written (its folder exists and takes a file), before any work."""
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path}: is a folder, expected a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} {path}: no such directory {folder}")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write in {folder} ({e.strerror or e})") from None
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """``with atomic_output(path) as tmp: write(tmp)``: the file appears at ``path`` whole or not at
-    all (an error or Ctrl-C while writing leaves no partial file)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open(path, "w") would create it (mkstemp's file is private)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_figure(fig, path, **savefig_kwargs):
-    """``fig.savefig(path)``, the file whole or not at all (``atomic_output``)."""
-    with atomic_output(path) as tmp:  # tmp keeps path's extension: savefig's format
-        fig.savefig(tmp, **savefig_kwargs)
-
-
-def _dtype_arg(text):
-    name = DTYPE_ALIASES.get(text, text)
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(DTYPES)}")
-    return name
-
-
-def _op_arg(text):
-    """An op name, or a family: 'batch_norm' selects batch_norm:train and batch_norm:eval (an exact
-    name wins: 'layer_norm' is layer_norm alone, not layer_norm:silu)."""
-    if text in OP_NAMES or any(n.split(":")[0] == text for n in OP_NAMES):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown op {text!r}; choose from {', '.join(OP_NAMES)} "
-                                     f"(or a family before ':', e.g. batch_norm)")
-
-
-def _device_arg(text):
-    try:
-        return torch.device(text)
-    except (RuntimeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"bad device {text!r}: {e}")
-
-
-def _default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def plan_cases(args):
     """([(op, backend, dtype name, device)], {(backend, device): why skipped}) for the parsed options,
     or raise ValueError (usage). A backend that cannot run here is skipped when it was not asked
     for by name, and an error when it was."""
-    devices = args.device or [torch.device(_default_device())]
+    devices = args.device or [torch.device(default_device())]
     for d in devices:
         if d.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {d}: CUDA is not available")
@@ -408,7 +307,7 @@ def plan_cases(args):
     for device in devices:
         names = list(dict.fromkeys(args.backend or ("torch", "numpy", "triton")))
         for name in names:
-            why = _triton_unavailable(device) if name == "triton" else None
+            why = triton_unavailable(device) if name == "triton" else None
             if why:
                 if args.backend:  # asked for by name: say it cannot run rather than pass quietly
                     raise ValueError(f"--backend triton on {device}: {why}")
@@ -426,17 +325,6 @@ def plan_cases(args):
 
 # --- check: output -----------------------------------------------------------------------------
 
-def _table(headers, rows, right=()):
-    """Rows of strings as aligned columns under a header and a rule; columns in `right` right-aligned."""
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
-                         for c, w, h in zip(cells, widths, headers)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])
-
-
 def format_table(results, show_device):
     headers = ["op", "backend", "dtype", "max abs err", "tol", "gradcheck", "status"]
     if show_device:
@@ -446,4 +334,4 @@ def format_table(results, show_device):
         row = [r.op, r.backend, r.dtype, "-" if r.err is None else f"{r.err:.2e}",
                "-" if r.tol is None else f"{r.tol:.1e}", r.gradcheck, r.status]
         rows.append([r.device] + row if show_device else row)
-    return _table(headers, rows, right={"max abs err", "tol"})
+    return text_table(headers, rows, right={"max abs err", "tol"})

@@ -25,7 +25,7 @@ import dataclasses
 import sys
 from typing import Optional, Tuple
 
-from normops.check import _table, positive_int_arg
+from normops.cliutil import positive_int_arg, text_table
 
 BATCH_THRESHOLD = 16  # the tree's "Large batch (>= 16)?"
 
@@ -201,7 +201,7 @@ TABLE_NOTES = ("LayerNorm and RMSNorm normalize the last dims (normalized_shape)
 
 
 def format_reference_table():
-    return f"{_table(TABLE_HEADERS, TABLE)}\n{TABLE_NOTES}"
+    return f"{text_table(TABLE_HEADERS, TABLE)}\n{TABLE_NOTES}"
 
 
 # --- the command --------------------------------------------------------------------------------

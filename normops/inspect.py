@@ -56,7 +56,7 @@ from torch import nn
 
 import normops.nn as normops_nn
 from normops.backends import current_backend, triton_interpret
-from normops.check import _error_text, _table, positive_int_arg
+from normops.cliutil import error_text, positive_int_arg, text_table
 from normops.convert import TWINS
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -117,7 +117,7 @@ class Report:
                 row = [layer.name, layer.type, layer.shape, layer.activation or "-",
                        "train" if layer.training else "eval", layer.backend, layer.triton]
                 rows.append(row + [layer.input or "-"] if dynamic else row)
-            lines.append(_table(headers + ["input"] if dynamic else headers, rows))
+            lines.append(text_table(headers + ["input"] if dynamic else headers, rows))
         if not self.findings:
             lines.append("no findings")
         else:
@@ -473,10 +473,10 @@ def _run_example(model, example_input, layers, findings):
         except Exception as e:  # a failing forward is a finding, not a crash
             where = entered[-1] if entered else None
             if where in predicted:
-                predicted[where].message += f"; the forward stopped here: {_error_text(e)}"
+                predicted[where].message += f"; the forward stopped here: {error_text(e)}"
             else:
                 findings.append(Finding(
-                    "error", where or MODEL, f"the example forward raised {_error_text(e)}",
+                    "error", where or MODEL, f"the example forward raised {error_text(e)}",
                     "fix the example input (shape, dtype, device) or the model; the layers after this point "
                     "were not checked", "forward-error"))
             for layer in layers.values():

@@ -165,14 +165,14 @@ def test_default_plan():
     """Without --quick: every op has shapes on CPU and CUDA; float32 / fwd+bwd / normops vs torch on CPU."""
     for device in ("cpu", "cuda"):
         for op in bench.OPS.values():
-            shapes = cli._bench_shapes(op, torch.device(device), quick=False)
+            shapes = bench.bench_shapes(op, torch.device(device), quick=False)
             assert shapes and all(math.prod(s) >= 1 << 20 for s in shapes), (device, op.name)
     args = cli.build_parser().parse_args(["bench", "--device", "cpu"])
-    device, cases, providers = cli.plan_bench(args)
+    device, cases, providers = bench.plan_bench(args)
     assert device == torch.device("cpu") and providers == ["normops", "torch"]
     assert [c[0] for c in cases[:2]] == ["layer_norm", "layer_norm"]
     assert {c[0] for c in cases} == set(bench.OPS)
     assert {(c[2], c[3]) for c in cases} == {("float32", "fwd+bwd")}
     assert ("layer_norm", (4096, 1024), "float32", "fwd+bwd") in cases
     assert ("batch_norm", (32, 64, 56, 56), "float32", "fwd+bwd") in cases
-    assert cli.BENCH_DTYPE["cuda"] == "bfloat16"
+    assert bench.BENCH_DTYPE["cuda"] == "bfloat16"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from normops import check, cli, guide, lessons, models
+from normops import check, cli, cliutil, current_backend, guide, lessons, models
+from normops.cli import bench as bench_command, check as check_command
 
 inspect = importlib.import_module("normops.inspect")  # the module (normops.inspect is also the function)
 
@@ -54,8 +55,8 @@ def test_repository_root_kernels_is_not_a_module_of_its_own():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_bad_normops_backend_is_a_usage_error_before_any_work(command, monkeypatch, capsys):
     monkeypatch.setenv("NORMOPS_BACKEND", "bogus")
-    monkeypatch.setattr(cli, "_run_check", pytest.fail)  # nothing may run
-    monkeypatch.setattr(cli, "_run_bench", pytest.fail)
+    monkeypatch.setattr(check_command, "run", pytest.fail)  # nothing may run
+    monkeypatch.setattr(bench_command, "run", pytest.fail)
     assert cli.main(COMMANDS[command]) == 2
     captured = capsys.readouterr()
     line = one_line(captured.err)
@@ -75,23 +76,23 @@ def test_bad_backend_option_is_one_line(command, capsys):
 
 def test_triton_backend_without_a_device_is_refused_before_any_work(monkeypatch, capsys):
     monkeypatch.setattr(check, "triton_interpret", lambda: False)
-    monkeypatch.setattr(cli, "_default_device", lambda: "cpu")
-    monkeypatch.setattr(cli, "_run_bench", pytest.fail)
+    monkeypatch.setattr(cli, "default_device", lambda: "cpu")
+    monkeypatch.setattr(bench_command, "run", pytest.fail)
     assert cli.main(COMMANDS["bench"] + ["--backend", "triton", "--device", "cpu"]) == 2
     assert "TRITON_INTERPRET=1" in one_line(capsys.readouterr().err)
 
 
 def test_backend_option_runs_the_command_on_that_backend(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli, "_run_bench", lambda args: seen.append(cli.current_backend("cpu")) or 0)
+    monkeypatch.setattr(bench_command, "run", lambda args: seen.append(current_backend("cpu")) or 0)
     assert cli.main(COMMANDS["bench"] + ["--backend", "numpy"]) == 0
-    assert seen == ["numpy"] and cli.current_backend("cpu") == "torch"  # and not after it
+    assert seen == ["numpy"] and current_backend("cpu") == "torch"  # and not after it
 
 
 def test_check_names_the_backends_it_ran_and_skipped(monkeypatch, capsys):
     # as without TRITON_INTERPRET (unsetting it would change how torch's own Triton code imports)
     monkeypatch.setattr(check, "triton_interpret", lambda: False)
-    monkeypatch.setattr(check, "_default_device", lambda: "cpu")
+    monkeypatch.setattr(check, "default_device", lambda: "cpu")
     assert cli.main(COMMANDS["check"] + ["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "backends checked: torch (cpu), numpy (cpu)" in out
@@ -100,8 +101,8 @@ def test_check_names_the_backends_it_ran_and_skipped(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command,target", [
-    ("check", (cli, "run_case")),
-    ("bench", (cli, "run_bench_case")),
+    ("check", (check_command, "run_case")),
+    ("bench", (bench_command, "run_bench_case")),
     ("models", (models, "_run")),
     ("demo", (lessons, "run")),
     ("guide", (guide, "format_reference_table")),
@@ -147,7 +148,7 @@ def test_ctrl_c_in_a_real_run_leaves_no_partial_file(tmp_path):
     ["demo", "all", "--quick", "--out", UNWRITABLE],
 ])
 def test_unwritable_output_is_a_usage_error_before_any_work(argv, monkeypatch, capsys):
-    for target in ((cli, "run_bench_case"), (models, "_run"), (lessons, "run")):
+    for target in ((bench_command, "run_bench_case"), (models, "_run"), (lessons, "run")):
         monkeypatch.setattr(*target, pytest.fail)
     assert cli.main(argv) == 2
     line = one_line(capsys.readouterr().err)
@@ -162,11 +163,11 @@ def test_output_path_that_is_a_folder_is_refused(tmp_path, capsys):
 def test_atomic_output_leaves_nothing_when_writing_fails(tmp_path):
     path = tmp_path / "out.json"
     with pytest.raises(KeyboardInterrupt):
-        with check.atomic_output(path) as tmp:
+        with cliutil.atomic_output(path) as tmp:
             Path(tmp).write_text("half")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
-    with check.atomic_output(path) as tmp:
+    with cliutil.atomic_output(path) as tmp:
         Path(tmp).write_text("whole")
     assert path.read_text() == "whole" and list(tmp_path.iterdir()) == [path]
     assert path.stat().st_mode & 0o044  # readable by others as open() would make it, not mkstemp's 0600

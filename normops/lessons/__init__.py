@@ -26,7 +26,7 @@ import sys
 import traceback
 
 from . import batch_norm, batch_size, mistakes, sequences, style, with_without
-from ..check import writable_folder
+from ..cliutil import writable_folder
 from ._common import NORMS
 
 __all__ = ["LESSONS", "add_parser", "run", "run_cli"]

@@ -15,8 +15,7 @@ import time
 import torch
 from torch import nn
 
-from ..check import _error_text as error_text  # noqa: F401
-from ..check import save_figure
+from ..cliutil import error_text, save_figure  # noqa: F401  (error_text: re-exported for the lessons)
 from ..models.data import generator  # noqa: F401  (the lessons' seeded generators too)
 from ..models.norms import NORMS, check_norm  # noqa: F401
 from ..models.train import set_loss_scale  # noqa: F401  (the loss axes of the models' plots)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..check import positive_int_arg, writable_folder
+from ..cliutil import positive_int_arg, writable_folder
 from .train import Row, Trained, format_rows
 from .train import run as _run
 

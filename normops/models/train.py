@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.nn import functional as TF
 
-from ..check import _table, save_figure  # the aligned text table of `normops check`, whole-file figures
+from ..cliutil import save_figure, text_table
 from .norms import check_norm, seeded
 
 
@@ -174,7 +174,7 @@ def format_rows(rows: Sequence[Row]) -> str:
             # a quick run (met is None) is a few untimed-warm-up steps: too few for a speed comparison
             cells.append(f"{a / b:.2f}x" if a and b and r.met is not None else "-")
         out.append(cells)
-    return _table(headers, out, right=set(headers[3:]) - {"met"})
+    return text_table(headers, out, right=set(headers[3:]) - {"met"})
 
 
 def _num(v, fmt=".4g"):
