@@ -21,9 +21,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch.nn import functional as TF
 
-from . import backend
 from . import functional as NF
-from .backends import triton_interpret
+from .backends import backend, triton_interpret  # not `from . import backend`: normops imports this module
 
 # --- check: what is compared, and how closely ------------------------------------------------
 
