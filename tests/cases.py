@@ -3,7 +3,9 @@
 Tolerance rule (from flash-attention's tests): in a low-precision dtype, our error against a
 float64 reference may be at most twice the error of torch's own same-dtype result, plus a small
 atol. Torch's error is the honest yardstick: the inputs and outputs are rounded to the dtype, so
-no implementation can do much better, and one that does much worse has a real bug.
+no implementation can do much better, and one that does much worse has a real bug. The atol is
+``normops.check.TOLERANCE[dtype].beyond_torch``: one table, with its reasons, for the tests and
+``normops check``.
 """
 import contextlib
 import importlib.util
@@ -13,18 +15,11 @@ import torch
 from torch.nn import functional as TF
 
 import normops
-from normops import functional as F
+from normops import functional as F  # noqa: F401  (the tests take F and TF from here)
+from normops.check import TOLERANCE
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "numpy"]
-
-# The atol of the rule: what a correct result may differ by on top of 2x torch's error.
-ATOL = {
-    torch.float64: 1e-10,  # both sides accumulate in fp64; differences are reassociation only
-    torch.float32: 2e-5,   # outputs are O(1..10); fp32 ulp there is 1e-7..1e-6, sums of ~1e3 terms
-    torch.float16: 2e-3,   # half an fp16 ulp at 4 is 2e-3
-    torch.bfloat16: 2e-2,  # half a bf16 ulp at 4 is 1.6e-2
-}
 
 # (input shape, normalized_shape): odd widths exercise masks, 1-element rows, empty batches,
 # a 4097-wide row (just past a power of two) and a multi-dim normalized_shape.
@@ -143,8 +138,10 @@ def assert_close_to_reference(ours_fn, torch_fn, inputs, backend, dtype):
 
 def tolerance(same, ref, dtype):
     """The rule: the error against the fp64 result `ref` that a result may have, given torch's own
-    `dtype` result `same`: twice torch's error, plus ATOL relative to the result's magnitude."""
-    return 2 * err(same, ref) + ATOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    `dtype` result `same`: twice torch's error, plus ``TOLERANCE[dtype].beyond_torch`` relative to
+    the result's magnitude."""
+    atol = TOLERANCE[dtype].beyond_torch
+    return 2 * err(same, ref) + atol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
 
 
 # The ops side by side: name -> (normops function, torch reference), both taking (x, w, b).
@@ -180,9 +177,6 @@ def torch_add_layer_norm(x, r, shape, w, b, eps=1e-5):
 def torch_add_rms_norm(x, r, shape, w, eps=None):
     h = x + r
     return TF.rms_norm(h, shape, w, eps), h
-
-
-__all__ = ["F", "TF"]
 
 
 def benchmark_script(name):

@@ -12,8 +12,9 @@ pytest.importorskip("triton")
 
 import normops  # noqa: E402
 from cases import (  # noqa: E402
-    ATOL, CUDA, DEVICE, LOW, F, TF, assert_close_to_reference, err, layout_copies, make, params)
+    CUDA, DEVICE, LOW, F, TF, assert_close_to_reference, err, layout_copies, make, params)
 from normops.backends import numpy_backend  # noqa: E402
+from normops.check import TOLERANCE  # noqa: E402
 
 # 1, 7 and 781 are one-pass and packed several rows a program; 4097 is one pass just past a power
 # of two (the backward of 4-byte elements loops there: its one-pass limit is 4K); 20000 is past
@@ -254,5 +255,5 @@ def test_cuda_real_sizes(op, width, dtype):
     assert_close_to_reference(fn, ref, inputs, "triton", dtype)
 
 
-def test_atol_table_covers_low_precision():
-    assert all(d in ATOL for d in LOW)
+def test_tolerance_table_covers_low_precision():
+    assert all(d in TOLERANCE for d in LOW)

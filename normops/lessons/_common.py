@@ -18,7 +18,7 @@ from torch import nn
 from ..cliutil import error_text, save_figure  # noqa: F401  (error_text: re-exported for the lessons)
 from ..models.data import generator  # noqa: F401  (the lessons' seeded generators too)
 from ..models.norms import NORMS, check_norm  # noqa: F401
-from ..models.train import set_loss_scale  # noqa: F401  (the loss axes of the models' plots)
+from ..models.runner import set_loss_scale  # noqa: F401  (the loss axes of the models' plots)
 
 CNN_KINDS = ("none", "batch", "layer", "group", "instance")
 GROUPS = 4  # GroupNorm groups in the CNN: 16 and 32 channels, 4 or 8 per group

@@ -12,7 +12,7 @@ Each model takes ``norm="normops" | "torch"``; both variants have the same param
 ``state_dict`` keys, so a seed gives both the same weights (``normops.models.norms``).
 
 ``run(names=None, out_dir="normops-models", quick=False, progress=True, norms=("normops", "torch"),
-steps=None, seed=0, threads=None) -> [Row]`` trains them (``normops.models.train.run``) and
+steps=None, seed=0, threads=None) -> [Row]`` trains them (``normops.models.runner.run``) and
 ``format_rows(rows)`` prints the table. ``add_parser(subparsers)`` registers the ``models``
 command of ``normops``'s CLI; ``run_cli(args)`` returns 0 when every target is met (always, with
 ``--quick``, which checks no target), 1 otherwise, 2 on a usage error.
@@ -24,10 +24,11 @@ import time
 import torch
 
 from ..cliutil import positive_int_arg, writable_folder
-from .train import Row, Trained, format_rows
-from .train import run as _run
+from .runner import MODULES, Row, format_rows
+from .runner import run as _run
+from .train import Trained
 
-MODELS = ("resnet", "transformer", "unet", "cyclegan", "lstm")
+MODELS = tuple(MODULES)  # the names, in the table's order (the registry is runner.MODULES)
 NAMES = MODELS  # what normops.inspect lists for an unknown name
 
 __all__ = ["MODELS", "NAMES", "Row", "Trained", "add_parser", "build", "example_input", "format_rows", "run",
@@ -37,27 +38,18 @@ __all__ = ["MODELS", "NAMES", "Row", "Trained", "add_parser", "build", "example_
 def build(name, norm="normops"):
     """Model ``name`` at its training size, untrained (``normops inspect`` uses it). KeyError on an
     unknown name."""
-    from . import cyclegan, lstm, resnet, transformer, unet
-
-    classes = {"resnet": resnet.ResNet, "transformer": transformer.Encoder, "unet": unet.UNet,
-               "cyclegan": cyclegan.CycleGAN, "lstm": lstm.LSTM}
-    if name not in classes:
-        raise KeyError(f"no model {name!r}")
-    return classes[name](norm)
+    return _module(name).build(norm)
 
 
 def example_input(name, batch_size):
     """A random batch of ``batch_size`` inputs of model ``name``, shaped as its task's."""
-    from . import cyclegan, lstm, transformer, unet
+    return _module(name).example_input(batch_size, torch.Generator().manual_seed(0))
 
-    g = torch.Generator().manual_seed(0)
-    if name in ("transformer", "lstm"):
-        module = transformer if name == "transformer" else lstm
-        return torch.randint(0, module.VOCAB, (batch_size, module.LENGTH), generator=g)
-    shape = {"resnet": (1, 8, 8), "unet": (1, unet.SIZE, unet.SIZE), "cyclegan": (3, cyclegan.SIZE, cyclegan.SIZE)}
-    if name not in shape:
+
+def _module(name):
+    if name not in MODULES:
         raise KeyError(f"no model {name!r}")
-    return torch.randn((batch_size,) + shape[name], generator=g)
+    return MODULES[name]
 
 
 @contextlib.contextmanager

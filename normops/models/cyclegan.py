@@ -127,6 +127,16 @@ def translation_iou(model, a, b):
     return sum(mean_iou(nearest_colour(out, p), nearest_colour(t, p), len(p)) for out, t, p in pairs) / 2
 
 
+def build(norm="normops"):
+    """The model at its training size, untrained."""
+    return CycleGAN(norm)
+
+
+def example_input(batch_size, generator):
+    """Random inputs shaped as the task's: [batch_size, 3, SIZE, SIZE] images of domain A."""
+    return torch.randn((batch_size, 3, SIZE, SIZE), generator=generator)
+
+
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
     a, _ = domains(2000, SIZE, seed=seed)
     _, b = domains(2000, SIZE, seed=seed + 1)  # other layouts: A and B are unpaired

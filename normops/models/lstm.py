@@ -79,6 +79,16 @@ def digit_accuracy(model, x, y):
         return (model(x).argmax(-1) == y).float().mean().item()
 
 
+def build(norm="normops"):
+    """The model at its training size, untrained."""
+    return LSTM(norm)
+
+
+def example_input(batch_size, generator):
+    """Random inputs shaped as the task's: [batch_size, LENGTH] digit sequences."""
+    return torch.randint(0, VOCAB, (batch_size, LENGTH), generator=generator)
+
+
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
     return train_sequences(NAME, norm, lambda: LSTM(norm), lambda params: torch.optim.Adam(params, lr=LR),
                            lambda n, seed: running_sum_task(n, LENGTH, VOCAB, seed=seed), digit_accuracy, LR, BATCH,

@@ -75,6 +75,16 @@ def sequence_accuracy(model, x, y):
         return (model(x).argmax(-1) == y).all(-1).float().mean().item()
 
 
+def build(norm="normops"):
+    """The model at its training size, untrained."""
+    return Encoder(norm)
+
+
+def example_input(batch_size, generator):
+    """Random inputs shaped as the task's: [batch_size, LENGTH] digit sequences."""
+    return torch.randint(0, VOCAB, (batch_size, LENGTH), generator=generator)
+
+
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
     return train_sequences(NAME, norm, lambda: Encoder(norm),
                            lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.01),

@@ -91,6 +91,16 @@ def predict(model, x, batch=64):
     return out
 
 
+def build(norm="normops"):
+    """The model at its training size, untrained."""
+    return UNet(norm)
+
+
+def example_input(batch_size, generator):
+    """Random inputs shaped as the task's: [batch_size, 1, SIZE, SIZE] images."""
+    return torch.randn((batch_size, 1, SIZE, SIZE), generator=generator)
+
+
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
     x, m = shapes(4000, SIZE, seed=seed)
     x_test, m_test = shapes(256, SIZE, seed=seed + 1)
