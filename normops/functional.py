@@ -18,6 +18,7 @@ torch's own (``torch.layer_norm``, ``torch.batch_norm``...) with the activation 
 composed around it (``library.transformed``), whatever the backend.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -82,6 +83,13 @@ def _check_param_dtypes(input, **params):
     got = ", ".join(f"{name} {dtype}" for name, dtype in given.items())
     raise DtypeError(f"expected {', '.join(given)} of the input's dtype {allowed}, as torch requires; "
                      f"got input {input.dtype}, {got}")
+
+
+def _check_momentum(what, momentum):
+    """momentum is a number, as torch's batch_norm / instance_norm require even where it goes unused
+    (the nn modules turn their momentum=None into the cumulative factor themselves)."""
+    if not isinstance(momentum, (numbers.Real, Tensor)):
+        raise TypeError(f"{what}(): argument 'momentum' must be float, not {type(momentum).__name__}")
 
 
 def _check_updatable(running_mean, running_var):
@@ -253,6 +261,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                                      running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
                                      activation=activation)
     c = _check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
+    _check_momentum("instance_norm", momentum)
     _running_pair(running_mean, running_var)
     _check_param_dtypes(input, weight=weight, bias=bias)
     act = _activation(activation)
@@ -278,9 +287,12 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         if running_mean is not None and input.numel():
             # An exact pass of its own: recovering var from the op's rstd (rstd^-2 - eps) cancels
             # when var <~ eps, down to a negative running_var for a constant channel.
+            # Each statistic in its own buffer's dtype, as torch's update computes it.
             spatial = tuple(range(2, input.dim()))
             with torch.no_grad():
                 var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
+                if running_var.dtype != running_mean.dtype:
+                    var = torch.var(input.detach().to(running_var.dtype), dim=spatial, correction=1)
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:  # running statistics of any dtype, as torch takes them: read in the one the op computes in
         sd = ops.stat_dtype(input)
@@ -305,6 +317,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
         return input.clone()  # torch returns a copy of it (an OpInfo sample): nothing to normalize
     _check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
+    _check_momentum("batch_norm", momentum)
     # torch's own checks, in its order (eps: a zero variance would divide by zero)
     if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import backends
-from .backends.torch_backend import activate, memory_format_of, stat_dtype
+from .backends.torch_backend import activate, memory_format_of, stat_dtype, suggested_format
 
 
 def _absent(x, dtype=None):
@@ -272,9 +272,9 @@ def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequ
 
 
 def _row_norm_format(inp, rms):
-    """The memory format of torch's result: layer_norm's is contiguous, rms_norm's keeps a
-    channels_last(_3d) input's layout (ATen allocates it in the input's suggested format)."""
-    return memory_format_of(inp) if rms else torch.contiguous_format
+    """The memory format of torch's result: layer_norm's is contiguous, rms_norm's the input's
+    suggested format (ATen allocates it so)."""
+    return suggested_format(inp) if rms else torch.contiguous_format
 
 
 def _laid_out_as_sum(h, x, residual):
@@ -392,7 +392,7 @@ def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     weight, bias = _dense(weight, bias)
     y, mean, rstd = backends.resolve(x).group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
     sd = stat_dtype(x)
-    return y.contiguous(memory_format=memory_format_of(x)), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
+    return y.contiguous(memory_format=suggested_format(x)), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
 
 
 group_norm_op = _register("group_norm", _group_norm_impl)
@@ -402,7 +402,7 @@ group_norm_op = _register("group_norm", _group_norm_impl)
 def _group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats):
     sd = stat_dtype(x)
     stats = (x.shape[0], num_groups) if need_stats else (0,)
-    return (torch.empty_like(x, memory_format=memory_format_of(x)),
+    return (torch.empty_like(x, memory_format=suggested_format(x)),
             x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd))
 
 
@@ -416,7 +416,7 @@ def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
     weight, bias, mean, rstd = _dense(weight, bias, mean, rstd)
     dx, dw, db = backends.resolve(x).group_norm_bwd(
         dy, x, num_groups, weight, bias, mean, rstd, activation, list(output_mask))
-    return _or_absent(dx, x).contiguous(memory_format=memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
+    return _or_absent(dx, x).contiguous(memory_format=suggested_format(x)), _or_absent(dw, x), _or_absent(db, x)
 
 
 group_norm_backward_op = _register("group_norm_backward", _group_norm_backward_impl)
@@ -424,7 +424,7 @@ group_norm_backward_op = _register("group_norm_backward", _group_norm_backward_i
 
 @group_norm_backward_op.register_fake
 def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation, output_mask):
-    return _grads_fake(x, weight, bias, output_mask, memory_format_of(x))
+    return _grads_fake(x, weight, bias, output_mask, suggested_format(x))
 
 
 def _group_norm_setup(ctx, inputs, output):
