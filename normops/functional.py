@@ -242,7 +242,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if (weight is not None or bias is None) and ops.aten_direct("group_norm", input, act, weight, bias):
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
-    return ops.group_norm(input, weight, bias, num_groups, float(eps), act, need)[0]
+    return ops.group_norm(input, weight, bias, num_groups, float(eps), act, False, need)[0]
 
 
 def _running_pair(running_mean, running_var):
@@ -283,7 +283,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                                    torch.backends.cudnn.enabled)
     if use_input_stats:
         need = _grad_needed(input, weight, bias)
-        y = ops.group_norm(input, weight, bias, c, float(eps), act, need)[0]
+        y = ops.group_norm(input, weight, bias, c, float(eps), act, True, need)[0]
         if running_mean is not None and input.numel():
             # An exact pass of its own: recovering var from the op's rstd (rstd^-2 - eps) cancels
             # when var <~ eps, down to a negative running_var for a constant channel.

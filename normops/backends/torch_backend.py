@@ -214,10 +214,10 @@ def _channel_view(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
-    if num_groups == c:
+    if instance:
         y, mean, rstd = _instance_norm_fwd(x, weight, bias, eps, activation)
         return (y, mean, rstd) if need_stats else (y, None, None)
     if _in_fp32(x):
