@@ -398,13 +398,13 @@ def test_group_norm_statistics_precise_at_a_large_offset(backend):
     """x = -50 + 0.01 randn: the group mean as sum(x) / L rounds at the sum's magnitude, which the
     Triton kernel's output showed (error 7.5e-4 vs torch's 2.3e-5); the mean is taken about a
     pivot. Held to the tolerance rule: at most 2x torch's own error against float64, plus a bit."""
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # the draw the fuzz found: 7.5e-4 before, vs torch's 2.3e-5
     x = -50 + 0.01 * torch.randn(1, 1, 1, 2, 3)
     ref = TF.group_norm(x.double(), 1)
     with normops.backend(backend):
         got = F.group_norm(x, 1)
     own = (TF.group_norm(x, 1).double() - ref).abs().max()
-    assert (got.double() - ref).abs().max() <= 2 * own + 1e-5
+    assert (got.double() - ref).abs().max() <= 2 * own + 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
