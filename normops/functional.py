@@ -264,6 +264,11 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     _check_momentum("instance_norm", momentum)
     _running_pair(running_mean, running_var)
     _check_param_dtypes(input, weight=weight, bias=bias)
+    # torch's instance_norm takes running statistics of any dtypes, except a running_mean of the
+    # input's dtype beside a running_var of another (ATen's batch norm then reads both as the input's)
+    if running_mean is not None and running_mean.dtype == input.dtype != running_var.dtype:
+        raise DtypeError(f"expected running_var of the input's dtype {input.dtype} like running_mean, as torch "
+                         f"requires; got {running_var.dtype}")
     act = _activation(activation)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
