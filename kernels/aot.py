@@ -110,7 +110,8 @@ def _gn_source(job):
     elif job.kernel == "gn_fwd":
         fn = group_norm._group_norm_fwd_kernel
         types = dict(X=e, Y=e, W=we, B=we, MEAN="*fp32", RSTD="*fp32", PART="*fp32", eps="fp32", **ints)
-        consts = dict(STORE_STATS=True, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block, **flags, **tile)
+        consts = dict(STORE_STATS=True, INSTANCE=cfg.block_cg == 1, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block,
+                      **flags, **tile)
     elif job.kernel == "gn_bwd_sums":
         fn = group_norm._group_norm_bwd_sums_kernel
         types = dict(DY=e, X=e, W=we, B=we, MEAN="*fp32", RSTD="*fp32", PART="*fp32", **ints)

@@ -33,12 +33,15 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _inv_std(var, eps, instance):
-    """1 / sqrt(var + eps); but 0 for a constant instance-norm channel (`instance`) with eps = 0:
-    torch's instance_norm runs batch norm's statistics, which take rstd = 0 when var = eps = 0
-    (a zero output, not the NaN of 0 * inf; torch's group norm gives the NaN)."""
+def _inv_std(var, eps, INSTANCE: tl.constexpr):
+    """1 / sqrt(var + eps); but 0 for a constant channel of instance_norm's call (INSTANCE) with
+    eps = 0: torch's instance_norm runs batch norm's statistics, which take rstd = 0 when
+    var = eps = 0 (a zero output, not the NaN of 0 * inf; torch's group norm, G == C included,
+    gives the NaN)."""
     rstd = 1.0 / tl.sqrt(var + eps)
-    return tl.where(instance & (var == 0.0) & (eps == 0.0), 0.0, rstd)
+    if INSTANCE:
+        rstd = tl.where((var == 0.0) & (eps == 0.0), 0.0, rstd)
+    return rstd
 
 
 def acc_type(dtype):

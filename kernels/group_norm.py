@@ -7,8 +7,13 @@ n*C*S + s*C + c; a program reads [BLOCK_G groups, BLOCK_CG channels, BLOCK_S pos
 and the CHANNELS_LAST flag says which axis is contiguous, so both layouts are read in place.
 
 Math, per group (n, g):
-    forward    mean = sum(x) / L       var = sum((x - mean)^2) / L       rstd = 1 / sqrt(var + eps)
-               x_hat = (x - mean) * rstd          z = x_hat * w[c] + b[c]          y = act(z)
+    forward    x0 = the group's first element (a pivot), d = x - x0 (exact near x0)
+               dmean = sum(d) / L      mean = x0 + dmean      var = sum((d - dmean)^2) / L
+               rstd = 1 / sqrt(var + eps)        x_hat = (d - dmean) * rstd
+               z = x_hat * w[c] + b[c]          y = act(z)
+               The pivot keeps the mean's rounding small at a large offset (sum(x) / L rounds at
+               the sum's magnitude: x = -50 + 0.01 randn lost 3 digits) and exact for a constant
+               group (mean == x, so x_hat == 0 and dw == 0 exactly, as torch's).
     backward   dz = dy * act'(z)  (z rebuilt from x and the saved mean/rstd; nothing else saved)
                per channel:  a[n, c] = sum_s dz * x_hat          b[n, c] = sum_s dz
                c1 = sum_c w[c] * a[n, c] / L                     c2 = sum_c w[c] * b[n, c] / L
@@ -82,6 +87,13 @@ def _chunk(sp, chunk, S, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST: tl.constexpr):
+    """[BLOCK_G] first element (channel gi * Cg, position 0) of each group: the shift x0."""
+    first = gi * Cg if CHANNELS_LAST else gi * Cg * S
+    return tl.load(X + base + first, mask=gi < G, other=0.0)
+
+
+@triton.jit
 def _sum2(t):
     """Sum of a [BLOCK_G, BLOCK_CG, BLOCK_S] tile per group."""
     return tl.sum(tl.sum(t, 2), 1)
@@ -107,10 +119,11 @@ def _group_norm_stats_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Split mode, pass 1: Chan's running (count, mean, M2) over the tiles of this chunk."""
+    """Split mode, pass 1: Chan's running (count, mean, M2) of x - x0 over the tiles of this chunk."""
     gb, sp, n = _program(n_gblocks, split, False)
     x_base = X + n.to(tl.int64) * C * S
     chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
+    x0 = _pivot(x_base, 0, gb * BLOCK_G + tl.arange(0, BLOCK_G), G, Cg, S, CHANNELS_LAST).to(ACC)
     count = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_G], dtype=ACC)
     m2 = tl.zeros([BLOCK_G], dtype=ACC)
@@ -118,6 +131,7 @@ def _group_norm_stats_kernel(
     for s0 in range(s_begin, tl.minimum(S, s_begin + chunk), BLOCK_S):
         offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
         x = tl.load(x_base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+        x = tl.where(mask, x - x0[:, None, None], 0.0)
         n_b = (Cg * tl.minimum(BLOCK_S, S - s0)).to(ACC)
         mean_b = _sum2(x) / n_b
         d = tl.where(mask, x - mean_b[:, None, None], 0.0)
@@ -134,9 +148,10 @@ def _group_norm_stats_kernel(
 
 
 @triton.jit
-def _combine(PART, n, gi, G, Cg, S, split, chunk, eps,
+def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr):
-    """(mean, rstd) of groups gi from their chunks' (mean, M2): Chan's formula for many parts,
+    """(mean, rstd) of groups gi from their chunks' (mean, M2), of x - x0 (the mean is dmean):
+    Chan's formula for many parts,
     mean = sum(n_i mean_i) / L, then M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order,
     BLOCK_SPLIT chunks at a time."""
     rows = (n.to(tl.int64) * G + gi)[:, None] * split
@@ -156,7 +171,7 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps,
         p = PART + (rows + sp[None, :]) * 2
         d = tl.load(p, mask=m, other=0.0) - mean[:, None]
         acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
-    return mean, _inv_std(tl.sum(acc, 1) / total, eps, Cg == 1)
+    return mean, _inv_std(tl.sum(acc, 1) / total, eps, INSTANCE)
 
 
 @triton.jit
@@ -167,6 +182,7 @@ def _group_norm_fwd_kernel(
     PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split mode)
     G, Cg, S, C, n_gblocks, split, chunk, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+    INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (_inv_std)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -175,17 +191,18 @@ def _group_norm_fwd_kernel(
     base = n.to(tl.int64) * C * S
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
+    x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
     if ONE_PASS:
         offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
-        x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
-        mean = _sum2(x) / (Cg * S)
-        xc = tl.where(mask, x - mean[:, None, None], 0.0)
-        rstd = _inv_std(_sum2(xc * xc) / (Cg * S), eps, Cg == 1)
+        d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
+        dmean = _sum2(d) / (Cg * S)
+        xc = tl.where(mask, d - dmean[:, None, None], 0.0)
+        rstd = _inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
     else:
-        mean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, BLOCK_G, BLOCK_SPLIT, ACC)
+        dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
     if STORE_STATS:
         if sp == 0:
-            tl.store(MEAN + n * G + gi, mean, mask=gi < G)
+            tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
             tl.store(RSTD + n * G + gi, rstd, mask=gi < G)
     w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
     scale = rstd[:, None, None] * w
@@ -196,7 +213,7 @@ def _group_norm_fwd_kernel(
         for i in range(0, n_tiles):
             offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
             x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-            z = (x - mean[:, None, None]) * scale + b
+            z = ((x - x0[:, None, None]) - dmean[:, None, None]) * scale + b
             tl.store(Y + base + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -317,7 +334,7 @@ def _grid(cfg, n, groups):
     return n_gblocks, (n_gblocks * cfg.split * n,)
 
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, config=None):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, config=None):
     """The triton backend's group_norm forward (contract: normops/backends/__init__.py).
     `config` overrides the heuristic (tests use it to force the split path at small shapes)."""
     fmt = memory_format_of(x)  # channels_last(_3d) when x is dense in it: read in place
@@ -342,7 +359,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, con
         x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
         *geometry, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
-        STORE_STATS=need_stats, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block, **tile)
+        STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block, **tile)
     return y, mean, rstd
 
 

@@ -18,6 +18,7 @@ torch's own (``torch.layer_norm``, ``torch.batch_norm``...) with the activation 
 composed around it (``library.transformed``), whatever the backend.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -82,6 +83,13 @@ def _check_param_dtypes(input, **params):
     got = ", ".join(f"{name} {dtype}" for name, dtype in given.items())
     raise DtypeError(f"expected {', '.join(given)} of the input's dtype {allowed}, as torch requires; "
                      f"got input {input.dtype}, {got}")
+
+
+def _check_momentum(what, momentum):
+    """momentum is a number, as torch's batch_norm / instance_norm require even where it goes unused
+    (the nn modules turn their momentum=None into the cumulative factor themselves)."""
+    if not isinstance(momentum, (numbers.Real, Tensor)):
+        raise TypeError(f"{what}(): argument 'momentum' must be float, not {type(momentum).__name__}")
 
 
 def _check_updatable(running_mean, running_var):
@@ -234,7 +242,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if (weight is not None or bias is None) and ops.aten_direct("group_norm", input, act, weight, bias):
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
-    return ops.group_norm(input, weight, bias, num_groups, float(eps), act, need)[0]
+    return ops.group_norm(input, weight, bias, num_groups, float(eps), act, False, need)[0]
 
 
 def _running_pair(running_mean, running_var):
@@ -253,8 +261,14 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                                      running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
                                      activation=activation)
     c = _check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
+    _check_momentum("instance_norm", momentum)
     _running_pair(running_mean, running_var)
     _check_param_dtypes(input, weight=weight, bias=bias)
+    # torch's instance_norm takes running statistics of any dtypes, except a running_mean of the
+    # input's dtype beside a running_var of another (ATen's batch norm then reads both as the input's)
+    if running_mean is not None and running_mean.dtype == input.dtype != running_var.dtype:
+        raise DtypeError(f"expected running_var of the input's dtype {input.dtype} like running_mean, as torch "
+                         f"requires; got {running_var.dtype}")
     act = _activation(activation)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
@@ -274,13 +288,16 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                                    torch.backends.cudnn.enabled)
     if use_input_stats:
         need = _grad_needed(input, weight, bias)
-        y = ops.group_norm(input, weight, bias, c, float(eps), act, need)[0]
+        y = ops.group_norm(input, weight, bias, c, float(eps), act, True, need)[0]
         if running_mean is not None and input.numel():
             # An exact pass of its own: recovering var from the op's rstd (rstd^-2 - eps) cancels
             # when var <~ eps, down to a negative running_var for a constant channel.
+            # Each statistic in its own buffer's dtype, as torch's update computes it.
             spatial = tuple(range(2, input.dim()))
             with torch.no_grad():
                 var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
+                if running_var.dtype != running_mean.dtype:
+                    var = torch.var(input.detach().to(running_var.dtype), dim=spatial, correction=1)
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:  # running statistics of any dtype, as torch takes them: read in the one the op computes in
         sd = ops.stat_dtype(input)
@@ -305,6 +322,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
         return input.clone()  # torch returns a copy of it (an OpInfo sample): nothing to normalize
     _check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
+    _check_momentum("batch_norm", momentum)
     # torch's own checks, in its order (eps: a zero variance would divide by zero)
     if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 value per channel when training, got input size {input.shape}")

@@ -3,7 +3,7 @@
 | op                               | what                                                       |
 |----------------------------------|------------------------------------------------------------|
 | ``normops::row_norm``            | LayerNorm / RMSNorm over the trailing dims, + residual, + act |
-| ``normops::group_norm``          | GroupNorm over (C/G, *spatial); InstanceNorm is G == C      |
+| ``normops::group_norm``          | GroupNorm over (C/G, *spatial); InstanceNorm (``instance``) |
 | ``normops::batch_norm``          | BatchNorm, batch statistics (training) or running ones      |
 | ``normops::*_backward``          | their vector-Jacobian products, differentiable once more    |
 | ``normops::update_running_stats``| the in-place running-average update (``mutates_args``)      |
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import backends
-from .backends.torch_backend import activate, memory_format_of, stat_dtype
+from .backends.torch_backend import activate, memory_format_of, stat_dtype, suggested_format
 
 
 def _absent(x, dtype=None):
@@ -272,9 +272,9 @@ def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequ
 
 
 def _row_norm_format(inp, rms):
-    """The memory format of torch's result: layer_norm's is contiguous, rms_norm's keeps a
-    channels_last(_3d) input's layout (ATen allocates it in the input's suggested format)."""
-    return memory_format_of(inp) if rms else torch.contiguous_format
+    """The memory format of torch's result: layer_norm's is contiguous, rms_norm's the input's
+    suggested format (ATen allocates it so)."""
+    return suggested_format(inp) if rms else torch.contiguous_format
 
 
 def _laid_out_as_sum(h, x, residual):
@@ -385,24 +385,27 @@ row_norm_backward_op.register_autograd(_row_norm_double_bwd, setup_context=_row_
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
 
 def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                     activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd)."""
+                     activation: str, instance: bool, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd).
+    ``instance``: instance_norm's call (num_groups == C), whose constant channel with eps = 0 gives
+    rstd 0 (torch's batch-norm statistics), where group_norm's gives NaN, even with G == C."""
     if x.numel() == 0:
-        return _zero_filled(_group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats))
+        return _zero_filled(_group_norm_fake(x, weight, bias, num_groups, eps, activation, instance, need_stats))
     weight, bias = _dense(weight, bias)
-    y, mean, rstd = backends.resolve(x).group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
+    y, mean, rstd = backends.resolve(x).group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats,
+                                                       instance)
     sd = stat_dtype(x)
-    return y.contiguous(memory_format=memory_format_of(x)), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
+    return y.contiguous(memory_format=suggested_format(x)), _or_absent(mean, x, sd), _or_absent(rstd, x, sd)
 
 
 group_norm_op = _register("group_norm", _group_norm_impl)
 
 
 @group_norm_op.register_fake
-def _group_norm_fake(x, weight, bias, num_groups, eps, activation, need_stats):
+def _group_norm_fake(x, weight, bias, num_groups, eps, activation, instance, need_stats):
     sd = stat_dtype(x)
     stats = (x.shape[0], num_groups) if need_stats else (0,)
-    return (torch.empty_like(x, memory_format=memory_format_of(x)),
+    return (torch.empty_like(x, memory_format=suggested_format(x)),
             x.new_empty(stats, dtype=sd), x.new_empty(stats, dtype=sd))
 
 
@@ -416,7 +419,7 @@ def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
     weight, bias, mean, rstd = _dense(weight, bias, mean, rstd)
     dx, dw, db = backends.resolve(x).group_norm_bwd(
         dy, x, num_groups, weight, bias, mean, rstd, activation, list(output_mask))
-    return _or_absent(dx, x).contiguous(memory_format=memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
+    return _or_absent(dx, x).contiguous(memory_format=suggested_format(x)), _or_absent(dw, x), _or_absent(db, x)
 
 
 group_norm_backward_op = _register("group_norm_backward", _group_norm_backward_impl)
@@ -424,11 +427,11 @@ group_norm_backward_op = _register("group_norm_backward", _group_norm_backward_i
 
 @group_norm_backward_op.register_fake
 def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation, output_mask):
-    return _grads_fake(x, weight, bias, output_mask, memory_format_of(x))
+    return _grads_fake(x, weight, bias, output_mask, suggested_format(x))
 
 
 def _group_norm_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, activation, need_stats = inputs
+    x, weight, bias, num_groups, eps, activation, instance, need_stats = inputs
     _, mean, rstd = output
     _no_grad_outputs(ctx, mean, rstd)
     ctx.cfg = (num_groups, eps, activation)
@@ -439,7 +442,7 @@ def _group_norm_setup(ctx, inputs, output):
 
 def _group_norm_bwd(ctx, dy, _dmean, _drstd):
     if dy is None:
-        return (None,) * 7
+        return (None,) * 8
     if not ctx.saved_stats:
         raise RuntimeError("normops::group_norm ran with need_stats=False, so its backward has no statistics")
     need = ctx.needs_input_grad
@@ -448,7 +451,7 @@ def _group_norm_bwd(ctx, dy, _dmean, _drstd):
     mask = [need[0], need[1], need[2]]
     dx, dw, db = _backward(ctx, group_norm_backward_op, _group_norm_backward_impl,
                            dy, x, weight, bias, mean, rstd, num_groups, eps, activation, mask)
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None)
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None, None, None, None)
 
 
 def _group_norm_backward_setup(ctx, inputs, output):

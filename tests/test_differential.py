@@ -488,7 +488,11 @@ def test_batch_norm_module(backend):
         assert ours[1].keys() == same[1].keys()
         for key in ours[1]:
             if key == "num_batches_tracked":
-                assert torch.equal(ours[1][key], same[1][key]), f"{key}: {ours[1][key]} != torch's {same[1][key]}"
+                # the training calls that succeeded: a failed call leaves the buffers alone (the team's
+                # rule), where torch's module counts a batch before F.batch_norm refuses it
+                ok = sum(1 for (_, training), o in zip(calls, ours[0]) if training and o is not None)
+                assert int(ours[1][key]) == ok <= int(same[1][key]), \
+                    f"{key}: {int(ours[1][key])}, for {ok} training calls that succeeded (torch's {int(same[1][key])})"
             else:
                 assert_close(key, ours[1][key], same[1][key], ref[1][key], dtype)
     inner()

@@ -26,7 +26,7 @@ The contract every backend module implements (tensors in, tensors out, ``None`` 
         -> (y, h, mean, rstd)
     row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask)
         -> (dx, dweight, dbias)
-    group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats) -> (y, mean, rstd)
+    group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False) -> (y, mean, rstd)
     group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
         -> (dx, dweight, dbias)
     batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)

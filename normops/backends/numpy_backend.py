@@ -210,13 +210,14 @@ def _per_channel(p, shape):
     return None if p is None else p.reshape(shape)
 
 
-def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none"):
-    """GroupNorm of x [N, C, *S] -> (y, mean, rstd), stats [N, G]."""
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none", instance=False):
+    """GroupNorm of x [N, C, *S] -> (y, mean, rstd), stats [N, G]; ``instance``: InstanceNorm's
+    call (G == C), whose statistics differ from GroupNorm's only where var = eps = 0."""
     xg = _grouped(x, num_groups)
     wshape = xg.shape[1:3] + (1,)  # [G, C/G, 1]: per channel, broadcast over N and S
     mean, var = moments(xg, (2, 3))
     rstd = _rstd(var, eps)
-    if xg.shape[2] == 1 and eps == 0:  # instance norm: torch's (batch-norm) statistics give a constant
+    if instance and eps == 0:  # instance norm: torch's (batch-norm) statistics give a constant
         rstd = np.where(var == 0, 0.0, rstd)  # channel rstd 0 with eps = 0, so a zero output, not NaN
     y = normalize_forward(xg, (2, 3), mean, rstd, _per_channel(weight, wshape),
                           _per_channel(bias, wshape), activation)
@@ -332,9 +333,9 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     return _masked(output_mask, dx, _to(dw, weight), _to(db, bias))
 
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
     y, mean, rstd = group_norm_forward(_np(x), num_groups, _np(weight), _np(bias), eps,
-                                       activation)
+                                       activation, instance)
     y = _into(y, torch.empty_like(x))
     if not need_stats:
         return y, None, None

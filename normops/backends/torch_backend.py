@@ -14,6 +14,7 @@ See ``normops/backends/__init__.py`` for the contract.
 import math
 
 import torch
+from torch._prims_common import suggest_memory_format
 from torch.nn import functional as F
 
 aten = torch.ops.aten
@@ -146,7 +147,10 @@ def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
 
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
-    if _in_fp32(x):
+    # fp16/bf16 with a bias and no weight: ATen's CPU backward then takes no fp32 statistics
+    # ("expected scalar type Half but found Float": its mixed-type path keys on the weight)
+    no_mixed_path = weight is None and bias is not None and x.dtype in (torch.float16, torch.bfloat16)
+    if _in_fp32(x) or no_mixed_path:
         dx, dw, db = row_norm_bwd(dy.float(), x.float(), normalized_shape, _f32(weight), _f32(bias), mean, rstd,
                                   rms, activation, output_mask)
         return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
@@ -186,13 +190,23 @@ def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
 
 # --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------
 
+def suggested_format(x):
+    """torch's x.suggest_memory_format(): the layout ATen gives a group or RMS norm's output, and
+    torch.empty_like a non-dense x (channels_last(_3d) when x's strides are ordered so, dense or not)."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    return suggest_memory_format(x)
+
+
 def memory_format_of(x):
-    """The memory format torch's norm kernels give their output for input x."""
+    """The memory format torch's batch norm gives its output for input x: channels_last(_3d) when
+    x is dense in it (even where its size-1 dims make torch suggest contiguous), else the suggested
+    format (a stepped channels_last view stays channels_last, as torch.empty_like keeps it)."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
         return torch.channels_last_3d
-    return torch.contiguous_format
+    return torch.contiguous_format if x.is_contiguous() else suggested_format(x)
 
 
 def _channel_view(t, x):
@@ -200,10 +214,10 @@ def _channel_view(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
-    if num_groups == c:
+    if instance:
         y, mean, rstd = _instance_norm_fwd(x, weight, bias, eps, activation)
         return (y, mean, rstd) if need_stats else (y, None, None)
     if _in_fp32(x):

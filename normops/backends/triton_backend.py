@@ -54,10 +54,10 @@ NATIVE = frozenset()
 
 
 @_on_its_device
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
     if not _group_norm.supported(x, num_groups):  # > 1024 channels a group, or > 2**31 elements a sample
-        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
-    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats)
+        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
+    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
 
 
 @_on_its_device
