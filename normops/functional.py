@@ -237,9 +237,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
             return activate(torch.group_norm(x, num_groups, w, b, eps, torch.backends.cudnn.enabled), act)
 
         return ops.in_torch(norm, input, weight, bias)
-    # not with a bias but no weight: torch.group_norm's backward then fails ("tensor does not have a
-    # device", torch 2.13), the op's computes the bias gradient
-    if (weight is not None or bias is None) and ops.aten_direct("group_norm", input, act, weight, bias):
+    # Not with a bias but no weight: torch.group_norm's backward then fails ("tensor does not have a
+    # device", torch 2.13), the op's computes the bias gradient. Not for a channels_last input that
+    # needs no gradient: torch 2.13's CPU backward then crashes (SIGSEGV) computing only dweight/dbias.
+    if ((weight is not None or bias is None) and (input.requires_grad or input.is_contiguous())
+            and ops.aten_direct("group_norm", input, act, weight, bias)):
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     need = _grad_needed(input, weight, bias)
     return ops.group_norm(input, weight, bias, num_groups, float(eps), act, False, need)[0]

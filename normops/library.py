@@ -54,6 +54,12 @@ def _dense(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _dx_as(dx, x, memory_format):
+    """A backward's dx in torch's layout for x, or absent when not asked for (an absent output is a
+    0-element 1-D tensor, which no channels_last layout fits)."""
+    return _absent(x) if dx is None else dx.contiguous(memory_format=memory_format)
+
+
 def _zero_filled(outputs):
     """Outputs for an empty input: the fake kernel's shapes, zero-filled (no backend is called)."""
     return tuple(t.zero_() for t in outputs)
@@ -419,7 +425,7 @@ def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
     weight, bias, mean, rstd = _dense(weight, bias, mean, rstd)
     dx, dw, db = backends.resolve(x).group_norm_bwd(
         dy, x, num_groups, weight, bias, mean, rstd, activation, list(output_mask))
-    return _or_absent(dx, x).contiguous(memory_format=suggested_format(x)), _or_absent(dw, x), _or_absent(db, x)
+    return _dx_as(dx, x, suggested_format(x)), _or_absent(dw, x), _or_absent(db, x)
 
 
 group_norm_backward_op = _register("group_norm_backward", _group_norm_backward_impl)
@@ -516,7 +522,7 @@ def _batch_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
     dx, dw, db = backends.resolve(x).batch_norm_bwd(
         dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training, eps, activation,
         list(output_mask))
-    return _or_absent(dx, x).contiguous(memory_format=memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
+    return _dx_as(dx, x, memory_format_of(x)), _or_absent(dw, x), _or_absent(db, x)
 
 
 batch_norm_backward_op = _register("batch_norm_backward", _batch_norm_backward_impl)

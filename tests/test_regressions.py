@@ -427,3 +427,28 @@ def test_constant_channel_weight_gradient_exactly_zero(backend, op):
         got = y_dw(F)
     for g, t in zip(got, want):
         assert g.abs().max() <= 2 * t.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["group_norm", "group_norm:silu", "batch_norm", "instance_norm"])
+def test_channels_last_input_with_only_a_weight_gradient(backend, op):
+    """A channels_last input that needs no gradient, a weight that does: torch's dweight, and no
+    crash (torch 2.13's CPU group-norm backward crashes there when asked for dweight alone; the op
+    asked its backends for an absent dx in channels_last)."""
+    x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, requires_grad=True)
+    dy = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    name, _, act = op.partition(":")
+
+    def run(f, x):
+        if name == "group_norm":
+            y = f.group_norm(x, 2, w, None, **({"activation": act} if f is F and act else {}))
+            return TF.silu(y) if f is TF and act else y
+        if name == "batch_norm":
+            return f.batch_norm(x, None, None, w, None, True)
+        return f.instance_norm(x, weight=w)
+
+    with normops.backend(backend):
+        ours = torch.autograd.grad(run(F, x), w, dy)[0]
+    ref = torch.autograd.grad(run(TF, x.contiguous()), w, dy)[0]  # contiguous: torch's own crash avoided
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

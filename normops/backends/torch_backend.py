@@ -276,7 +276,10 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     want_dw = output_mask[1] and w is not None
     want_db = output_mask[2] and b is not None
     mask = [output_mask[0], want_dw, want_db and w is not None]  # ATen computes dbias only with a weight
+    # torch 2.13's CPU kernel for channels_last input crashes (SIGSEGV) when dx is not asked for: ask
+    mask[0] = mask[0] or fmt != torch.contiguous_format
     dx, dw, db = aten.native_group_norm_backward(dz, x, _to(mean, nd), _to(rstd, nd), w, n, c, hw, num_groups, mask)
+    dx = dx if output_mask[0] else None
     if want_db and w is None:
         db = dz.transpose(0, 1).reshape(c, -1).sum(1)
     return dx, _cast(dw if want_dw else None, weight), _cast(db if want_db else None, bias)
