@@ -25,29 +25,23 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import library as ops  # the normops:: ops, with their eager fast path
-from .backends.torch_backend import activate
+from .core import ACTIVATIONS, DtypeError, ShapeError, activate
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm"]
 
-ACTIVATIONS = ("relu", "silu", "gelu")
-
-
-class ShapeError(ValueError, RuntimeError):
-    """A shape or size that does not fit: a ValueError, and a RuntimeError like torch's own."""
-
-
-class DtypeError(TypeError, RuntimeError):
-    """Parameters of a dtype torch's norms refuse: a TypeError, and a RuntimeError like torch's own."""
-
-
 # --- validation --------------------------------------------------------------------------------
+
+_ACTIVATION_NAMES = tuple(ACTIVATIONS)  # a tuple: `in` on an unhashable argument is False, not a TypeError
+_FUSED = [repr(name) for name in _ACTIVATION_NAMES if name != "none"]
+_ACTIVATION_CHOICES = f"None, {', '.join(_FUSED[:-1])} or {_FUSED[-1]}"  # None, 'relu', 'silu' or 'gelu'
+
 
 def _activation(activation):
     if activation is None or activation == "none":
         return "none"
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu'; got {activation!r}")
+    if activation not in _ACTIVATION_NAMES:
+        raise ValueError(f"activation must be {_ACTIVATION_CHOICES}; got {activation!r}")
     return activation
 
 
