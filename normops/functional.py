@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import library as ops  # the normops:: ops, with their eager fast path
-from .core import ACTIVATIONS, DtypeError, ShapeError, activate
+from .core import ACTIVATIONS, DtypeError, ShapeError, activate, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm"]
@@ -277,7 +277,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                 var, mean = torch.var_mean(input.detach().to(running_mean.dtype), dim=spatial, correction=1)
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:  # running statistics of any dtype, as torch takes them: read in the one the op computes in
-        sd = ops.stat_dtype(input)
+        sd = stat_dtype(input)
         y = ops.batch_norm(input, weight, bias, running_mean.to(sd), running_var.to(sd), False, float(eps), act,
                            grad=_grad_needed(input, weight, bias))[0]
     return y.contiguous()  # torch's instance_norm returns a contiguous tensor, whatever the input's layout
