@@ -133,16 +133,16 @@ def _bn_source(job):
     if cfg.block_s == 1:
         tile.update(S=1, s_tiles=1)  # the (N * S, C, 1) view: the JIT specializes integers equal to 1
     flags = dict(HAS_W=has_w, HAS_B=has_b, ACT=act, RUNNING=not training)
-    stats = dict(MEAN="*fp32", RSTD="*fp32")
+    stats = dict(MEAN="*fp32", RSTD="*fp32", VAR="*fp32")
     if job.kernel == "bn_stats":
         fn, types, consts = batch_norm._batch_norm_stats_kernel, dict(X=e, PART="*fp32", **ints), tile
     elif job.kernel == "bn_finalize":
         fn = batch_norm._batch_norm_finalize_kernel
-        types = dict(PART="*fp32", VAR="*fp32", C="i32", split="i32", total="i32", eps="fp32", **stats)
+        types = dict(PART="*fp32", C="i32", split="i32", total="i32", eps="fp32", **stats)
         consts = dict(BLOCK_SPLIT=cfg.finalize_split, BLOCK_C=cfg.finalize_c, ACC=tl.float32)
     elif job.kernel == "bn_fwd":
         fn = batch_norm._batch_norm_fwd_kernel
-        types = dict(X=e, Y=e, W=we, B=we, VAR="*fp32", eps="fp32", **stats, **ints)
+        types = dict(X=e, Y=e, W=we, B=we, eps="fp32", **stats, **ints)
         consts = dict(ONE_PASS=cfg.one_pass, **flags, **tile)
     elif job.kernel == "bn_bwd_sums":
         fn = batch_norm._batch_norm_bwd_sums_kernel

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.backends.torch_backend import memory_format_of
+from normops.core import memory_format_of
 
 from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
 from .config import LOOP_WARPS, BatchNormConfig, programs_per_wave
@@ -119,14 +119,16 @@ def _affine(W, B, c0, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.c
 
 
 @triton.jit
-def _stats(MEAN, RSTD, c0, C, eps, RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """mean and rstd of channels c0.. as [BLOCK_C] vectors. RUNNING (eval): RSTD holds the running
-    variance, and rstd = 1 / sqrt(var + eps) is taken here."""
+def _stats(MEAN, RSTD, VAR, c0, C, eps, RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """mean and rstd of channels c0.. as [BLOCK_C] vectors: training, the saved MEAN and RSTD (VAR
+    unread); RUNNING (eval), the running MEAN and VAR, with rstd = 1 / sqrt(var + eps) taken here
+    (RSTD unread)."""
     ci = c0 + tl.arange(0, BLOCK_C)
     mean = tl.load(MEAN + ci, mask=ci < C, other=0.0).to(ACC)
-    rstd = tl.load(RSTD + ci, mask=ci < C, other=1.0).to(ACC)
     if RUNNING:
-        rstd = 1.0 / tl.sqrt(rstd + eps)
+        rstd = 1.0 / tl.sqrt(tl.load(VAR + ci, mask=ci < C, other=1.0).to(ACC) + eps)
+    else:
+        rstd = tl.load(RSTD + ci, mask=ci < C, other=1.0).to(ACC)
     return mean, rstd
 
 
@@ -202,8 +204,8 @@ def _batch_norm_finalize_kernel(
 def _batch_norm_fwd_kernel(
     X, Y,              # (N', C, S') input, output
     W, B,              # [C] weight, bias
-    MEAN, RSTD, VAR,   # [C] training: out (one pass) or in (split; VAR unused); eval: running mean,
-                       # running var (in RSTD), VAR unused
+    MEAN, RSTD, VAR,   # [C] training: out (one pass) or in (split; VAR unused); eval: running mean
+                       # and var in, RSTD unused
     N, C, S, s_tiles, n_tiles, c_blocks, chunk, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr, ONE_PASS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
@@ -224,7 +226,7 @@ def _batch_norm_fwd_kernel(
         z = xc * _bcast(rstd * w) + _bcast(b)
         tl.store(Y + base + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
     else:
-        mean, rstd = _stats(MEAN, RSTD, c0, C, eps, RUNNING, BLOCK_C, ACC)
+        mean, rstd = _stats(MEAN, RSTD, VAR, c0, C, eps, RUNNING, BLOCK_C, ACC)
         w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
         mean, scale, b = _bcast(mean), _bcast(rstd * w), _bcast(b)
         t_begin = sp * chunk
@@ -250,7 +252,7 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
 def _batch_norm_bwd_sums_kernel(
     DY, X,             # (N', C, S') output gradient, input
     W, B,              # [C] weight, bias (read for the activation's input only)
-    MEAN, RSTD,        # [C] saved statistics (training), or running mean and var (eval)
+    MEAN, RSTD, VAR,   # [C] training: saved mean and rstd (VAR unused); eval: running mean and var (RSTD unused)
     PART,              # [split, 2, C] out: sum_dzx and sum_dz of each (chunk, channel), ACC dtype
     N, C, S, s_tiles, n_tiles, c_blocks, chunk, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr,
@@ -259,7 +261,7 @@ def _batch_norm_bwd_sums_kernel(
     """Backward, split mode, pass 1: the per-channel sums over this chunk."""
     cb, sp = _program(c_blocks, False)
     c0 = cb * BLOCK_C
-    mean, rstd = _stats(MEAN, RSTD, c0, C, eps, RUNNING, BLOCK_C, ACC)
+    mean, rstd = _stats(MEAN, RSTD, VAR, c0, C, eps, RUNNING, BLOCK_C, ACC)
     w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
     sum_dzx = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
@@ -287,7 +289,7 @@ def _dx(dz, x_hat, k, c1, c2, RUNNING: tl.constexpr):
 def _batch_norm_bwd_kernel(
     DY, X,             # (N', C, S') output gradient, input
     W, B,              # [C] weight, bias
-    MEAN, RSTD,        # [C] saved statistics (training), or running mean and var (eval)
+    MEAN, RSTD, VAR,   # [C] training: saved mean and rstd (VAR unused); eval: running mean and var (RSTD unused)
     SUMS,              # [2, C] sum_dzx, sum_dz: written (one pass) or read (split: the chunks' totals)
     DX,                # (N', C, S') out
     N, C, S, s_tiles, n_tiles, c_blocks, chunk, eps, total,
@@ -298,7 +300,7 @@ def _batch_norm_bwd_kernel(
     cb, sp = _program(c_blocks, not ONE_PASS)
     c0 = cb * BLOCK_C
     ci = c0 + tl.arange(0, BLOCK_C)
-    mean, rstd = _stats(MEAN, RSTD, c0, C, eps, RUNNING, BLOCK_C, ACC)
+    mean, rstd = _stats(MEAN, RSTD, VAR, c0, C, eps, RUNNING, BLOCK_C, ACC)
     w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
     if ONE_PASS:
         base, offs, mask, _ = _tile(0, 1, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
@@ -377,8 +379,8 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, ac
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **_tile_args(cfg, x))
     w_arg, b_arg = (weight if weight is not None else y), (bias if bias is not None else y)
     if not training:
-        _batch_norm_fwd_kernel[grid](x, y, w_arg, b_arg, dense(running_mean), dense(running_var), y, *geometry,
-                                     eps, RUNNING=True, ONE_PASS=False, **flags)
+        _batch_norm_fwd_kernel[grid](x, y, w_arg, b_arg, dense(running_mean), y, dense(running_var), *geometry,
+                                     eps, RUNNING=True, ONE_PASS=False, **flags)  # RSTD (y) unread
         return y, None, None, None
     sd = stat_dtype(x.dtype)
     mean, rstd, var = (torch.empty(c, dtype=sd, device=x.device) for _ in range(3))
@@ -400,8 +402,10 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
     n, c, s = _geometry(x)
     weight, bias = dense(weight), dense(bias)
-    mean, rstd = (save_mean, save_rstd) if training else (running_mean, running_var)
-    mean, rstd = dense(mean), dense(rstd)
+    mean = dense(save_mean if training else running_mean)
+    # training reads the saved rstd, eval the running variance (the kernels take rstd from it); the
+    # one not read gets `mean` as a placeholder
+    rstd, var = (dense(save_rstd), mean) if training else (mean, dense(running_var))
     want_dx = output_mask[0]
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
@@ -417,9 +421,9 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     sums = torch.empty((2, c), dtype=sd, device=x.device) if cfg.one_pass else mean  # eval dx alone: unread
     if not cfg.one_pass and (training or want_dw or want_db):
         part = torch.empty((cfg.split, 2, c), dtype=sd, device=x.device)
-        _batch_norm_bwd_sums_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, part, *geometry, eps, **flags)
+        _batch_norm_bwd_sums_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, var, part, *geometry, eps, **flags)
         sums = part.sum(0) if cfg.split > 1 else part[0]  # a fixed-order reduction: deterministic
     if cfg.one_pass or want_dx:
-        _batch_norm_bwd_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, sums, dx if dx is not None else sums,
+        _batch_norm_bwd_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, var, sums, dx if dx is not None else sums,
                                      *geometry, eps, n * s, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
     return (dx, *param_grads(sums, weight, bias, want_dw, want_db))

@@ -5,7 +5,12 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu": 3}
+from normops import core
+from normops.core import stat_dtype  # noqa: F401 (the kernel families take it from here)
+
+# The kernels' ACT ids: the position of each name in normops.core.ACTIVATIONS (none = 0, relu = 1,
+# silu = 2, gelu = 3), which _act and _act_grad branch on.
+ACTIVATIONS = {name: i for i, name in enumerate(core.ACTIVATIONS)}
 
 
 @triton.jit
@@ -47,11 +52,6 @@ def _inv_std(var, eps, INSTANCE: tl.constexpr):
 def acc_type(dtype):
     """The kernels' accumulation type: fp64 for fp64 input (so gradcheck runs through them), else fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def stat_dtype(dtype):
-    """Statistics and partial sums in torch: fp64 for fp64 input, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def param_grads(sums, weight, bias, want_dw, want_db):

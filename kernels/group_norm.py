@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.backends.torch_backend import memory_format_of
+from normops.core import memory_format_of
 
 from .common import ACTIVATIONS, _act, _act_grad, _inv_std, acc_type, dense, launch_options, param_grads, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave

@@ -26,29 +26,23 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import library as ops  # the normops:: ops, with their eager fast path
-from .backends.torch_backend import activate
+from .core import ACTIVATIONS, DtypeError, ShapeError, activate, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm"]
 
-ACTIVATIONS = ("relu", "silu", "gelu")
-
-
-class ShapeError(ValueError, RuntimeError):
-    """A shape or size that does not fit: a ValueError, and a RuntimeError like torch's own."""
-
-
-class DtypeError(TypeError, RuntimeError):
-    """Parameters of a dtype torch's norms refuse: a TypeError, and a RuntimeError like torch's own."""
-
-
 # --- validation --------------------------------------------------------------------------------
+
+_ACTIVATION_NAMES = tuple(ACTIVATIONS)  # a tuple: `in` on an unhashable argument is False, not a TypeError
+_FUSED = [repr(name) for name in _ACTIVATION_NAMES if name != "none"]
+_ACTIVATION_CHOICES = f"None, {', '.join(_FUSED[:-1])} or {_FUSED[-1]}"  # None, 'relu', 'silu' or 'gelu'
+
 
 def _activation(activation):
     if activation is None or activation == "none":
         return "none"
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None, 'relu', 'silu' or 'gelu'; got {activation!r}")
+    if activation not in _ACTIVATION_NAMES:
+        raise ValueError(f"activation must be {_ACTIVATION_CHOICES}; got {activation!r}")
     return activation
 
 
@@ -302,7 +296,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
                     var = torch.var(input.detach().to(running_var.dtype), dim=spatial, correction=1)
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:  # running statistics of any dtype, as torch takes them: read in the one the op computes in
-        sd = ops.stat_dtype(input)
+        sd = stat_dtype(input)
         y = ops.batch_norm(input, weight, bias, running_mean.to(sd), running_var.to(sd), False, float(eps), act,
                            grad=_grad_needed(input, weight, bias))[0]
     return y.contiguous()  # torch's instance_norm returns a contiguous tensor, whatever the input's layout

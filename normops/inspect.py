@@ -58,6 +58,7 @@ import normops.nn as normops_nn
 from normops.backends import current_backend, triton_interpret
 from normops.cliutil import error_text, positive_int_arg, text_table
 from normops.convert import TWINS
+from normops.core import ACTIVATIONS as NORMOPS_ACTIVATIONS
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -68,7 +69,8 @@ POOLS = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.module
 # What may follow the last InstanceNorm of a classifier: its head (and other norms).
 HEAD = POOLS + ACTIVATIONS + (nn.Flatten, nn.Linear, nn.modules.dropout._DropoutNd, nn.Identity, nn.Softmax,
                               nn.LogSoftmax)
-FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}  # torch activation -> normops activation= (GELU: erf form only)
+# torch activation -> normops activation= (nn.GELU in its default erf form only: see _check_activation_before_norm)
+FUSABLE = {act.module: name for name, act in NORMOPS_ACTIVATIONS.items() if name != "none"}
 NOT_NORMOPS = "torch.nn (not normops; normops.convert(model) would swap it)"
 MODEL = "(model)"  # the layer name of a finding about the whole model
 
@@ -301,7 +303,7 @@ def _check_activation_before_norm(items, findings):
         act = _activation_of(prev)
         if act is None or not is_norm(cur):
             continue
-        fused = FUSABLE.get(type(prev)) or (type(prev) is nn.GELU and prev.approximate == "none" and "gelu")
+        fused = FUSABLE.get(type(prev)) if getattr(prev, "approximate", "none") == "none" else None
         ctor = fused and _constructor(cur, fused)
         findings.append(Finding(
             "warning", name,

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import backends
-from .backends.torch_backend import activate, memory_format_of, stat_dtype, suggested_format
+from .core import activate, memory_format_of, stat_dtype, suggested_format
 
 
 def _absent(x, dtype=None):
@@ -95,12 +95,12 @@ def aten_direct(family, x, activation, *params):
     torch.batch_norm...), which ``normops.functional`` then calls: a plain eager call, no fused
     activation, a non-empty fp32/fp64 input with parameters of its dtype, on a backend whose
     ``family`` kernel is ATen's (``NATIVE`` in the backend module: every family on the torch
-    backend, none on the triton backend). For fp16/bf16, ATen's CPU kernels save statistics in
+    backend; a backend without it has none). For fp16/bf16, ATen's CPU kernels save statistics in
     the input dtype, so those take the op path, which keeps them fp32. Skipping the ops' Python
     autograd saves ~60 us a forward+backward."""
     return (activation == "none" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
             and all(p is None or p.dtype == x.dtype for p in params) and _eager((x,) + params)
-            and family in backends.resolve(x).NATIVE)
+            and family in getattr(backends.resolve(x), "NATIVE", ()))
 
 
 # --- torch.func transforms and forward-mode AD ---------------------------------------------------

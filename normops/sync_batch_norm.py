@@ -24,8 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
-from .backends.torch_backend import _channel_view
-from .backends.torch_backend import activate, activation_backward, stat_dtype
+from .core import ShapeError, activate, activation_backward, channel_view, stat_dtype
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -54,9 +53,9 @@ class _SyncBatchNorm(torch.autograd.Function):
         m2 = (m2_r + n_r * (mean_r - mean64).square()).sum(0)
         mean, rstd = mean64.to(sd), torch.rsqrt(m2 / n + eps).to(sd)
         scale = rstd if weight is None else rstd * weight.to(sd)
-        z = (xf - _channel_view(mean, x)) * _channel_view(scale, x)
+        z = (xf - channel_view(mean, x)) * channel_view(scale, x)
         if bias is not None:
-            z = z + _channel_view(bias.to(sd), x)
+            z = z + channel_view(bias.to(sd), x)
         y = activate(z.to(x.dtype), activation)
         if running_mean is not None:  # after everything that can fail; unbiased variance, as torch
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
@@ -71,13 +70,13 @@ class _SyncBatchNorm(torch.autograd.Function):
         activation, group, total = ctx.cfg
         sd = mean.dtype
         dims = [0] + list(range(2, x.dim()))
-        xmu = x.to(sd) - _channel_view(mean, x)
+        xmu = x.to(sd) - channel_view(mean, x)
         dz = dy
         if activation != "none":  # the activation's input, rebuilt from x and the statistics
             scale = rstd if weight is None else rstd * weight.to(sd)
-            z = xmu * _channel_view(scale, x)
+            z = xmu * channel_view(scale, x)
             if bias is not None:
-                z = z + _channel_view(bias.to(sd), x)
+                z = z + channel_view(bias.to(sd), x)
             dz = activation_backward(dy, z.to(x.dtype), activation)
         dz = dz.to(sd)
         sums = torch.stack([dz.sum(dims), (dz * xmu).sum(dims)])  # this rank's, for dw/db below
@@ -86,8 +85,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             w = rstd if weight is None else rstd * weight.to(sd)
-            dx = ((dz - _channel_view(both[0] / total, x) - xmu * _channel_view(rstd.square() * both[1] / total, x))
-                  * _channel_view(w, x)).to(x.dtype)
+            dx = ((dz - channel_view(both[0] / total, x) - xmu * channel_view(rstd.square() * both[1] / total, x))
+                  * channel_view(w, x)).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             dw = (sums[1] * rstd).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
@@ -143,7 +142,7 @@ def _agree(group, input, error):
         raise cls("SyncBatchNorm: " + "; ".join(f"on rank {r}: {message}" for r, (_, message) in failed)
                   + " (raised on every rank)")
     channels, dtypes = {d[1] for d in details}, {d[2] for d in details}
-    cls = F.ShapeError if len(channels) > 1 else TypeError if len(dtypes) > 1 else RuntimeError
+    cls = ShapeError if len(channels) > 1 else TypeError if len(dtypes) > 1 else RuntimeError
     raise cls("SyncBatchNorm needs the same number of channels, dtype and device type on every rank, got "
               + "; ".join(f"rank {r}: {d[1]} channels, {d[2]} on {d[3]}" for r, d in enumerate(details)))
 

@@ -48,11 +48,11 @@ import math
 import numpy as np
 import torch
 
+from ..core import ACTIVATIONS
+
 _erf = np.vectorize(math.erf, otypes=[np.float64])  # no scipy: math.erf, elementwise
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-ACTIVATIONS = ("none", "relu", "silu", "gelu")
-NATIVE = frozenset()  # every call computes here (see normops.library.aten_direct)
 
 
 # --------------------------------------------------------------------------- activations
@@ -62,7 +62,7 @@ def _sigmoid(z):
 
 
 def _activation(z, name):
-    """act(z) for ``name`` in ACTIVATIONS."""
+    """act(z) for ``name`` in ACTIVATIONS (normops.core)."""
     if name == "none":
         return z
     if name == "relu":
@@ -71,7 +71,7 @@ def _activation(z, name):
         return z * _sigmoid(z)
     if name == "gelu":
         return 0.5 * z * (1.0 + _erf(z / _SQRT2))  # z * Phi(z)
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATIONS)}")
 
 
 def _activation_grad(z, name):
@@ -85,7 +85,7 @@ def _activation_grad(z, name):
         return s * (1.0 + z * (1.0 - s))
     if name == "gelu":
         return 0.5 * (1.0 + _erf(z / _SQRT2)) + z * _INV_SQRT_2PI * np.exp(-0.5 * z * z)
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATIONS)}")
 
 
 # --------------------------------------------------------------------------- generic core
@@ -177,27 +177,6 @@ def _row_norm_backward(dy, x, normalized_shape, mean, rstd, weight, bias, activa
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)
     mean = None if mean is None else mean.reshape(keep)
     return normalize_backward(dy, x, axes, mean, rstd.reshape(keep), weight, bias, activation)
-
-
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, activation="none"):
-    """LayerNorm over the last len(normalized_shape) dims -> (y, mean, rstd), stats [*lead]."""
-    return _row_norm_forward(x, normalized_shape, weight, bias, eps, False, activation)
-
-
-def layer_norm_backward(dy, x, normalized_shape, mean, rstd, weight=None, bias=None,
-                        activation="none"):
-    """-> (dx, dweight, dbias) for ``layer_norm_forward``."""
-    return _row_norm_backward(dy, x, normalized_shape, mean, rstd, weight, bias, activation)
-
-
-def rms_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-6, activation="none"):
-    """RMSNorm over the last len(normalized_shape) dims -> (y, None, rstd)."""
-    return _row_norm_forward(x, normalized_shape, weight, bias, eps, True, activation)
-
-
-def rms_norm_backward(dy, x, normalized_shape, rstd, weight=None, bias=None, activation="none"):
-    """-> (dx, dweight, dbias) for ``rms_norm_forward``."""
-    return _row_norm_backward(dy, x, normalized_shape, None, rstd, weight, bias, activation)
 
 
 def _grouped(x, num_groups):
@@ -308,10 +287,6 @@ def _masked(mask, dx, dw, db):
 
 
 def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    if eps is None:  # torch.rms_norm's default: machine epsilon of the compute (opmath) type
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     # The residual add happens in x's dtype, in torch, so its rounding is torch's.
     h = None if residual is None else (x + residual).to(x.dtype)
     y, mean, rstd = _row_norm_forward(_np(x if h is None else h), tuple(normalized_shape),
@@ -324,8 +299,6 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation,
                  output_mask):
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
     dx, dw, db = _row_norm_backward(_np(dy), _np(x), tuple(normalized_shape),
                                     None if rms else _np(mean), _np(rstd), _np(weight),
                                     _np(bias), activation)

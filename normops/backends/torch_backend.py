@@ -14,19 +14,14 @@ See ``normops/backends/__init__.py`` for the contract.
 import math
 
 import torch
-from torch._prims_common import suggest_memory_format
-from torch.nn import functional as F
+
+from ..core import activate, activation_backward, channel_view, memory_format_of, stat_dtype
 
 aten = torch.ops.aten
 
 # Families whose plain fp32/fp64 eager call normops.functional hands straight to ATen's own norm
 # (torch.layer_norm, torch.group_norm, torch.batch_norm): exactly what this backend computes.
 NATIVE = frozenset({"row_norm", "group_norm", "batch_norm"})
-
-
-def stat_dtype(x):
-    """Statistics are fp32, or fp64 for fp64 input."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _native_stat_dtype(x, weight, bias):
@@ -65,29 +60,6 @@ def _cast(t, like):
 
 def _to(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)  # .to() itself costs a microsecond
-
-
-# --- activation ------------------------------------------------------------------------------
-
-def activate(z, activation):
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "silu":
-        return F.silu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    return z
-
-
-def activation_backward(dy, z, activation):
-    """dy * act'(z), with ATen's own backward kernels."""
-    if activation == "relu":
-        return aten.threshold_backward(dy, z, 0)
-    if activation == "silu":
-        return aten.silu_backward(dy, z)
-    if activation == "gelu":
-        return aten.gelu_backward(dy, z)
-    return dy
 
 
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------
@@ -189,30 +161,6 @@ def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
 
 
 # --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------
-
-def suggested_format(x):
-    """torch's x.suggest_memory_format(): the layout ATen gives a group or RMS norm's output, and
-    torch.empty_like a non-dense x (channels_last(_3d) when x's strides are ordered so, dense or not)."""
-    if x.dim() not in (4, 5):
-        return torch.contiguous_format
-    return suggest_memory_format(x)
-
-
-def memory_format_of(x):
-    """The memory format torch's batch norm gives its output for input x: channels_last(_3d) when
-    x is dense in it (even where its size-1 dims make torch suggest contiguous), else the suggested
-    format (a stepped channels_last view stays channels_last, as torch.empty_like keeps it)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format if x.is_contiguous() else suggested_format(x)
-
-
-def _channel_view(t, x):
-    """A per-channel vector shaped to broadcast against x: [1, C, 1, ...]."""
-    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
-
 
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
     n, c = x.shape[0], x.shape[1]
@@ -329,7 +277,7 @@ def _recompute_batch(x, weight, bias, mean, rstd):
     shift = -mean.to(sd) * scale
     if bias is not None:
         shift = shift + bias.to(sd)
-    return _affine_recompute(x, _channel_view(scale, x), _channel_view(shift, x))
+    return _affine_recompute(x, channel_view(scale, x), channel_view(shift, x))
 
 
 def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,

@@ -48,11 +48,6 @@ def _on_its_device(fn):
 row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
 row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 
-# Families whose plain fp32/fp64 eager calls go straight to ATen's norm (normops.library.aten_direct):
-# none, every family has its Triton kernels.
-NATIVE = frozenset()
-
-
 @_on_its_device
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
     if not _group_norm.supported(x, num_groups):  # > 1024 channels a group, or > 2**31 elements a sample

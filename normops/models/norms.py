@@ -13,10 +13,9 @@ from torch import nn
 
 import normops
 from normops import functional as F
+from normops.core import ACTIVATIONS
 
 NORMS = ("normops", "torch")
-# torch.nn's activation modules; GELU's default is the erf form that normops fuses.
-_ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
 def check_norm(norm):
@@ -32,7 +31,8 @@ def norm_act(norm, kind, *args, activation=None, **kwargs):
     for ``"torch"`` it is ``(torch.nn.BatchNorm2d(64), nn.ReLU())``. Apply as ``act(norm(x))``."""
     if check_norm(norm) == "normops":
         return getattr(normops.nn, kind)(*args, activation=activation, **kwargs), nn.Identity()
-    return getattr(nn, kind)(*args, **kwargs), _ACTIVATIONS[activation]()
+    # the torch.nn module computing the same activation (nn.GELU's default is the erf form normops fuses)
+    return getattr(nn, kind)(*args, **kwargs), ACTIVATIONS[activation or "none"].module()
 
 
 class ResidualLayerNorm(normops.nn.LayerNorm):

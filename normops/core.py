@@ -1,0 +1,90 @@
+"""The bottom floor of normops: what every layer shares, from the kernels up. It imports torch and
+nothing of normops, so anything (``normops.kernels`` included) may import it.
+
+- ``stat_dtype``: the dtype of the statistics (fp32, fp64 for fp64 input).
+- ``memory_format_of`` and ``channel_view``: the layout of an (N, C, *) input and its per-channel vectors.
+- ``ACTIVATIONS``: the fused activations, by name, each with its torch forward, the vector-Jacobian
+  product of that forward and the ``torch.nn`` module that computes the same function. The order
+  is the kernels' numbering (``normops.kernels.common``); the NumPy backend keys its own on the names.
+- ``ShapeError``, ``DtypeError``: the errors bad input raises, besides the builtin ones.
+"""
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+from torch._prims_common import suggest_memory_format
+from torch.nn import functional as F
+
+aten = torch.ops.aten
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+
+def stat_dtype(x):
+    """Statistics are fp32, or fp64 for fp64 input; ``x`` is the input or its dtype."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+def suggested_format(x):
+    """torch's x.suggest_memory_format(): the layout ATen gives a group or RMS norm's output, and
+    torch.empty_like a non-dense x (channels_last(_3d) when x's strides are ordered so, dense or not)."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    return suggest_memory_format(x)
+
+
+def memory_format_of(x):
+    """The memory format torch's batch norm gives its output for input x: channels_last(_3d) when
+    x is dense in it (even where its size-1 dims make torch suggest contiguous), else the suggested
+    format (a stepped channels_last view stays channels_last, as torch.empty_like keeps it)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format if x.is_contiguous() else suggested_format(x)
+
+
+def channel_view(t, x):
+    """A per-channel vector shaped to broadcast against x: [1, C, 1, ...]."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+# --- the fused activations ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    forward: Callable   # act(z)
+    backward: Callable  # (dy, z) -> dy * act'(z), with ATen's own backward kernels
+    module: type        # the torch.nn module computing act
+
+
+ACTIVATIONS = {
+    "none": Activation(lambda z: z, lambda dy, z: dy, nn.Identity),
+    "relu": Activation(F.relu, lambda dy, z: aten.threshold_backward(dy, z, 0), nn.ReLU),
+    "silu": Activation(F.silu, aten.silu_backward, nn.SiLU),
+    "gelu": Activation(F.gelu, aten.gelu_backward, nn.GELU),  # the erf form, torch's default
+}
+
+
+def activate(z, activation):
+    """act(z) for ``activation``, a name in ACTIVATIONS."""
+    return ACTIVATIONS[activation].forward(z)
+
+
+def activation_backward(dy, z, activation):
+    """dy * act'(z), with ATen's own backward kernels."""
+    return ACTIVATIONS[activation].backward(dy, z)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+class ShapeError(ValueError, RuntimeError):
+    """A shape or size that does not fit: a ValueError, and a RuntimeError like torch's own."""
+
+
+class DtypeError(TypeError, RuntimeError):
+    """Parameters of a dtype torch's norms refuse: a TypeError, and a RuntimeError like torch's own."""
