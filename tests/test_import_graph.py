@@ -10,7 +10,6 @@ implicit edges are left out, as Python itself resolves them before the submodule
 import ast
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

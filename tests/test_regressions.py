@@ -452,3 +452,19 @@ def test_channels_last_input_with_only_a_weight_gradient(backend, op):
         ours = torch.autograd.grad(run(F, x), w, dy)[0]
     ref = torch.autograd.grad(run(TF, x.contiguous()), w, dy)[0]  # contiguous: torch's own crash avoided
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_norm_low_precision_with_running_stats_takes_parameters_of_its_dtype(backend):
+    """torch's instance_norm refuses fp32 weight/bias beside running statistics with fp16 input
+    (any running-statistics dtype); without running statistics it takes them (the fuzz found it)."""
+    x = torch.randn(2, 3, 4, dtype=torch.float16)
+    stats = (torch.zeros(3), torch.ones(3))
+    with normops.backend(backend):
+        for f in (F, TF):
+            with pytest.raises(RuntimeError):
+                f.instance_norm(x, *stats, None, torch.zeros(3))
+        y = F.instance_norm(x, None, None, None, torch.zeros(3))
+        z = F.instance_norm(x, *stats, None, torch.zeros(3, dtype=torch.float16))
+    torch.testing.assert_close(y, TF.instance_norm(x, None, None, None, torch.zeros(3)))
+    assert z.dtype == torch.float16
