@@ -260,11 +260,11 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     _check_momentum("instance_norm", momentum)
     _running_pair(running_mean, running_var)
     _check_param_dtypes(input, weight=weight, bias=bias)
-    # torch's instance_norm takes fp32 weight/bias with fp16/bf16 input only without running statistics
-    if running_mean is not None and any(p is not None and p.dtype != input.dtype for p in (weight, bias)):
-        got = ", ".join(f"{n} {p.dtype}" for n, p in (("weight", weight), ("bias", bias)) if p is not None)
-        raise DtypeError(f"expected weight and bias of the input's dtype {input.dtype} beside running statistics, "
-                         f"as torch requires; got {got}")
+    # torch's instance_norm refuses an fp32 bias without a weight, with fp16/bf16 input, beside
+    # running statistics (of any dtype); with a weight, or without running statistics, it takes it
+    if running_mean is not None and weight is None and bias is not None and bias.dtype != input.dtype:
+        raise DtypeError(f"expected bias of the input's dtype {input.dtype} (with no weight, beside running "
+                         f"statistics), as torch requires; got {bias.dtype}")
     # torch's instance_norm takes running statistics of any dtypes, except a running_mean of the
     # input's dtype beside a running_var of another (ATen's batch norm then reads both as the input's)
     if running_mean is not None and running_mean.dtype == input.dtype != running_var.dtype:
