@@ -47,9 +47,8 @@ def _row_offsets(rows, inner, s_outer, s_inner):
 
 
 @triton.jit
-def _load_h(x_ptrs, r_ptrs, h_ptrs, mask, HAS_R: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+def _add_residual(x, r_ptrs, h_ptrs, mask, HAS_R: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
     """h = x (+ r) in ACC; with a residual, h is stored too, rounded to the input dtype as torch's add."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)
     if HAS_R:
         r = tl.load(r_ptrs, mask=mask, other=0.0)
         x = (x.to(ACC) + r.to(ACC)).to(h_ptrs.dtype.element_ty)
@@ -67,15 +66,15 @@ def _store_stats(MEAN, RSTD, rows, mean, rstd, mask, IS_RMS: tl.constexpr, STORE
 
 
 @triton.jit
-def _affine_act_store(y_ptrs, x_hat, W, B, cols, col_mask, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+def _affine_act_store(x_hat, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       ACT: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
-    """y = act(x_hat * w + b) in y's dtype; w and b are read at cols (a row of x_hat's last dim)."""
+    """y = act(x_hat * w + b) stored at Y + y_offs; w and b are read at cols (x_hat's last dim)."""
     z = x_hat
     if HAS_W:
         z = z * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
     if HAS_B:
         z = z + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
-    tl.store(y_ptrs, _act(z, ACT).to(y_ptrs.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    tl.store(Y + y_offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -97,10 +96,11 @@ def _row_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x_ptrs = X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :]
     out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    x = _load_h(X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :],
-                R + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], H + out_offs, mask,
-                HAS_R, ACC, "")
+    x = _add_residual(tl.load(x_ptrs, mask=mask, other=0.0),
+                      R + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], H + out_offs, mask,
+                      HAS_R, ACC, "")
     mean = 0.0  # RMSNorm has none (and stores none)
     if IS_RMS:
         xc = x
@@ -108,7 +108,7 @@ def _row_norm_fwd_kernel(
         mean = tl.sum(x, 1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
-    _affine_act_store(Y + out_offs, xc * rstd[:, None], W, B, cols, cols < N, mask, HAS_W, HAS_B, ACT, ACC, "")
+    _affine_act_store(xc * rstd[:, None], Y, out_offs, mask, W, B, cols, cols < N, HAS_W, HAS_B, ACT, ACC, "")
     _store_stats(MEAN, RSTD, rows, mean, rstd, rows < M, IS_RMS, STORE_STATS)
 
 
@@ -143,7 +143,8 @@ def _row_norm_fwd_looped_kernel(
         m2 = tl.zeros([], dtype=ACC)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            x = _load_h(x_row + c, r_row + c, H + row * N + c, c < N, HAS_R, ACC, "evict_last")
+            x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
+            x = _add_residual(x, r_row + c, H + row * N + c, c < N, HAS_R, ACC, "evict_last")
             n_b = tl.minimum(N - start, BLOCK_N).to(ACC)
             if IS_RMS:
                 m2 += tl.sum(x * x, 0)
@@ -170,7 +171,7 @@ def _row_norm_fwd_looped_kernel(
                 x_hat = x * rstd
             else:
                 x_hat = (x - mean) * rstd
-            _affine_act_store(Y + row * N + c, x_hat, W, B, c, c < N, c < N, HAS_W, HAS_B, ACT, ACC, "evict_first")
+            _affine_act_store(x_hat, Y + row * N, c, c < N, W, B, c, c < N, HAS_W, HAS_B, ACT, ACC, "evict_first")
         if HAS_R:
             tl.debug_barrier()  # the next row's pass 1 must not overtake this pass 2 in h
 
