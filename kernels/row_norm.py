@@ -46,6 +46,9 @@ def _row_offsets(rows, inner, s_outer, s_inner):
     return (rows // inner) * s_outer + (rows % inner) * s_inner
 
 
+# The forward kernels' shared steps. Their arguments keep the order in which the single kernel
+# these were split from computed things (x loaded before the residual's pointers, y's pointer
+# formed after the affine): ptxas's register counts follow that order (up to 8 apart otherwise).
 @triton.jit
 def _add_residual(x, r_ptrs, h_ptrs, mask, HAS_R: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
     """h = x (+ r) in ACC; with a residual, h is stored too, rounded to the input dtype as torch's add."""
