@@ -169,11 +169,11 @@ def _source(job):
     stat = "*fp32"
     cfg = job.config
     if job.kernel == "fwd":
-        fn = row_norm._row_norm_fwd_kernel
+        fn = row_norm._row_norm_fwd_kernel if cfg.one_pass else row_norm._row_norm_fwd_looped_kernel
         types = dict(X=e, R=e, Y=e, H=e, W=we, B=we, MEAN=stat, RSTD=stat, M="i32", N="i32", inner="i32",
                      sx_o="i64", sx_i="i64", sr_o="i64", sr_i="i64", eps="fp32")
         consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, HAS_R=has_r, ACT=act, STORE_STATS=True,
-                      ONE_PASS=cfg.one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=tl.float32)
+                      BLOCK_N=cfg.block_n, ACC=tl.float32, **(dict(BLOCK_M=cfg.block_m) if cfg.one_pass else {}))
     elif job.kernel == "bwd":
         fn = row_norm._row_norm_bwd_kernel
         types = dict(DY=e, X=e, W=we, B=we, MEAN=stat, RSTD=stat, SUMS=stat, DX=e, PART=stat, M="i32",

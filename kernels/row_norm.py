@@ -1,6 +1,11 @@
 """LayerNorm and RMSNorm in Triton: forward and backward, one kernel family.
 
-RMS vs LayerNorm, weight, bias, residual add and activation are ``tl.constexpr`` flags.
+RMS vs LayerNorm, weight, bias, residual add and activation are ``tl.constexpr`` flags. The two
+forward algorithms are two kernels sharing their load (with the residual add) and affine +
+activation epilogue: ``_row_norm_fwd_kernel``, whole rows in registers (one pass), and
+``_row_norm_fwd_looped_kernel``, wider rows in column blocks (two passes over each row). The
+backward is one kernel either way, that takes its per-row sums from a row-sums kernel when rows
+are wider than a block (``ONE_PASS`` off). ``RowNormConfig`` (config.py) picks.
 
 Math, per row of N elements (RMSNorm: mean = 0, var = mean(h^2)):
     forward    h = x + r (optional residual)      mean = sum(h) / N
@@ -41,6 +46,40 @@ def _row_offsets(rows, inner, s_outer, s_inner):
     return (rows // inner) * s_outer + (rows % inner) * s_inner
 
 
+# The forward kernels' shared steps. Their arguments keep the order in which the single kernel
+# these were split from computed things (x loaded before the residual's pointers, y's pointer
+# formed after the affine): ptxas's register counts follow that order (up to 8 apart otherwise).
+@triton.jit
+def _add_residual(x, r_ptrs, h_ptrs, mask, HAS_R: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """h = x (+ r) in ACC; with a residual, h is stored too, rounded to the input dtype as torch's add."""
+    if HAS_R:
+        r = tl.load(r_ptrs, mask=mask, other=0.0)
+        x = (x.to(ACC) + r.to(ACC)).to(h_ptrs.dtype.element_ty)
+        tl.store(h_ptrs, x, mask=mask, eviction_policy=EVICT)
+    return x.to(ACC)
+
+
+@triton.jit
+def _store_stats(MEAN, RSTD, rows, mean, rstd, mask, IS_RMS: tl.constexpr, STORE_STATS: tl.constexpr):
+    """mean (LayerNorm only) and rstd at rows, when a gradient will need them; mask None: rows in range."""
+    if STORE_STATS:
+        if not IS_RMS:
+            tl.store(MEAN + rows, mean, mask=mask)
+        tl.store(RSTD + rows, rstd, mask=mask)
+
+
+@triton.jit
+def _affine_act_store(x_hat, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACT: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """y = act(x_hat * w + b) stored at Y + y_offs; w and b are read at cols (x_hat's last dim)."""
+    z = x_hat
+    if HAS_W:
+        z = z * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    if HAS_B:
+        z = z + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+    tl.store(Y + y_offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+
+
 @triton.jit
 def _row_norm_fwd_kernel(
     X, R, Y, H,        # [M, N] input, residual (strided rows); output y, h = x + r (contiguous)
@@ -51,99 +90,93 @@ def _row_norm_fwd_kernel(
     sr_o, sr_i,        # row strides of R
     eps,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-    ACT: tl.constexpr, STORE_STATS: tl.constexpr, ONE_PASS: tl.constexpr,
+    ACT: tl.constexpr, STORE_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
+    """One pass, rows up to BLOCK_N wide: BLOCK_M whole rows in registers, one read of x (and r),
+    one write of y (and h)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    if ONE_PASS:
-        # BLOCK_M whole rows in registers: one read of x (and r), one write of y (and h).
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        x_ptrs = X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :]
-        out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        x = tl.load(x_ptrs, mask=mask, other=0.0)
-        if HAS_R:
-            r = tl.load(R + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], mask=mask, other=0.0)
-            x = (x.to(ACC) + r.to(ACC)).to(H.dtype.element_ty)  # h in the input dtype, as torch's add
-            tl.store(H + out_offs, x, mask=mask)
-        x = x.to(ACC)
-        if IS_RMS:
-            xc = x
-        else:
-            mean = tl.sum(x, 1) / N
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
-        z = xc * rstd[:, None]
-        if HAS_W:
-            z = z * tl.load(W + cols, mask=cols < N, other=0.0).to(ACC)[None, :]
-        if HAS_B:
-            z = z + tl.load(B + cols, mask=cols < N, other=0.0).to(ACC)[None, :]
-        tl.store(Y + out_offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
-        if STORE_STATS:
-            if not IS_RMS:
-                tl.store(MEAN + rows, mean, mask=rows < M)
-            tl.store(RSTD + rows, rstd, mask=rows < M)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x_ptrs = X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :]
+    out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = _add_residual(tl.load(x_ptrs, mask=mask, other=0.0),
+                      R + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], H + out_offs, mask,
+                      HAS_R, ACC, "")
+    mean = 0.0  # RMSNorm has none (and stores none)
+    if IS_RMS:
+        xc = x
     else:
-        # Rows wider than a block, one at a time over a persistent grid of a few programs per SM:
-        # pass 1 combines per-block (count, mean, M2) with Chan's formula (stable, unlike
-        # sum(x^2) - sum(x)^2), pass 2 normalizes. Pass 2 walks the blocks backwards and pass 1
-        # asks the cache to keep what it loads, so the second read of a row mostly hits L2: the
-        # rows in flight (programs x N x e bytes) are sized to fit in it.
-        n_blocks = tl.cdiv(N, BLOCK_N)
-        n_prog = tl.num_programs(0)
-        for it in range(0, tl.cdiv(M - pid, n_prog)):
-            row = pid.to(tl.int64) + it * n_prog
-            x_row = X + _row_offsets(row, inner, sx_o, sx_i)
-            r_row = R + _row_offsets(row, inner, sr_o, sr_i)
-            count = tl.zeros([], dtype=ACC)
-            mean = tl.zeros([], dtype=ACC)
-            m2 = tl.zeros([], dtype=ACC)
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
-                x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
-                if HAS_R:
-                    r = tl.load(r_row + c, mask=c < N, other=0.0)
-                    x = (x.to(ACC) + r.to(ACC)).to(H.dtype.element_ty)
-                    tl.store(H + row * N + c, x, mask=c < N, eviction_policy="evict_last")
-                x = x.to(ACC)
-                n_b = tl.minimum(N - start, BLOCK_N).to(ACC)
-                if IS_RMS:
-                    m2 += tl.sum(x * x, 0)
-                else:
-                    mean_b = tl.sum(x, 0) / n_b
-                    d = tl.where(c < N, x - mean_b, 0.0)
-                    m2_b = tl.sum(d * d, 0)
-                    total = count + n_b
-                    delta = mean_b - mean
-                    mean += delta * (n_b / total)
-                    m2 += m2_b + delta * delta * (count * n_b / total)
-                    count = total
-            rstd = 1.0 / tl.sqrt(m2 / N + eps)
-            if STORE_STATS:
-                if not IS_RMS:
-                    tl.store(MEAN + row, mean)
-                tl.store(RSTD + row, rstd)
+        mean = tl.sum(x, 1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
+    _affine_act_store(xc * rstd[:, None], Y, out_offs, mask, W, B, cols, cols < N, HAS_W, HAS_B, ACT, ACC, "")
+    _store_stats(MEAN, RSTD, rows, mean, rstd, rows < M, IS_RMS, STORE_STATS)
+
+
+@triton.jit
+def _row_norm_fwd_looped_kernel(
+    X, R, Y, H,        # [M, N] input, residual (strided rows); output y, h = x + r (contiguous, read back)
+    W, B,              # [N] weight, bias
+    MEAN, RSTD,        # [M] fp32 statistics, written when STORE_STATS
+    M, N, inner,       # rows (program p takes p, p + programs, ...), columns; (outer, inner) pairs
+    sx_o, sx_i,        # row strides of X
+    sr_o, sr_i,        # row strides of R
+    eps,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
+    ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Rows wider than a block, one at a time over a persistent grid of a few programs per SM:
+    pass 1 combines per-block (count, mean, M2) with Chan's formula (stable, unlike
+    sum(x^2) - sum(x)^2), pass 2 normalizes. Pass 2 walks the blocks backwards and pass 1 asks the
+    cache to keep what it loads, so the second read of a row mostly hits L2: the rows in flight
+    (programs x N x e bytes) are sized to fit in it."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    n_prog = tl.num_programs(0)
+    for it in range(0, tl.cdiv(M - pid, n_prog)):
+        row = pid.to(tl.int64) + it * n_prog
+        x_row = X + _row_offsets(row, inner, sx_o, sx_i)
+        r_row = R + _row_offsets(row, inner, sr_o, sr_i)
+        count = tl.zeros([], dtype=ACC)
+        mean = tl.zeros([], dtype=ACC)
+        m2 = tl.zeros([], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
+            x = _add_residual(x, r_row + c, H + row * N + c, c < N, HAS_R, ACC, "evict_last")
+            n_b = tl.minimum(N - start, BLOCK_N).to(ACC)
+            if IS_RMS:
+                m2 += tl.sum(x * x, 0)
+            else:
+                mean_b = tl.sum(x, 0) / n_b
+                d = tl.where(c < N, x - mean_b, 0.0)
+                m2_b = tl.sum(d * d, 0)
+                total = count + n_b
+                delta = mean_b - mean
+                mean += delta * (n_b / total)
+                m2 += m2_b + delta * delta * (count * n_b / total)
+                count = total
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        _store_stats(MEAN, RSTD, row, mean, rstd, None, IS_RMS, STORE_STATS)
+        if HAS_R:
+            tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
+        for i in range(0, n_blocks):
+            c = (n_blocks - 1 - i) * BLOCK_N + cols  # backwards: the last blocks loaded are in cache
             if HAS_R:
-                tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
-            for i in range(0, n_blocks):
-                c = (n_blocks - 1 - i) * BLOCK_N + cols  # backwards: the last blocks loaded are in cache
-                if HAS_R:
-                    x = tl.load(H + row * N + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
-                else:
-                    x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
-                if IS_RMS:
-                    z = x * rstd
-                else:
-                    z = (x - mean) * rstd
-                if HAS_W:
-                    z = z * tl.load(W + c, mask=c < N, other=0.0).to(ACC)
-                if HAS_B:
-                    z = z + tl.load(B + c, mask=c < N, other=0.0).to(ACC)
-                tl.store(Y + row * N + c, _act(z, ACT).to(Y.dtype.element_ty), mask=c < N,
-                         eviction_policy="evict_first")
-            if HAS_R:
-                tl.debug_barrier()  # the next row's pass 1 must not overtake this pass 2 in h
+                x = tl.load(H + row * N + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
+            else:
+                x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
+            if IS_RMS:
+                x_hat = x * rstd
+            else:
+                x_hat = (x - mean) * rstd
+            _affine_act_store(x_hat, Y + row * N, c, c < N, W, B, c, c < N, HAS_W, HAS_B, ACT, ACC, "evict_first")
+        if HAS_R:
+            tl.debug_barrier()  # the next row's pass 1 must not overtake this pass 2 in h
 
 
 @triton.jit
@@ -323,15 +356,15 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None
     cfg = RowNormConfig.forward(n)
-    # one pass: a program per block of rows; looped: a persistent grid (see the kernel)
-    grid = (triton.cdiv(m, cfg.block_m) if cfg.one_pass else min(m, programs_per_wave(x.device, cfg.num_warps)),)
-    _row_norm_fwd_kernel[grid](
-        xv, rv, y, h, weight if weight is not None else y, bias if bias is not None else y,
-        mean if mean is not None else y, rstd if rstd is not None else y,
-        m, n, inner, sx_o, sx_i, sr_o, sr_i, eps,
-        IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-        ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, ONE_PASS=cfg.one_pass,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **launch_options(cfg.num_warps))
+    args = (xv, rv, y, h, weight if weight is not None else y, bias if bias is not None else y,
+            mean if mean is not None else y, rstd if rstd is not None else y, m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
+    flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
+                 ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype),
+                 **launch_options(cfg.num_warps))
+    if cfg.one_pass:  # a program per block of rows
+        _row_norm_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](*args, BLOCK_M=cfg.block_m, **flags)
+    else:  # a persistent grid (see the kernel)
+        _row_norm_fwd_looped_kernel[(min(m, programs_per_wave(x.device, cfg.num_warps)),)](*args, **flags)
     return y, (h if residual is not None else None), mean, rstd
 
 
