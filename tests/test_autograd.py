@@ -1,7 +1,7 @@
 """gradcheck and gradgradcheck in float64 through every op, backend and fused activation.
 
 torch.nn's norms support double backward, so a drop-in must: the second derivative goes through
-the differentiable ``*_backward`` ops (see normops/library.py)."""
+the differentiable ``*_backward`` ops (see normops/ops/)."""
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
