@@ -185,6 +185,7 @@ def register(name, impl, mutates=()):
     """The custom op normops::<name>, implemented by impl (its annotations give the schema)."""
     op = torch.library.custom_op(f"normops::{name}", mutates_args=mutates)(impl)
     op.qualname = f"normops::{name}"  # the profiler event of the eager fast path
+    op.impl = impl  # its parameter names place a backward's gradients (input_grads)
     return op
 
 
@@ -287,6 +288,23 @@ def double_backward(composite, dy, x, weight, bias, cotangents):
     gdy, gx = grads[0].to(dy.dtype), grads[1].to(x.dtype)
     gp = params([g.to(p.dtype) for g, p in zip(grads[2:], present)])
     return gdy, gx, gp[0], gp[1]
+
+
+def register_autograd(op, setup, backward, backward_op, backward_setup, composite, autocast=None):
+    """A family's autograd: ``op``'s (setup, backward) and ``backward_op``'s, the double backward: the
+    VJP of ``composite(spec, x, weight, bias, *extra)``, a differentiable torch composition of the
+    norm, where ``backward_setup`` saved (dy, x, weight, bias, *extra) and ``ctx.spec``. ``autocast``:
+    the dtype the op runs in under CUDA autocast, as torch's own norm does (None: the input's)."""
+    def double_backward_(ctx, gdx, gdw, gdb):
+        dy, x, weight, bias, *extra = ctx.saved_tensors
+        gdy, gx, gw, gb = double_backward(lambda x_, w_, b_: composite(ctx.spec, x_, w_, b_, *extra),
+                                          dy, x, weight, bias, (gdx, gdw, gdb))
+        return input_grads(backward_op.impl, dy=gdy, x=gx, weight=gw, bias=gb)
+
+    op.register_autograd(backward, setup_context=setup)
+    backward_op.register_autograd(double_backward_, setup_context=backward_setup)
+    if autocast is not None and hasattr(torch.library, "register_autocast"):
+        torch.library.register_autocast(op.qualname, "cuda", autocast)
 
 
 # --- torch.func transforms and forward-mode AD ---------------------------------------------------

@@ -113,28 +113,19 @@ def _batch_norm_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(dy, x, weight, bias, running_mean, running_var)
 
 
-def _composite(x, weight, bias, running_mean, running_var, spec):
+def _composite(spec, x, weight, bias, running_mean, running_var):
     if spec.training:
         x_hat = ops.normalize(x, tuple(d for d in range(x.dim()) if d != 1), spec.eps)
-    else:
+    else:  # x in the statistics dtype: the running statistics too
         shape = [1, -1] + [1] * (x.dim() - 2)
-        x_hat = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + spec.eps)
+        rm, rv = running_mean.to(x.dtype).reshape(shape), running_var.to(x.dtype).reshape(shape)
+        x_hat = (x - rm) * torch.rsqrt(rv + spec.eps)
     return ops.affine_act(x_hat, x, weight, bias, spec.activation, 1)
 
 
-def _batch_norm_double_bwd(ctx, gdx, gdw, gdb):
-    dy, x, weight, bias, running_mean, running_var = ctx.saved_tensors
-    spec, sd = ctx.spec, stat_dtype(x)
-    rm = None if spec.training else running_mean.to(sd)
-    rv = None if spec.training else running_var.to(sd)
-    gdy, gx, gw, gb = ops.double_backward(lambda x_, w_, b_: _composite(x_, w_, b_, rm, rv, spec),
-                                          dy, x, weight, bias, (gdx, gdw, gdb))
-    return ops.input_grads(_batch_norm_backward_impl, dy=gdy, x=gx, weight=gw, bias=gb)
-
-
-batch_norm_op.register_autograd(_batch_norm_bwd, setup_context=_batch_norm_setup)
-batch_norm_backward_op.register_autograd(_batch_norm_double_bwd, setup_context=_batch_norm_backward_setup)
-
+# batch_norm keeps the input dtype under autocast, as torch's does
+ops.register_autograd(batch_norm_op, _batch_norm_setup, _batch_norm_bwd, batch_norm_backward_op,
+                      _batch_norm_backward_setup, _composite)
 _BatchNorm = ops.function("BatchNorm", _run, _batch_norm_setup, _batch_norm_bwd)
 
 

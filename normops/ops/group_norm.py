@@ -105,26 +105,15 @@ def _group_norm_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(dy, x, weight, bias)
 
 
-def _composite(x, weight, bias, spec):
+def _composite(spec, x, weight, bias):
     x_hat = ops.normalize(x.reshape(x.shape[0], spec.num_groups, -1), (2,), spec.eps).reshape(x.shape)
     return ops.affine_act(x_hat, x, weight, bias, spec.activation, 1)
 
 
-def _group_norm_double_bwd(ctx, gdx, gdw, gdb):
-    dy, x, weight, bias = ctx.saved_tensors
-    gdy, gx, gw, gb = ops.double_backward(lambda x_, w_, b_: _composite(x_, w_, b_, ctx.spec),
-                                          dy, x, weight, bias, (gdx, gdw, gdb))
-    return ops.input_grads(_group_norm_backward_impl, dy=gdy, x=gx, weight=gw, bias=gb)
-
-
-group_norm_op.register_autograd(_group_norm_bwd, setup_context=_group_norm_setup)
-group_norm_backward_op.register_autograd(_group_norm_double_bwd, setup_context=_group_norm_backward_setup)
-
 # AMP: under CUDA autocast, torch runs group_norm in fp32 (everything under CPU autocast keeps the
 # input dtype); normops does the same.
-if hasattr(torch.library, "register_autocast"):
-    torch.library.register_autocast("normops::group_norm", "cuda", torch.float32)
-
+ops.register_autograd(group_norm_op, _group_norm_setup, _group_norm_bwd, group_norm_backward_op,
+                      _group_norm_backward_setup, _composite, autocast=torch.float32)
 _GroupNorm = ops.function("GroupNorm", _run, _group_norm_setup, _group_norm_bwd)
 
 

@@ -136,26 +136,15 @@ def _row_norm_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(dy, x, weight, bias)
 
 
-def _composite(x, weight, bias, spec):
+def _composite(spec, x, weight, bias):
     dims = tuple(range(-len(spec.normalized_shape), 0))
     return ops.affine_act(ops.normalize(x, dims, spec.eps, spec.rms), x, weight, bias, spec.activation, None)
 
 
-def _row_norm_double_bwd(ctx, gdx, gdw, gdb):
-    dy, x, weight, bias = ctx.saved_tensors
-    gdy, gx, gw, gb = ops.double_backward(lambda x_, w_, b_: _composite(x_, w_, b_, ctx.spec),
-                                          dy, x, weight, bias, (gdx, gdw, gdb))
-    return ops.input_grads(_row_norm_backward_impl, dy=gdy, x=gx, weight=gw, bias=gb)
-
-
-row_norm_op.register_autograd(_row_norm_bwd, setup_context=_row_norm_setup)
-row_norm_backward_op.register_autograd(_row_norm_double_bwd, setup_context=_row_norm_backward_setup)
-
 # AMP: under CUDA autocast, torch runs layer_norm in fp32 (everything under CPU autocast keeps the
 # input dtype); normops does the same.
-if hasattr(torch.library, "register_autocast"):
-    torch.library.register_autocast("normops::row_norm", "cuda", torch.float32)
-
+ops.register_autograd(row_norm_op, _row_norm_setup, _row_norm_bwd, row_norm_backward_op, _row_norm_backward_setup,
+                      _composite, autocast=torch.float32)
 _RowNorm = ops.function("RowNorm", _run, _row_norm_setup, _row_norm_bwd)
 
 
