@@ -166,7 +166,8 @@ def call_backward(ctx, op, impl, *args):
 
 def function(name, run, setup_context, backward):
     """An autograd.Function over ``run(backend module, *op args)``, applied to (*op args, backend
-    module), with the op's own autograd formulas. (forward takes ctx itself: the setup_context form costs an inspect.signature per call.)"""
+    module), with the op's own autograd formulas. (forward takes ctx itself: the setup_context form
+    costs an inspect.signature per call.)"""
     def forward(ctx, *args_module):
         ctx.eager = True  # its backward may skip the dispatcher too
         args, module = args_module[:-1], args_module[-1]
