@@ -9,13 +9,13 @@ do: ``torch.fx.symbolic_trace`` then records one call to the normops function (t
 ``__torch_function__``), and tensor subclasses see the call as one.
 
 Input validation lives here, before any op runs, so a bad call raises a clear error and leaves
-running statistics untouched. The work itself is done by the ``normops::`` ops
-(``normops/library.py``), on the backend ``normops.backends`` picks for the call; a plain fp32/fp64
-call whose backend would run ATen's norm anyway goes straight to it (``library.aten_direct``),
-without the ops' Python autograd overhead. Under torch.func transforms (grad, vjp, jvp, jacrev,
-jacfwd, hessian, vmap) and forward-mode AD, which the ops do not support, each norm is computed by
-torch's own (``torch.layer_norm``, ``torch.batch_norm``...) with the activation and residual
-composed around it (``library.transformed``), whatever the backend.
+running statistics untouched. Then ``normops.ops.route`` decides, once for the call, which backend
+and implementation compute it: a plain fp32/fp64 call whose backend would run ATen's norm anyway
+goes straight to it (route "aten"), without the ops' Python autograd overhead; the others run the
+``normops::`` op of the family (``normops/ops/<family>.py``) on the routed backend. Under torch.func
+transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) and forward-mode AD, which the ops do not
+support, each norm is computed by torch's own (``torch.layer_norm``, ``torch.batch_norm``...) with the
+activation and residual composed around it (``ops.transformed``), whatever the backend.
 """
 import math
 import numbers
@@ -25,7 +25,10 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import library as ops  # the normops:: ops, with their eager fast path
+from . import ops  # the route, the eager fast path, the torch.func routing
+from .ops import batch_norm as batch_ops
+from .ops import group_norm as group_ops
+from .ops import row_norm as row_ops
 from .core import ACTIVATIONS, DtypeError, ShapeError, activate, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
@@ -159,10 +162,11 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
             return activate(y, act)
 
         return ops.in_torch(norm, input if h is None else h, weight, bias), h, None, None
-    if residual is None and not rms and ops.aten_direct("row_norm", input, act, weight, bias):
+    spec = row_ops.RowNormSpec(shape, float(eps), rms, act)
+    how = ops.route("row_norm", input, spec, (input, residual, weight, bias), aten=residual is None and not rms)
+    if how.implementation == "aten":
         return (torch.layer_norm(input, shape, weight, bias, eps),)
-    need = _grad_needed(input, residual, weight, bias)
-    return ops.row_norm(input, residual, list(shape), weight, bias, float(eps), rms, act, need)
+    return row_ops.row_norm(spec, input, residual, weight, bias, _grad_needed(input, residual, weight, bias), how)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
@@ -234,11 +238,12 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     # Not with a bias but no weight: torch.group_norm's backward then fails ("tensor does not have a
     # device", torch 2.13), the op's computes the bias gradient. Not for a channels_last input that
     # needs no gradient: torch 2.13's CPU backward then crashes (SIGSEGV) computing only dweight/dbias.
-    if ((weight is not None or bias is None) and (input.requires_grad or input.is_contiguous())
-            and ops.aten_direct("group_norm", input, act, weight, bias)):
+    spec = group_ops.GroupNormSpec(num_groups, float(eps), act)
+    how = ops.route("group_norm", input, spec, (input, weight, bias),
+                    aten=(weight is not None or bias is None) and (input.requires_grad or input.is_contiguous()))
+    if how.implementation == "aten":
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
-    need = _grad_needed(input, weight, bias)
-    return ops.group_norm(input, weight, bias, num_groups, float(eps), act, False, need)[0]
+    return group_ops.group_norm(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
 
 
 def _running_pair(running_mean, running_var):
@@ -284,12 +289,13 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
 
         y = ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var))
         return y.contiguous()
-    if ops.aten_direct("group_norm", input, act, weight, bias, running_mean, running_var):
+    spec = group_ops.GroupNormSpec(c, float(eps), act, instance=True)
+    how = ops.route("group_norm", input, spec, (input, weight, bias, running_mean, running_var), aten=True)
+    if how.implementation == "aten":
         return torch.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                                    torch.backends.cudnn.enabled)
     if use_input_stats:
-        need = _grad_needed(input, weight, bias)
-        y = ops.group_norm(input, weight, bias, c, float(eps), act, True, need)[0]
+        y = group_ops.group_norm(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
         if running_mean is not None and input.numel():
             # An exact pass of its own: recovering var from the op's rstd (rstd^-2 - eps) cancels
             # when var <~ eps, down to a negative running_var for a constant channel.
@@ -302,8 +308,8 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
             ops.update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), float(momentum))
     else:  # running statistics of any dtype, as torch takes them: read in the one the op computes in
         sd = stat_dtype(input)
-        y = ops.batch_norm(input, weight, bias, running_mean.to(sd), running_var.to(sd), False, float(eps), act,
-                           grad=_grad_needed(input, weight, bias))[0]
+        y = batch_ops.batch_norm(batch_ops.BatchNormSpec(False, float(eps), act), input, weight, bias,
+                                 running_mean.to(sd), running_var.to(sd), _grad_needed(input, weight, bias))[0]
     return y.contiguous()  # torch's instance_norm returns a contiguous tensor, whatever the input's layout
 
 
@@ -344,12 +350,13 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             return activate(y, act)
 
         return ops.in_torch(norm, input, weight, bias, buffers=(running_mean, running_var))
-    if ops.aten_direct("batch_norm", input, act, weight, bias, running_mean, running_var):
+    spec = batch_ops.BatchNormSpec(training, float(eps), act)
+    how = ops.route("batch_norm", input, spec, (input, weight, bias, running_mean, running_var), aten=True)
+    if how.implementation == "aten":
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                 torch.backends.cudnn.enabled)
-    y, mean, _, var = ops.batch_norm(input, weight, bias, None if training else running_mean,
-                                     None if training else running_var, training, float(eps), act,
-                                     grad=_grad_needed(input, weight, bias))
+    y, mean, _, var = batch_ops.batch_norm(spec, input, weight, bias, None if training else running_mean,
+                                           None if training else running_var, _grad_needed(input, weight, bias), how)
     if training and running_mean is not None and input.numel():
         ops.update_running_stats(running_mean, running_var, mean, var, float(momentum))
     return y

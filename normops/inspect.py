@@ -10,7 +10,7 @@ LayerNorm, RMSNorm) the report lists its qualified name, type, channels or norma
 fused activation, training mode, the backend a call would use (``normops.current_backend`` of
 its device; for a torch.nn norm, that it is not normops and ``normops.convert`` would swap it)
 and what the triton backend would do with it: its kernel, or the torch backend where the kernels
-do not take the configuration (``normops.backends.triton_backend``).
+do not take the configuration (``normops.ops.route`` with the triton backend).
 
 Static checks, from the module structure (an ``nn.Sequential`` runs its children in order, nested
 Sequentials included; the other containers' order is their registration order):
@@ -59,6 +59,9 @@ from normops.backends import current_backend, triton_interpret
 from normops.cliutil import error_text, positive_int_arg, text_table
 from normops.convert import TWINS
 from normops.core import ACTIVATIONS as NORMOPS_ACTIVATIONS
+from normops.ops import route
+from normops.ops.batch_norm import BatchNormSpec
+from normops.ops.group_norm import GroupNormSpec
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -218,27 +221,25 @@ def _kernel_module(name):
 
 
 def _triton_dynamic(m, x):
-    """What the triton backend does with layer m on input x: the kernels' own ``supported``, where
-    they can be imported (see _kernel_module); None to keep the static answer."""
+    """What the triton backend does with layer m on input x, as ``normops.ops.route`` answers it,
+    where the kernels can be imported (see _kernel_module); None to keep the static answer."""
     if not isinstance(m, normops_nn._Activation) or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return None
     family = _family(m)
     if family == "row":
         return None
-    uses_group_kernel = family == "group" or (family == "instance" and (m.training or not m.track_running_stats))
-    if not uses_group_kernel and x.numel() == 0:
-        return "falls back to torch (empty input)"
-    kernels = _kernel_module("group_norm" if uses_group_kernel else "batch_norm")
-    if kernels is None:
+    if family == "group":
+        op, spec = "group_norm", GroupNormSpec(m.num_groups, m.eps)
+    elif family == "instance" and (m.training or not m.track_running_stats):
+        op, spec = "group_norm", GroupNormSpec(x.shape[1], m.eps, instance=True)
+    else:
+        op, spec = "batch_norm", BatchNormSpec(m.training, m.eps)
+        if x.numel() == 0:  # the batch-norm kernels take no empty input: known without importing them
+            return "falls back to torch (empty input)"
+    if _kernel_module(op) is None:
         return None
-    groups = m.num_groups if family == "group" else x.shape[1]
-    if uses_group_kernel and not kernels.supported(x, groups):
-        if x.shape[1] // groups > _max_group_channels():
-            return None  # the static answer says why
-        return "falls back to torch (over 2**31 elements a sample)"
-    if not uses_group_kernel and not kernels.supported(x):
-        return "falls back to torch (tile offsets past int32)"
-    return None
+    how = route(op, x, spec, backend="triton")
+    return f"falls back to torch ({how.reason})" if how.implementation == "torch fallback" else None
 
 
 # --- static checks ------------------------------------------------------------------------------

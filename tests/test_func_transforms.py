@@ -3,7 +3,7 @@ torch.nn.functional under the same transform.
 
 torch.library's custom ops get no forward-mode derivative and no functorch autograd, so under a
 transform normops.functional computes the norm with torch's own differentiable norms (see
-``library.transformed``). These tests hold it to torch's values, derivatives and running-statistics
+``normops.ops.transformed``). These tests hold it to torch's values, derivatives and running-statistics
 updates, and to torch's error where torch refuses (vmap over a batch norm whose running statistics
 are not batched). fp64, tiny shapes: Jacobians and Hessians are compared element by element.
 """

@@ -253,15 +253,15 @@ def spy(monkeypatch):
 
             monkeypatch.setattr(mod, fn, wrapped)
         if name == "torch":  # plain fp32/fp64 calls on the torch backend go straight to ATen's norm
-            import normops.library as lib
-            orig_direct = lib.aten_direct
+            import normops.ops
+            orig_route = normops.ops.route
 
-            def direct(*a):
-                taken = orig_direct(*a)
-                calls["aten_direct"] = calls.get("aten_direct", 0) + taken
-                return taken
+            def route(*a, **k):
+                how = orig_route(*a, **k)
+                calls["aten_direct"] = calls.get("aten_direct", 0) + (how.implementation == "aten")
+                return how
 
-            monkeypatch.setattr(lib, "aten_direct", direct)
+            monkeypatch.setattr(normops.ops, "route", route)
         return calls
 
     return install

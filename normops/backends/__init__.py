@@ -118,16 +118,24 @@ def torch_device_type(device):
     return device if isinstance(device, str) else device.type
 
 
-def resolve(x):
-    """The backend module for a call whose input is ``x``."""
-    name = current_backend(x.device)
+def load(name):
+    """Backend module ``name``, imported on first use: the numpy and triton backends cost nothing
+    until then."""
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module
+
+
+def resolve(x, name=None):
+    """The backend module for a call whose input is ``x``: backend ``name``, by default the one
+    ``current_backend`` names; an error when it cannot run on x's device."""
+    name = name or current_backend(x.device)
     if name == "triton" and x.device.type != "cuda" and not triton_interpret():
         raise RuntimeError(
             f"the triton backend runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set; "
             f"got a {x.device.type} tensor. Use normops.backend('torch') or set TRITON_INTERPRET=1.")
-    module = _loaded.get(name)
-    if module is None:  # imported on first use: the numpy and triton backends cost nothing until then
-        module = _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    module = load(name)
     if name == "triton" and x.device.type != "cuda" and not module.INTERPRETED:
         raise RuntimeError(
             f"the triton backend got a {x.device.type} tensor with TRITON_INTERPRET=1, but normops' Triton "

@@ -19,6 +19,8 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
+from normops.kernels.config import GN_MAX_GROUP_CHANNELS  # noqa: E402
+
 from . import torch_backend  # noqa: E402
 
 
@@ -45,26 +47,40 @@ def _on_its_device(fn):
     return run
 
 
+def fallback(family, x, num_groups=None):
+    """Why the kernels of ``family`` do not take x (the torch backend's code then runs), or None.
+    The one place that decides it: this backend's functions and ``normops.ops.route`` ask it."""
+    if family == "group_norm" and not _group_norm.supported(x, num_groups):
+        per_group = x.shape[1] // num_groups
+        if per_group > GN_MAX_GROUP_CHANNELS:
+            return f"{per_group} channels a group > {GN_MAX_GROUP_CHANNELS}"
+        return "over 2**31 elements a sample"
+    if family == "batch_norm" and not _batch_norm.supported(x):
+        return "empty input" if x.numel() == 0 else "tile offsets past int32"
+    return None
+
+
 row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
 row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 
+
 @_on_its_device
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
-    if not _group_norm.supported(x, num_groups):  # > 1024 channels a group, or > 2**31 elements a sample
+    if fallback("group_norm", x, num_groups):
         return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
     return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
 
 
 @_on_its_device
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
-    if not _group_norm.supported(x, num_groups):
+    if fallback("group_norm", x, num_groups):
         return torch_backend.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
     return _group_norm.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
 
 
 @_on_its_device
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
-    if not _batch_norm.supported(x):  # empty, or a sample too large for int32 offsets in a tile
+    if fallback("batch_norm", x):
         return torch_backend.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
     return _batch_norm.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
 
@@ -72,7 +88,7 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, ac
 @_on_its_device
 def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training, eps,
                    activation, output_mask):
-    if not _batch_norm.supported(x):
+    if fallback("batch_norm", x):
         return torch_backend.batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
                                             training, eps, activation, output_mask)
     return _batch_norm.batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
