@@ -38,12 +38,16 @@ __all__ = ["MODELS", "NAMES", "Row", "Trained", "add_parser", "build", "example_
 def build(name, norm="normops"):
     """Model ``name`` at its training size, untrained (``normops inspect`` uses it). KeyError on an
     unknown name."""
-    return _module(name).build(norm)
+    return _module(name).MODEL(norm)
 
 
 def example_input(name, batch_size):
-    """A random batch of ``batch_size`` inputs of model ``name``, shaped as its task's."""
-    return _module(name).example_input(batch_size, torch.Generator().manual_seed(0))
+    """A random batch of ``batch_size`` inputs of model ``name``, shaped as its task's: digit
+    sequences for the models with a vocabulary, standard-normal images for the others."""
+    m, g = _module(name), torch.Generator().manual_seed(0)
+    shape = (batch_size, *m.INPUT_SHAPE)
+    vocab = getattr(m, "VOCAB", None)
+    return torch.randint(0, vocab, shape, generator=g) if vocab else torch.randn(shape, generator=g)
 
 
 def _module(name):

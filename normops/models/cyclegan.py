@@ -127,14 +127,8 @@ def translation_iou(model, a, b):
     return sum(mean_iou(nearest_colour(out, p), nearest_colour(t, p), len(p)) for out, t, p in pairs) / 2
 
 
-def build(norm="normops"):
-    """The model at its training size, untrained."""
-    return CycleGAN(norm)
-
-
-def example_input(batch_size, generator):
-    """Random inputs shaped as the task's: [batch_size, 3, SIZE, SIZE] images of domain A."""
-    return torch.randn((batch_size, 3, SIZE, SIZE), generator=generator)
+MODEL = CycleGAN  # built at its training size by normops.models.build
+INPUT_SHAPE = (3, SIZE, SIZE)  # one example of the task's inputs (images of domain A), for normops.models.example_input
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):

@@ -79,14 +79,8 @@ def digit_accuracy(model, x, y):
         return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def build(norm="normops"):
-    """The model at its training size, untrained."""
-    return LSTM(norm)
-
-
-def example_input(batch_size, generator):
-    """Random inputs shaped as the task's: [batch_size, LENGTH] digit sequences."""
-    return torch.randint(0, VOCAB, (batch_size, LENGTH), generator=generator)
+MODEL = LSTM  # built at its training size by normops.models.build
+INPUT_SHAPE = (LENGTH,)  # one example of the task's inputs (digit sequences), for normops.models.example_input
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):

@@ -78,14 +78,8 @@ def accuracy(model, x, y, batch=512):
     return (pred == y).float().mean().item()
 
 
-def build(norm="normops"):
-    """The model at its training size, untrained."""
-    return ResNet(norm)
-
-
-def example_input(batch_size, generator):
-    """Random inputs shaped as the task's: [batch_size, 1, 8, 8] images, the digits' shape."""
-    return torch.randn((batch_size, 1, 8, 8), generator=generator)
+MODEL = ResNet  # built at its training size by normops.models.build
+INPUT_SHAPE = (1, 8, 8)  # one example of the task's inputs (the digits' shape), for normops.models.example_input
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):

@@ -2,7 +2,8 @@
 
 Each model module (``resnet``, ``transformer``, ``unet``, ``cyclegan``, ``lstm``) has ``NAME``,
 ``TASK``, ``METRIC``, ``TARGET``, ``HIGHER_IS_BETTER``, ``STEPS``, ``QUICK_STEPS``,
-``build(norm) -> nn.Module`` (at its training size), ``example_input(batch_size, generator)`` and
+``MODEL`` (its nn.Module class, built as ``MODEL(norm)`` at its training size), ``INPUT_SHAPE``
+(one example's shape; ``VOCAB`` where the inputs are digit sequences) and
 ``train(norm, steps, seed, progress) -> Trained``; ``run`` trains each selected one with every
 norm in ``norms`` and returns one ``Row`` per model. Plots use matplotlib's ``Figure`` directly (the
 Agg canvas, no pyplot): no GUI backend and no global state.

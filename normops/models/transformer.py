@@ -75,14 +75,8 @@ def sequence_accuracy(model, x, y):
         return (model(x).argmax(-1) == y).all(-1).float().mean().item()
 
 
-def build(norm="normops"):
-    """The model at its training size, untrained."""
-    return Encoder(norm)
-
-
-def example_input(batch_size, generator):
-    """Random inputs shaped as the task's: [batch_size, LENGTH] digit sequences."""
-    return torch.randint(0, VOCAB, (batch_size, LENGTH), generator=generator)
+MODEL = Encoder  # built at its training size by normops.models.build
+INPUT_SHAPE = (LENGTH,)  # one example of the task's inputs (digit sequences), for normops.models.example_input
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):

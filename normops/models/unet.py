@@ -91,14 +91,8 @@ def predict(model, x, batch=64):
     return out
 
 
-def build(norm="normops"):
-    """The model at its training size, untrained."""
-    return UNet(norm)
-
-
-def example_input(batch_size, generator):
-    """Random inputs shaped as the task's: [batch_size, 1, SIZE, SIZE] images."""
-    return torch.randn((batch_size, 1, SIZE, SIZE), generator=generator)
+MODEL = UNet  # built at its training size by normops.models.build
+INPUT_SHAPE = (1, SIZE, SIZE)  # one example of the task's inputs (images), for normops.models.example_input
 
 
 def train(norm="normops", steps=STEPS, seed=0, progress=False):
