@@ -167,3 +167,28 @@ def test_triton_on_the_second_gpu():
      + torch.nn.functional.group_norm(xr.reshape(6, 30, 10), 5).square().sum()).backward()
     torch.testing.assert_close(x.grad, xr.grad)
     torch.testing.assert_close(w.grad, wr.grad)
+
+
+def test_route_says_which_backend_and_implementation_runs_and_why(monkeypatch):
+    """normops.ops.route decides a call once: the backend, what chose it, the implementation
+    (ATen directly, the op on the torch backend, the NumPy reference, a Triton fallback) and why."""
+    from normops import ops
+    from normops.ops.group_norm import GroupNormSpec
+    from normops.ops.row_norm import RowNormSpec
+
+    x = torch.randn(4, 8)
+    plain, fused = RowNormSpec((8,), 1e-5), RowNormSpec((8,), 1e-5, activation="relu")
+    r = ops.route("row_norm", x, plain, (x, None, None), aten=True)
+    assert (r.backend, r.implementation, r.chosen_by) == ("torch", "aten", "the cpu default")
+    assert ops.route("row_norm", x, fused, (x, None, None), aten=True).implementation == "torch"
+    with normops.backend("numpy"):
+        r = ops.route("row_norm", x, fused, (x, None, None))
+    assert (r.backend, r.implementation, r.chosen_by) == ("numpy", "numpy", "with normops.backend(...)")
+    monkeypatch.setenv("NORMOPS_BACKEND", "numpy")
+    assert ops.route("row_norm", x, fused, (x, None, None)).chosen_by == "NORMOPS_BACKEND"
+    normops.set_backend("torch")
+    assert ops.route("row_norm", x, fused, (x, None, None)).chosen_by == "normops.set_backend(...)"
+    wide = torch.randn(1, 2048, 2)  # 2048 channels a group: more than the Triton kernels take
+    r = ops.route("group_norm", wide, GroupNormSpec(1, 1e-5), backend="triton")
+    assert r.implementation == "torch fallback" and r.reason and r.module is normops.backends.load("torch")
+    assert ops.route("row_norm", x[:0], plain, (x[:0], None, None)).implementation == "none"

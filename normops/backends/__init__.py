@@ -98,12 +98,20 @@ def triton_interpret():
 
 def current_backend(device):
     """The backend name a call on ``device`` uses now."""
+    return backend_choice(device)[0]
+
+
+def backend_choice(device):
+    """(backend name, what chose it) for a call on ``device`` now, by the precedence above."""
     blocks = _context.get()
     if blocks:
-        return blocks[-1][0]
+        return blocks[-1][0], "with normops.backend(...)"
     if _global is not None:
-        return _global
-    return backend_from_env() or ("triton" if torch_device_type(device) == "cuda" else "torch")
+        return _global, "normops.set_backend(...)"
+    env = backend_from_env()
+    if env:
+        return env, "NORMOPS_BACKEND"
+    return ("triton" if torch_device_type(device) == "cuda" else "torch"), f"the {torch_device_type(device)} default"
 
 
 def backend_from_env():

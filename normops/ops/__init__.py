@@ -51,7 +51,8 @@ from ..core import activate, stat_dtype
 class Route:
     backend: Optional[str]  # "torch", "triton", "numpy"; None where no backend is asked (traced, empty)
     implementation: str     # "aten", "torch", "numpy", "triton kernel", "torch fallback", "op", "none"
-    reason: str
+    reason: str             # why this implementation
+    chosen_by: str = ""     # why this backend: "with normops.backend(...)", "NORMOPS_BACKEND", "the cpu default"...
     module: Any = dataclasses.field(default=None, repr=False, compare=False)  # the backend module that runs
 
 
@@ -64,14 +65,14 @@ _REASONS = {
     "numpy": "the float64 NumPy reference (copies to the host)",
     "triton kernel": "normops' Triton kernels take this input",
 }
-_routes = {}  # (backend, implementation, reason) -> Route: a call builds no record
+_routes = {}  # (backend, chosen_by, implementation, reason) -> Route: a call builds no record
 
 
-def _record(backend, implementation, reason, module):
-    key = (backend, implementation, reason)
+def _record(backend, chosen_by, implementation, reason, module):
+    key = (backend, chosen_by, implementation, reason)
     found = _routes.get(key)
     if found is None:
-        found = _routes[key] = Route(backend, implementation, reason, module)
+        found = _routes[key] = Route(backend, implementation, reason, chosen_by, module)
     return found
 
 
@@ -96,22 +97,23 @@ def route(family, x, spec=None, tensors=None, *, aten=False, backend=None):
     if backend is None:
         if x.numel() == 0:
             return EMPTY
-        backend = backends.current_backend(x.device)
+        backend, chosen_by = backends.backend_choice(x.device)
         module = backends.resolve(x, backend)
     else:
+        chosen_by = "asked for"
         module = backends.load(backend)
     fallback = getattr(module, "fallback", None)
     if fallback is not None:
         reason = fallback(family, x, getattr(spec, "num_groups", None))
         if reason is not None:
-            return _record(backend, "torch fallback", reason, backends.load("torch"))
-        return _record(backend, "triton kernel", _REASONS["triton kernel"], module)
+            return _record(backend, chosen_by, "torch fallback", reason, backends.load("torch"))
+        return _record(backend, chosen_by, "triton kernel", _REASONS["triton kernel"], module)
     if (aten and spec.activation == "none" and x.dtype in (torch.float32, torch.float64)
             and all(t is None or t.dtype == x.dtype for t in tensors[1:])
             and family in getattr(module, "NATIVE", ())):
-        return _record(backend, "aten", _REASONS["aten"], None)
+        return _record(backend, chosen_by, "aten", _REASONS["aten"], None)
     implementation = "numpy" if backend == "numpy" else "torch"
-    return _record(backend, implementation, _REASONS[implementation], module)
+    return _record(backend, chosen_by, implementation, _REASONS[implementation], module)
 
 
 # --- eager fast path ----------------------------------------------------------------------------
