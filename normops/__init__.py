@@ -4,12 +4,12 @@ Drop-in ``torch.nn`` norms (``normops.nn``), ``torch.nn.functional``-compatible 
 (``normops.functional``) and ``normops.convert(model)`` to swap the norms of an existing model.
 Triton kernels on CUDA, ATen on CPU, a NumPy float64 reference everywhere; see ``normops.backends``.
 """
-from . import functional, library, nn, ops
+from . import functional, nn, ops
 from .backends import BACKENDS, backend, current_backend, set_backend
 from .convert import convert
 from .inspect import inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "convert", "current_backend", "functional", "inspect", "library", "nn",
+__all__ = ["BACKENDS", "backend", "convert", "current_backend", "functional", "inspect", "nn",
            "ops", "set_backend", "__version__"]
