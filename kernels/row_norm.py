@@ -8,7 +8,7 @@ backward is one kernel either way, that takes its per-row sums from a row-sums k
 are wider than a block (``ONE_PASS`` off). ``RowNormConfig`` (config.py) picks.
 
 Math, per row of N elements (RMSNorm: mean = 0, var = mean(h^2)):
-    forward    h = x + r (optional residual)      mean = sum(h) / N
+    forward    h = x + r (optional residual)      mean = p + sum(h - p) / N, p = h[0] (exact for a constant row)
                var = sum((h - mean)^2) / N         rstd = 1 / sqrt(var + eps)
                x_hat = (h - mean) * rstd           z = x_hat * w + b           y = act(z)
     backward   dz = dy * act'(z)                   g = dz * w
@@ -44,6 +44,18 @@ from .config import RowNormConfig, programs_per_wave
 def _row_offsets(rows, inner, s_outer, s_inner):
     rows = rows.to(tl.int64)
     return (rows // inner) * s_outer + (rows % inner) * s_inner
+
+
+@triton.jit
+def _pivot(x_ptrs, r_ptrs, H, mask, HAS_R: tl.constexpr, ACC: tl.constexpr):
+    """Each row's first h (x + r rounded as _add_residual rounds it): the origin LayerNorm's
+    statistics are taken about. A constant row then has h - pivot = 0 exactly, so its mean is exact
+    and x_hat is 0 (sum(h) / N can be an ulp off, which rstd = 1/sqrt(eps) magnifies), and a row
+    far from 0 keeps its digits (h - pivot is exact for h near the pivot)."""
+    p = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_R:
+        p = (p.to(ACC) + tl.load(r_ptrs, mask=mask, other=0.0).to(ACC)).to(H.dtype.element_ty)
+    return p.to(ACC)
 
 
 # The forward kernels' shared steps. Their arguments keep the order in which the single kernel
@@ -108,8 +120,12 @@ def _row_norm_fwd_kernel(
     if IS_RMS:
         xc = x
     else:
-        mean = tl.sum(x, 1) / N
-        xc = tl.where(mask, x - mean[:, None], 0.0)
+        pivot = _pivot(X + _row_offsets(rows, inner, sx_o, sx_i), R + _row_offsets(rows, inner, sr_o, sr_i), H,
+                       rows < M, HAS_R, ACC)
+        xs = tl.where(mask, x - pivot[:, None], 0.0)
+        mean_s = tl.sum(xs, 1) / N  # the mean about the pivot
+        xc = tl.where(mask, xs - mean_s[:, None], 0.0)
+        mean = pivot + mean_s
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
     _affine_act_store(xc * rstd[:, None], Y, out_offs, mask, W, B, cols, cols < N, HAS_W, HAS_B, ACT, ACC, "")
     _store_stats(MEAN, RSTD, rows, mean, rstd, rows < M, IS_RMS, STORE_STATS)
@@ -142,8 +158,11 @@ def _row_norm_fwd_looped_kernel(
         x_row = X + _row_offsets(row, inner, sx_o, sx_i)
         r_row = R + _row_offsets(row, inner, sr_o, sr_i)
         count = tl.zeros([], dtype=ACC)
-        mean = tl.zeros([], dtype=ACC)
+        mean = tl.zeros([], dtype=ACC)  # about the pivot, for LayerNorm
         m2 = tl.zeros([], dtype=ACC)
+        pivot = 0.0
+        if not IS_RMS:
+            pivot = _pivot(x_row, r_row, H, N > 0, HAS_R, ACC)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
@@ -152,6 +171,7 @@ def _row_norm_fwd_looped_kernel(
             if IS_RMS:
                 m2 += tl.sum(x * x, 0)
             else:
+                x = tl.where(c < N, x - pivot, 0.0)
                 mean_b = tl.sum(x, 0) / n_b
                 d = tl.where(c < N, x - mean_b, 0.0)
                 m2_b = tl.sum(d * d, 0)
@@ -161,7 +181,7 @@ def _row_norm_fwd_looped_kernel(
                 m2 += m2_b + delta * delta * (count * n_b / total)
                 count = total
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        _store_stats(MEAN, RSTD, row, mean, rstd, None, IS_RMS, STORE_STATS)
+        _store_stats(MEAN, RSTD, row, pivot + mean, rstd, None, IS_RMS, STORE_STATS)
         if HAS_R:
             tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
         for i in range(0, n_blocks):
@@ -173,7 +193,7 @@ def _row_norm_fwd_looped_kernel(
             if IS_RMS:
                 x_hat = x * rstd
             else:
-                x_hat = (x - mean) * rstd
+                x_hat = ((x - pivot) - mean) * rstd
             _affine_act_store(x_hat, Y + row * N, c, c < N, W, B, c, c < N, HAS_W, HAS_B, ACT, ACC, "evict_first")
         if HAS_R:
             tl.debug_barrier()  # the next row's pass 1 must not overtake this pass 2 in h

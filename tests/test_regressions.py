@@ -469,3 +469,39 @@ def test_instance_norm_low_precision_bias_without_weight_beside_running_stats_re
                     (*stats, None, torch.zeros(3, dtype=torch.float16))]
         for args in accepted:
             torch.testing.assert_close(F.instance_norm(x, *args), TF.instance_norm(x, *args), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [1000, 20000])  # the Triton kernels' one-pass and looped paths
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_statistics_exact_for_constant_rows_and_precise_at_an_offset(backend, width, residual):
+    """A constant row normalizes to exactly 0 (its mean must be exact: an ulp off, magnified by
+    rstd = 1/sqrt(eps), gave the Triton backend's silu input gradient a 2e-3 error where torch's is
+    3e-5), and a row far from 0 keeps its digits (the statistics are taken about the row's first
+    element)."""
+    torch.manual_seed(0)
+    const = torch.full((2, width), 123.456)  # sum(x) / N is an ulp off here
+    offset = 1e4 + torch.randn(2, width)
+    w, b = torch.randn(width), torch.randn(width)
+    for is_const, x in ((True, const), (False, offset)):
+        r = torch.zeros_like(x) if residual else None
+        x = x.clone().requires_grad_()
+        dy = torch.randn_like(x)
+
+        def run(f, x, w, b):
+            y = (f.layer_norm(x + r, [width], w, b) if f is TF and residual else
+                 f.add_layer_norm(x, r, [width], w, b)[0] if residual else f.layer_norm(x, [width], w, b))
+            y = TF.silu(y)
+            return (y, *torch.autograd.grad(y, x, dy))
+
+        with normops.backend(backend):
+            ours = run(F, x, w, b)
+        ref = run(TF, x.detach().double().requires_grad_(), w.double(), b.double())
+        same = run(TF, x, w, b)
+        for o, s, e in zip(ours, same, ref):
+            bound = 2 * (s.double() - e).abs().max() + 2e-5 * max(1.0, e.abs().max().item())
+            assert (o.double() - e).abs().max() <= bound, (backend, width, x[0, 0].item())
+        if is_const and backend == "triton":  # x_hat exactly 0 (ATen's CPU layer norm, torch's own, is not exact)
+            with normops.backend(backend), torch.no_grad():
+                y = F.add_layer_norm(x, r, [width], w, b)[0] if residual else F.layer_norm(x, [width], w, b)
+            assert torch.equal(y, b.expand_as(y))
