@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ holds the Triton kernels; it installs as normops.kernels (the import name
     # `kernels` is taken on PyPI).
-    packages=["normops", "normops.backends", "normops.cli", "normops.kernels", "normops.lessons", "normops.models"],
+    packages=["normops", "normops.backends", "normops.backends.numpy_backend", "normops.cli", "normops.kernels",
+              "normops.lessons", "normops.models", "normops.ops"],
     package_dir={"normops": "normops", "normops.kernels": "kernels", "": "normops/_launcher"},
     # the console script's launcher: a top-level module, so a Ctrl-C during the imports is caught too
     py_modules=["normops_cli"],
