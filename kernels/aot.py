@@ -117,9 +117,8 @@ def _source(job):
     names = [name for name in fn.arg_names if name not in constexprs]
     assert len(names) == len(args), (fn.fn.__name__, names, len(args))
     consts = {**constexprs, **{name: 1 for name in ones if name in fn.arg_names}}
-    sig = {name: "constexpr" for name in consts} | {name: _type(name, v) for name, v in zip(names, args)
-                                                      if name not in consts}
-    sig = {name: sig[name] for name in fn.arg_names}
+    values = dict(zip(names, args))
+    sig = {name: "constexpr" if name in consts else _type(name, values[name]) for name in fn.arg_names}
     aligned = [name for name in fn.arg_names if name not in consts and name not in unaligned]
     return ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                      attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}), num_warps
