@@ -30,13 +30,13 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from . import batch_norm, group_norm, row_norm  # noqa: E402
-from .common import launch_options  # noqa: E402
+from .common import launch_options, record  # noqa: E402
 from .config import BatchNormConfig, GroupNormConfig, RowNormConfig  # noqa: E402
 
 # The widths the benchmarks run (transformer rows, narrow to 256K); the heuristics map them to
@@ -45,8 +45,8 @@ WIDTHS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144]
 DTYPES = ("bf16", "fp16", "fp32")
 # Flag sets: (name, IS_RMS, HAS_W, HAS_B, HAS_R, ACT); the heaviest ones in registers are the
 # residual + gelu forward and the gelu backward.
-VARIANTS = [("layer_norm", False, True, True, False, 0), ("rms_norm", True, True, False, False, 0),
-            ("add_layer_norm+gelu", False, True, True, True, 3)]
+VARIANTS = [("layer_norm", False, True, True, False, "none"), ("rms_norm", True, True, False, False, "none"),
+            ("add_layer_norm+gelu", False, True, True, True, "gelu")]
 # Weights in fp32 under bf16/fp16 activations (the usual mixed-precision layout) cost registers.
 FP32_WEIGHT = "layer_norm/w32"
 
@@ -60,7 +60,7 @@ GN_SHAPES = [(2, 320, 4096, 32), (2, 1280, 256, 32), (1, 512, 16384, 32), (1, 12
              (64, 256, 3136, 32), (64, 32, 1024, 32)]
 GN_PROGRAMS = 2 * 132  # programs_per_wave on an H100 (132 SMs) at the loop kernels' 8 warps
 # (name, HAS_W, HAS_B, ACT); gelu is the heaviest activation in registers (erf and exp).
-GN_VARIANTS = [("group_norm", True, True, 0), ("group_norm+gelu", True, True, 3)]
+GN_VARIANTS = [("group_norm", True, True, "none"), ("group_norm+gelu", True, True, "gelu")]
 
 
 # BatchNorm (N, C, S): ResNet-50 at batch 256 and 32, every stage (112x112 to 7x7), BatchNorm1d
@@ -71,7 +71,7 @@ BN_SHAPES = [(256, 64, 12544), (256, 256, 3136), (256, 128, 3136), (256, 512, 78
              (8, 3, 1), (2, 1, 1), (2, 64, 9), (8, 32, 16384), (1, 64, 1 << 20), (4096, 3, 1), (3, 5, 7)]
 BN_PROGRAMS = GN_PROGRAMS
 # (name, HAS_W, HAS_B, ACT); ReLU is the common fusion, gelu the heaviest in registers.
-BN_VARIANTS = [("batch_norm", True, True, 0), ("batch_norm+gelu", True, True, 3)]
+BN_VARIANTS = [("batch_norm", True, True, "none"), ("batch_norm+gelu", True, True, "gelu")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,109 +83,108 @@ class Job:
     target: int
 
 
-def _signature(fn, types, constexprs, unaligned=("M", "inner", "eps")):
-    """ASTSource with the specialization the JIT gives typical launches: every pointer, width and
-    stride divisible by 16 (16-byte aligned tensors, power-of-two widths), which is what lets loads
-    vectorize and changes the register count; `unaligned` names the integers that usually are not."""
-    sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
-    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    aligned = [name for name in fn.arg_names if name not in constexprs and name not in unaligned]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+# The argument types the JIT gives a launch: a tensor is a pointer to its dtype, a Python float
+# fp32, an int i32 (i64 from 2**31 on).
+POINTERS = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+# The row norms' row strides compile as i64, as a launch on a tensor of 2**31 elements or more
+# passes them: the worst case in registers.
+WIDE = ("sx_o", "sx_i", "sr_o", "sr_i", "sdy_o", "sdy_i")
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _gn_source(job):
-    cfg, channels_last = job.config
-    _, has_w, has_b, act = next(v for v in GN_VARIANTS if v[0] == job.variant.split("/")[0])
-    e = "*" + job.dtype
-    we = "*fp32" if job.variant.endswith("/w32") else e
-    ints = dict(G="i32", Cg="i32", S="i32", C="i32", n_gblocks="i32", split="i32", chunk="i32")
-    tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                ACC=tl.float32)
-    if cfg.block_cg == 1:
-        tile["Cg"] = 1  # the JIT specializes an integer argument equal to 1 (InstanceNorm's Cg)
-    flags = dict(HAS_W=has_w, HAS_B=has_b, ACT=act)
-    if job.kernel == "gn_stats":
-        fn, types, consts = group_norm._group_norm_stats_kernel, dict(X=e, PART="*fp32", **ints), tile
-    elif job.kernel == "gn_fwd":
-        fn = group_norm._group_norm_fwd_kernel
-        types = dict(X=e, Y=e, W=we, B=we, MEAN="*fp32", RSTD="*fp32", PART="*fp32", eps="fp32", **ints)
-        consts = dict(STORE_STATS=True, INSTANCE=cfg.block_cg == 1, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block,
-                      **flags, **tile)
-    elif job.kernel == "gn_bwd_sums":
-        fn = group_norm._group_norm_bwd_sums_kernel
-        types = dict(DY=e, X=e, W=we, B=we, MEAN="*fp32", RSTD="*fp32", PART="*fp32", **ints)
-        consts = dict(**flags, **tile)
-    else:
-        fn = group_norm._group_norm_bwd_kernel
-        types = dict(DY=e, X=e, W=we, B=we, MEAN="*fp32", RSTD="*fp32", PART="*fp32", DX=e, **ints)
-        consts = dict(WANT_DX=True, ONE_PASS=cfg.one_pass, **flags, **tile)
-    return _signature(fn, types, consts, unaligned=("G", "Cg", "n_gblocks", "split", "eps"))
-
-
-def _bn_source(job):
-    cfg, training, s_aligned = job.config
-    _, has_w, has_b, act = next(v for v in BN_VARIANTS if v[0] == job.variant.split("/")[0])
-    e = "*" + job.dtype
-    we = "*fp32" if job.variant.endswith("/w32") else e
-    ints = dict(N="i32", C="i32", S="i32", s_tiles="i32", n_tiles="i32", c_blocks="i32", chunk="i32")
-    tile = dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, ACC=tl.float32)
-    if cfg.block_s == 1:
-        tile.update(S=1, s_tiles=1)  # the (N * S, C, 1) view: the JIT specializes integers equal to 1
-    flags = dict(HAS_W=has_w, HAS_B=has_b, ACT=act, RUNNING=not training)
-    stats = dict(MEAN="*fp32", RSTD="*fp32", VAR="*fp32")
-    if job.kernel == "bn_stats":
-        fn, types, consts = batch_norm._batch_norm_stats_kernel, dict(X=e, PART="*fp32", **ints), tile
-    elif job.kernel == "bn_finalize":
-        fn = batch_norm._batch_norm_finalize_kernel
-        types = dict(PART="*fp32", C="i32", split="i32", total="i32", eps="fp32", **stats)
-        consts = dict(BLOCK_SPLIT=cfg.finalize_split, BLOCK_C=cfg.finalize_c, ACC=tl.float32)
-    elif job.kernel == "bn_fwd":
-        fn = batch_norm._batch_norm_fwd_kernel
-        types = dict(X=e, Y=e, W=we, B=we, eps="fp32", **stats, **ints)
-        consts = dict(ONE_PASS=cfg.one_pass, **flags, **tile)
-    elif job.kernel == "bn_bwd_sums":
-        fn = batch_norm._batch_norm_bwd_sums_kernel
-        types = dict(DY=e, X=e, W=we, B=we, PART="*fp32", eps="fp32", **stats, **ints)
-        consts = dict(**flags, **tile)
-    else:
-        fn = batch_norm._batch_norm_bwd_kernel
-        types = dict(DY=e, X=e, W=we, B=we, SUMS="*fp32", DX=e, eps="fp32", total="i32", **stats, **ints)
-        consts = dict(WANT_DX=True, ONE_PASS=cfg.one_pass, **flags, **tile)
-    unaligned = ("s_tiles", "n_tiles", "c_blocks", "chunk", "split", "total", "eps") + \
-        (() if s_aligned else ("C", "N") if cfg.block_s == 1 else ("S",))
-    return _signature(fn, types, consts, unaligned=unaligned)
+def _type(name, value):
+    if isinstance(value, torch.Tensor):
+        return POINTERS[value.dtype]
+    if isinstance(value, float):
+        return "fp32"
+    return "i64" if name in WIDE or not -2**31 <= value < 2**31 else "i32"
 
 
 def _source(job):
-    if job.kernel.startswith("gn_"):
-        return _gn_source(job)
-    if job.kernel.startswith("bn_"):
-        return _bn_source(job)
+    """ASTSource of the kernel `job` names, as its launcher launches it: the launcher runs on meta
+    tensors under record(), and its recorded launch gives the kernel, the argument types and the
+    constexprs. Its integer values are placeholders, so the specialization is the one the JIT gives
+    typical launches: every pointer, width and stride divisible by 16 (16-byte aligned tensors,
+    power-of-two widths), which is what lets loads vectorize and changes the register count, but
+    the integers `unaligned` names (they usually are not); and the integers `ones` names as the
+    constant 1 (the JIT specializes an integer argument equal to 1). (ASTSource, num_warps)."""
+    family = _gn_launches if job.kernel.startswith("gn_") else _bn_launches if job.kernel.startswith("bn_") \
+        else _row_norm_launches
+    with record() as launches:
+        unaligned, ones = family(job)
+    pattern = re.compile(f"_{job.kernel.removeprefix('gn_').removeprefix('bn_')}(_looped)?_kernel$")
+    (fn, args, constexprs, num_warps), = [r for r in launches if pattern.search(r[0].fn.__name__)]
+    names = [name for name in fn.arg_names if name not in constexprs]
+    assert len(names) == len(args), (fn.fn.__name__, names, len(args))
+    consts = {**constexprs, **{name: 1 for name in ones if name in fn.arg_names}}
+    values = dict(zip(names, args))
+    sig = {name: "constexpr" if name in consts else _type(name, values[name]) for name in fn.arg_names}
+    aligned = [name for name in fn.arg_names if name not in consts and name not in unaligned]
+    return ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                     attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}), num_warps
+
+
+def _meta(shape, dtype, **kwargs):
+    return torch.empty(shape, dtype=dtype, device="meta", **kwargs)
+
+
+def _params(job, c):
+    """The dtype of x, and the weight and bias (fp32 in a "/w32" variant) of a job's variant."""
+    dtype = DTYPE[job.dtype]
+    wdtype = torch.float32 if job.variant.endswith("/w32") else dtype
+    return dtype, _meta(c, wdtype), _meta(c, wdtype)
+
+
+def _row_norm_launches(job):
     base = "layer_norm" if job.variant == FP32_WEIGHT else job.variant
     _, rms, has_w, has_b, has_r, act = next(v for v in VARIANTS if v[0] == base)
-    e = "*" + job.dtype
-    we = "*fp32" if job.variant == FP32_WEIGHT else e
-    stat = "*fp32"
-    cfg = job.config
+    dtype, w, b = _params(job, 64)
+    w, b = (w if has_w else None), (b if has_b else None)
+    x = _meta((4, 64), dtype)
     if job.kernel == "fwd":
-        fn = row_norm._row_norm_fwd_kernel if cfg.one_pass else row_norm._row_norm_fwd_looped_kernel
-        types = dict(X=e, R=e, Y=e, H=e, W=we, B=we, MEAN=stat, RSTD=stat, M="i32", N="i32", inner="i32",
-                     sx_o="i64", sx_i="i64", sr_o="i64", sr_i="i64", eps="fp32")
-        consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, HAS_R=has_r, ACT=act, STORE_STATS=True,
-                      BLOCK_N=cfg.block_n, ACC=tl.float32, **(dict(BLOCK_M=cfg.block_m) if cfg.one_pass else {}))
-    elif job.kernel == "bwd":
-        fn = row_norm._row_norm_bwd_kernel
-        types = dict(DY=e, X=e, W=we, B=we, MEAN=stat, RSTD=stat, SUMS=stat, DX=e, PART=stat, M="i32",
-                     N="i32", inner="i32", sdy_o="i64", sdy_i="i64", sx_o="i64", sx_i="i64")
-        consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, ACT=act, WANT_DX=True, WANT_DW=has_w, WANT_DB=has_b,
-                      ONE_PASS=cfg.one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=tl.float32)
+        row_norm.row_norm_fwd(x, x if has_r else None, (64,), w, b, 1e-5, rms, act, True, config=job.config)
     else:
-        fn = row_norm._row_norm_bwd_sums_kernel
-        types = dict(DY=e, X=e, W=we, B=we, MEAN=stat, RSTD=stat, SUMS=stat, N="i32", inner="i32", sdy_o="i64",
-                     sdy_i="i64", sx_o="i64", sx_i="i64")
-        consts = dict(IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, ACT=act, BLOCK_N=cfg.block_n, ACC=tl.float32)
-    return _signature(fn, types, consts)
+        rstd = _meta(4, torch.float32)
+        row_norm.row_norm_bwd(x, x, (64,), w, b, None if rms else rstd, rstd, rms, act, (True, has_w, has_b),
+                              config=job.config)
+    return ("M", "inner", "eps"), ()
+
+
+def _gn_launches(job):
+    cfg, channels_last = job.config
+    cfg = dataclasses.replace(cfg, split=1)  # a placeholder: split is a runtime argument
+    _, has_w, has_b, act = next(v for v in GN_VARIANTS if v[0] == job.variant.split("/")[0])
+    instance = cfg.block_cg == 1
+    dtype, w, b = _params(job, 2 if instance else 4)
+    x = _meta((2, w.shape[0], 4, 4), dtype,
+              memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    w, b = (w if has_w else None), (b if has_b else None)
+    if job.kernel in ("gn_stats", "gn_fwd"):
+        group_norm.group_norm_fwd(x, 2, w, b, 1e-5, act, True, instance=instance, config=cfg)
+    else:
+        stats = _meta((2, 2), torch.float32)
+        group_norm.group_norm_bwd(x, x, 2, w, b, stats, stats, act, (True, True, True), config=cfg)
+    # InstanceNorm's Cg is 1
+    return ("G", "Cg", "n_gblocks", "split", "eps"), ("Cg",) if instance else ()
+
+
+def _bn_launches(job):
+    cfg, training, s_aligned = job.config
+    cfg = dataclasses.replace(cfg, split=1)  # a placeholder: split is a runtime argument
+    _, has_w, has_b, act = next(v for v in BN_VARIANTS if v[0] == job.variant.split("/")[0])
+    dtype, w, b = _params(job, 8)
+    w, b = (w if has_w else None), (b if has_b else None)
+    x = _meta((4, 8) if cfg.block_s == 1 else (4, 8, 16), dtype)  # the (N * S, C, 1) view, or (N, C, S)
+    stats = _meta(8, torch.float32)
+    if job.kernel in ("bn_stats", "bn_finalize", "bn_fwd"):
+        batch_norm.batch_norm_fwd(x, w, b, stats, stats, training, 1e-5, act, config=cfg)
+    else:
+        batch_norm.batch_norm_bwd(x, x, w, b, stats, stats, stats, stats, training, 1e-5, act, (True, True, True),
+                                  config=cfg)
+    unaligned = ("s_tiles", "n_tiles", "c_blocks", "chunk", "split", "total", "eps") + \
+        (() if s_aligned else ("C", "N") if cfg.block_s == 1 else ("S",))
+    # the (N * S, C, 1) view: S and its tile count are 1
+    return unaligned, ("S", "s_tiles") if cfg.block_s == 1 else ()
 
 
 def _cuobjdump():
@@ -195,8 +194,8 @@ def _cuobjdump():
 def compile_one(job):
     """(job, {"REG": .., "SHARED": .., "LOCAL": ..}, error or None)."""
     try:
-        compiled = triton.compile(_source(job), target=GPUTarget("cuda", job.target, 32),
-                                  options=launch_options(_config(job).num_warps))
+        source, num_warps = _source(job)
+        compiled = triton.compile(source, target=GPUTarget("cuda", job.target, 32), options=launch_options(num_warps))
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(compiled.asm["cubin"])
         try:
@@ -205,15 +204,9 @@ def compile_one(job):
         finally:
             os.unlink(f.name)
         usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out.split("Function", 1)[1])}
-        return job, usage, None
+        return job, {"WARPS": num_warps, **usage}, None
     except Exception as e:  # report every failure, keep compiling the rest
         return job, {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _config(job):
-    if job.kernel == "bn_finalize":
-        return dataclasses.replace(job.config[0], num_warps=4)  # batch_norm_fwd launches it at 4 warps
-    return job.config[0] if job.kernel.startswith(("gn_", "bn_")) else job.config
 
 
 def _describe(job):
@@ -348,7 +341,7 @@ def main(argv=None):
             status = "ok" if error is None and spill == 0 else (error or "SPILLS")
             failures += status != "ok"
             print(f"sm_{job.target:<3} {job.kernel:11} {job.variant:20} {job.dtype:5} {_describe(job):42} "
-                  f"{_config(job).num_warps:5} {usage.get('REG', '-'):>4} {usage.get('SHARED', '-'):>7} "
+                  f"{usage.get('WARPS', '-'):>5} {usage.get('REG', '-'):>4} {usage.get('SHARED', '-'):>7} "
                   f"{usage.get('STACK', '-'):>5} {usage.get('LOCAL', '-'):>5}  {status}", flush=True)
     print(f"{len(todo) - failures} ok, {failures} failed (compile error or spills)")
     return 1 if failures else 0

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from normops.core import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch, param_grads, stat_dtype
 from .config import LOOP_WARPS, BatchNormConfig, programs_per_wave
 
 
@@ -364,7 +364,7 @@ def _launch_geometry(cfg, n, c, s):
 
 def _tile_args(cfg, x):
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, ACC=acc_type(x.dtype),
-                **launch_options(cfg.num_warps))
+                num_warps=cfg.num_warps)
 
 
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation, config=None):
@@ -379,19 +379,19 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, ac
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **_tile_args(cfg, x))
     w_arg, b_arg = (weight if weight is not None else y), (bias if bias is not None else y)
     if not training:
-        _batch_norm_fwd_kernel[grid](x, y, w_arg, b_arg, dense(running_mean), y, dense(running_var), *geometry,
-                                     eps, RUNNING=True, ONE_PASS=False, **flags)  # RSTD (y) unread
+        launch(_batch_norm_fwd_kernel, grid, x, y, w_arg, b_arg, dense(running_mean), y, dense(running_var),
+               *geometry, eps, RUNNING=True, ONE_PASS=False, **flags)  # RSTD (y) unread
         return y, None, None, None
     sd = stat_dtype(x.dtype)
     mean, rstd, var = (torch.empty(c, dtype=sd, device=x.device) for _ in range(3))
     if not cfg.one_pass:
         part = torch.empty((cfg.split, 3, c), dtype=sd, device=x.device)
-        _batch_norm_stats_kernel[grid](x, part, *geometry, **_tile_args(cfg, x))
-        _batch_norm_finalize_kernel[(triton.cdiv(c, cfg.finalize_c),)](
-            part, mean, rstd, var, c, cfg.split, n * s, eps, BLOCK_SPLIT=cfg.finalize_split,
-            BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), **launch_options(4))
-    _batch_norm_fwd_kernel[grid](x, y, w_arg, b_arg, mean, rstd, var, *geometry, eps, RUNNING=False,
-                                 ONE_PASS=cfg.one_pass, **flags)
+        launch(_batch_norm_stats_kernel, grid, x, part, *geometry, **_tile_args(cfg, x))
+        launch(_batch_norm_finalize_kernel, (triton.cdiv(c, cfg.finalize_c),),
+               part, mean, rstd, var, c, cfg.split, n * s, eps, BLOCK_SPLIT=cfg.finalize_split,
+               BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), num_warps=4)
+    launch(_batch_norm_fwd_kernel, grid, x, y, w_arg, b_arg, mean, rstd, var, *geometry, eps, RUNNING=False,
+           ONE_PASS=cfg.one_pass, **flags)
     return y, mean, rstd, var
 
 
@@ -421,9 +421,9 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     sums = torch.empty((2, c), dtype=sd, device=x.device) if cfg.one_pass else mean  # eval dx alone: unread
     if not cfg.one_pass and (training or want_dw or want_db):
         part = torch.empty((cfg.split, 2, c), dtype=sd, device=x.device)
-        _batch_norm_bwd_sums_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, var, part, *geometry, eps, **flags)
+        launch(_batch_norm_bwd_sums_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, var, part, *geometry, eps, **flags)
         sums = part.sum(0) if cfg.split > 1 else part[0]  # a fixed-order reduction: deterministic
     if cfg.one_pass or want_dx:
-        _batch_norm_bwd_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, var, sums, dx if dx is not None else sums,
-                                     *geometry, eps, n * s, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
+        launch(_batch_norm_bwd_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, var, sums,
+               dx if dx is not None else sums, *geometry, eps, n * s, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
     return (dx, *param_grads(sums, weight, bias, want_dw, want_db))

@@ -1,4 +1,7 @@
-"""What every kernel family shares: the fused activations, the accumulation dtypes, the launch options."""
+"""What every kernel family shares: the fused activations, the accumulation dtypes, the launch options,
+and `launch`, the one way the launchers start a kernel."""
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -85,6 +88,33 @@ def launch_options(num_warps):
             raise ValueError(f"NORMOPS_MAXNREG={cap!r}: expected registers a thread, 16 to 255, or 0 for no cap")
         return {"num_warps": num_warps, **({"maxnreg": int(cap)} if int(cap) else {})}
     return {"num_warps": num_warps, "maxnreg": min(255, 65536 // (32 * max(num_warps, MIN_WARPS_PER_SM)))}
+
+
+_recording = contextvars.ContextVar("normops_kernels_recording", default=None)
+
+
+def launch(kernel, grid, *args, num_warps, **constexprs):
+    """kernel[grid](*args, **constexprs) at `num_warps` warps (launch_options). Under `record()`
+    the launch is noted instead of run, which is how python -m normops.kernels.aot learns what to
+    compile: it calls the launchers themselves on meta tensors, so it compiles exactly the kernels,
+    argument types and constexprs they launch, and restates none of them."""
+    launches = _recording.get()
+    if launches is not None:
+        launches.append((kernel, args, constexprs, num_warps))
+    else:
+        kernel[grid](*args, **constexprs, **launch_options(num_warps))
+
+
+@contextlib.contextmanager
+def record():
+    """Within it, `launch` appends (kernel, args, constexprs, num_warps) to the list it yields
+    instead of launching."""
+    launches = []
+    token = _recording.set(launches)
+    try:
+        yield launches
+    finally:
+        _recording.reset(token)
 
 
 def dense(t):

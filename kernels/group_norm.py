@@ -46,7 +46,7 @@ import triton.language as tl
 
 from normops.core import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, _inv_std, acc_type, dense, launch_options, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, _inv_std, acc_type, dense, launch, param_grads, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
 
 
@@ -351,12 +351,12 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
     part = None
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
     tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                ACC=acc_type(x.dtype), **launch_options(cfg.num_warps))
+                ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     if not cfg.one_pass:
         part = torch.empty((n, g, cfg.split, 2), dtype=sd, device=x.device)
-        _group_norm_stats_kernel[grid](x, part, *geometry, **tile)
-    _group_norm_fwd_kernel[grid](
-        x, y, weight if weight is not None else y, bias if bias is not None else y,
+        launch(_group_norm_stats_kernel, grid, x, part, *geometry, **tile)
+    launch(
+        _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
         *geometry, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
         STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block, **tile)
@@ -382,17 +382,17 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
                  CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                 ACC=acc_type(x.dtype), **launch_options(cfg.num_warps))
+                 ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     w_arg = weight if weight is not None else rstd
     b_arg = bias if bias is not None else rstd
     if not cfg.one_pass:
-        _group_norm_bwd_sums_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, part, *geometry, **flags)
+        launch(_group_norm_bwd_sums_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, part, *geometry, **flags)
     # [N, 2, C]: the chunks' sums totalled in a fixed order (deterministic), in one parallel reduction
     # rather than chunk after chunk in every dx program
     part = part.sum(1) if cfg.split > 1 else part[:, 0]
     if cfg.one_pass or want_dx:
-        _group_norm_bwd_kernel[grid](dy, x, w_arg, b_arg, mean, rstd, part, dx if dx is not None else rstd,
-                                     *geometry, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
+        launch(_group_norm_bwd_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, part, dx if dx is not None else rstd,
+               *geometry, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
     if not (want_dw or want_db):
         return dx, None, None
     sums = part.sum(0)  # [2, C], a fixed-order reduction over samples: deterministic

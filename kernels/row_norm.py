@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch_options, param_grads, stat_dtype
+from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch, param_grads, stat_dtype
 from .config import RowNormConfig, programs_per_wave
 
 @triton.jit
@@ -362,8 +362,9 @@ def _rows_pair(a, b, k):
     return av, bv, inner, (sa_o, sa_i), (sb_o, sb_i)
 
 
-def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
-    """The triton backend's row_norm forward (contract: normops/backends/__init__.py)."""
+def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, config=None):
+    """The triton backend's row_norm forward (contract: normops/backends/__init__.py). `config`
+    overrides the heuristic (the AOT compiler passes each configuration it compiles)."""
     weight, bias = dense(weight), dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
@@ -375,21 +376,23 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     sd = stat_dtype(x.dtype)
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None
-    cfg = RowNormConfig.forward(n)
+    cfg = config or RowNormConfig.forward(n)
     args = (xv, rv, y, h, weight if weight is not None else y, bias if bias is not None else y,
             mean if mean is not None else y, rstd if rstd is not None else y, m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-                 ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype),
-                 **launch_options(cfg.num_warps))
+                 ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype))
     if cfg.one_pass:  # a program per block of rows
-        _row_norm_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](*args, BLOCK_M=cfg.block_m, **flags)
+        launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, num_warps=cfg.num_warps,
+               BLOCK_M=cfg.block_m, **flags)
     else:  # a persistent grid (see the kernel)
-        _row_norm_fwd_looped_kernel[(min(m, programs_per_wave(x.device, cfg.num_warps)),)](*args, **flags)
+        launch(_row_norm_fwd_looped_kernel, (min(m, programs_per_wave(x.device, cfg.num_warps)),), *args,
+               num_warps=cfg.num_warps, **flags)
     return y, (h if residual is not None else None), mean, rstd
 
 
-def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
-    """The triton backend's row_norm backward (contract: normops/backends/__init__.py)."""
+def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, config=None):
+    """The triton backend's row_norm backward (contract: normops/backends/__init__.py); `config` as
+    in row_norm_fwd."""
     weight, bias = dense(weight), dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
@@ -398,7 +401,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     want_dx = output_mask[0]
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
-    cfg = RowNormConfig.backward(n, x.element_size())
+    cfg = config or RowNormConfig.backward(n, x.element_size())
     sd = stat_dtype(x.dtype)
     n_col = triton.cdiv(n, cfg.block_n)
     n_row_blocks = triton.cdiv(m, cfg.block_m)
@@ -413,15 +416,15 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     b_arg = bias if bias is not None else rstd
     if want_dx and not cfg.one_pass:
         sums = torch.empty((m, 2), dtype=sd, device=x.device)
-        _row_norm_bwd_sums_kernel[(m,)](
-            dyv, xv, w_arg, b_arg, stats_mean, rstd, sums, n, inner, sdy_o, sdy_i, sx_o, sx_i,
-            BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **launch_options(cfg.num_warps), **flags)
-    _row_norm_bwd_kernel[(n_col, g)](
-        dyv, xv, w_arg, b_arg, stats_mean, rstd, sums,
-        dx if dx is not None else rstd, part if part is not None else rstd,
-        m, n, inner, sdy_o, sdy_i, sx_o, sx_i,
-        WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ONE_PASS=cfg.one_pass,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **launch_options(cfg.num_warps), **flags)
+        launch(_row_norm_bwd_sums_kernel, (m,),
+               dyv, xv, w_arg, b_arg, stats_mean, rstd, sums, n, inner, sdy_o, sdy_i, sx_o, sx_i,
+               num_warps=cfg.num_warps, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **flags)
+    launch(_row_norm_bwd_kernel, (n_col, g),
+           dyv, xv, w_arg, b_arg, stats_mean, rstd, sums,
+           dx if dx is not None else rstd, part if part is not None else rstd,
+           m, n, inner, sdy_o, sdy_i, sx_o, sx_i,
+           num_warps=cfg.num_warps, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ONE_PASS=cfg.one_pass,
+           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **flags)
     if part is None:
         return dx, None, None
     sums = part.sum(0)  # a fixed-order reduction over programs: deterministic
