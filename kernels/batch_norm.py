@@ -47,7 +47,7 @@ import triton.language as tl
 
 from normops.core import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch, param_grads, stat_dtype
+from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, param_grads, stat_dtype
 from .config import LOOP_WARPS, BatchNormConfig, programs_per_wave
 
 
@@ -224,7 +224,7 @@ def _batch_norm_fwd_kernel(
         tl.store(VAR + ci, m2 / (count - 1), mask=ci < C)
         w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
         z = xc * _bcast(rstd * w) + _bcast(b)
-        tl.store(Y + base + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
     else:
         mean, rstd = _stats(MEAN, RSTD, VAR, c0, C, eps, RUNNING, BLOCK_C, ACC)
         w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
@@ -234,7 +234,7 @@ def _batch_norm_fwd_kernel(
         for i in range(0, t_count):
             base, offs, mask, _ = _tile(t_begin + t_count - 1 - i, s_tiles, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
             x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-            tl.store(Y + base + offs, _act((x - mean) * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + base + offs, act((x - mean) * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -244,7 +244,7 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
     dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
     x_hat = tl.where(mask, (x - _bcast(mean)) * _bcast(rstd), 0.0)
     if ACT != 0:
-        dz = dz * _act_grad(x_hat * _bcast(w) + _bcast(b), ACT)
+        dz = dz * act_grad(x_hat * _bcast(w) + _bcast(b), ACT)
     return x_hat, tl.where(mask, dz, 0.0)
 
 

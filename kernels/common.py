@@ -12,12 +12,12 @@ from normops import core
 from normops.core import stat_dtype  # noqa: F401 (the kernel families take it from here)
 
 # The kernels' ACT ids: the position of each name in normops.core.ACTIVATIONS (none = 0, relu = 1,
-# silu = 2, gelu = 3), which _act and _act_grad branch on.
+# silu = 2, gelu = 3), which act and act_grad branch on.
 ACTIVATIONS = {name: i for i, name in enumerate(core.ACTIVATIONS)}
 
 
 @triton.jit
-def _act(z, ACT: tl.constexpr):
+def act(z, ACT: tl.constexpr):
     if ACT == 1:
         z = tl.where(z < 0.0, 0.0, z)  # a NaN stays NaN, as in torch.relu (tl.maximum drops it)
     elif ACT == 2:
@@ -28,7 +28,7 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr):
+def act_grad(z, ACT: tl.constexpr):
     """act'(z); ACT == 0 is never asked."""
     if ACT == 1:
         d = tl.where(z <= 0, 0.0, 1.0)  # torch's threshold_backward: a NaN z passes dy through
@@ -41,7 +41,7 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _inv_std(var, eps, INSTANCE: tl.constexpr):
+def inv_std(var, eps, INSTANCE: tl.constexpr):
     """1 / sqrt(var + eps); but 0 for a constant channel of instance_norm's call (INSTANCE) with
     eps = 0: torch's instance_norm runs batch norm's statistics, which take rstd = 0 when
     var = eps = 0 (a zero output, not the NaN of 0 * inf; torch's group norm, G == C included,

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from normops.core import memory_format_of
 
-from .common import ACTIVATIONS, _act, _act_grad, _inv_std, acc_type, dense, launch, param_grads, stat_dtype
+from .common import ACTIVATIONS, act, act_grad, inv_std, acc_type, dense, launch, param_grads, stat_dtype
 from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
 
 
@@ -171,7 +171,7 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
         p = PART + (rows + sp[None, :]) * 2
         d = tl.load(p, mask=m, other=0.0) - mean[:, None]
         acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
-    return mean, _inv_std(tl.sum(acc, 1) / total, eps, INSTANCE)
+    return mean, inv_std(tl.sum(acc, 1) / total, eps, INSTANCE)
 
 
 @triton.jit
@@ -182,7 +182,7 @@ def _group_norm_fwd_kernel(
     PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split mode)
     G, Cg, S, C, n_gblocks, split, chunk, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, STORE_STATS: tl.constexpr,
-    INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (_inv_std)
+    INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -197,7 +197,7 @@ def _group_norm_fwd_kernel(
         d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
         dmean = _sum2(d) / (Cg * S)
         xc = tl.where(mask, d - dmean[:, None, None], 0.0)
-        rstd = _inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
+        rstd = inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
     else:
         dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
     if STORE_STATS:
@@ -207,14 +207,14 @@ def _group_norm_fwd_kernel(
     w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
     scale = rstd[:, None, None] * w
     if ONE_PASS:
-        tl.store(Y + base + offs, _act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
     else:
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         for i in range(0, n_tiles):
             offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
             x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
             z = ((x - x0[:, None, None]) - dmean[:, None, None]) * scale + b
-            tl.store(Y + base + offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -224,7 +224,7 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
     dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
     x_hat = tl.where(mask, (x - mean[:, None, None]) * rstd[:, None, None], 0.0)
     if ACT != 0:
-        dz = dz * _act_grad(x_hat * w + b, ACT)
+        dz = dz * act_grad(x_hat * w + b, ACT)
     return x_hat, tl.where(mask, dz, 0.0)
 
 

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, _act, _act_grad, acc_type, dense, launch, param_grads, stat_dtype
+from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, param_grads, stat_dtype
 from .config import RowNormConfig, programs_per_wave
 
 @triton.jit
@@ -89,7 +89,7 @@ def _affine_act_store(x_hat, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.co
         z = z * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
     if HAS_B:
         z = z + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
-    tl.store(Y + y_offs, _act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    tl.store(Y + y_offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS: tl.constexpr, HAS_W: tl.cons
             z = z * w
         if HAS_B:
             z = z + b
-        dz = dy * _act_grad(z, ACT)
+        dz = dy * act_grad(z, ACT)
     g = dz
     if HAS_W:
         g = dz * w

@@ -70,6 +70,20 @@ ACTIVATIONS = {
 }
 
 
+_ACTIVATION_NAMES = tuple(ACTIVATIONS)  # a tuple: `in` on an unhashable argument is False, not a TypeError
+_FUSED = [repr(name) for name in _ACTIVATION_NAMES if name != "none"]
+_ACTIVATION_CHOICES = f"None, {', '.join(_FUSED[:-1])} or {_FUSED[-1]}"  # None, 'relu', 'silu' or 'gelu'
+
+
+def activation_name(activation):
+    """The table's name for a user's ``activation=`` (None and "none": "none"); ValueError otherwise."""
+    if activation is None or activation == "none":
+        return "none"
+    if activation not in _ACTIVATION_NAMES:
+        raise ValueError(f"activation must be {_ACTIVATION_CHOICES}; got {activation!r}")
+    return activation
+
+
 def activate(z, activation):
     """act(z) for ``activation``, a name in ACTIVATIONS."""
     return ACTIVATIONS[activation].forward(z)

@@ -29,25 +29,12 @@ from . import ops  # the route, the eager fast path, the torch.func routing
 from .ops import batch_norm as batch_ops
 from .ops import group_norm as group_ops
 from .ops import row_norm as row_ops
-from .core import ACTIVATIONS, DtypeError, ShapeError, activate, stat_dtype
+from .core import DtypeError, ShapeError, activate, activation_name, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm"]
 
 # --- validation --------------------------------------------------------------------------------
-
-_ACTIVATION_NAMES = tuple(ACTIVATIONS)  # a tuple: `in` on an unhashable argument is False, not a TypeError
-_FUSED = [repr(name) for name in _ACTIVATION_NAMES if name != "none"]
-_ACTIVATION_CHOICES = f"None, {', '.join(_FUSED[:-1])} or {_FUSED[-1]}"  # None, 'relu', 'silu' or 'gelu'
-
-
-def _activation(activation):
-    if activation is None or activation == "none":
-        return "none"
-    if activation not in _ACTIVATION_NAMES:
-        raise ValueError(f"activation must be {_ACTIVATION_CHOICES}; got {activation!r}")
-    return activation
-
 
 def _check_tensors(input, **named):
     """input is a floating tensor; every named tensor is floating and on input's device."""
@@ -121,7 +108,7 @@ def _channels(input, what):
     return input.shape[1]
 
 
-def _check_per_channel(input, what, running_mean, running_var, weight, bias):
+def check_per_channel(input, what, running_mean, running_var, weight, bias):
     """Batch and instance norm's tensors: input floating and (N, C, *); running statistics, weight
     and bias floating, on input's device, of shape [C]. Returns C."""
     _check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -153,7 +140,7 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
             raise TypeError(f"expected residual of the input's dtype {input.dtype}, got {residual.dtype}")
     if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
         eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    act = _activation(activation)
+    act = activation_name(activation)
     if ops.transformed(input, residual, weight, bias):
         h = input + residual if residual is not None else None
 
@@ -229,7 +216,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
         raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
                          f"with num_groups={num_groups}")
-    act = _activation(activation)
+    act = activation_name(activation)
     if ops.transformed(input, weight, bias):
         def norm(x, w, b):
             return activate(torch.group_norm(x, num_groups, w, b, eps, torch.backends.cudnn.enabled), act)
@@ -261,7 +248,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         return handle_torch_function(instance_norm, (input, running_mean, running_var, weight, bias), input,
                                      running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
                                      activation=activation)
-    c = _check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
+    c = check_per_channel(input, "instance_norm", running_mean, running_var, weight, bias)
     _check_momentum("instance_norm", momentum)
     _running_pair(running_mean, running_var)
     _check_param_dtypes(input, weight=weight, bias=bias)
@@ -275,7 +262,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     if running_mean is not None and running_mean.dtype == input.dtype != running_var.dtype:
         raise DtypeError(f"expected running_var of the input's dtype {input.dtype} like running_mean, as torch "
                          f"requires; got {running_var.dtype}")
-    act = _activation(activation)
+    act = activation_name(activation)
     if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ShapeError(f"Expected more than 1 spatial element when training, got input size {input.shape}")
     if not use_input_stats and running_mean is None:
@@ -328,7 +315,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                                      activation=activation)
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
         return input.clone()  # torch returns a copy of it (an OpInfo sample): nothing to normalize
-    _check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
+    check_per_channel(input, "batch_norm", running_mean, running_var, weight, bias)
     _check_momentum("batch_norm", momentum)
     # torch's own checks, in its order (eps: a zero variance would divide by zero)
     if training and input.shape[0] * math.prod(input.shape[2:]) == 1:
@@ -339,7 +326,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     _running_pair(running_mean, running_var)
     _check_param_dtypes(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    act = _activation(activation)
+    act = activation_name(activation)
     if training:
         _check_updatable(running_mean, running_var)
     elif running_mean is None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, fx, nn
 
 from . import functional as F
+from .core import activation_name
 from .sync_batch_norm import sync_batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
@@ -28,7 +29,7 @@ class _Activation:
     activation = None  # class default, so converted modules (see normops.convert) have it too
 
     def _set_activation(self, activation):
-        self.activation = None if F._activation(activation) == "none" else activation
+        self.activation = None if activation_name(activation) == "none" else activation
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -214,7 +215,7 @@ class SyncBatchNorm(_BatchNorm, nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         # the input checks run inside, where a failure on one rank is raised on every rank
         out = sync_batch_norm(input, self.weight, self.bias, *running, self.eps, factor,
-                              F._activation(self.activation), group, check=self._check_input)
+                              activation_name(self.activation), group, check=self._check_input)
         if track:
             self.num_batches_tracked.add_(1)
         return out

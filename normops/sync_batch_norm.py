@@ -113,7 +113,7 @@ def _local_error(input, weight, bias, running_mean, running_var, check):
     try:
         if check is not None and isinstance(input, Tensor):  # a non-tensor is refused below
             check(input)
-        F._check_per_channel(input, "SyncBatchNorm", running_mean, running_var, weight, bias)
+        F.check_per_channel(input, "SyncBatchNorm", running_mean, running_var, weight, bias)
     except (TypeError, ValueError, RuntimeError) as e:
         return e
     return None

@@ -122,3 +122,14 @@ def test_kernels_import_nothing_of_normops_but_kernels_and_core():
 
 def test_core_imports_nothing_of_normops():
     assert [t for t in imports_of("normops.core", module_level=False) if t.startswith("normops")] == []
+
+
+def test_no_private_name_imported_across_modules():
+    """`from module import _name` reaches into another module's internals: what is shared is public."""
+    private = []
+    for path in sorted(ROOT.glob("normops/**/*.py")) + sorted(ROOT.glob("kernels/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert private == []
