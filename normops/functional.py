@@ -19,6 +19,7 @@ activation and residual composed around it (``ops.transformed``), whatever the b
 """
 import math
 import numbers
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -206,6 +207,10 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight, bias, eps,
                                      activation=activation)
     _check_tensors(input, weight=weight, bias=bias)
+    # an int, or an integer numpy value or 0-d tensor, as torch takes; not a bool or a float
+    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
+        raise TypeError(f"group_norm(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)
     c = _channels(input, "group_norm")
     if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
         raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "

@@ -149,7 +149,7 @@ def _family(m):
 
 def _type_name(m):
     cls = type(m)
-    if isinstance(m, normops_nn._Activation) and getattr(normops_nn, cls.__name__, None) is cls:
+    if isinstance(m, normops_nn.FusedActivation) and getattr(normops_nn, cls.__name__, None) is cls:
         return f"normops.nn.{cls.__name__}"
     if getattr(nn, cls.__name__, None) is cls:
         return f"torch.nn.{cls.__name__}"
@@ -177,7 +177,7 @@ def _device(module, fallback):
 
 
 def _backend(m, device):
-    if isinstance(m, normops_nn._Activation):
+    if isinstance(m, normops_nn.FusedActivation):
         return current_backend(device)
     if type(m) in TWINS:
         return NOT_NORMOPS
@@ -188,7 +188,7 @@ def _backend(m, device):
 
 def _triton_static(m):
     """What the triton backend does with layer m, as far as its configuration tells."""
-    if not isinstance(m, normops_nn._Activation):
+    if not isinstance(m, normops_nn.FusedActivation):
         return "-"
     if _family(m) == "group":
         per_group, most = m.num_channels // m.num_groups, _max_group_channels()
@@ -223,7 +223,7 @@ def _kernel_module(name):
 def _triton_dynamic(m, x):
     """What the triton backend does with layer m on input x, as ``normops.ops.route`` answers it,
     where the kernels can be imported (see _kernel_module); None to keep the static answer."""
-    if not isinstance(m, normops_nn._Activation) or not isinstance(x, torch.Tensor) or x.dim() < 2:
+    if not isinstance(m, normops_nn.FusedActivation) or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return None
     family = _family(m)
     if family == "row":
@@ -287,7 +287,7 @@ def _activation_of(m):
 def _constructor(m, activation):
     """normops.nn's constructor for norm m, with a fused activation."""
     family = _family(m)
-    name = type(m).__name__ if type(m) in TWINS or isinstance(m, normops_nn._Activation) else None
+    name = type(m).__name__ if type(m) in TWINS or isinstance(m, normops_nn.FusedActivation) else None
     if name is None:
         return None
     if family == "group":

@@ -23,7 +23,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNo
            "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm"]
 
 
-class _Activation:
+class FusedActivation:
     """The fused activation: validated once, shown by ``extra_repr`` when set."""
 
     activation = None  # class default, so converted modules (see normops.convert) have it too
@@ -59,7 +59,7 @@ def _fx_leaf(module, input):
     return input.tracer.create_proxy("call_module", path, (input,), {})
 
 
-class LayerNorm(_Activation, nn.LayerNorm):
+class LayerNorm(FusedActivation, nn.LayerNorm):
     __doc__ = nn.LayerNorm.__doc__
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
@@ -71,7 +71,7 @@ class LayerNorm(_Activation, nn.LayerNorm):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, activation=self.activation)
 
 
-class RMSNorm(_Activation, nn.RMSNorm):
+class RMSNorm(FusedActivation, nn.RMSNorm):
     __doc__ = nn.RMSNorm.__doc__
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None,
@@ -83,7 +83,7 @@ class RMSNorm(_Activation, nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, activation=self.activation)
 
 
-class GroupNorm(_Activation, nn.GroupNorm):
+class GroupNorm(FusedActivation, nn.GroupNorm):
     __doc__ = nn.GroupNorm.__doc__
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None,
@@ -95,7 +95,7 @@ class GroupNorm(_Activation, nn.GroupNorm):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
 
 
-class _BatchNorm(_Activation):
+class _BatchNorm(FusedActivation):
     """torch's ``_BatchNorm.forward``, except that nothing is updated until the input has passed
     validation: a failed call leaves ``num_batches_tracked`` and the running statistics as they were."""
 
@@ -140,7 +140,7 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     __doc__ = nn.BatchNorm3d.__doc__
 
 
-class _InstanceNorm(_Activation):
+class _InstanceNorm(FusedActivation):
     """torch's ``_InstanceNorm`` with the normops functional (and its activation)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, device=None,

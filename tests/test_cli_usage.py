@@ -179,3 +179,40 @@ def test_help_documents_exit_statuses(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert all(s in out for s in ("0 ok", "1 findings", "2 usage error", "130 interrupted"))
 
+
+
+@pytest.mark.parametrize("command", ["bench", "models", "demo", "inspect"])
+def test_normops_backend_triton_without_a_device_is_refused_before_any_work(command, monkeypatch, capsys):
+    monkeypatch.setenv("NORMOPS_BACKEND", "triton")
+    monkeypatch.setattr(check, "triton_interpret", lambda: False)
+    monkeypatch.setattr(cli, "default_device", lambda: "cpu")
+    for target in ((bench_command, "run_bench_case"), (models, "_run"), (lessons, "run"), (inspect, "inspect")):
+        monkeypatch.setattr(*target, pytest.fail)
+    assert cli.main(COMMANDS[command]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"normops {command}: error: NORMOPS_BACKEND=triton:") and "TRITON_INTERPRET=1" in line
+
+
+def test_check_says_it_does_not_use_normops_backend(monkeypatch, capsys):
+    monkeypatch.setenv("NORMOPS_BACKEND", "numpy")
+    assert cli.main(COMMANDS["check"] + ["--backend", "torch"]) == 0
+    assert "NORMOPS_BACKEND=numpy is not used here" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_the_imports_is_held_then_one_line_and_130(monkeypatch, capsys):
+    """SIGINT while the console script imports torch and normops is held (an interrupt inside
+    their C-level initialisation could be swallowed or leave numpy half-imported), then reported."""
+    import signal
+    import types
+
+    import normops_cli
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):  # `from normops.cli import main`: the interrupt arrives mid-import
+            os.kill(os.getpid(), signal.SIGINT)
+            return pytest.fail
+
+    monkeypatch.setitem(sys.modules, "normops.cli", Importing("normops.cli"))
+    assert normops_cli.main() == 130
+    assert one_line(capsys.readouterr().err) == "normops: interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -505,3 +505,18 @@ def test_layer_norm_statistics_exact_for_constant_rows_and_precise_at_an_offset(
             with normops.backend(backend), torch.no_grad():
                 y = F.add_layer_norm(x, r, [width], w, b)[0] if residual else F.layer_norm(x, [width], w, b)
             assert torch.equal(y, b.expand_as(y))
+
+
+def test_group_norm_num_groups_must_be_an_integer():
+    """A float num_groups is a TypeError naming the argument, as torch's (it said 'divisible');
+    integer numpy values and 0-d tensors are taken, as torch takes them."""
+    import numpy as np
+
+    x = torch.randn(2, 4, 3)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match="num_groups"):
+            F.group_norm(x, bad)
+        with pytest.raises(TypeError):
+            TF.group_norm(x, bad)
+    for good in (np.int64(2), torch.tensor(2)):
+        torch.testing.assert_close(F.group_norm(x, good), TF.group_norm(x, good))

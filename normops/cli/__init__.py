@@ -62,15 +62,15 @@ def _backend_error(args):
     """Why the backend settings cannot run this command (NORMOPS_BACKEND, ``--backend``), or None:
     checked once, before any work."""
     try:
-        backend_from_env()
+        env = backend_from_env()
     except ValueError as e:
         return f"{e} (or unset it)"
-    name = getattr(args, "backend", None)
-    if args.command != "check" and name == "triton":
-        device = getattr(args, "device", None) or torch.device(default_device())
-        return triton_unavailable(device)
+    if args.command == "check" or not hasattr(args, "backend"):  # check compares backends itself; guide runs none
+        return None
+    if (args.backend or env) == "triton":
+        why = triton_unavailable(getattr(args, "device", None) or torch.device(default_device()))
+        return f"NORMOPS_BACKEND=triton: {why}" if why and not args.backend else why
     return None
-
 
 def main(argv=None):
     """``normops COMMAND ...``; returns the exit status (the console script exits with it)."""

@@ -10,6 +10,7 @@ import time
 import torch
 
 from .. import __version__
+from ..backends import backend_from_env
 from ..check import OP_NAMES, format_table, plan_cases, run_case
 from ..cliutil import DTYPES, default_device, device_arg, dtype_arg
 
@@ -65,6 +66,9 @@ def run(args):
     print(f"backends checked: {', '.join(ran)}")
     for (name, device), why in skipped.items():
         print(f"backend skipped: {name} ({device}): {why}")
+    if backend_from_env():
+        print(f"NORMOPS_BACKEND={backend_from_env()} is not used here: check compares every backend "
+              f"(--backend selects them)")
     print(format_table(results, show_device=len(devices) > 1))
     print("err, tol: the compared tensor (output, gradient or running statistic) closest to its tolerance; "
           "tol = rel tol x max(1, max|ref|)")
