@@ -111,7 +111,11 @@ def backend_choice(device):
     env = backend_from_env()
     if env:
         return env, "NORMOPS_BACKEND"
-    return ("triton" if torch_device_type(device) == "cuda" else "torch"), f"the {torch_device_type(device)} default"
+    kind = torch_device_type(device)
+    return _DEFAULTS.get(kind) or ("torch", f"the {kind} default")
+
+
+_DEFAULTS = {"cuda": ("triton", "the cuda default"), "cpu": ("torch", "the cpu default")}
 
 
 def backend_from_env():
