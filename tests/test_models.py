@@ -53,7 +53,7 @@ def test_normops_and_torch_norms_train_alike(name):
     ours, ref = (m.train(norm, steps=3, seed=0) for norm in ("normops", "torch"))
     assert ours.norm == "normops" and ref.norm == "torch"
     # The models really differ in their norm modules, and in nothing else.
-    assert _norm_modules(ours.model) and all(isinstance(n, normops.nn._Activation) for n in _norm_modules(ours.model))
+    assert _norm_modules(ours.model) and all(isinstance(n, normops.nn.FusedActivation) for n in _norm_modules(ours.model))
     assert all(type(n).__module__.startswith("torch.nn") for n in _norm_modules(ref.model))
     assert ours.model.state_dict().keys() == ref.model.state_dict().keys()
     assert set(ours.losses) == set(ref.losses)

@@ -10,7 +10,9 @@ import sys
 
 def main():
     interrupted = []
-    held = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    held = signal.getsignal(signal.SIGINT)
+    if held is signal.default_int_handler:  # not where SIGINT is ignored (a background job, nohup)
+        signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         from normops.cli import main as run
     finally:
