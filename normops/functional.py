@@ -59,6 +59,8 @@ def _check_param_dtypes(input, **params):
     """torch's rule for the parameters of layer, group, instance and batch norm: they share one
     dtype, the input's, or float32 with a float16/bfloat16 input (ATen's CPU "mixed type" path).
     (rms_norm takes a weight of any floating dtype, and instance_norm running statistics too.)"""
+    if all(t is None or t.dtype == input.dtype for t in params.values()):  # the common call, on the hot path
+        return
     given = {name: t.dtype for name, t in params.items() if t is not None}
     dtypes = set(given.values())
     low = input.dtype in (torch.float16, torch.bfloat16)
@@ -212,7 +214,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         raise TypeError(f"group_norm(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
     num_groups = operator.index(num_groups)
     c = _channels(input, "group_norm")
-    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+    if num_groups <= 0 or c % num_groups:
         raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
                          f"of shape {list(input.shape)} and num_groups={num_groups}")
     _check_shape("weight", weight, (c,))
@@ -227,10 +229,10 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
             return activate(torch.group_norm(x, num_groups, w, b, eps, torch.backends.cudnn.enabled), act)
 
         return ops.in_torch(norm, input, weight, bias)
-    # Not with a bias but no weight: torch.group_norm's backward then fails ("tensor does not have a
-    # device", torch 2.13), the op's computes the bias gradient. Not for a channels_last input that
-    # needs no gradient: torch 2.13's CPU backward then crashes (SIGSEGV) computing only dweight/dbias.
     spec = group_ops.GroupNormSpec(num_groups, float(eps), act)
+    # Not to ATen with a bias but no weight: torch.group_norm's backward then fails ("tensor does not
+    # have a device", torch 2.13), the op's computes the bias gradient. Nor for a channels_last input
+    # that needs no gradient: torch 2.13's CPU backward then crashes (SIGSEGV) computing dweight/dbias alone.
     how = ops.route("group_norm", input, spec, (input, weight, bias),
                     aten=(weight is not None or bias is None) and (input.requires_grad or input.is_contiguous()))
     if how.implementation == "aten":

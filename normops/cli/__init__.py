@@ -72,6 +72,7 @@ def _backend_error(args):
         return f"NORMOPS_BACKEND=triton: {why}" if why and not args.backend else why
     return None
 
+
 def main(argv=None):
     """``normops COMMAND ...``; returns the exit status (the console script exits with it)."""
     parser = build_parser()
