@@ -113,7 +113,7 @@ def _source(job):
     with record() as launches:
         unaligned, ones = family(job)
     pattern = re.compile(f"_{job.kernel.removeprefix('gn_').removeprefix('bn_')}(_looped)?_kernel$")
-    (fn, args, constexprs, num_warps), = [r for r in launches if pattern.search(r[0].fn.__name__)]
+    (fn, _, args, constexprs, num_warps), = [r for r in launches if pattern.search(r.kernel.fn.__name__)]
     names = [name for name in fn.arg_names if name not in constexprs]
     assert len(names) == len(args), (fn.fn.__name__, names, len(args))
     consts = {**constexprs, **{name: 1 for name in ones if name in fn.arg_names}}

@@ -1,5 +1,6 @@
 """What every kernel family shares: the fused activations, the accumulation dtypes, the launch options,
 and `launch`, the one way the launchers start a kernel."""
+import collections
 import contextlib
 import contextvars
 import os
@@ -92,6 +93,10 @@ def launch_options(num_warps):
 
 _recording = contextvars.ContextVar("normops_kernels_recording", default=None)
 
+# One launch noted by record(): the kernel, its grid (a tuple of ints), its positional arguments,
+# constexprs and warps.
+Launch = collections.namedtuple("Launch", "kernel grid args constexprs num_warps")
+
 
 def launch(kernel, grid, *args, num_warps, **constexprs):
     """kernel[grid](*args, **constexprs) at `num_warps` warps (launch_options). Under `record()`
@@ -100,15 +105,14 @@ def launch(kernel, grid, *args, num_warps, **constexprs):
     argument types and constexprs they launch, and restates none of them."""
     launches = _recording.get()
     if launches is not None:
-        launches.append((kernel, args, constexprs, num_warps))
+        launches.append(Launch(kernel, tuple(grid), args, constexprs, num_warps))
     else:
         kernel[grid](*args, **constexprs, **launch_options(num_warps))
 
 
 @contextlib.contextmanager
 def record():
-    """Within it, `launch` appends (kernel, args, constexprs, num_warps) to the list it yields
-    instead of launching."""
+    """Within it, `launch` appends a `Launch` to the list it yields instead of launching."""
     launches = []
     token = _recording.set(launches)
     try:
