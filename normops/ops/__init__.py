@@ -16,8 +16,9 @@ double-backward machinery, and the torch.func routing (``transformed``, ``in_tor
 
 The ops are functional (they never write their inputs): running statistics are updated afterwards
 by ``update_running_stats``, so a failed or re-run kernel can never apply an update twice. Meta and
-fake tensors get the ``register_fake`` kernels, which is what ``torch.compile`` and ``torch.export``
-trace.
+fake tensors get the ``register_fake`` kernels, which is what ``torch.export`` traces, and
+``torch.compile`` too, except for a CUDA call the Triton kernels compute: that one it traces into the
+kernels' launches (``traced_into``).
 
 Autograd: the forward ops save fp32 statistics (only when a gradient is needed: the caller passes
 ``need_stats``) and their backward is the ``*_backward`` op. Those are differentiable too (torch.nn
