@@ -27,8 +27,9 @@ The model, per op (times add up; GPU numbers in GPUS):
 - Latency bound (Little's law): programs in flight = min(grid, SMs x programs resident an SM, from
   the registers, warps and shared memory); a region (a loop body, or the code outside loops)
   requests the bytes of its global loads per program (SASS: LDG count x width x threads) every
-  DRAM_LATENCY_NS + BARRIER_NS per barrier in it. The regions that stream (at least a quarter of the
-  largest's bytes) share the traffic equally: bandwidth = their harmonic mean.
+  DRAM_LATENCY_NS + BARRIER_NS per barrier in it. The regions that stream (the loops that load, or
+  else the straight-line code; at least a quarter of the largest's bytes) share the traffic
+  equally: bandwidth = their harmonic mean.
 - % of peak = the op's ideal bytes (IDEAL: what normops.bench.bytes_moved counts: read x, write y;
   x, dy, dx backward; BatchNorm training's two reads) / predicted time / peak.
 
@@ -334,7 +335,7 @@ class Facts:
     stack: int
     local: int
     shared: int
-    regions: tuple  # ((load bytes a thread, barriers), ...)
+    regions: tuple  # ((load bytes a thread, barriers, is a loop), ...)
     load_widths: tuple
 
 
@@ -369,9 +370,9 @@ _LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
 
 def sass_regions(sass):
-    """((load bytes a thread, barriers) per region, load widths): a region is the body of an
-    innermost loop (a backward branch's span, less the loops nested in it) or the code outside
-    every loop."""
+    """((load bytes a thread, barriers, is a loop) per region, load widths): a region is the body
+    of an innermost loop (a backward branch's span, less the loops nested in it) or the code
+    outside every loop."""
     labels, code, pending = {}, [], []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -408,7 +409,7 @@ def sass_regions(sass):
         elif op.startswith("BAR.") and ".ARV" not in op:
             barriers += 1
         totals[key] = (loads, barriers)
-    return tuple(totals.values()), tuple(sorted(widths))
+    return tuple((loads, bars, key is not None) for key, (loads, bars) in totals.items()), tuple(sorted(widths))
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -425,8 +426,12 @@ def latency_bandwidth(facts, num_warps, programs, gpu):
     """Little's law over the streaming regions (bytes/s), and the programs in flight."""
     in_flight = min(programs, gpu.sms * resident(facts, num_warps, gpu))
     threads = 32 * num_warps
-    top = max((loads for loads, _ in facts.regions), default=0)
-    streams = [(loads, bars) for loads, bars in facts.regions if top and loads * 4 >= top]
+    # The loops stream when any loads (the code outside them runs once a program); else the
+    # straight-line code, a one-pass kernel's whole tile.
+    loops = [(loads, bars) for loads, bars, loop in facts.regions if loop and loads]
+    regions = loops or [(loads, bars) for loads, bars, _ in facts.regions]
+    top = max((loads for loads, _ in regions), default=0)
+    streams = [(loads, bars) for loads, bars in regions if top and loads * 4 >= top]
     if not streams or not in_flight:
         return float("inf"), in_flight
     rates = [in_flight * loads * threads / ((DRAM_LATENCY_NS + BARRIER_NS * bars) * 1e-9) for loads, bars in streams]
@@ -505,8 +510,8 @@ def predict_launches(launches, glue_ops, facts, gpu, case=None):
         glue += glued
         records.append(dict(kernel=launch.kernel.fn.__name__, grid=list(launch.grid), warps=launch.num_warps,
                             regs=f.regs, spill=f.stack + f.local, resident=resident(f, launch.num_warps, gpu),
-                            in_flight=in_flight, barriers=[b for _, b in f.regions],
-                            load_bytes=[lb for lb, _ in f.regions], widths=list(f.load_widths),
+                            in_flight=in_flight, barriers=[b for _, b, _ in f.regions],
+                            load_bytes=[lb for lb, _, _ in f.regions], widths=list(f.load_widths),
                             dram_mb=dram / 1e6, l2_mb=l2 / 1e6, latency_tbps=min(bw_latency, 1e15) / 1e12,
                             us=cost, glue=glued))
         for key in tensors:
