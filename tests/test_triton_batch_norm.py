@@ -22,11 +22,12 @@ from normops.kernels import config  # noqa: E402
 @pytest.fixture(params=["one_pass", "split"])
 def path(request, monkeypatch):
     """Run the test on the one-pass kernels, then again with every channel's reduction split into
-    chunks of tiny tiles: one-pass limits at zero, 16-element tiles, 16 programs to fill, and a
-    finalize kernel that combines 2 chunks x 2 channels at a time."""
+    chunks of tiny tiles: one-pass limits at zero, tiles of one warp, one byte a thread (8 fp32
+    values), 16 x 16 programs to fill, and finalize kernels that combine 2 chunks x 2 channels at a time."""
     if request.param == "split":
-        for name, value in dict(BN_FWD_ONE_PASS_MAX=0, BN_BWD_ONE_PASS_MAX=0, BN_LOOP_TILE=16, BN_MIN_RUN=4,
-                                BN_ROW_CHANNELS=2, BN_FINALIZE_SPLIT=2, BN_FINALIZE_C=2).items():
+        for name, value in dict(BN_FWD_ONE_PASS_MAX=0, BN_BWD_ONE_PASS_MAX=0, BN_LOOP_WARPS=1, BN_FWD_LOOP_BYTES=1,
+                                BN_BWD_LOOP_BYTES=1, BN_MIN_RUN=4, BN_ROW_CHANNELS=2, BN_FINALIZE_SPLIT=2,
+                                BN_FINALIZE_C=2).items():
             monkeypatch.setattr(config, name, value)
         monkeypatch.setattr(kernels, "programs_per_wave", lambda device, warps: 16)
     return request.param
@@ -231,10 +232,11 @@ def test_deterministic(path):
 
 
 def test_split_heuristic_without_patching():
-    """With the real limits: 4 x 5120 values a channel do not fit one tile, and two channels
-    split over the CPU interpreter's 4 programs; the result still equals torch."""
-    cfg = config.BatchNormConfig.forward(4, 2, 64 * 80, True, 4)
-    assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk) == (2, 1024, 2, 5)
+    """With the real limits: 4 x 5120 fp32 values a channel do not fit one tile (8 warps x 64 bytes
+    a thread: 4096 values), and two channels split over the 4 x 2 programs of the CPU interpreter's
+    4 "SMs"; the result still equals torch."""
+    cfg = config.BatchNormConfig.forward(4, 2, 64 * 80, True, 4, 4)
+    assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk, cfg.num_warps) == (4, 1024, 3, 2, 8)
     x = on_device(make((4, 2, 64, 80), torch.float32))
     w, b = (on_device(t) for t in params((2,), torch.float32))
     assert_close_to_reference(*_batch_norm(True, activation="relu"), [x, w, b], "triton", torch.float32)
