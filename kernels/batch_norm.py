@@ -443,7 +443,7 @@ def _running_buffers(running_mean, running_var, c):
             raise ValueError(f"batch_norm_fwd: momentum given, so {name} must be a float tensor of {c} "
                              f"elements to update; got {None if t is None else (tuple(t.shape), t.dtype)}")
     dense_pair = [t.contiguous().view(c) for t in (running_mean, running_var)]
-    write_back = [(t, d) for t, d in zip((running_mean, running_var), dense_pair) if d.data_ptr() != t.data_ptr()]
+    write_back = [(t, d) for t, d in zip((running_mean, running_var), dense_pair) if not t.is_contiguous()]
     return dense_pair, write_back
 
 
