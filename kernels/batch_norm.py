@@ -9,7 +9,9 @@ last axes, so both layouts are read in place by one code path.
 
 Math, per channel c:
     training   mean = sum(x) / M     var = sum((x - mean)^2) / M     rstd = 1 / sqrt(var + eps)
-               (and the unbiased var * M / (M - 1) for the running average, updated by the caller)
+               and, when the launcher is given momentum, the running statistics in place:
+               running = (1 - momentum) * running + momentum * batch (mean, and the unbiased
+               var * M / (M - 1)), in the kernel that computes the batch statistics
     eval       mean, var: the running statistics
     forward    x_hat = (x - mean) * rstd           z = x_hat * w + b          y = act(z)
                computed as (x - mean) * scale + b with scale = w * rstd, not x * scale + shift:
@@ -20,15 +22,19 @@ Math, per channel c:
                eval:     dx = w * rstd * dz  (constant statistics)
 
 Programs: one per (channel block, chunk of the N' x S' tiles). When a channel block's whole
-reduction fits in one tile (one pass) everything stays in registers. Otherwise, for enough
-programs to fill the GPU:
-    forward    _batch_norm_stats_kernel: (count, mean, M2) of each chunk; _batch_norm_finalize_kernel
-               combines the chunks of each channel with Chan's formula (never E[x^2] - E[x]^2) into
-               mean, rstd and the unbiased variance; _batch_norm_fwd_kernel normalizes (eval: this
-               kernel alone, from the running statistics)
-    backward   _batch_norm_bwd_sums_kernel: sum_dz, sum_dzx of each (chunk, channel), totalled over
-               the chunks by torch in a fixed order (deterministic, no atomics); _batch_norm_bwd_kernel
-               writes dx
+reduction fits in one tile (one pass) everything stays in registers: one launch. Otherwise, one
+wave of programs (SMs x 16 // warps, the occupancy the launch budget allows) loops over tiles of
+64 bytes a thread (forward; 32 of each of x and dy backward), ~4 MB of loads in flight on an H100,
+with per-lane accumulators (one reduction over the tile after the loop, no barrier inside it):
+    forward    _batch_norm_stats_kernel: (count, mean, M2) of each chunk (sums about a shift, the
+               chunk's first-tile mean); _batch_norm_finalize_kernel combines the chunks of each
+               channel with Chan's formula (never E[x^2] - E[x]^2) into mean, rstd and the unbiased
+               variance, and updates the running statistics; _batch_norm_fwd_kernel normalizes
+               (eval: this kernel alone, from the running statistics). 3 launches.
+    backward   _batch_norm_bwd_sums_kernel: sum_dz, sum_dzx of each (chunk, channel);
+               _batch_norm_bwd_finalize_kernel totals them over the chunks in a fixed order
+               (deterministic, no atomics) and writes dw, db in the parameters' dtype;
+               _batch_norm_bwd_kernel writes dx. 3 launches (eval dx alone: 1).
 The normalize passes walk the tensor backwards, so the end that the reduction pass just read is
 still in L2.
 
@@ -303,6 +309,19 @@ def _batch_norm_bwd_sums_kernel(
 
 
 @triton.jit
+def _store_sums(SUMS, DW, DB, ci, C, sum_dzx, sum_dz, WANT_SUMS: tl.constexpr, HAS_DW: tl.constexpr,
+                HAS_DB: tl.constexpr):
+    """The totals of channels ci: fp32 (ACC) for the dx kernel (WANT_SUMS), and dw, db cast."""
+    if WANT_SUMS:
+        tl.store(SUMS + ci, sum_dzx, mask=ci < C)
+        tl.store(SUMS + C + ci, sum_dz, mask=ci < C)
+    if HAS_DW:
+        tl.store(DW + ci, sum_dzx.to(DW.dtype.element_ty), mask=ci < C)
+    if HAS_DB:
+        tl.store(DB + ci, sum_dz.to(DB.dtype.element_ty), mask=ci < C)
+
+
+@triton.jit
 def _batch_norm_bwd_finalize_kernel(
     PART,              # [split, 2, C] sum_dzx, sum_dz of each chunk from _batch_norm_bwd_sums_kernel
     SUMS,              # [2, C] out: their totals, ACC dtype (WANT_SUMS: the dx kernel's input)
@@ -323,18 +342,6 @@ def _batch_norm_bwd_finalize_kernel(
         dzx += tl.load(p, mask=m, other=0.0)
         dz += tl.load(p + C, mask=m, other=0.0)
     _store_sums(SUMS, DW, DB, ci, C, tl.sum(dzx, 0), tl.sum(dz, 0), WANT_SUMS, HAS_DW, HAS_DB)
-
-
-@triton.jit
-def _store_sums(SUMS, DW, DB, ci, C, sum_dzx, sum_dz, WANT_SUMS: tl.constexpr, HAS_DW: tl.constexpr,
-                HAS_DB: tl.constexpr):
-    if WANT_SUMS:
-        tl.store(SUMS + ci, sum_dzx, mask=ci < C)
-        tl.store(SUMS + C + ci, sum_dz, mask=ci < C)
-    if HAS_DW:
-        tl.store(DW + ci, sum_dzx.to(DW.dtype.element_ty), mask=ci < C)
-    if HAS_DB:
-        tl.store(DB + ci, sum_dz.to(DB.dtype.element_ty), mask=ci < C)
 
 
 @triton.jit
