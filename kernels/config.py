@@ -232,10 +232,12 @@ BN_UNALIGNED_ELEMENTS_PER_WARP = 128
 BN_LOOP_WARPS = 8
 BN_FWD_LOOP_BYTES = 64
 BN_BWD_LOOP_BYTES = 32
-# Positions not a multiple of 16 (7x7: every element its own 64-bit address, no vector loads): the
-# training forward's statistics kernel at 64 B (32 bf16 values) a thread spilled 120 bytes (sm_90,
-# triton 3.9, 128 registers); at 32 B none. Its loads in flight then reach ~1.7 MB (49 of every
-# 64 lanes busy at 7x7), below saturation. The eval forward, with no accumulators, keeps 64 B.
+# An unaligned contiguous axis (every element its own 64-bit address, no vector loads): positions
+# not a multiple of 16 (7x7), or channels in the (N * S, C, 1) view. At 64 B (32 bf16 values) a
+# thread the training forward's statistics kernel spilled 120 bytes (7x7, sm_90, triton 3.9, 128
+# registers), and with unaligned channels the normalize kernel too (104-168 bytes, 2048x4x1 tiles,
+# sm_80); at 32 B none. The 7x7 loads in flight then reach ~1.7 MB (49 of every 64 lanes busy),
+# below saturation. The eval forward on unaligned positions, no accumulators, keeps 64 B.
 BN_UNALIGNED_FWD_LOOP_BYTES = 32
 # Rows of the (N * S, C) channels_last view span this many channels: 128 contiguous bytes at bf16.
 BN_ROW_CHANNELS = 64
@@ -292,8 +294,8 @@ class BatchNormConfig:
 
     @classmethod
     def forward(cls, n, c, s, training, sms, elem_bytes):
-        unaligned = s > 1 and s % 16
-        loop_bytes = BN_UNALIGNED_FWD_LOOP_BYTES if training and unaligned else BN_FWD_LOOP_BYTES
+        narrow = BN_UNALIGNED_FWD_LOOP_BYTES if s % 16 if s > 1 else c % 16 else BN_FWD_LOOP_BYTES
+        loop_bytes = narrow if training or s == 1 else BN_FWD_LOOP_BYTES
         return cls._make(n, c, s, sms, BN_FWD_ONE_PASS_MAX if training else 0, BN_FWD_ELEMENTS_PER_WARP,
                          loop_bytes, elem_bytes)
 
