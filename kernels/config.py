@@ -294,7 +294,8 @@ class BatchNormConfig:
 
     @classmethod
     def forward(cls, n, c, s, training, sms, elem_bytes):
-        narrow = BN_UNALIGNED_FWD_LOOP_BYTES if s % 16 if s > 1 else c % 16 else BN_FWD_LOOP_BYTES
+        unaligned = s % 16 if s > 1 else c % 16
+        narrow = BN_UNALIGNED_FWD_LOOP_BYTES if unaligned else BN_FWD_LOOP_BYTES
         loop_bytes = narrow if training or s == 1 else BN_FWD_LOOP_BYTES
         return cls._make(n, c, s, sms, BN_FWD_ONE_PASS_MAX if training else 0, BN_FWD_ELEMENTS_PER_WARP,
                          loop_bytes, elem_bytes)
