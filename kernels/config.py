@@ -235,10 +235,12 @@ BN_BWD_LOOP_BYTES = 32
 # An unaligned contiguous axis (every element its own 64-bit address, no vector loads): positions
 # not a multiple of 16 (7x7), or channels in the (N * S, C, 1) view. At 64 B (32 bf16 values) a
 # thread the training forward's statistics kernel spilled 120 bytes (7x7, sm_90, triton 3.9, 128
-# registers), and with unaligned channels the normalize kernel too (104-168 bytes, 2048x4x1 tiles,
+# registers), and the normalize kernel too (gelu, 104-168 bytes, 32x4x64 and 2048x4x1 tiles,
 # sm_80); at 32 B none. The 7x7 loads in flight then reach ~1.7 MB (49 of every 64 lanes busy),
-# below saturation. The eval forward on unaligned positions, no accumulators, keeps 64 B.
+# below saturation. The backward on unaligned channels (gelu, 1024x4x1 tiles, sm_80) spilled
+# 40-176 bytes at 32 B of x and of dy a thread: 16 B each there (7x7 positions kept 32 B: no spill).
 BN_UNALIGNED_FWD_LOOP_BYTES = 32
+BN_UNALIGNED_CHANNELS_BWD_LOOP_BYTES = 16
 # Rows of the (N * S, C) channels_last view span this many channels: 128 contiguous bytes at bf16.
 BN_ROW_CHANNELS = 64
 # NCHW tiles take channels until a sample's part of the tile is at least this many contiguous
@@ -294,15 +296,14 @@ class BatchNormConfig:
 
     @classmethod
     def forward(cls, n, c, s, training, sms, elem_bytes):
-        unaligned = s % 16 if s > 1 else c % 16
-        narrow = BN_UNALIGNED_FWD_LOOP_BYTES if unaligned else BN_FWD_LOOP_BYTES
-        loop_bytes = narrow if training or s == 1 else BN_FWD_LOOP_BYTES
+        loop_bytes = BN_UNALIGNED_FWD_LOOP_BYTES if (s % 16 if s > 1 else c % 16) else BN_FWD_LOOP_BYTES
         return cls._make(n, c, s, sms, BN_FWD_ONE_PASS_MAX if training else 0, BN_FWD_ELEMENTS_PER_WARP,
                          loop_bytes, elem_bytes)
 
     @classmethod
     def backward(cls, n, c, s, training, sms, elem_bytes):
-        return cls._make(n, c, s, sms, BN_BWD_ONE_PASS_MAX, 512, BN_BWD_LOOP_BYTES, elem_bytes)
+        loop_bytes = BN_UNALIGNED_CHANNELS_BWD_LOOP_BYTES if s == 1 and c % 16 else BN_BWD_LOOP_BYTES
+        return cls._make(n, c, s, sms, BN_BWD_ONE_PASS_MAX, 512, loop_bytes, elem_bytes)
 
     @classmethod
     def _make(cls, n, c, s, sms, one_pass_max, per_warp, loop_bytes, elem_bytes):

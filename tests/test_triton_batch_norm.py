@@ -27,7 +27,7 @@ def path(request, monkeypatch):
     values), 16 x 16 programs to fill, and finalize kernels that combine 2 chunks x 2 channels at a time."""
     if request.param == "split":
         for name, value in dict(BN_FWD_ONE_PASS_MAX=0, BN_BWD_ONE_PASS_MAX=0, BN_LOOP_WARPS=1, BN_FWD_LOOP_BYTES=1,
-                                BN_BWD_LOOP_BYTES=1, BN_UNALIGNED_FWD_LOOP_BYTES=1,
+                                BN_BWD_LOOP_BYTES=1, BN_UNALIGNED_FWD_LOOP_BYTES=1, BN_UNALIGNED_CHANNELS_BWD_LOOP_BYTES=1,
                                 BN_MIN_RUN=4, BN_ROW_CHANNELS=2, BN_FINALIZE_SPLIT=2,
                                 BN_FINALIZE_C=2).items():
             monkeypatch.setattr(config, name, value)
