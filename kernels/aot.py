@@ -69,7 +69,7 @@ GN_VARIANTS = [("group_norm", True, True, "none"), ("group_norm+gelu", True, Tru
 BN_SHAPES = [(256, 64, 12544), (256, 256, 3136), (256, 128, 3136), (256, 512, 784), (256, 1024, 196),
              (256, 2048, 49), (32, 64, 12544), (32, 256, 3136), (32, 2048, 49), (1024, 512, 1), (32, 4096, 1),
              (8, 3, 1), (2, 1, 1), (2, 64, 9), (8, 32, 16384), (1, 64, 1 << 20), (4096, 3, 1), (3, 5, 7)]
-BN_PROGRAMS = GN_PROGRAMS
+BN_SMS = 132  # an H100's SMs: programs_per_wave(device, 16), the `sms` of BatchNormConfig
 # (name, HAS_W, HAS_B, ACT); ReLU is the common fusion, gelu the heaviest in registers.
 BN_VARIANTS = [("batch_norm", True, True, "none"), ("batch_norm+gelu", True, True, "gelu")]
 
@@ -176,8 +176,9 @@ def _bn_launches(job):
     w, b = (w if has_w else None), (b if has_b else None)
     x = _meta((4, 8) if cfg.block_s == 1 else (4, 8, 16), dtype)  # the (N * S, C, 1) view, or (N, C, S)
     stats = _meta(8, torch.float32)
-    if job.kernel in ("bn_stats", "bn_finalize", "bn_fwd"):
-        batch_norm.batch_norm_fwd(x, w, b, stats, stats, training, 1e-5, act, config=cfg)
+    if job.kernel in ("bn_stats", "bn_finalize", "bn_fwd"):  # training: with the running statistics' update
+        batch_norm.batch_norm_fwd(x, w, b, stats, stats, training, 1e-5, act, config=cfg,
+                                  momentum=0.1 if training else None)
     else:
         batch_norm.batch_norm_bwd(x, x, w, b, stats, stats, stats, stats, training, 1e-5, act, (True, True, True),
                                   config=cfg)
@@ -211,7 +212,7 @@ def compile_one(job):
 
 def _describe(job):
     """The launch configuration in one column."""
-    if job.kernel == "bn_finalize":
+    if job.kernel in ("bn_finalize", "bn_bwd_finalize"):
         c = job.config[0]
         return f"combine {c.finalize_split} chunks x {c.finalize_c} channels"
     if job.kernel.startswith("bn_"):
@@ -285,7 +286,16 @@ def _bn_grid():
 
 
 def batch_norm_jobs(targets, exhaustive=False):
-    configs = {"bn_fwd": set(), "bn_bwd": set()}
+    """Every (kernel, configuration) the heuristic picks over the shapes, for each variant and dtype
+    (the loop tiles depend on the element size)."""
+    if exhaustive:
+        variants = [("batch_norm+gelu/w32", "bf16")]
+    else:
+        variants = [("batch_norm", "bf16"), ("batch_norm", "fp32"), ("batch_norm+gelu", "bf16"),
+                    ("batch_norm+gelu/w32", "bf16")]
+    kernels = ("bn_stats", "bn_finalize", "bn_fwd", "bn_bwd_sums", "bn_bwd_finalize", "bn_bwd")
+    configs = {k: set() for k in kernels}
+    bare = dict(split=0, chunk=0, finalize_split=1, finalize_c=1)  # runtime arguments, or other kernels'
     for (n, c, s), channels_last, training in itertools.product(list(_bn_grid()) if exhaustive else BN_SHAPES,
                                                                 (False, True), (True, False)):
         if channels_last and s == 1:
@@ -293,28 +303,23 @@ def batch_norm_jobs(targets, exhaustive=False):
         view = (n * s, c, 1) if channels_last or s == 1 else (n, c, s)
         # the JIT marks an integer argument divisible by 16 when it is: S, and C in the (N * S, C, 1) view
         aligned = view[2] % 16 == 0 if view[2] > 1 else view[1] % 16 == 0
-        fwd = BatchNormConfig.forward(*view, training, BN_PROGRAMS)
-        bwd = BatchNormConfig.backward(*view, training, BN_PROGRAMS)
-        # split and chunk are runtime arguments: one compile serves them all
-        configs["bn_fwd"].add((dataclasses.replace(fwd, split=0, chunk=0), training, aligned))
-        configs["bn_bwd"].add((dataclasses.replace(bwd, split=0, chunk=0, finalize_split=1, finalize_c=1),
-                               training, aligned))
-    split_fwd = [k for k in configs["bn_fwd"] if k[1] and not k[0].one_pass]
-    configs["bn_stats"] = {(dataclasses.replace(c, finalize_split=1, finalize_c=1), True, a) for c, _, a in split_fwd}
-    configs["bn_finalize"] = {(BatchNormConfig(1, 1, 1, 4, False, 0, 0, c.finalize_split, c.finalize_c), True, True)
-                              for c, _, _ in split_fwd}
-    configs["bn_fwd"] = {(dataclasses.replace(c, finalize_split=1, finalize_c=1), t, a)
-                         for c, t, a in configs["bn_fwd"]}
-    configs["bn_bwd_sums"] = {k for k in configs["bn_bwd"] if not k[0].one_pass}
-    if exhaustive:
-        variants = [("batch_norm+gelu/w32", "bf16")]
-    else:
-        variants = [("batch_norm", "bf16"), ("batch_norm", "fp32"), ("batch_norm+gelu", "bf16"),
-                    ("batch_norm+gelu/w32", "bf16")]
+        for variant, dtype in variants:
+            elem = DTYPE[dtype].itemsize
+            fwd = BatchNormConfig.forward(*view, training, BN_SMS, elem)
+            bwd = BatchNormConfig.backward(*view, training, BN_SMS, elem)
+            configs["bn_fwd"].add((dataclasses.replace(fwd, **bare), training, aligned, variant, dtype))
+            configs["bn_bwd"].add((dataclasses.replace(bwd, **bare), training, aligned, variant, dtype))
+            if not bwd.one_pass:
+                configs["bn_bwd_sums"].add((dataclasses.replace(bwd, **bare), training, aligned, variant, dtype))
+                configs["bn_bwd_finalize"].add((BatchNormConfig(1, 1, 1, 4, False, 0, 0, bwd.finalize_split,
+                                                                bwd.finalize_c), True, True, *variants[0]))
+            if training and not fwd.one_pass and (variant, dtype) in variants[:2]:  # no activation in them
+                configs["bn_stats"].add((dataclasses.replace(fwd, **bare), True, aligned, variant, dtype))
+                configs["bn_finalize"].add((BatchNormConfig(1, 1, 1, 4, False, 0, 0, fwd.finalize_split,
+                                                            fwd.finalize_c), True, True, variant, dtype))
     order = lambda k: (not k[0].one_pass, not k[1], k[0].block_n * k[0].block_c * k[0].block_s, str(k))  # noqa: E731
-    return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel in
-            ("bn_stats", "bn_finalize", "bn_fwd", "bn_bwd_sums", "bn_bwd") for cfg in sorted(configs[kernel], key=order)
-            for variant, dtype in (variants[:2] if kernel in ("bn_stats", "bn_finalize") else variants)]
+    return [Job(kernel, variant, dtype, (cfg, training, aligned), target) for target in targets for kernel in kernels
+            for cfg, training, aligned, variant, dtype in sorted(configs[kernel], key=order)]
 
 
 def main(argv=None):

@@ -9,7 +9,9 @@ last axes, so both layouts are read in place by one code path.
 
 Math, per channel c:
     training   mean = sum(x) / M     var = sum((x - mean)^2) / M     rstd = 1 / sqrt(var + eps)
-               (and the unbiased var * M / (M - 1) for the running average, updated by the caller)
+               and, when the launcher is given momentum, the running statistics in place:
+               running = (1 - momentum) * running + momentum * batch (mean, and the unbiased
+               var * M / (M - 1)), in the kernel that computes the batch statistics
     eval       mean, var: the running statistics
     forward    x_hat = (x - mean) * rstd           z = x_hat * w + b          y = act(z)
                computed as (x - mean) * scale + b with scale = w * rstd, not x * scale + shift:
@@ -20,15 +22,19 @@ Math, per channel c:
                eval:     dx = w * rstd * dz  (constant statistics)
 
 Programs: one per (channel block, chunk of the N' x S' tiles). When a channel block's whole
-reduction fits in one tile (one pass) everything stays in registers. Otherwise, for enough
-programs to fill the GPU:
-    forward    _batch_norm_stats_kernel: (count, mean, M2) of each chunk; _batch_norm_finalize_kernel
-               combines the chunks of each channel with Chan's formula (never E[x^2] - E[x]^2) into
-               mean, rstd and the unbiased variance; _batch_norm_fwd_kernel normalizes (eval: this
-               kernel alone, from the running statistics)
-    backward   _batch_norm_bwd_sums_kernel: sum_dz, sum_dzx of each (chunk, channel), totalled over
-               the chunks by torch in a fixed order (deterministic, no atomics); _batch_norm_bwd_kernel
-               writes dx
+reduction fits in one tile (one pass) everything stays in registers: one launch. Otherwise, one
+wave of programs (SMs x 16 // warps, the occupancy the launch budget allows) loops over tiles of
+64 bytes a thread (forward; 32 of each of x and dy backward), ~4 MB of loads in flight on an H100,
+with per-lane accumulators (one reduction over the tile after the loop, no barrier inside it):
+    forward    _batch_norm_stats_kernel: (count, mean, M2) of each chunk (sums about a shift, the
+               chunk's first-tile mean); _batch_norm_finalize_kernel combines the chunks of each
+               channel with Chan's formula (never E[x^2] - E[x]^2) into mean, rstd and the unbiased
+               variance, and updates the running statistics; _batch_norm_fwd_kernel normalizes
+               (eval: this kernel alone, from the running statistics). 3 launches.
+    backward   _batch_norm_bwd_sums_kernel: sum_dz, sum_dzx of each (chunk, channel);
+               _batch_norm_bwd_finalize_kernel totals them over the chunks in a fixed order
+               (deterministic, no atomics) and writes dw, db in the parameters' dtype;
+               _batch_norm_bwd_kernel writes dx. 3 launches (eval dx alone: 1).
 The normalize passes walk the tensor backwards, so the end that the reduction pass just read is
 still in L2.
 
@@ -47,8 +53,8 @@ import triton.language as tl
 
 from normops.core import memory_format_of
 
-from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, param_grads, stat_dtype
-from .config import LOOP_WARPS, BatchNormConfig, programs_per_wave
+from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
+from .config import BatchNormConfig, programs_per_wave
 
 
 @triton.jit
@@ -139,41 +145,61 @@ def _batch_norm_stats_kernel(
     N, C, S, s_tiles, n_tiles, c_blocks, chunk,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Training forward, split mode, pass 1: Chan's running (count, mean, M2) over this chunk's tiles."""
+    """Training forward, split mode, pass 1: (count, mean, M2) of this chunk's tiles. Every lane
+    sums x - shift and its square; the tile is reduced once, after the loop (a reduction in the
+    loop would cost barriers every iteration). The shift, the mean of the chunk's first tile, keeps
+    the sums small where |mean| >> std (x = 1e4 + randn), so M2 = sum(d^2) - sum(d)^2 / n does not
+    cancel; the chunks are then combined with Chan's formula (never E[x^2] - E[x]^2)."""
     cb, sp = _program(c_blocks, False)
     c0 = cb * BLOCK_C
-    count = tl.zeros([], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for t in range(sp * chunk, tl.minimum(n_tiles, (sp + 1) * chunk)):
+    t_begin = sp * chunk
+    t_end = tl.minimum(n_tiles, t_begin + chunk)
+    base, offs, mask, n_b = _tile(t_begin, s_tiles, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
+    shift_c = _sum(tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)) / n_b
+    shift_c = tl.where(_finite(shift_c), shift_c, 0.0)  # an inf in x: the sums carry it, as torch's
+    shift = _bcast(shift_c)
+    s1 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=ACC)
+    s2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=ACC)
+    count = 0
+    for t in range(t_begin, t_end):
         base, offs, mask, n_b = _tile(t, s_tiles, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
         x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
-        n_b = n_b.to(ACC)
-        mean_b, d = _center(x, mask, n_b)
-        total = count + n_b
-        delta = mean_b - mean
-        # with an infinite mean on either side delta is inf - inf: the sum keeps the mean torch's
-        # sum / count gives (inf, or nan for infinities of both signs)
-        mean = tl.where(_finite(mean) & _finite(mean_b), mean + delta * (n_b / total), mean + mean_b)
-        m2 += _sum(d * d) + delta * delta * (count * n_b / total)
-        count = total
+        d = tl.where(mask, x - shift, 0.0)
+        s1 += d
+        s2 += d * d
+        count += n_b
+    count = count.to(ACC)
+    d_mean = _sum(s1) / count
+    m2 = _sum(s2) - _sum(s1) * d_mean
     ci = c0 + tl.arange(0, BLOCK_C)
     p = PART + sp * 3 * C + ci
     tl.store(p, tl.zeros([BLOCK_C], dtype=ACC) + count, mask=ci < C)
-    tl.store(p + C, mean, mask=ci < C)
-    tl.store(p + 2 * C, m2, mask=ci < C)
+    tl.store(p + C, shift_c + d_mean, mask=ci < C)
+    tl.store(p + 2 * C, tl.where(m2 < 0.0, 0.0, m2), mask=ci < C)  # rounding; a NaN stays
+
+
+@triton.jit
+def _update_running(RMEAN, RVAR, ci, C, mean, var, momentum):
+    """running = (1 - momentum) * running + momentum * batch, for the mean and the unbiased var of
+    channels ci, computed in the statistics' dtype and stored in the buffers' own."""
+    rm = tl.load(RMEAN + ci, mask=ci < C, other=0.0).to(mean.dtype)
+    rv = tl.load(RVAR + ci, mask=ci < C, other=0.0).to(mean.dtype)
+    tl.store(RMEAN + ci, ((1.0 - momentum) * rm + momentum * mean).to(RMEAN.dtype.element_ty), mask=ci < C)
+    tl.store(RVAR + ci, ((1.0 - momentum) * rv + momentum * var).to(RVAR.dtype.element_ty), mask=ci < C)
 
 
 @triton.jit
 def _batch_norm_finalize_kernel(
     PART,              # [split, 3, C] chunk statistics from _batch_norm_stats_kernel
     MEAN, RSTD, VAR,   # [C] out: batch mean, rstd, unbiased variance, ACC dtype
-    C, split, total, eps,
-    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    RMEAN, RVAR,       # [C] running mean and var, updated in place (UPDATE), their own dtype
+    C, split, total, eps, momentum,
+    UPDATE: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """Chan's formula for many parts, in a fixed order: mean = sum(n_i mean_i) / M, then
     M2 = sum(M2_i + n_i (mean_i - mean)^2). The mean is summed as offsets from the first chunk's,
-    small numbers: n_i mean_i themselves would round at the magnitude of the whole sum."""
+    small numbers: n_i mean_i themselves would round at the magnitude of the whole sum. Then the
+    running statistics' update, the op's last write (UPDATE)."""
     ci = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ref = tl.load(PART + C + ci, mask=ci < C, other=0.0)
     acc = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=ACC)
@@ -198,6 +224,8 @@ def _batch_norm_finalize_kernel(
     tl.store(MEAN + ci, mean, mask=ci < C)
     tl.store(RSTD + ci, 1.0 / tl.sqrt(m2 / total + eps), mask=ci < C)
     tl.store(VAR + ci, m2 / (total - 1), mask=ci < C)
+    if UPDATE:
+        _update_running(RMEAN, RVAR, ci, C, mean, m2 / (total - 1), momentum)
 
 
 @triton.jit
@@ -206,9 +234,10 @@ def _batch_norm_fwd_kernel(
     W, B,              # [C] weight, bias
     MEAN, RSTD, VAR,   # [C] training: out (one pass) or in (split; VAR unused); eval: running mean
                        # and var in, RSTD unused
-    N, C, S, s_tiles, n_tiles, c_blocks, chunk, eps,
+    RMEAN, RVAR,       # [C] running mean and var, updated in place (UPDATE: training, one pass)
+    N, C, S, s_tiles, n_tiles, c_blocks, chunk, eps, momentum,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr, ONE_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    UPDATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     cb, sp = _program(c_blocks, not ONE_PASS)
     c0 = cb * BLOCK_C
@@ -222,6 +251,8 @@ def _batch_norm_fwd_kernel(
         tl.store(MEAN + ci, mean, mask=ci < C)
         tl.store(RSTD + ci, rstd, mask=ci < C)
         tl.store(VAR + ci, m2 / (count - 1), mask=ci < C)
+        if UPDATE:
+            _update_running(RMEAN, RVAR, ci, C, mean, m2 / (count - 1), momentum)
         w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
         z = xc * _bcast(rstd * w) + _bcast(b)
         tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
@@ -258,22 +289,59 @@ def _batch_norm_bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Backward, split mode, pass 1: the per-channel sums over this chunk."""
+    """Backward, split mode, pass 1: the per-channel sums over this chunk, summed per lane in the
+    loop and reduced over the tile once, after it."""
     cb, sp = _program(c_blocks, False)
     c0 = cb * BLOCK_C
     mean, rstd = _stats(MEAN, RSTD, VAR, c0, C, eps, RUNNING, BLOCK_C, ACC)
     w, b = _affine(W, B, c0, C, HAS_W, HAS_B, BLOCK_C, ACC)
-    sum_dzx = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dz = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dzx = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=ACC)
+    sum_dz = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], dtype=ACC)
     for t in range(sp * chunk, tl.minimum(n_tiles, (sp + 1) * chunk)):
         base, offs, mask, _ = _tile(t, s_tiles, c0, N, C, S, BLOCK_N, BLOCK_C, BLOCK_S)
         x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
-        sum_dzx += _sum(dz * x_hat)
-        sum_dz += _sum(dz)
+        sum_dzx += dz * x_hat
+        sum_dz += dz
     ci = c0 + tl.arange(0, BLOCK_C)
     p = PART + sp * 2 * C + ci
-    tl.store(p, sum_dzx, mask=ci < C)
-    tl.store(p + C, sum_dz, mask=ci < C)
+    tl.store(p, _sum(sum_dzx), mask=ci < C)
+    tl.store(p + C, _sum(sum_dz), mask=ci < C)
+
+
+@triton.jit
+def _store_sums(SUMS, DW, DB, ci, C, sum_dzx, sum_dz, WANT_SUMS: tl.constexpr, HAS_DW: tl.constexpr,
+                HAS_DB: tl.constexpr):
+    """The totals of channels ci: fp32 (ACC) for the dx kernel (WANT_SUMS), and dw, db cast."""
+    if WANT_SUMS:
+        tl.store(SUMS + ci, sum_dzx, mask=ci < C)
+        tl.store(SUMS + C + ci, sum_dz, mask=ci < C)
+    if HAS_DW:
+        tl.store(DW + ci, sum_dzx.to(DW.dtype.element_ty), mask=ci < C)
+    if HAS_DB:
+        tl.store(DB + ci, sum_dz.to(DB.dtype.element_ty), mask=ci < C)
+
+
+@triton.jit
+def _batch_norm_bwd_finalize_kernel(
+    PART,              # [split, 2, C] sum_dzx, sum_dz of each chunk from _batch_norm_bwd_sums_kernel
+    SUMS,              # [2, C] out: their totals, ACC dtype (WANT_SUMS: the dx kernel's input)
+    DW, DB,            # [C] out: dweight = sum_dzx, dbias = sum_dz in the parameters' dtype (HAS_DW, HAS_DB)
+    C, split,
+    WANT_SUMS: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """The chunks' sums totalled in a fixed order (deterministic, no atomics), and cast: the
+    backward's one small launch besides its two passes."""
+    ci = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    dzx = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=ACC)
+    dz = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=ACC)
+    for start in range(0, split, BLOCK_SPLIT):
+        sp = start + tl.arange(0, BLOCK_SPLIT)
+        m = (sp < split)[:, None] & (ci < C)[None, :]
+        p = PART + sp[:, None] * 2 * C + ci[None, :]
+        dzx += tl.load(p, mask=m, other=0.0)
+        dz += tl.load(p + C, mask=m, other=0.0)
+    _store_sums(SUMS, DW, DB, ci, C, tl.sum(dzx, 0), tl.sum(dz, 0), WANT_SUMS, HAS_DW, HAS_DB)
 
 
 @triton.jit
@@ -290,11 +358,12 @@ def _batch_norm_bwd_kernel(
     DY, X,             # (N', C, S') output gradient, input
     W, B,              # [C] weight, bias
     MEAN, RSTD, VAR,   # [C] training: saved mean and rstd (VAR unused); eval: running mean and var (RSTD unused)
-    SUMS,              # [2, C] sum_dzx, sum_dz: written (one pass) or read (split: the chunks' totals)
+    SUMS,              # [2, C] sum_dzx, sum_dz, the chunks' totals (split, training)
     DX,                # (N', C, S') out
+    DW, DB,            # [C] out (one pass): dweight, dbias in the parameters' dtype (HAS_DW, HAS_DB)
     N, C, S, s_tiles, n_tiles, c_blocks, chunk, eps, total,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RUNNING: tl.constexpr,
-    WANT_DX: tl.constexpr, ONE_PASS: tl.constexpr,
+    WANT_DX: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, ONE_PASS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     cb, sp = _program(c_blocks, not ONE_PASS)
@@ -307,8 +376,7 @@ def _batch_norm_bwd_kernel(
         x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
         sum_dzx = _sum(dz * x_hat)
         sum_dz = _sum(dz)
-        tl.store(SUMS + ci, sum_dzx, mask=ci < C)
-        tl.store(SUMS + C + ci, sum_dz, mask=ci < C)
+        _store_sums(SUMS, DW, DB, ci, C, sum_dzx, sum_dz, False, HAS_DW, HAS_DB)
     elif not RUNNING:
         sum_dzx = tl.load(SUMS + ci, mask=ci < C, other=0.0)
         sum_dz = tl.load(SUMS + C + ci, mask=ci < C, other=0.0)
@@ -349,10 +417,16 @@ def supported(x):
 @functools.lru_cache(maxsize=1024)
 def _offsets_fit(n, c, s):
     """A tile's offsets from its int64 start reach block_n * C * S' (block_n does not depend on the
-    program count), and its first sample index n0 = tile * block_n, int32 in _tile, reaches N'."""
+    program count; the widest tiles are those of 2-byte elements), and its first sample index
+    n0 = tile * block_n, int32 in _tile, reaches N'."""
     return n < 2**31 - 2**16 and all(
         cfg.block_n * c * s < 2**31 for training in (False, True)
-        for cfg in (BatchNormConfig.forward(n, c, s, training, 1), BatchNormConfig.backward(n, c, s, training, 1)))
+        for cfg in (BatchNormConfig.forward(n, c, s, training, 1, 2), BatchNormConfig.backward(n, c, s, training, 1, 2)))
+
+
+def _config(make, x, n, c, s, training):
+    """The heuristic's configuration for x: `make` is BatchNormConfig.forward or .backward."""
+    return make(n, c, s, training, programs_per_wave(x.device, 16), x.element_size())
 
 
 def _launch_geometry(cfg, n, c, s):
@@ -367,31 +441,57 @@ def _tile_args(cfg, x):
                 num_warps=cfg.num_warps)
 
 
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation, config=None):
+def _running_buffers(running_mean, running_var, c):
+    """The running statistics the forward updates in place, checked before any kernel runs (so a
+    bad call leaves them as they were): [C] each, any float dtype. A non-contiguous one is updated
+    in a contiguous copy, written back after the kernels (the second return value)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None or t.numel() != c or not t.is_floating_point():
+            raise ValueError(f"batch_norm_fwd: momentum given, so {name} must be a float tensor of {c} "
+                             f"elements to update; got {None if t is None else (tuple(t.shape), t.dtype)}")
+    dense_pair = [t.contiguous().view(c) for t in (running_mean, running_var)]
+    write_back = [(t, d) for t, d in zip((running_mean, running_var), dense_pair) if not t.is_contiguous()]
+    return dense_pair, write_back
+
+
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation, config=None,
+                   momentum=None):
     """The triton backend's batch_norm forward (contract: normops/backends/__init__.py). `config`
-    overrides the heuristic (tests use it to force the split path at small shapes)."""
+    overrides the heuristic (tests use it to force the split path at small shapes).
+
+    momentum (training only): also update running_mean and running_var in place, as
+    running = (1 - momentum) * running + momentum * batch (the unbiased variance), inside the
+    kernel that computes the batch statistics: no separate launches. The caller passes torch's
+    factor (1 / num_batches_tracked for momentum=None, the cumulative average). None (the
+    default): the running statistics are only read (eval) and never written."""
     x = x.contiguous(memory_format=memory_format_of(x))  # channels_last(_3d) stays: read in place
     n, c, s = _geometry(x)
     weight, bias = dense(weight), dense(bias)
-    cfg = config or BatchNormConfig.forward(n, c, s, training, programs_per_wave(x.device, LOOP_WARPS))
+    cfg = config or _config(BatchNormConfig.forward, x, n, c, s, training)
     geometry, grid = _launch_geometry(cfg, n, c, s)
+    update = training and momentum is not None
+    (rmean, rvar), write_back = _running_buffers(running_mean, running_var, c) if update else ((None, None), ())
     y = torch.empty_like(x)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **_tile_args(cfg, x))
     w_arg, b_arg = (weight if weight is not None else y), (bias if bias is not None else y)
     if not training:
-        launch(_batch_norm_fwd_kernel, grid, x, y, w_arg, b_arg, dense(running_mean), y, dense(running_var),
-               *geometry, eps, RUNNING=True, ONE_PASS=False, **flags)  # RSTD (y) unread
+        launch(_batch_norm_fwd_kernel, grid, x, y, w_arg, b_arg, dense(running_mean), y, dense(running_var), y, y,
+               *geometry, eps, 0.0, RUNNING=True, ONE_PASS=False, UPDATE=False, **flags)  # RSTD, RMEAN, RVAR (y) unread
         return y, None, None, None
     sd = stat_dtype(x.dtype)
     mean, rstd, var = (torch.empty(c, dtype=sd, device=x.device) for _ in range(3))
+    rmean, rvar = (rmean, rvar) if update else (mean, mean)  # unread placeholders without an update
+    momentum = float(momentum) if update else 0.0
     if not cfg.one_pass:
         part = torch.empty((cfg.split, 3, c), dtype=sd, device=x.device)
         launch(_batch_norm_stats_kernel, grid, x, part, *geometry, **_tile_args(cfg, x))
         launch(_batch_norm_finalize_kernel, (triton.cdiv(c, cfg.finalize_c),),
-               part, mean, rstd, var, c, cfg.split, n * s, eps, BLOCK_SPLIT=cfg.finalize_split,
-               BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), num_warps=4)
-    launch(_batch_norm_fwd_kernel, grid, x, y, w_arg, b_arg, mean, rstd, var, *geometry, eps, RUNNING=False,
-           ONE_PASS=cfg.one_pass, **flags)
+               part, mean, rstd, var, rmean, rvar, c, cfg.split, n * s, eps, momentum, UPDATE=update,
+               BLOCK_SPLIT=cfg.finalize_split, BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), num_warps=4)
+    launch(_batch_norm_fwd_kernel, grid, x, y, w_arg, b_arg, mean, rstd, var, rmean, rvar, *geometry, eps, momentum,
+           RUNNING=False, ONE_PASS=cfg.one_pass, UPDATE=update and cfg.one_pass, **flags)
+    for buffer, updated in write_back:
+        buffer.copy_(updated)
     return y, mean, rstd, var
 
 
@@ -411,19 +511,27 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     want_db = output_mask[2] and bias is not None
     if not (want_dx or want_dw or want_db):
         return None, None, None
-    cfg = config or BatchNormConfig.backward(n, c, s, training, programs_per_wave(x.device, LOOP_WARPS))
+    cfg = config or _config(BatchNormConfig.backward, x, n, c, s, training)
     geometry, grid = _launch_geometry(cfg, n, c, s)
     sd = stat_dtype(x.dtype)
     dx = torch.empty_like(x) if want_dx else None
+    dw = torch.empty_like(weight) if want_dw else None
+    db = torch.empty_like(bias) if want_db else None
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
                  RUNNING=not training, **_tile_args(cfg, x))
     w_arg, b_arg = (weight if weight is not None else mean), (bias if bias is not None else mean)
-    sums = torch.empty((2, c), dtype=sd, device=x.device) if cfg.one_pass else mean  # eval dx alone: unread
+    dw_arg, db_arg = (dw if want_dw else mean), (db if want_db else mean)
+    sums = mean  # unread unless the split path's dx needs the totals (training)
     if not cfg.one_pass and (training or want_dw or want_db):
         part = torch.empty((cfg.split, 2, c), dtype=sd, device=x.device)
         launch(_batch_norm_bwd_sums_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, var, part, *geometry, eps, **flags)
-        sums = part.sum(0) if cfg.split > 1 else part[0]  # a fixed-order reduction: deterministic
+        want_sums = training and want_dx
+        sums = torch.empty((2, c), dtype=sd, device=x.device) if want_sums else mean
+        launch(_batch_norm_bwd_finalize_kernel, (triton.cdiv(c, cfg.finalize_c),), part, sums, dw_arg, db_arg,
+               c, cfg.split, WANT_SUMS=want_sums, HAS_DW=want_dw, HAS_DB=want_db, BLOCK_SPLIT=cfg.finalize_split,
+               BLOCK_C=cfg.finalize_c, ACC=acc_type(x.dtype), num_warps=4)
     if cfg.one_pass or want_dx:
         launch(_batch_norm_bwd_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, var, sums,
-               dx if dx is not None else sums, *geometry, eps, n * s, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
-    return (dx, *param_grads(sums, weight, bias, want_dw, want_db))
+               dx if dx is not None else mean, dw_arg, db_arg, *geometry, eps, n * s, WANT_DX=want_dx,
+               HAS_DW=want_dw and cfg.one_pass, HAS_DB=want_db and cfg.one_pass, ONE_PASS=cfg.one_pass, **flags)
+    return dx, dw, db

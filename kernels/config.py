@@ -240,11 +240,26 @@ BN_BWD_ONE_PASS_MAX = 8192
 # backward still spilled 8 bytes under triton 3.6 (sm_90, 8 warps).
 BN_UNALIGNED_ONE_PASS_MAX = 4096
 BN_UNALIGNED_ELEMENTS_PER_WARP = 128
-# Tile of the looped (split) kernels: 2K values over 8 warps, 8 a thread (16 bytes of bf16: one
-# vector load). At 4K, as the other families' loops, triton 3.6's ptxas spilled 8 bytes in the
-# backward sums (sm_80, 64-80 registers) and the fp32 dx kernel (sm_90, 48 registers); at 2K none
-# spilled under triton 3.6 or 3.9.
-BN_LOOP_TILE = 2048
+# The looped (split) kernels: 8 warps a program, and 16 // 8 = 2 programs an SM, the launch budget
+# (common.launch_options caps the registers so that 16 warps fit), so 132 x 512 threads on an
+# H100. Each thread loads this many bytes of each tensor per loop iteration, which sets the tile
+# (8K bf16 or 4K fp32 values forward): 132 x 512 x 64 B = 4.3 MB of loads in flight forward (x)
+# and backward (x and dy, 32 B each), twice the ~2.1 MB (3.0 TB/s x 700 ns DRAM latency) that
+# saturates DRAM, which leaves room for masked (idle) lanes and the latency of a loop's tail.
+# The loops keep per-lane accumulators (2 per loaded value), so the backward's two tensors take
+# half the forward's bytes each: 4 live values per loaded one, as the forward's 3.
+BN_LOOP_WARPS = 8
+BN_FWD_LOOP_BYTES = 64
+BN_BWD_LOOP_BYTES = 32
+# An unaligned contiguous axis (every element its own 64-bit address, no vector loads): positions
+# not a multiple of 16 (7x7), or channels in the (N * S, C, 1) view. At 64 B (32 bf16 values) a
+# thread the training forward's statistics kernel spilled 120 bytes (7x7, sm_90, triton 3.9, 128
+# registers), and the normalize kernel too (gelu, 104-168 bytes, 32x4x64 and 2048x4x1 tiles,
+# sm_80); at 32 B none. The 7x7 loads in flight then reach ~1.7 MB (49 of every 64 lanes busy),
+# below saturation. The backward on unaligned channels (gelu, 1024x4x1 tiles, sm_80) spilled
+# 40-176 bytes at 32 B of x and of dy a thread: 16 B each there (7x7 positions kept 32 B: no spill).
+BN_UNALIGNED_FWD_LOOP_BYTES = 32
+BN_UNALIGNED_CHANNELS_BWD_LOOP_BYTES = 16
 # Rows of the (N * S, C) channels_last view span this many channels: 128 contiguous bytes at bf16.
 BN_ROW_CHANNELS = 64
 # NCHW tiles take channels until a sample's part of the tile is at least this many contiguous
@@ -281,8 +296,12 @@ class BatchNormConfig:
     block_n x block_c x block_s: the tile; one_pass: a channel block's whole N' x S' is one tile
     and stays in registers (training only: eval has no reduction in the forward). Otherwise the
     tiles of each channel block are cut into `split` chunks of `chunk` tiles, so that channel blocks
-    x chunks fill the GPU: partial statistics per chunk, combined by the finalize kernel
-    [finalize_split x finalize_c at a time], then a normalize pass. num_warps: warps per program.
+    x chunks fill the GPU once: partial statistics (or gradient sums) per chunk, combined by a
+    finalize kernel [finalize_split x finalize_c at a time], then a normalize (dx) pass.
+    num_warps: warps per program.
+
+    `sms`: programs of 16 warps that fill the device (its SM count; programs_per_wave(device, 16)),
+    of which an SM holds 16 // num_warps programs; elem_bytes: the size of an element of x.
     """
     block_n: int
     block_c: int
@@ -295,38 +314,39 @@ class BatchNormConfig:
     finalize_c: int = 1
 
     @classmethod
-    def forward(cls, n, c, s, training, programs):
-        return cls._make(n, c, s, programs, BN_FWD_ONE_PASS_MAX if training else 0, BN_FWD_ELEMENTS_PER_WARP)
+    def forward(cls, n, c, s, training, sms, elem_bytes):
+        loop_bytes = BN_UNALIGNED_FWD_LOOP_BYTES if (s % 16 if s > 1 else c % 16) else BN_FWD_LOOP_BYTES
+        return cls._make(n, c, s, sms, BN_FWD_ONE_PASS_MAX if training else 0, BN_FWD_ELEMENTS_PER_WARP,
+                         loop_bytes, elem_bytes)
 
     @classmethod
-    def backward(cls, n, c, s, training, programs):
-        return cls._make(n, c, s, programs, BN_BWD_ONE_PASS_MAX, 512)
+    def backward(cls, n, c, s, training, sms, elem_bytes):
+        loop_bytes = BN_UNALIGNED_CHANNELS_BWD_LOOP_BYTES if s == 1 and c % 16 else BN_BWD_LOOP_BYTES
+        return cls._make(n, c, s, sms, BN_BWD_ONE_PASS_MAX, 512, loop_bytes, elem_bytes)
 
     @classmethod
-    def _make(cls, n, c, s, programs, one_pass_max, per_warp):
+    def _make(cls, n, c, s, sms, one_pass_max, per_warp, loop_bytes, elem_bytes):
         if (s % 16 if s > 1 else c % 16) and one_pass_max:  # the contiguous axis: positions, or channels
             one_pass_max, per_warp = BN_UNALIGNED_ONE_PASS_MAX, BN_UNALIGNED_ELEMENTS_PER_WARP
+        warps = BN_LOOP_WARPS
+        loop_tile = max(1, warps * 32 * loop_bytes // elem_bytes)
         if s == 1:
             block_c, block_s = min(next_pow2(c), BN_ROW_CHANNELS), 1
         else:
-            block_s = _position_block(s, BN_LOOP_TILE)
+            block_s = _position_block(s, loop_tile)
             block_c = min(next_pow2(c), max(1, BN_MIN_RUN // block_s))
         tile = next_pow2(n) * block_c * next_pow2(s)
         if tile <= one_pass_max:
             return cls(next_pow2(n), block_c, next_pow2(s), _warps(tile, per_warp), True, 1, 1)
-        block_n = max(1, min(next_pow2(n), BN_LOOP_TILE // (block_c * block_s)))
+        block_n = max(1, min(next_pow2(n), loop_tile // (block_c * block_s)))
+        block_c = max(block_c, min(next_pow2(c), loop_tile // (block_n * block_s)))  # few samples: more channels
         tiles = -(-n // block_n) * -(-s // block_s)
         c_blocks = -(-c // block_c)
-        # Programs do equal work, so they are sized for one wave: past `programs`, a second wave
-        # that is partly empty would cost as much as a full one.
+        # Programs do equal work, so they are sized for one wave: past it, a second wave that is
+        # partly empty would cost as much as a full one.
+        programs = sms * max(1, 16 // warps)
         split = max(1, min(tiles, BN_MAX_SPLIT, programs // c_blocks))
         chunk = -(-tiles // split)
         split = -(-tiles // chunk)
-        warps = max(1, min(LOOP_WARPS, block_n * block_c * block_s // 256))  # 8 values a thread
-        if s > 1 and s % 16:
-            # Unaligned positions (see BN_UNALIGNED_ONE_PASS_MAX): 4 values a thread. At 8, triton
-            # 3.6's ptxas spilled 8 bytes in the 8x4x64 statistics kernel (sm_90, 64 registers); at
-            # 16 warps, 62 and no spill.
-            warps *= 2
         return cls(block_n, block_c, block_s, warps, False, split, chunk,
                    min(next_pow2(split), BN_FINALIZE_SPLIT), min(next_pow2(c), BN_FINALIZE_C))

@@ -17,16 +17,19 @@ from cases import (  # noqa: E402
 from normops.backends import numpy_backend  # noqa: E402
 from normops.kernels import batch_norm as kernels  # noqa: E402
 from normops.kernels import config  # noqa: E402
+from normops.kernels.common import record  # noqa: E402
 
 
 @pytest.fixture(params=["one_pass", "split"])
 def path(request, monkeypatch):
     """Run the test on the one-pass kernels, then again with every channel's reduction split into
-    chunks of tiny tiles: one-pass limits at zero, 16-element tiles, 16 programs to fill, and a
-    finalize kernel that combines 2 chunks x 2 channels at a time."""
+    chunks of tiny tiles: one-pass limits at zero, tiles of one warp, one byte a thread (8 fp32
+    values), 16 x 16 programs to fill, and finalize kernels that combine 2 chunks x 2 channels at a time."""
     if request.param == "split":
-        for name, value in dict(BN_FWD_ONE_PASS_MAX=0, BN_BWD_ONE_PASS_MAX=0, BN_LOOP_TILE=16, BN_MIN_RUN=4,
-                                BN_ROW_CHANNELS=2, BN_FINALIZE_SPLIT=2, BN_FINALIZE_C=2).items():
+        for name, value in dict(BN_FWD_ONE_PASS_MAX=0, BN_BWD_ONE_PASS_MAX=0, BN_LOOP_WARPS=1, BN_FWD_LOOP_BYTES=1,
+                                BN_BWD_LOOP_BYTES=1, BN_UNALIGNED_FWD_LOOP_BYTES=1, BN_UNALIGNED_CHANNELS_BWD_LOOP_BYTES=1,
+                                BN_MIN_RUN=4, BN_ROW_CHANNELS=2, BN_FINALIZE_SPLIT=2,
+                                BN_FINALIZE_C=2).items():
             monkeypatch.setattr(config, name, value)
         monkeypatch.setattr(kernels, "programs_per_wave", lambda device, warps: 16)
     return request.param
@@ -175,6 +178,71 @@ def test_module_running_statistics(momentum, channels_last, path):
 
 
 
+@pytest.mark.parametrize("buffers", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, 1 / 3], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fused_running_update(momentum, buffers, channels_last, path):
+    """batch_norm_fwd(momentum=) updates running_mean and the unbiased running_var in place, inside
+    the kernel that computes the batch statistics: (1 - momentum) * running + momentum * batch,
+    against the fp64 formula, within an ulp or two of the buffers' dtype, fp32's at most: the
+    kernel gets momentum as an fp32 argument, as Triton passes a Python float (1 / 3 is the factor
+    the caller passes for momentum=None at the third batch)."""
+    x = make((3, 4, 5, 3), torch.float32, offset=2.0, requires_grad=False).to(DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    rm, rv = _running(4, buffers)
+    x64 = x.double().transpose(0, 1).reshape(4, -1)
+    want_rm = (1 - momentum) * rm.double() + momentum * x64.mean(1)
+    want_rv = (1 - momentum) * rv.double() + momentum * x64.var(1, unbiased=True)
+    y, mean, _, var = kernels.batch_norm_fwd(x, None, None, rm, rv, True, 1e-5, "none", momentum=momentum)
+    ulp = max(torch.finfo(buffers).eps, torch.finfo(torch.float32).eps)
+    tol = dict(rtol=2 * ulp, atol=2 * ulp)
+    torch.testing.assert_close(rm.double(), want_rm.to(buffers).double(), **tol)
+    torch.testing.assert_close(rv.double(), want_rv.to(buffers).double(), **tol)
+    assert err(var.double(), x64.var(1, unbiased=True)) < 1e-5
+    ref = TF.batch_norm(x, None, None, training=True)
+    assert err(y, ref) < 1e-5
+
+
+def test_fused_running_update_strided_and_bad_buffers():
+    """A strided running buffer is updated (through a contiguous copy, written back); a running
+    buffer of the wrong size is refused before any kernel runs, and neither buffer changes."""
+    x = make((4, 3, 5), torch.float32, requires_grad=False).to(DEVICE)
+    rm_storage, rv = torch.zeros(6, device=DEVICE), torch.ones(3, device=DEVICE)
+    rm = rm_storage[::2]
+    kernels.batch_norm_fwd(x, None, None, rm, rv, True, 1e-5, "none", momentum=0.5)
+    x64 = x.double().transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(rm.double(), 0.5 * x64.mean(1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(rm_storage[1::2], torch.zeros(3, device=DEVICE))
+    torch.testing.assert_close(rv.double(), 0.5 + 0.5 * x64.var(1), rtol=1e-6, atol=1e-6)
+    before = rm.clone(), rv.clone()
+    with pytest.raises(ValueError, match="running_var must be a float tensor of 3"):
+        kernels.batch_norm_fwd(x, None, None, rm, torch.ones(4, device=DEVICE), True, 1e-5, "none", momentum=0.1)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (256, 64, 56, 56), (256, 2048, 7, 7)], ids=str)
+def test_launch_counts(shape):
+    """Kernels a call launches (recorded on meta tensors, not run): the training forward one (one
+    pass) or three (statistics, finalize with the running statistics' update, normalize), eval one;
+    the backward one (one pass) or three (sums, the fixed-order total cast to the parameters'
+    dtype, dx). The finalize kernels are the one small launch besides the passes over x."""
+    x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    w, rm = (torch.empty(shape[1], device="meta") for _ in range(2))
+    one_pass = shape == (4, 3, 5)
+    with record() as launches:
+        kernels.batch_norm_fwd(x, w, w, rm, rm, True, 1e-5, "relu", momentum=0.1)
+    names = [r.kernel.fn.__name__ for r in launches]
+    assert names == (["_batch_norm_fwd_kernel"] if one_pass else
+                     ["_batch_norm_stats_kernel", "_batch_norm_finalize_kernel", "_batch_norm_fwd_kernel"])
+    with record() as launches:
+        kernels.batch_norm_fwd(x, w, w, rm, rm, False, 1e-5, "relu")
+    assert [r.kernel.fn.__name__ for r in launches] == ["_batch_norm_fwd_kernel"]
+    with record() as launches:
+        kernels.batch_norm_bwd(x, x, w, w, None, None, rm, rm, True, 1e-5, "relu", [True, True, True])
+    assert [r.kernel.fn.__name__ for r in launches] == (["_batch_norm_bwd_kernel"] if one_pass else [
+        "_batch_norm_bwd_sums_kernel", "_batch_norm_bwd_finalize_kernel", "_batch_norm_bwd_kernel"])
+
+
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=str)
 def test_infinite_value_gives_torchs_running_mean_and_output(value, path):
     """One +-inf in a channel: torch's mean is that inf (its sum / count), not the NaN of the
@@ -231,10 +299,11 @@ def test_deterministic(path):
 
 
 def test_split_heuristic_without_patching():
-    """With the real limits: 4 x 5120 values a channel do not fit one tile, and two channels
-    split over the CPU interpreter's 4 programs; the result still equals torch."""
-    cfg = config.BatchNormConfig.forward(4, 2, 64 * 80, True, 4)
-    assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk) == (2, 1024, 2, 5)
+    """With the real limits: 4 x 5120 fp32 values a channel do not fit one tile (8 warps x 64 bytes
+    a thread: 4096 values), and two channels split over the 4 x 2 programs of the CPU interpreter's
+    4 "SMs"; the result still equals torch."""
+    cfg = config.BatchNormConfig.forward(4, 2, 64 * 80, True, 4, 4)
+    assert not cfg.one_pass and (cfg.block_n, cfg.block_s, cfg.split, cfg.chunk, cfg.num_warps) == (4, 1024, 3, 2, 8)
     x = on_device(make((4, 2, 64, 80), torch.float32))
     w, b = (on_device(t) for t in params((2,), torch.float32))
     assert_close_to_reference(*_batch_norm(True, activation="relu"), [x, w, b], "triton", torch.float32)
