@@ -274,7 +274,8 @@ def run_case(case, gpu):
             act = "relu" if case.op == "batch_norm+relu" else "none"
             rm, rv = stats(c), stats(c)
             if case.pas == "fwd":
-                batch_norm.batch_norm_fwd(x, w, b, rm, rv, training, 1e-5, act)
+                # training: the running statistics updated in the kernels, as normops.functional asks
+                batch_norm.batch_norm_fwd(x, w, b, rm, rv, training, 1e-5, act, momentum=0.1 if training else None)
             else:
                 batch_norm.batch_norm_bwd(other, x, w, b, rm, rv, stats(c), stats(c), training, 1e-5, act,
                                           (True, True, True))

@@ -349,8 +349,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if how.implementation == "aten":
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                 torch.backends.cudnn.enabled)
-    y, mean, _, var = batch_ops.batch_norm(spec, input, weight, bias, None if training else running_mean,
-                                           None if training else running_var, _grad_needed(input, weight, bias), how)
-    if training and running_mean is not None and input.numel():
+    fused = training and running_mean is not None and batch_ops.fuses_running_update(how)
+    y, mean, _, var = batch_ops.batch_norm(spec, input, weight, bias, None if training and not fused else running_mean,
+                                           None if training and not fused else running_var,
+                                           _grad_needed(input, weight, bias), how, float(momentum) if fused else None)
+    if training and running_mean is not None and input.numel() and not fused:
         ops.update_running_stats(running_mean, running_var, mean, var, float(momentum))
     return y

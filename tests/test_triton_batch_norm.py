@@ -220,6 +220,28 @@ def test_fused_running_update_strided_and_bad_buffers():
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_functional_training_updates_running_stats_in_the_kernels(grad, monkeypatch):
+    """normops.functional.batch_norm on the triton backend hands momentum to the kernels (the
+    separate update op never runs) and matches torch's running statistics; a call that fails (a
+    running buffer of the wrong dtype) leaves both buffers as they were."""
+    monkeypatch.setattr(normops.ops, "update_running_stats",
+                        lambda *a: pytest.fail("the triton route updated the running statistics apart"))
+    x = make((4, 6, 5, 3), torch.float32, requires_grad=grad).to(DEVICE)
+    rm, rv = _running(6)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with normops.backend("triton"):
+        y = F.batch_norm(x, rm, rv, training=True, momentum=0.3, activation="relu")
+    ref = TF.relu(TF.batch_norm(x.detach(), rm_ref, rv_ref, training=True, momentum=0.3))
+    assert err(y.detach(), ref) < 1e-5
+    torch.testing.assert_close(rm, rm_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv, rv_ref, rtol=1e-6, atol=1e-6)
+    before = rm.clone(), rv.clone()
+    with normops.backend("triton"), pytest.raises(Exception, match="running_var"):
+        F.batch_norm(x, rm, rv.double(), training=True, momentum=0.3)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
 @pytest.mark.parametrize("shape", [(4, 3, 5), (256, 64, 56, 56), (256, 2048, 7, 7)], ids=str)
 def test_launch_counts(shape):
     """Kernels a call launches (recorded on meta tensors, not run): the training forward one (one

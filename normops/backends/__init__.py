@@ -43,7 +43,7 @@ Shapes and dtypes:
 - Group and batch norm keep x's memory format (channels_last in, channels_last out).
 - Batch norm in training: batch statistics over every dim but 1; ``batch_var`` is the
   unbiased variance that feeds the running average. Not training: ``running_*`` normalize,
-  ``save_*`` and ``batch_var`` are ``None``. Backends never modify ``running_*``.
+  ``save_*`` and ``batch_var`` are ``None``. Backends never modify ``running_*``, but for the triton backend given ``momentum=`` (training): it updates them in place, in its kernels.
 - ``activation`` is one of "none", "relu", "silu", "gelu" (erf form); it applies to the
   affine output, ``y = act(x_hat * w + b)``. Backward recomputes its input from x and the
   statistics.

@@ -258,6 +258,13 @@ def _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask):
 
 # --- BatchNorm -------------------------------------------------------------------------------
 
+def update_running_stats(running_mean, running_var, mean, var, momentum):
+    """running = (1 - momentum) * running + momentum * batch, for the mean and the (unbiased) var,
+    computed in fp64 and stored in the buffers' dtype, as torch's CPU kernel does."""
+    for running, batch in ((running_mean, mean), (running_var, var)):
+        running.copy_(running.double() * (1.0 - momentum) + batch.double() * momentum)
+
+
 def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
     weight, bias, running_mean, running_var = _opmath(x, weight, bias, running_mean, running_var)
     if training:

@@ -79,10 +79,16 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
 
 
 @_on_its_device
-def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation):
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation, momentum=None):
+    """momentum (training): the running statistics are also updated in place, in the kernels'
+    finalize launch (the one backend that writes them; see normops.ops.batch_norm)."""
     if fallback("batch_norm", x):
-        return torch_backend.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
-    return _batch_norm.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
+        out = torch_backend.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)
+        if momentum is not None:
+            torch_backend.update_running_stats(running_mean, running_var, out[1], out[3], momentum)
+        return out
+    return _batch_norm.batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation,
+                                      momentum=momentum)
 
 
 @_on_its_device

@@ -14,8 +14,10 @@ implementation compute a call, and why: asked once per call, by ``normops.functi
 op when it runs, and by ``normops.inspect``), the eager fast path, the absent-output helpers, the
 double-backward machinery, and the torch.func routing (``transformed``, ``in_torch``).
 
-The ops are functional (they never write their inputs): running statistics are updated afterwards
-by ``update_running_stats``, so a failed or re-run kernel can never apply an update twice. Meta and
+The ops are functional (they never write their inputs), but for one: running statistics are
+updated afterwards by ``update_running_stats``, except where a training ``batch_norm`` runs on the
+Triton kernels, which update them inside their finalize launch (one launch, not a dozen; the
+kernels check every buffer before the first launch, so a call that fails leaves them as they were). Meta and
 fake tensors get the ``register_fake`` kernels, which is what ``torch.export`` traces, and
 ``torch.compile`` too, except for a CUDA call the Triton kernels compute: that one it traces into the
 kernels' launches (``traced_into``).
@@ -45,6 +47,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.autograd import forward_ad
 
 from .. import backends
+from ..backends import torch_backend
 from ..core import activate, stat_dtype
 
 # --- the route: which backend and implementation compute a call, and why ---------------------------
@@ -378,11 +381,8 @@ def in_torch(fn, x, *params, buffers=()):
 
 def _update_running_stats_impl(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                                momentum: float) -> None:
-    """running = (1 - momentum) * running + momentum * batch, for the mean and the (unbiased) var,
-    computed in fp64 and stored in the buffers' dtype, as torch's CPU kernel does."""
-    for running, batch in ((running_mean, mean), (running_var, var)):
-        new = running.double() * (1.0 - momentum) + batch.double() * momentum
-        running.copy_(new)
+    """running = (1 - momentum) * running + momentum * batch (the torch backend's, in fp64)."""
+    torch_backend.update_running_stats(running_mean, running_var, mean, var, momentum)
 
 
 update_running_stats_op = register("update_running_stats", _update_running_stats_impl,

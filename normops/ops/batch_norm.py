@@ -1,6 +1,7 @@
 """The batch norms: BatchNorm per channel (dim 1), with batch statistics (training) or the
 running ones, and a fused activation: ``normops::batch_norm`` and its backward. The running
-statistics are updated afterwards by ``normops::update_running_stats`` (``normops.ops``);
+statistics are updated afterwards by ``normops::update_running_stats`` (``normops.ops``), or, on
+the Triton kernels in eager mode, inside them (``_UpdatingRunningStats``);
 SyncBatchNorm's cross-rank statistics are ``normops.sync_batch_norm``.
 
 A new batch-norm variant is a field of ``BatchNormSpec`` (its flag), a parameter of the two ops
@@ -28,12 +29,31 @@ class BatchNormSpec:
 def _run(module, x, weight, bias, running_mean, running_var, training, eps, activation):
     if x.numel() == 0:
         return ops.zero_filled(_batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps, activation))
-    weight, bias, running_mean, running_var = ops.dense(weight, bias, running_mean, running_var)
+    weight, bias = ops.dense(weight, bias)
+    if not isinstance(module, _UpdatingRunningStats):  # that one writes the buffers: as they are
+        running_mean, running_var = ops.dense(running_mean, running_var)
     y, save_mean, save_rstd, batch_var = module.batch_norm_fwd(
         x, weight, bias, running_mean, running_var, training, eps, activation)
     sd = stat_dtype(x)
     return (y.contiguous(memory_format=memory_format_of(x)), ops.or_absent(save_mean, x, sd),
             ops.or_absent(save_rstd, x, sd), ops.or_absent(batch_var, x, sd))
+
+
+class _UpdatingRunningStats:
+    """The triton backend, its training forward also updating the running statistics in place
+    (momentum bound): inside the kernels' finalize launch, not a dozen launches afterwards. Only the
+    eager path runs it (``batch_norm``); the op itself stays functional."""
+
+    def __init__(self, module, momentum):
+        self.module, self.momentum = module, momentum
+
+    def batch_norm_fwd(self, *args):
+        return self.module.batch_norm_fwd(*args, momentum=self.momentum)
+
+
+def fuses_running_update(how):
+    """Whether a training call on route ``how`` updates the running statistics in its kernels."""
+    return how is not ops.TRACED and how.implementation == "triton kernel"
 
 
 def _batch_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
@@ -135,9 +155,14 @@ ops.register_autograd(batch_norm_op, _batch_norm_setup, _batch_norm_bwd, batch_n
 _BatchNorm = ops.function("BatchNorm", _run, _batch_norm_setup, _batch_norm_bwd)
 
 
-def batch_norm(spec, x, weight, bias, running_mean, running_var, grad, how=None):
+def batch_norm(spec, x, weight, bias, running_mean, running_var, grad, how=None, momentum=None):
     """normops::batch_norm on route ``how`` (``ops.route``'s, asked here when not given): (y,
     save_mean, save_rstd, batch_var), each absent one an empty tensor. ``running_*`` normalize when
-    not training (pass None in training). ``grad``: a gradient is needed."""
+    not training; in training they are None, or, with ``momentum`` on a route that
+    ``fuses_running_update``, updated in place by the kernels. ``grad``: a gradient is needed."""
     args = (x, weight, bias, running_mean, running_var, spec.training, spec.eps, spec.activation)
-    return ops.call(batch_norm_op, _BatchNorm, _run, args, grad, how or ops.route("batch_norm", x, spec, args))
+    how = how or ops.route("batch_norm", x, spec, args)
+    if momentum is not None:
+        assert spec.training and fuses_running_update(how), "momentum: a training call on the Triton kernels"
+        how = dataclasses.replace(how, module=_UpdatingRunningStats(how.module, momentum))
+    return ops.call(batch_norm_op, _BatchNorm, _run, args, grad, how)
