@@ -57,12 +57,18 @@ BWD_ONE_PASS_MAX_WIDE = 4096
 # Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
 # (16 warps spilled 8 bytes in the looped forward on sm_90.)
 LOOP_BLOCK_N = 4096
-# Narrow rows are packed several to a program (a block of rows, a loop iteration of the persistent
-# backward) until it holds this many elements; rows of 1K and wider take one each. A block of
-# rows narrower than a warp's reach stays reduction-free across warps, but a 1K tile of two rows
-# spread each row over several warps, and the forward compiled to 11 barriers (sm_90) against 3
-# for one row: the per-row reductions then cost more than the fuller program saves.
-MIN_ELEMENTS_PER_PROGRAM = 1024
+# Narrow rows are packed several to a program (forward) or to a loop iteration (backward), so
+# that each loads enough bytes to keep DRAM busy. Rows of at most WARP_ROW elements lie within a
+# warp (8 values a thread), so a block of them is reduced with shuffles alone; a block of wider
+# rows spreads each row over several warps and its reductions over shared memory: at 512 the
+# forward compiled to 11-15 barriers for 2-8 rows against 3 for one (sm_90), and at 1K 11 for two
+# rows against 3. So the forward packs rows of up to WARP_ROW elements into FWD_PACKED_ELEMENTS
+# (16 rows of 256 over 16 warps: 3 barriers, 25 KB of loads) and runs wider rows one a program.
+# The backward's loop packs to BWD_PACKED_ELEMENTS (its loop body has 0 barriers up to 256, 3 at
+# 512 for 2 rows as for one, sm_90) and takes one row an iteration from 1K on.
+WARP_ROW = 256
+FWD_PACKED_ELEMENTS = 4096
+BWD_PACKED_ELEMENTS = 1024
 MAX_ROWS_PER_PROGRAM = 16
 # The backward's persistent grid leaves the dw/db partials in L2 for the glue kernel, and the
 # looped backward re-reads each row (x and dy) and read-modify-writes its program's partial rows
@@ -100,20 +106,22 @@ class RowNormConfig:
 
     @classmethod
     def forward(cls, n):
-        return cls._make(n, FWD_ONE_PASS_MAX, 256, LOOP_WARPS)
+        block_n = next_pow2(max(n, 1))
+        return cls._make(block_n, FWD_ONE_PASS_MAX, FWD_PACKED_ELEMENTS if block_n <= WARP_ROW else block_n,
+                         LOOP_WARPS)
 
     @classmethod
     def backward(cls, n, elem_bytes=2):
         """elem_bytes: the size of an element of x."""
-        return cls._make(n, BWD_ONE_PASS_MAX if elem_bytes <= 2 else BWD_ONE_PASS_MAX_WIDE, 256, BWD_LOOP_WARPS)
+        return cls._make(next_pow2(max(n, 1)), BWD_ONE_PASS_MAX if elem_bytes <= 2 else BWD_ONE_PASS_MAX_WIDE,
+                         BWD_PACKED_ELEMENTS, BWD_LOOP_WARPS)
 
     @classmethod
-    def _make(cls, n, one_pass_max, per_warp, loop_warps):
-        block_n = next_pow2(max(n, 1))
+    def _make(cls, block_n, one_pass_max, packed, loop_warps):
         if block_n > one_pass_max:
             return cls(LOOP_BLOCK_N, 1, loop_warps, False)
-        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, MIN_ELEMENTS_PER_PROGRAM // block_n))
-        return cls(block_n, block_m, _warps(block_m * block_n, per_warp), True)
+        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, packed // block_n))
+        return cls(block_n, block_m, _warps(block_m * block_n, 256), True)
 
 
 def row_norm_bwd_programs(cfg, n, elem_bytes, n_partials, programs):

@@ -16,9 +16,10 @@ from cases import (  # noqa: E402
 from normops.backends import numpy_backend  # noqa: E402
 from normops.check import TOLERANCE  # noqa: E402
 
-# 1, 7 and 781 are one-pass and packed several rows a program; 4097 is one pass just past a power
-# of two (the backward of 4-byte elements loops there: its one-pass limit is 4K); 20000 is past
-# every one-pass limit (16K forward, 8K backward): the column-looped kernels.
+# 1 and 7 are one-pass, packed several rows a program (an iteration backward); 781 one-pass too,
+# a row a program forward; 4097 is one pass just past a power of two (the backward of 4-byte
+# elements loops there: its one-pass limit is 4K); 20000 is past every one-pass limit (16K
+# forward, 8K backward): the column-looped kernels.
 WIDTHS = [1, 7, 781, 4097, 20000]
 
 
