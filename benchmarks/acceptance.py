@@ -235,6 +235,12 @@ def _side_runs(out, deadline, results):
     procs = {"tests": _spawn(pytest, os.path.join(out, "tests.log"), QUIET),
              "check": _spawn([sys.executable, "-m", "normops.cli", "check", "--device", "cuda"],
                              os.path.join(out, "check.log"), QUIET)}
+    from normops.kernels.roofline import gpu_named
+    gpu = gpu_named(torch.cuda.get_device_name())
+    if gpu:  # the model's predictions for this GPU, to set beside what is measured (calibration.md)
+        procs["roofline"] = _spawn([sys.executable, "-m", "normops.kernels.roofline", "--gpu", gpu, "--jobs", "4", "--acceptance",
+                                    "--json", os.path.join(out, "roofline.json")],
+                                   os.path.join(out, "roofline.log"), QUIET)
     results.update(_wait(procs, deadline, grace=15.0))
 
 
@@ -368,15 +374,47 @@ def finish(pts, out, extra, mirror=None):
                             value=value, bound=check and check.bound, measured=n, checks=len(p.checks)))
     with open(os.path.join(out, "acceptance.json"), "w") as f:
         json.dump({"environment": env, "records": list(results.values()), "points": summary}, f, indent=1)
+    calibration(out, results)
     _mirror(out, mirror)
     return text
+
+
+def calibration(out, results):
+    """calibration.md: each measured normops case beside what kernels/roofline.py predicted for it
+    (roofline.json, written by the side run), both as % of the GPU's nominal bandwidth, so that the
+    model can be corrected where it is wrong. Nothing without roofline.json."""
+    path = os.path.join(out, "roofline.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        model = json.load(f)
+    predicted = {c["id"]: c for c in model["cases"]}
+    peak = model["gpu"]["dram_tbps"] * 1e3  # GB/s
+    lines = [f"# Measured beside predicted ({model['gpu']['name']}, {peak:.0f} GB/s nominal; "
+             f"triton {model['triton']} for the model)", "",
+             "| case | measured % | predicted % | measured us | predicted us | ratio |", "|---|---|---|---|---|---|"]
+    for r in results.values():
+        if r.get("provider") != "normops" or "gbps" not in r:
+            continue
+        shape = "x".join(map(str, r["shape"])) + ("" if r["layout"] == "contiguous" else f"-{r['layout']}")
+        stem = f"{r['op']}-{shape}-{r['dtype']}"
+        parts = [predicted.get(f"{stem}-{p}") for p in r["pass"].split("+")]
+        if not all(parts):
+            continue
+        us = sum(p["predicted_us"] for p in parts)
+        pct = 100 * r["bytes"] / (us * 1e-6) / (peak * 1e9)
+        lines.append(f"| {stem}-{r['pass']} | {100 * r['gbps'] / peak:.1f} | {pct:.1f} | {1e3 * r['median_ms']:.1f} "
+                     f"| {us:.1f} | {1e3 * r['median_ms'] / us:.2f} |")
+    with open(os.path.join(out, "calibration.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _mirror(out, mirror):
     """Copy the results files into `mirror` (the device tool's $OUT: what comes back)."""
     if not mirror:
         return
-    for name in ("acceptance.jsonl", "acceptance.md", "acceptance.json", "tests.log", "check.log"):
+    for name in ("acceptance.jsonl", "acceptance.md", "acceptance.json", "tests.log", "check.log", "roofline.json",
+                 "calibration.md"):
         src = os.path.join(out, name)
         if os.path.exists(src):
             with open(src, "rb") as f, open(os.path.join(mirror, name), "wb") as g:

@@ -102,10 +102,23 @@ def launch(kernel, grid, *args, num_warps, **constexprs):
     """kernel[grid](*args, **constexprs) at `num_warps` warps (launch_options). Under `record()`
     the launch is noted instead of run, which is how python -m normops.kernels.aot learns what to
     compile: it calls the launchers themselves on meta tensors, so it compiles exactly the kernels,
-    argument types and constexprs they launch, and restates none of them."""
+    argument types and constexprs they launch, and restates none of them.
+
+    On fake tensors (torch.compile tracing a CUDA call into the launchers: normops.ops,
+    ``traced_into``) the launch is a graph node, torch.library.wrap_triton's
+    triton_kernel_wrapper HOP, which Inductor compiles and launches itself (CUDA graphs, no Python
+    per call). Its launch options ride on a one-config triton.autotune: Inductor reads a
+    user kernel's options from its configs. maxnreg goes in the config's kwargs, not as the
+    Config option: Inductor's codegen (triton_heuristics.config_to_dict, torch 2.13) writes out
+    a config's kwargs, num_warps and num_stages only, and reads maxnreg back from the kwargs
+    (config_from_dict); tests/test_triton_op.py checks that round trip."""
     launches = _recording.get()
     if launches is not None:
         launches.append(Launch(kernel, tuple(grid), args, constexprs, num_warps))
+    elif type(args[0]) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(args[0]):
+        options = launch_options(num_warps)
+        config = triton.Config({k: v for k, v in options.items() if k != "num_warps"}, num_warps=num_warps)
+        torch.library.wrap_triton(triton.autotune([config], key=[])(kernel))[grid](*args, **constexprs)
     else:
         kernel[grid](*args, **constexprs, **launch_options(num_warps))
 

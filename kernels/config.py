@@ -10,6 +10,8 @@ spills quoted below as the reason for a limit were seen before that (up to 2026-
 chose its own, lower register targets: some of those limits may now be tighter than they need be,
 which only GPU timings can say is worth changing.
 """
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -36,11 +38,28 @@ def programs_per_wave(device, num_warps):
     kernels use, an SM holds about 16 warps (64K registers / (128 x 32)), so 16 // num_warps
     programs per SM; more would only queue, and grow the per-program dW/dB partials ([programs, N]
     fp32 each) that are written and summed afterwards. Under the CPU interpreter, where programs
-    run one after another, a handful."""
+    run one after another, a handful; on meta tensors, the GPU `planning_for` names (the roofline
+    plans launches for a GPU it does not have), else that handful."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return sm_count(index) * programs_per_sm(num_warps)
-    return 4
+        sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    elif device.type == "meta" and _planned_sms.get():
+        sms = _planned_sms.get()
+    else:
+        return 4
+    return sms * programs_per_sm(num_warps)
+
+
+_planned_sms = contextvars.ContextVar("normops_planned_sms", default=None)
+
+
+@contextlib.contextmanager
+def planning_for(sms):
+    """Within it, launches on meta tensors are planned for a GPU of `sms` multiprocessors."""
+    token = _planned_sms.set(sms)
+    try:
+        yield
+    finally:
+        _planned_sms.reset(token)
 
 
 # A row up to this many elements is held in registers for the whole forward: one read of x, one

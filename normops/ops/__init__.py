@@ -16,8 +16,9 @@ double-backward machinery, and the torch.func routing (``transformed``, ``in_tor
 
 The ops are functional (they never write their inputs): running statistics are updated afterwards
 by ``update_running_stats``, so a failed or re-run kernel can never apply an update twice. Meta and
-fake tensors get the ``register_fake`` kernels, which is what ``torch.compile`` and ``torch.export``
-trace.
+fake tensors get the ``register_fake`` kernels, which is what ``torch.export`` traces, and
+``torch.compile`` too, except for a CUDA call the Triton kernels compute: that one it traces into the
+kernels' launches (``traced_into``).
 
 Autograd: the forward ops save fp32 statistics (only when a gradient is needed: the caller passes
 ``need_stats``) and their backward is the ``*_backward`` op. Those are differentiable too (torch.nn
@@ -39,6 +40,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.autograd import forward_ad
 
 from .. import backends
@@ -184,12 +187,38 @@ def function(name, run, setup_context, backward):
         "forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
 
-def register(name, impl, mutates=()):
-    """The custom op normops::<name>, implemented by impl (its annotations give the schema)."""
+def register(name, impl, mutates=(), route_of=None):
+    """The custom op normops::<name>, implemented by impl (its annotations give the schema).
+    ``route_of(*op args)``: the call's ``route``, which ``traced_into`` asks when torch.compile
+    traces the op."""
     op = torch.library.custom_op(f"normops::{name}", mutates_args=mutates)(impl)
     op.qualname = f"normops::{name}"  # the profiler event of the eager fast path
     op.impl = impl  # its parameter names place a backward's gradients (input_grads)
+    if route_of is not None:
+        op.register_torch_dispatch(FunctionalTensorMode, traced_into(impl, route_of))
     return op
+
+
+KERNEL_DEVICES = ("cuda",)  # where Inductor compiles and launches the Triton kernels (ROCm's is "cuda" too)
+
+
+def traced_into(impl, route_of):
+    """The op's rule under FunctionalTensorMode, the mode in which torch.compile's AOTAutograd
+    traces the graph Inductor compiles. A CUDA call the Triton kernels compute is traced into
+    ``impl``, so each kernel launch becomes a triton_kernel_wrapper node (``launch`` in
+    normops.kernels.common) that Inductor compiles and launches itself: inside CUDA graphs, no
+    Python per call. It is what torch.library.triton_op does, for the calls that route to the
+    kernels. Any other call (CPU, the interpreter, the torch or numpy backend, a fallback, an
+    empty input, torch.export, which keeps custom ops whole) stays the opaque op, which routes
+    itself when it runs. The route is chosen when traced: a compiled graph keeps it."""
+    def rule(mode, op, types, args, kwargs):
+        if (args[0].device.type in KERNEL_DEVICES and torch._functorch.config.decompose_custom_triton_ops
+                and all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is Tensor for t in types)
+                and route_of(*args, **kwargs).implementation == "triton kernel"):
+            with mode:
+                return impl(*args, **kwargs)
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return rule
 
 
 @functools.cache

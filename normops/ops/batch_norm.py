@@ -41,11 +41,16 @@ def _batch_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = act(norm(x) * w + b) per channel (dim 1). (y, save_mean, save_rstd, unbiased batch var);
     the last three are absent when not training (the running statistics normalize)."""
-    return _run(ops.route("batch_norm", x).module, x, weight, bias, running_mean, running_var, training, eps,
+    return _run(_route(x).module, x, weight, bias, running_mean, running_var, training, eps,
                 activation)
 
 
-batch_norm_op = ops.register("batch_norm", _batch_norm_impl)
+def _route(x, *_):
+    """The route of a batch-norm call on x (``ops.route``), forward or backward."""
+    return ops.route("batch_norm", x)
+
+
+batch_norm_op = ops.register("batch_norm", _batch_norm_impl, route_of=_route)
 
 
 @batch_norm_op.register_fake
@@ -66,13 +71,14 @@ def _batch_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
                                                          save_rstd, training, eps, activation, output_mask))
     weight, bias, running_mean, running_var, save_mean, save_rstd = ops.dense(
         weight, bias, running_mean, running_var, save_mean, save_rstd)
-    dx, dw, db = ops.route("batch_norm", x).module.batch_norm_bwd(
+    dx, dw, db = _route(x).module.batch_norm_bwd(
         dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd, training, eps, activation,
         list(output_mask))
     return ops.dx_as(dx, x, memory_format_of(x)), ops.or_absent(dw, x), ops.or_absent(db, x)
 
 
-batch_norm_backward_op = ops.register("batch_norm_backward", _batch_norm_backward_impl)
+batch_norm_backward_op = ops.register("batch_norm_backward", _batch_norm_backward_impl,
+                                      route_of=lambda dy, x, *_: _route(x))
 
 
 @batch_norm_backward_op.register_fake

@@ -38,11 +38,17 @@ def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd).
     ``instance``: instance_norm's call (num_groups == C), whose constant channel with eps = 0 gives
     rstd 0 (torch's batch-norm statistics), where group_norm's gives NaN, even with G == C."""
-    how = ops.route("group_norm", x, GroupNormSpec(num_groups, eps, activation, instance))
+    how = _route(x, num_groups, eps, activation, instance)
     return _run(how.module, x, weight, bias, num_groups, eps, activation, instance, need_stats)
 
 
-group_norm_op = ops.register("group_norm", _group_norm_impl)
+def _route(x, num_groups, eps, activation, instance=False):
+    """The route of a group-norm call on x (``ops.route``), forward or backward."""
+    return ops.route("group_norm", x, GroupNormSpec(num_groups, eps, activation, instance))
+
+
+group_norm_op = ops.register("group_norm", _group_norm_impl,
+                             route_of=lambda x, _w, _b, *spec_need_stats: _route(x, *spec_need_stats[:4]))
 
 
 @group_norm_op.register_fake
@@ -61,12 +67,13 @@ def _group_norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], b
         return ops.zero_filled(_group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, activation,
                                                          output_mask))
     weight, bias, mean, rstd = ops.dense(weight, bias, mean, rstd)
-    how = ops.route("group_norm", x, GroupNormSpec(num_groups, eps, activation))
+    how = _route(x, num_groups, eps, activation)
     dx, dw, db = how.module.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, list(output_mask))
     return ops.dx_as(dx, x, suggested_format(x)), ops.or_absent(dw, x), ops.or_absent(db, x)
 
 
-group_norm_backward_op = ops.register("group_norm_backward", _group_norm_backward_impl)
+group_norm_backward_op = ops.register("group_norm_backward", _group_norm_backward_impl,
+                                      route_of=lambda _dy, x, _w, _b, _m, _r, *spec_mask: _route(x, *spec_mask[:3]))
 
 
 @group_norm_backward_op.register_fake

@@ -43,8 +43,13 @@ def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequ
                    activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = act(norm(x [+ residual]) * w + b) over the trailing ``normalized_shape`` dims.
     Returns (y, x + residual or absent, mean or absent, rstd or absent)."""
-    return _run(ops.route("row_norm", x).module, x, residual, normalized_shape, weight, bias, eps, rms, activation,
+    return _run(_route(x).module, x, residual, normalized_shape, weight, bias, eps, rms, activation,
                 need_stats)
+
+
+def _route(x, *_):
+    """The route of a row-norm call on x (``ops.route``), forward or backward."""
+    return ops.route("row_norm", x)
 
 
 def _row_norm_format(inp, rms):
@@ -65,7 +70,7 @@ def _laid_out_as_sum(h, x, residual):
     return torch.empty_strided(h.shape, strides, dtype=h.dtype, device=h.device).copy_(h)
 
 
-row_norm_op = ops.register("row_norm", _row_norm_impl)
+row_norm_op = ops.register("row_norm", _row_norm_impl, route_of=_route)
 
 
 @row_norm_op.register_fake
@@ -88,12 +93,13 @@ def _row_norm_backward_impl(dy: Tensor, x: Tensor, normalized_shape: Sequence[in
         return ops.zero_filled(_row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms,
                                                        activation, output_mask))
     weight, bias, mean, rstd = ops.dense(weight, bias, mean, rstd)
-    dx, dw, db = ops.route("row_norm", x).module.row_norm_bwd(
+    dx, dw, db = _route(x).module.row_norm_bwd(
         dy, x, tuple(normalized_shape), weight, bias, mean, rstd, rms, activation, list(output_mask))
     return ops.or_absent(dx, x).contiguous(), ops.or_absent(dw, x), ops.or_absent(db, x)
 
 
-row_norm_backward_op = ops.register("row_norm_backward", _row_norm_backward_impl)
+row_norm_backward_op = ops.register("row_norm_backward", _row_norm_backward_impl,
+                                    route_of=lambda dy, x, *_: _route(x))
 
 
 @row_norm_backward_op.register_fake

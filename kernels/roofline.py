@@ -1,0 +1,688 @@
+"""The static roofline: predicted % of DRAM bandwidth for every GPU case of the benchmark suites,
+from the kernels the launch heuristics pick, compiled for the GPU without one.
+
+    python -m normops.kernels.roofline [--gpu h100-sxm] [--check] [-k SUBSTRING] [--json FILE]
+                                       [--anchors] [--jobs N]
+
+Each case of ``benchmarks/bench_*.py``'s CUDA_SETS (op, shape, layout, dtype; forward and backward
+apart) runs its launcher on meta tensors, planned for the GPU (``config.planning_for``), under
+``common.record()`` and a dispatch mode that counts the torch operations it runs (glue). Every
+Triton launch is compiled as the JIT would specialize it, and its facts are read from the cubin:
+registers, stack and shared memory (``cuobjdump --dump-resource-usage``), and from the SASS
+(``nvdisasm``) the global loads (count x width) and barriers of each loop body and of the
+straight-line code.
+
+The model, per op (times add up; GPU numbers in GPUS):
+- Launch cost: FIRST_LAUNCH_US for the op's first launch (launch, ramp-up, tail and the benchmark's
+  L2 flush: the one fixed cost that brings a bytes-only model within ~5% of 17 of the 18
+  non-spilling published H100 points, ../shared/perf-anchors.md), LAUNCH_US for each further one
+  (Triton or torch glue): a launch queued behind another pays only its ramp-up and tail.
+- DRAM bytes of a launch: each tensor argument once, at its size; a tensor a program reads twice
+  (REREADS, with the span one program re-reads), or one an earlier launch of the op touched, is
+  read the second time from L2 when what was touched in between fits L2_FRACTION of the L2 (the
+  programs in flight x their spans; the earlier launches' bytes), else from DRAM again. Spilled
+  registers (STACK + LOCAL) are DRAM traffic: stored and loaded once per program a thread.
+- Memory time = max(DRAM bytes / (EFFICIENCY x peak, or the latency bound if lower),
+  (DRAM + L2 bytes) / the L2 bandwidth).
+- Latency bound (Little's law): programs in flight = min(grid, SMs x programs resident an SM, from
+  the registers, warps and shared memory); a region (a loop body, or the code outside loops)
+  requests the bytes of its global loads per program (SASS: LDG count x width x threads) every
+  DRAM_LATENCY_NS + BARRIER_NS per barrier in it. The regions that stream (at least a quarter of the
+  largest's bytes) share the traffic equally: bandwidth = their harmonic mean.
+- % of peak = the op's ideal bytes (IDEAL: what normops.bench.bytes_moved counts: read x, write y;
+  x, dy, dx backward; BatchNorm training's two reads) / predicted time / peak.
+
+Targets (issue #20): TARGETS per op and pass, as % of peak, for calls moving >= 512 MB. A smaller
+call cannot reach an absolute figure through its fixed launch cost, so there the target is scaled
+by what a perfect kernel with the op's allowed launches (IDEAL_LAUNCHES) reaches at that size under
+the same model: target x perfect% / (EFFICIENCY x 100) (../shared/perf-anchors.md: match the best
+modelled anchor below 512 MB). GroupNorm with fewer groups than SMs and an input past L2 (the video
+case) cannot avoid a second read of x: its target is TWO_READ_SHARE of that two-read ceiling. Every
+op: at most one glue launch (a torch operation, or a Triton launch with no activation-sized tensor).
+``--check`` exits 1 on a case below its target or with more glue, and on an anchor the model misses
+by more than ANCHOR_TOLERANCE: a model that does not reproduce the published points judges nothing.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels even when the tests' interpreter is on
+
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from . import anchors, batch_norm, group_norm, row_norm  # noqa: E402
+from .common import launch_options, record  # noqa: E402
+from .config import planning_for  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    arch: int  # compute capability the kernels are compiled for
+    dram_tbps: float
+    l2_tbps: float  # sustained L2 read bandwidth
+    l2_mb: float
+    sms: int
+    smem_kb: int = 228  # shared memory an SM
+    regs: int = 65536  # 32-bit registers an SM
+    warps: int = 64  # resident warps an SM
+    programs: int = 32  # resident thread blocks an SM
+
+
+GPUS = {
+    "h100-sxm": GPU("NVIDIA H100 SXM 80GB", 90, 3.35, 5.5, 50, 132),
+    "h100-pcie": GPU("NVIDIA H100 PCIe", 90, 2.0, 4.5, 50, 114),
+    "h200": GPU("NVIDIA H200", 90, 4.8, 5.5, 50, 132),
+    "a100-sxm": GPU("NVIDIA A100 SXM 80GB", 80, 2.04, 3.8, 40, 108, smem_kb=164),
+}
+
+def gpu_named(device_name):
+    """The GPUS key for a CUDA device name (torch.cuda.get_device_name), or None."""
+    name = device_name.upper()
+    for marker, key in (("H200", "h200"), ("H100 PCIE", "h100-pcie"), ("H100", "h100-sxm"), ("A100", "a100-sxm")):
+        if marker in name:
+            return key
+    return None
+
+
+EFFICIENCY = 0.895  # what the best published non-spilling kernels sustain at large sizes
+FIRST_LAUNCH_US = 6.75
+LAUNCH_US = 2.0
+DRAM_LATENCY_NS = 700
+BARRIER_NS = 50
+L2_FRACTION = 0.6  # of the L2 a re-read may count on (two partitions, other traffic)
+ANCHOR_TOLERANCE = 0.10
+ABSOLUTE_FROM_BYTES = 512e6
+TWO_READ_SHARE = 0.90
+
+# Tensors a program of a kernel reads a second time, and the span between its two reads:
+# "row" (a row of x: the row norms' looped kernels), "group" (a GroupNorm group).
+REREADS = {
+    "_row_norm_fwd_looped_kernel": (("X", "R"), "row"),
+}
+
+# (reads, writes) of activation-sized tensors, forward and backward: normops.bench's bytes model
+# (tests/test_roofline.py holds the two equal).
+IDEAL = {
+    "layer_norm": ((1, 1), (2, 1)), "rms_norm": ((1, 1), (2, 1)), "add_rms_norm": ((2, 2), (2, 1)),
+    "group_norm": ((1, 1), (2, 1)), "group_norm+silu": ((1, 1), (2, 1)), "instance_norm": ((1, 1), (2, 1)),
+    "batch_norm": ((2, 1), (4, 1)), "batch_norm+relu": ((2, 1), (4, 1)), "batch_norm_eval": ((1, 1), (2, 1)),
+}
+# The launches of a perfect kernel for the op: one forward (BatchNorm training: statistics, then
+# normalize), and the backward's kernel plus the one glue launch that sums dW/dB partials.
+IDEAL_LAUNCHES = {"fwd": 1, "bwd": 2}
+TWO_PASS_LAUNCHES = {"fwd": 2, "bwd": 3}  # BatchNorm training; GroupNorm split over chunks
+
+ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm")
+GROUP_NORMS = ("group_norm", "group_norm+silu", "instance_norm")
+BATCH_NORMS = ("batch_norm", "batch_norm+relu", "batch_norm_eval")
+
+
+def target(case):
+    """The issue's absolute target for a case, % of peak (None: no target, reported only)."""
+    op, shape, pas = case.op, case.shape, case.pas
+    if op in ROW_NORMS:
+        if pas == "bwd":
+            return 70.0 if shape[-1] <= 65536 else None
+        return 85.0 if shape[-1] <= 65536 else 70.0
+    if op in GROUP_NORMS:
+        return 75.0 if pas == "fwd" else 65.0
+    if op == "batch_norm_eval":
+        return 85.0 if pas == "fwd" else None
+    return 70.0 if pas == "fwd" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple
+    layout: str
+    dtype: torch.dtype
+    pas: str
+
+    @property
+    def id(self):
+        shape = "x".join(map(str, self.shape)) + ("" if self.layout == "contiguous" else f"-{self.layout}")
+        return f"{self.op}-{shape}-{str(self.dtype).replace('torch.', '')}-{self.pas}"
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def ideal_bytes(self):
+        reads, writes = IDEAL[self.op][self.pas == "bwd"]
+        return (reads + writes) * math.prod(self.shape) * self.elem
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(f"_roofline_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # acceptance_points is imported by its neighbours by name
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def benchmark_cases(acceptance=False):
+    """Every CUDA case of benchmarks/bench_*.py (a source checkout's), forward and backward, in the
+    suites' dtypes; with `acceptance`, also the normops cases of benchmarks/acceptance_points.py
+    (bf16 where the point names no dtype, the acceptance run's default)."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    if not root.is_dir():
+        raise SystemExit(f"no benchmarks/ folder at {root}: run from a source checkout of normops")
+    cases = []
+    for path in sorted(root.glob("bench_*.py")):
+        for ops, shapes, layouts in _load(path).CUDA_SETS:
+            for op, shape, layout, dtype, pas in _product(ops, shapes, layouts):
+                cases.append(Case(op, tuple(shape), layout, dtype, pas))
+    if acceptance:
+        points = _load(root / "acceptance_points.py")
+        for c in points.all_cases(points.points(["row_norm", "group_norm", "batch_norm"]), compile_=False):
+            dtype = getattr(torch, c.dtype or "bfloat16")
+            for pas in c.pas.split("+"):
+                if c.provider == "normops" and c.op in IDEAL:
+                    cases.append(Case(c.op, tuple(c.shape), c.layout, dtype, pas))
+    return list(dict.fromkeys(cases))
+
+
+def _product(ops, shapes, layouts):
+    for op in ops:
+        for shape in shapes:
+            for layout in layouts:
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    for pas in ("fwd", "bwd"):
+                        yield op, shape, layout, dtype, pas
+
+
+# --- running a case's launchers on meta tensors ----------------------------------------------
+
+class _Glue(TorchDispatchMode):
+    """Counts the torch operations that would run a CUDA kernel (not views, allocations or metadata)."""
+    FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+            "lift_fresh", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+            "is_contiguous", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func._schema.name.split("::")[-1] not in self.FREE:
+            moved = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+            self.ops.append((func._schema.name, moved))
+        return out
+
+
+def _tensors(tree):
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _meta(shape, dtype, layout="contiguous"):
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "channels_last_3d": torch.channels_last_3d}[layout]
+    return torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+
+
+def run_case(case, gpu):
+    """(launches, glue ops) of a case's launcher on meta tensors, planned for `gpu`."""
+    x = _meta(case.shape, case.dtype, case.layout)
+    other = _meta(case.shape, case.dtype, case.layout)  # dy, or the residual: a tensor of its own
+    c = case.shape[-1] if case.op in ROW_NORMS else case.shape[1]
+    w, b = _meta(c, case.dtype), _meta(c, case.dtype)
+    stats = lambda *s: _meta(s, torch.float32)  # noqa: E731
+    glue = _Glue()
+    with planning_for(gpu.sms), record() as launches, glue:
+        if case.op in ROW_NORMS:
+            rows, n = math.prod(case.shape[:-1]), case.shape[-1]
+            rms, residual = case.op != "layer_norm", other if case.op == "add_rms_norm" else None
+            bias = None if rms else b
+            if case.pas == "fwd":
+                row_norm.row_norm_fwd(x, residual, (n,), w, bias, 1e-6, rms, "none", True)
+            else:
+                row_norm.row_norm_bwd(other, x, (n,), w, bias, None if rms else stats(rows), stats(rows), rms, "none",
+                                      (True, True, bias is not None))
+        elif case.op in GROUP_NORMS:
+            groups = c if case.op == "instance_norm" else 32
+            act = "silu" if case.op == "group_norm+silu" else "none"
+            instance = case.op == "instance_norm"
+            if case.pas == "fwd":
+                group_norm.group_norm_fwd(x, groups, w, b, 1e-5, act, True, instance=instance)
+            else:
+                s = stats(case.shape[0], groups)
+                group_norm.group_norm_bwd(other, x, groups, w, b, s, s, act, (True, True, True))
+        else:
+            training = case.op != "batch_norm_eval"
+            act = "relu" if case.op == "batch_norm+relu" else "none"
+            rm, rv = stats(c), stats(c)
+            if case.pas == "fwd":
+                batch_norm.batch_norm_fwd(x, w, b, rm, rv, training, 1e-5, act)
+            else:
+                batch_norm.batch_norm_bwd(other, x, w, b, rm, rv, stats(c), stats(c), training, 1e-5, act,
+                                          (True, True, True))
+    return launches, glue.ops
+
+
+# --- compiling a launch and reading its facts ------------------------------------------------
+
+# fp16 is compiled as bf16: the same widths, loads and reductions (the AOT tables of
+# kernels/aot.py show the same registers within a few), at a third fewer compiles.
+POINTERS = {torch.float16: "*bf16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+
+
+def source_key(launch):
+    """What the JIT specializes a launch on, hashable: (kernel name, signature, constexprs, aligned
+    argument indices, warps, register cap). Pointers are taken 16-byte aligned (the caching
+    allocator's), an int is marked divisible by 16 when it is, and an int equal to 1 becomes the
+    constant 1, as triton.jit does."""
+    fn = launch.kernel
+    names = [n for n in fn.arg_names if n not in launch.constexprs]
+    assert len(names) == len(launch.args), (fn.fn.__name__, names, len(launch.args))
+    sig, consts, aligned = [], dict(launch.constexprs), []
+    for name, value in zip(names, launch.args):
+        if value is None:
+            consts[name] = None
+        elif isinstance(value, torch.Tensor):
+            sig.append((name, POINTERS[value.dtype]))
+            aligned.append(name)
+        elif isinstance(value, bool):
+            sig.append((name, "i1"))
+        elif isinstance(value, float):
+            sig.append((name, "fp32"))
+        elif value == 1:
+            consts[name] = 1
+        else:
+            sig.append((name, "i32" if -2**31 <= value < 2**31 else "i64"))
+            if value % 16 == 0:
+                aligned.append(name)
+    options = {"num_warps": launch.num_warps} if fn in anchors.KERNELS else launch_options(launch.num_warps)
+    return (fn.fn.__module__, fn.fn.__name__, tuple(sig), tuple(sorted(consts.items(), key=str)), tuple(aligned),
+            tuple(sorted(options.items())))
+
+
+_KERNELS = {k.fn.__name__: k for m in (row_norm, group_norm, batch_norm, anchors) for k in vars(m).values()
+            if isinstance(k, triton.runtime.JITFunction)}
+
+
+def _bin(tool):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the compiled kernel says: per thread registers, stack and local bytes; shared memory a
+    program; and per region (loop body or straight-line code) the bytes of global loads a thread
+    issues and the barriers, with the load widths seen."""
+    regs: int
+    stack: int
+    local: int
+    shared: int
+    regions: tuple  # ((load bytes a thread, barriers), ...)
+    load_widths: tuple
+
+
+def compile_facts(key, arch):
+    """Facts of the launch `key` (source_key) compiled for sm_`arch`, or an error string."""
+    try:
+        _, name, sig, consts, aligned, options = key
+        fn = _KERNELS[name]
+        consts = dict(consts)
+        signature = {n: "constexpr" if n in consts else dict(sig)[n] for n in fn.arg_names}
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                           attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(options))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        try:
+            usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+            sass = subprocess.run([_bin("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        finally:
+            os.unlink(f.name)
+        res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.split("Function", 1)[1])}
+        regions, widths = sass_regions(sass)
+        return Facts(res["REG"], res.get("STACK", 0), res.get("LOCAL", 0), res.get("SHARED", 0), regions, widths)
+    except Exception as e:  # reported per case, the others go on
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def sass_regions(sass):
+    """((load bytes a thread, barriers) per region, load widths): a region is the body of an
+    innermost loop (a backward branch's span, less the loops nested in it) or the code outside
+    every loop."""
+    labels, code, pending = {}, [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTRUCTION.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for label in pending:
+                labels[label] = addr
+            pending = []
+            code.append((addr, m.group(2)))
+    loops = []
+    for addr, text in code:
+        m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
+        if m and labels.get(m.group(1), addr + 1) <= addr:
+            loops.append((labels[m.group(1)], addr))
+
+    def region(addr):  # the innermost loop holding addr, or None
+        inside = [lp for lp in loops if lp[0] <= addr <= lp[1]]
+        return min(inside, key=lambda lp: lp[1] - lp[0]) if inside else None
+
+    totals, widths = {}, set()
+    for addr, text in code:
+        op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] if text.split() else ""
+        key = region(addr)
+        loads, barriers = totals.get(key, (0, 0))
+        if op.startswith(("LDG", "LDGSTS")):
+            parts = op.split(".")
+            width = next((_LOAD_BYTES[p] for p in parts if p in _LOAD_BYTES), 4)
+            widths.add(width)
+            loads += width
+        elif op.startswith("BAR.") and ".ARV" not in op:
+            barriers += 1
+        totals[key] = (loads, barriers)
+    return tuple(totals.values()), tuple(sorted(widths))
+
+
+# --- the model -------------------------------------------------------------------------------
+
+def resident(facts, num_warps, gpu):
+    """Programs an SM holds at once: registers (allocated 256 a warp at a time), warps, shared memory."""
+    regs_warp = -(-max(facts.regs, 1) * 32 // 256) * 256
+    by_regs = (gpu.regs // regs_warp) // num_warps
+    by_smem = (gpu.smem_kb * 1024) // (facts.shared + 1024) if facts.shared else gpu.programs
+    return max(0, min(by_regs, gpu.warps // num_warps, by_smem, gpu.programs))
+
+
+def latency_bandwidth(facts, num_warps, programs, gpu):
+    """Little's law over the streaming regions (bytes/s), and the programs in flight."""
+    in_flight = min(programs, gpu.sms * resident(facts, num_warps, gpu))
+    threads = 32 * num_warps
+    top = max((loads for loads, _ in facts.regions), default=0)
+    streams = [(loads, bars) for loads, bars in facts.regions if top and loads * 4 >= top]
+    if not streams or not in_flight:
+        return float("inf"), in_flight
+    rates = [in_flight * loads * threads / ((DRAM_LATENCY_NS + BARRIER_NS * bars) * 1e-9) for loads, bars in streams]
+    return len(rates) / sum(1 / r for r in rates), in_flight
+
+
+@dataclasses.dataclass
+class Prediction:
+    case: Case
+    time_us: float = 0.0
+    pct: float = 0.0
+    target: float = None
+    launches: list = dataclasses.field(default_factory=list)  # per launch: a dict of what was modelled
+    glue: int = 0
+    error: str = None
+
+    @property
+    def ok(self):
+        return self.error is None and self.glue <= 1 and (self.target is None or self.pct >= self.target - 1e-9)
+
+
+def _units(case, span):
+    """How many spans of `span` kind x holds."""
+    if span == "row":
+        return math.prod(case.shape[:-1])
+    return case.shape[0] * (case.shape[1] if case.op == "instance_norm" else 32)
+
+
+def is_glue(launch, case):
+    """A Triton launch on no activation-sized tensor (a partials sum, a finalize): glue."""
+    activation = math.prod(case.shape)
+    return not any(isinstance(a, torch.Tensor) and a.numel() == activation for a in launch.args)
+
+
+def predict_launches(launches, glue_ops, facts, gpu, case=None):
+    """(time in us, per-launch records, glue launches) of an op's launches under the model."""
+    peak = gpu.dram_tbps * 1e12
+    l2_budget = L2_FRACTION * gpu.l2_mb * 1e6
+    seen, footprint, time, records, glue = {}, 0.0, 0.0, [], 0
+    for i, launch in enumerate(launches):
+        f = facts[source_key(launch)]
+        if isinstance(f, str):
+            raise RuntimeError(f"{launch.kernel.fn.__name__}: {f}")
+        names = [n for n in launch.kernel.arg_names if n not in launch.constexprs]
+        tensors = {}
+        for name, value in zip(names, launch.args):
+            if isinstance(value, torch.Tensor) and id(value) not in tensors:
+                tensors[id(value)] = (name, value)
+        programs = math.prod(launch.grid)
+        dram = l2 = 0.0
+        rereads, span = REREADS.get(launch.kernel.fn.__name__, ((), None))
+        bw_latency, in_flight = latency_bandwidth(f, launch.num_warps, programs, gpu)
+        for key, (name, t) in tensors.items():
+            size = t.numel() * t.element_size()
+            if key in seen:  # touched by an earlier launch of the op
+                if footprint - seen[key] + size <= l2_budget:
+                    l2 += size
+                else:
+                    dram += size
+            else:
+                dram += size
+            if name in rereads:
+                working = in_flight * sum(v.numel() * v.element_size() for n, v in tensors.values()
+                                          if n in rereads) / _units(case, span)
+                if working <= l2_budget:
+                    l2 += size
+                else:
+                    dram += size
+        spill = (f.stack + f.local) * 32 * launch.num_warps * programs * 2
+        dram += spill
+        bw = min(EFFICIENCY * peak, bw_latency)
+        mem = max(dram / bw, (dram + l2) / (gpu.l2_tbps * 1e12))
+        cost = (FIRST_LAUNCH_US if i == 0 else LAUNCH_US) + mem * 1e6
+        time += cost
+        glued = case is not None and is_glue(launch, case)
+        glue += glued
+        records.append(dict(kernel=launch.kernel.fn.__name__, grid=list(launch.grid), warps=launch.num_warps,
+                            regs=f.regs, spill=f.stack + f.local, resident=resident(f, launch.num_warps, gpu),
+                            in_flight=in_flight, barriers=[b for _, b in f.regions],
+                            load_bytes=[lb for lb, _ in f.regions], widths=list(f.load_widths),
+                            dram_mb=dram / 1e6, l2_mb=l2 / 1e6, latency_tbps=min(bw_latency, 1e15) / 1e12,
+                            us=cost, glue=glued))
+        for key in tensors:
+            seen.setdefault(key, footprint)
+        footprint += dram
+    for name, moved in glue_ops:
+        cost = (FIRST_LAUNCH_US if not records else LAUNCH_US) + moved / (EFFICIENCY * peak) * 1e6
+        time += cost
+        glue += 1
+        records.append(dict(kernel=name, us=cost, glue=True, dram_mb=moved / 1e6))
+    return time, records, glue
+
+
+def perfect_pct(ideal_bytes, launches, gpu, dram_bytes=None):
+    """% of peak of a perfect kernel: `dram_bytes` (default: the ideal bytes) at EFFICIENCY, and
+    the launch costs of `launches` launches."""
+    peak = gpu.dram_tbps * 1e12
+    t = FIRST_LAUNCH_US + LAUNCH_US * (launches - 1) + (dram_bytes or ideal_bytes) / (EFFICIENCY * peak) * 1e6
+    return 100 * ideal_bytes / (t * 1e-6) / peak
+
+
+def case_target(case, gpu):
+    """The target of a case (module docstring), % of peak, or None."""
+    absolute = target(case)
+    if absolute is None:
+        return None
+    ideal = case.ideal_bytes()
+    two_pass = case.op in ("batch_norm", "batch_norm+relu")
+    launches = (TWO_PASS_LAUNCHES if two_pass else IDEAL_LAUNCHES)[case.pas]
+    if case.op in GROUP_NORMS:
+        groups = case.shape[0] * (case.shape[1] if case.op == "instance_norm" else 32)
+        x_bytes = math.prod(case.shape) * case.elem
+        if groups < gpu.sms and x_bytes > L2_FRACTION * gpu.l2_mb * 1e6:
+            extra = x_bytes * (1 if case.pas == "fwd" else 2)  # x (and dy) read twice
+            return TWO_READ_SHARE * perfect_pct(ideal, TWO_PASS_LAUNCHES[case.pas], gpu, ideal + extra)
+    if ideal >= ABSOLUTE_FROM_BYTES:
+        return absolute
+    return absolute * perfect_pct(ideal, launches, gpu) / (EFFICIENCY * 100)
+
+
+def predict(cases, gpu, jobs=1):
+    """A Prediction per case."""
+    runs = {}
+    for case in cases:
+        try:
+            runs[case] = run_case(case, gpu)
+        except Exception as e:
+            runs[case] = f"{type(e).__name__}: {e}"
+    keys = {source_key(lc) for r in runs.values() if not isinstance(r, str) for lc in r[0]}
+    facts = compile_all(keys, gpu.arch, jobs)
+    out = []
+    for case in cases:
+        p = Prediction(case, target=case_target(case, gpu))
+        if isinstance(runs[case], str):
+            p.error = runs[case]
+        else:
+            try:
+                p.time_us, p.launches, p.glue = predict_launches(*runs[case], facts, gpu, case)
+                p.pct = 100 * case.ideal_bytes() / (p.time_us * 1e-6) / (gpu.dram_tbps * 1e12)
+            except RuntimeError as e:
+                p.error = str(e)
+        out.append(p)
+    return out
+
+
+def compile_all(keys, arch, jobs):
+    keys = sorted(keys, key=str)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return dict(zip(keys, pool.map(functools.partial(compile_facts, arch=arch), keys)))
+
+
+# --- the published anchors -------------------------------------------------------------------
+
+# (label, norm, rows, width, dtype, published % of peak): ../shared/perf-anchors.md
+LIGER_POINTS = (
+    [("Liger RMSNorm bf16, 32768 rows", "rms_norm", 32768, n, torch.bfloat16, pct)
+     for n, pct in [(256, 58.1), (512, 63.5), (1024, 77.2), (2048, 84.0), (4096, 86.7), (8192, 84.7),
+                    (16384, 79.0), (32768, 85.4), (65536, 19.5)]]
+    + [("Liger RMSNorm bf16, 4096 rows", "rms_norm", 4096, n, torch.bfloat16, pct)
+       for n, pct in [(1024, 41), (2048, 57), (4096, 69), (8192, 79), (16384, 84)]]
+    + [("Liger LayerNorm fp32, 4096 rows", "layer_norm", 4096, n, torch.float32, pct)
+       for n, pct in [(1024, 53), (2048, 69), (4096, 79), (8192, 85), (16384, 87)]])
+# QuACK's RMSNorm (CuTe DSL, not Triton: nothing to compile) is modelled as what it is published
+# to be: one launch, no spills, never latency-bound, i.e. the perfect kernel of perfect_pct.
+QUACK_POINTS = [("QuACK RMSNorm bf16", rows, n, pct) for rows, n, pct in
+                [(32768, 256, 57), (32768, 512, 69), (32768, 1024, 77), (32768, 2048, 82), (32768, 4096, 87),
+                 (32768, 8192, 89), (32768, 16384, 88), (32768, 32768, 89), (32768, 65536, 90),
+                 (16384, 131072, 89), (8192, 262144, 84)]]
+
+
+def anchor_rows(gpu, jobs=1):
+    """[(label, width, published %, predicted %, spills)] on the H100 numbers the anchors were
+    published on."""
+    rows, launches = [], []
+    for label, norm, m, n, dtype, pct in LIGER_POINTS:
+        x, w = _meta((m, n), dtype), _meta(n, dtype)
+        launches.append((label, n, pct, anchors.liger_launch(norm, x, w, w if norm == "layer_norm" else None), x))
+    facts = compile_all({source_key(lc) for *_, lc, _ in launches}, gpu.arch, jobs)
+    for label, n, pct, launch, x in launches:
+        f = facts[source_key(launch)]
+        if isinstance(f, str):
+            rows.append((label, n, pct, None, f))
+            continue
+        t, _, _ = predict_launches([launch], [], facts, gpu)
+        ideal = 2 * x.numel() * x.element_size()
+        rows.append((label, n, pct, 100 * ideal / (t * 1e-6) / (gpu.dram_tbps * 1e12), f.stack + f.local))
+    for label, m, n, pct in QUACK_POINTS:
+        rows.append((label + f", {m} rows", n, pct, perfect_pct(2 * m * n * 2, 1, gpu), 0))
+    return rows
+
+
+def anchor_misses(rows):
+    """The non-spilling published points the model misses by more than ANCHOR_TOLERANCE (relative)."""
+    return [r for r in rows if r[4] == 0 and (r[3] is None or abs(r[3] - r[2]) > ANCHOR_TOLERANCE * r[2])]
+
+
+# ../shared/perf-anchors.md: with its launch cost a bytes model came within ~5% of 17 of the 18
+# non-spilling Liger points; one (RMSNorm 16K at 32768 rows, 79% published, a dip none of the
+# modelled resources explains) is allowed to stay outside.
+ANCHOR_MISSES_ALLOWED = 1
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def _fmt_case(p):
+    c = p.case
+    kernels = "+".join(r["kernel"].removeprefix("_").removesuffix("_kernel") for r in p.launches)
+    verdict = "ERROR" if p.error else "ok" if p.ok else "GLUE" if p.glue > 1 else "BELOW"
+    target = f"{p.target:5.1f}" if p.target is not None else "    -"
+    return f"{c.id:52} {p.pct:6.1f} {target} {len(p.launches):>3} {p.glue:>4}  {verdict:5}  {p.error or kernels}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", default="h100-sxm", choices=sorted(GPUS),
+                   help="the GPU whose numbers the model uses (default h100-sxm)")
+    p.add_argument("--check", action="store_true", help="exit 1 on a case below target, or an anchor missed")
+    p.add_argument("-k", dest="select", default="", help="only cases whose id contains this")
+    p.add_argument("--json", help="write every prediction, launch by launch, to this file")
+    p.add_argument("--anchors", action="store_true", help="only the published anchors")
+    p.add_argument("--acceptance", action="store_true",
+                   help="also the cases of benchmarks/acceptance_points.py (the GPU acceptance run's)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    gpu = GPUS[args.gpu]
+    print(f"roofline for {gpu.name} (sm_{gpu.arch}, {gpu.dram_tbps} TB/s, {gpu.sms} SMs), triton {triton.__version__}")
+    failed = False
+    if args.gpu.startswith("h100-sxm") or args.anchors:
+        rows = anchor_rows(GPUS["h100-sxm"], args.jobs)
+        print(f"\n{'published anchor (H100 SXM)':36} {'N':>7} {'pub %':>6} {'model':>6} {'spill':>5}")
+        for label, n, pct, pred, spill in rows:
+            model = f"{pred:6.1f}" if pred is not None else " error"
+            print(f"{label:36} {n:>7} {pct:6.1f} {model} {spill:>5}")
+        misses = anchor_misses(rows)
+        good = len(misses) <= ANCHOR_MISSES_ALLOWED
+        print(f"anchors: {len(rows) - len(misses)} of {len(rows)} within {ANCHOR_TOLERANCE:.0%} "
+              f"({len(misses)} non-spilling missed, {ANCHOR_MISSES_ALLOWED} allowed): {'ok' if good else 'FAILED'}")
+        failed |= not good
+        if args.anchors:
+            return 1 if args.check and failed else 0
+    cases = [c for c in benchmark_cases(args.acceptance) if args.select in c.id]
+    preds = predict(cases, gpu, args.jobs)
+    print(f"\n{'case':52} {'pred %':>6} {'target':>5} {'lch':>3} {'glue':>4}  {'':5}  kernels")
+    for pred in preds:
+        print(_fmt_case(pred))
+    below = [pred for pred in preds if not pred.ok]
+    print(f"{len(preds) - len(below)} of {len(preds)} cases at or above target")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": dataclasses.asdict(gpu), "triton": triton.__version__, "cases": [
+                {"id": q.case.id, "op": q.case.op, "shape": q.case.shape, "dtype": str(q.case.dtype),
+                 "pass": q.case.pas, "predicted_pct": q.pct, "predicted_us": q.time_us, "target_pct": q.target,
+                 "glue": q.glue, "error": q.error, "launches": q.launches} for q in preds]}, f, indent=1)
+    failed |= bool(below)
+    return 1 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

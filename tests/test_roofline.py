@@ -1,0 +1,107 @@
+"""The static roofline (kernels/roofline.py): its bytes model against the benchmarks', its reading
+of SASS, its occupancy arithmetic and targets, one published anchor through a real sm_90 compile,
+and every benchmark case's launches planned on meta tensors (at most one glue launch an op).
+The whole table and its verdicts are CI's `python -m normops.kernels.roofline --check`."""
+import math
+
+import pytest
+import torch
+
+from normops import bench
+from normops.kernels import roofline
+from normops.kernels.common import record
+
+H100 = roofline.GPUS["h100-sxm"]
+
+
+def test_ideal_bytes_are_the_benchmarks():
+    for name, ((r, w), (br, bw)) in roofline.IDEAL.items():
+        op = bench.OPS[name]
+        assert (op.reads, op.writes, op.bwd_reads, op.bwd_writes) == (r, w, br, bw), name
+    assert set(roofline.IDEAL) == set(bench.OPS)
+
+
+SASS = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_0:
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0030*/              @!P0 LDG.E.U16 R9, desc[UR4][R2.64] ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   LDG.E R10, desc[UR4][R2.64] ;
+        /*0080*/                   BRA `(.L_x_1) ;
+.L_x_1:
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_sass_regions_split_loop_bodies_from_straight_code():
+    regions, widths = roofline.sass_regions(SASS)
+    # straight-line code: a 16-byte and a 4-byte load, one barrier (the forward branch is no loop);
+    # the loop: 16 + 2 bytes (predicated loads count), two barriers
+    assert sorted(regions) == [(18, 2), (20, 1)]
+    assert widths == (2, 4, 16)
+
+
+def test_residency_from_registers_warps_and_shared_memory():
+    facts = lambda regs, shared=0: roofline.Facts(regs, 0, 0, shared, (), ())  # noqa: E731
+    assert roofline.resident(facts(128), 4, H100) == 4  # 64K / (128 x 128 threads)
+    assert roofline.resident(facts(32), 4, H100) == 16  # 64 warps an SM
+    assert roofline.resident(facts(33), 4, H100) == 12  # 40 registers a thread allocated
+    assert roofline.resident(facts(32, shared=100 * 1024), 4, H100) == 2
+
+
+def test_glue_counts_kernels_not_views_or_allocations():
+    glue = roofline._Glue()
+    x = torch.empty((8, 4), device="meta")
+    with glue:
+        x.view(32), x.t(), torch.empty(3, device="meta")
+        x.sum(0).to(torch.bfloat16)
+    assert [name for name, _ in glue.ops] == ["aten::sum", "aten::_to_copy"]
+
+
+def test_targets_scale_below_512_mb_and_cap_the_video_case_at_two_reads():
+    big = roofline.Case("rms_norm", (4096, 65536), "contiguous", torch.bfloat16, "fwd")
+    small = roofline.Case("rms_norm", (4096, 1024), "contiguous", torch.bfloat16, "fwd")
+    assert roofline.case_target(big, H100) == 85.0
+    perfect = roofline.perfect_pct(small.ideal_bytes(), 1, H100)
+    assert roofline.case_target(small, H100) == pytest.approx(85.0 * perfect / 89.5)
+    video = roofline.Case("group_norm", (1, 128, 8, 256, 256), "contiguous", torch.bfloat16, "fwd")
+    x = math.prod(video.shape) * 2
+    assert roofline.case_target(video, H100) == pytest.approx(
+        0.9 * roofline.perfect_pct(2 * x, 2, H100, 3 * x))
+
+
+def test_the_model_reproduces_a_published_liger_point():
+    """Liger's RMSNorm forward at 4096 x 4096 bf16: 29.2 us published, 69% of peak."""
+    x, w = (torch.empty(s, dtype=torch.bfloat16, device="meta") for s in ((4096, 4096), 4096))
+    launch = roofline.anchors.liger_launch("rms_norm", x, w)
+    key = roofline.source_key(launch)
+    facts = {key: roofline.compile_facts(key, 90)}
+    assert not isinstance(facts[key], str), facts[key]
+    assert 16 in facts[key].load_widths  # 128-bit loads
+    time_us, _, glue = roofline.predict_launches([launch], [], facts, H100)
+    assert glue == 0
+    assert time_us == pytest.approx(29.2, rel=0.10)
+
+
+def test_every_benchmark_case_plans_its_launches():
+    """Each GPU case's launcher runs on meta tensors planned for an H100 (nothing compiled), and
+    makes at most one glue launch (a torch op, or a kernel on no activation-sized tensor)."""
+    over = []
+    for case in roofline.benchmark_cases(acceptance=True):
+        launches, ops = roofline.run_case(case, H100)
+        assert launches, case.id
+        glue = len(ops) + sum(roofline.is_glue(lc, case) for lc in launches)
+        if glue > 1:
+            over.append((case.id, [lc.kernel.fn.__name__ for lc in launches] + [n for n, _ in ops]))
+    assert over == []
+
+
+def test_record_notes_the_grid():
+    x = torch.empty((64, 128), device="meta")
+    with record() as launches:
+        roofline.row_norm.row_norm_fwd(x, None, (128,), None, None, 1e-5, True, "none", False)
+    assert launches and all(isinstance(lc.grid, tuple) and lc.grid for lc in launches)
