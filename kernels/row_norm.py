@@ -246,18 +246,21 @@ def _row_norm_bwd_kernel(
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w = 1.0
-    b = 0.0
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-    if HAS_B:
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for rb in range(pid, tl.cdiv(M, BLOCK_M), n_prog):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
+        # w and b are re-read every iteration (cache hits) rather than held across the loop: the
+        # 8K configurations reached the 128-register cap holding them (sm_90), and those loads
+        # outside the loop made a second, barrier-heavy region of in-flight bytes.
+        w = 1.0
+        b = 0.0
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        if HAS_B:
+            b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
         x = tl.load(X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(DY + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None] + cols[None, :], mask=mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
