@@ -92,7 +92,7 @@ MAX_ROWS_PER_PROGRAM = 16
 # The backward's persistent grid leaves the dw/db partials in L2 for the glue kernel, and the
 # looped backward re-reads each row (x and dy) and read-modify-writes its program's partial rows
 # from L2: these are the bytes of L2 (50 MB on an H100, 40 MB on an A100) it plans to fill.
-L2_BUDGET = 30 * 2**20
+L2_BUDGET = 30_000_000
 
 LOOP_WARPS = 8  # for the looped kernels' LOOP_BLOCK_N columns: 16 fp32 values a thread
 # The row norms' looped backward kernels hold more per value (x, dy, x_hat, the gradient, dw/db):
@@ -143,13 +143,21 @@ class RowNormConfig:
         return cls(block_n, block_m, _warps(block_m * block_n, 256), True)
 
 
+def row_norm_fwd_programs(n, elem_bytes, residual, programs):
+    """The looped forward's persistent grid: at most `programs` (those that fit the device), and
+    few enough that the rows in flight (x, and h with a residual: n * elem_bytes each) stay in L2
+    (L2_BUDGET) for pass 2's re-read: at 64K bf16, 228 programs rather than 264, past which the
+    second read of x would come from DRAM."""
+    return max(1, min(programs, L2_BUDGET // (n * elem_bytes * (2 if residual else 1))))
+
+
 def row_norm_bwd_programs(cfg, n, elem_bytes, n_partials, programs):
     """The backward's persistent grid, from `programs`, those that fit the device at once
     (programs_per_wave: 16 warps an SM, so 4 programs of 4 warps at 1K): each with its own fp32
     partial rows (dw, db: `n_partials` of them, 4 * n bytes each) that the glue kernel sums. The looped backward also
     needs, per program, its partial rows and the row it is on (x and dy, 2 * n * elem_bytes) to
     stay in L2 (L2_BUDGET) between pass 1 and pass 2 and from one row to the next: at 64K bf16
-    with dw and db, 768 KB a program, so 40 programs rather than 132."""
+    with dw and db, 768 KB a program, so 38 programs rather than 132."""
     if cfg.one_pass:
         return programs
     per_program = n * (4 * n_partials + 2 * elem_bytes)

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
-from .config import ParamGradsConfig, RowNormConfig, programs_per_wave, row_norm_bwd_programs
+from .config import (ParamGradsConfig, RowNormConfig, programs_per_wave, row_norm_bwd_programs,
+                     row_norm_fwd_programs)
 
 @triton.jit
 def _row_offsets(rows, inner, s_outer, s_inner):
@@ -464,8 +465,9 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
         launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, num_warps=cfg.num_warps,
                BLOCK_M=cfg.block_m, **flags)
     else:  # a persistent grid (see the kernel)
-        launch(_row_norm_fwd_looped_kernel, (min(m, programs_per_wave(x.device, cfg.num_warps)),), *args,
-               num_warps=cfg.num_warps, **flags)
+        programs = row_norm_fwd_programs(n, x.element_size(), residual is not None,
+                                         programs_per_wave(x.device, cfg.num_warps))
+        launch(_row_norm_fwd_looped_kernel, (min(m, programs),), *args, num_warps=cfg.num_warps, **flags)
     return y, (h if residual is not None else None), mean, rstd
 
 
