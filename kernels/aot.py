@@ -37,7 +37,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import batch_norm, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
-from .config import BatchNormConfig, GroupNormConfig, RowNormConfig  # noqa: E402
+from .config import (BatchNormConfig, GroupNormConfig, ParamGradsConfig, RowNormConfig, programs_per_sm,  # noqa: E402
+                     row_norm_bwd_programs)
 
 # The widths the benchmarks run (transformer rows, narrow to 256K); the heuristics map them to
 # the distinct configurations compiled here.
@@ -49,6 +50,7 @@ VARIANTS = [("layer_norm", False, True, True, False, "none"), ("rms_norm", True,
             ("add_layer_norm+gelu", False, True, True, True, "gelu")]
 # Weights in fp32 under bf16/fp16 activations (the usual mixed-precision layout) cost registers.
 FP32_WEIGHT = "layer_norm/w32"
+H100_SMS = 132  # the row norms' backward grid, which sizes their glue kernel, on an H100
 
 
 # GroupNorm (N, C, S = prod(spatial), G): the benchmark shapes (U-Net, VAE, video, instance norm
@@ -143,10 +145,11 @@ def _row_norm_launches(job):
     x = _meta((4, 64), dtype)
     if job.kernel == "fwd":
         row_norm.row_norm_fwd(x, x if has_r else None, (64,), w, b, 1e-5, rms, act, True, config=job.config)
-    else:
+    else:  # the glue kernel's job carries its own configuration
+        cfg, grads = (RowNormConfig.backward(64), job.config) if job.kernel == "param_grads" else (job.config, None)
         rstd = _meta(4, torch.float32)
         row_norm.row_norm_bwd(x, x, (64,), w, b, None if rms else rstd, rstd, rms, act, (True, has_w, has_b),
-                              config=job.config)
+                              config=cfg, grads_config=grads)
     return ("M", "inner", "eps"), ()
 
 
@@ -226,21 +229,31 @@ def _describe(job):
         return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_g}x{c.block_cg}x{c.block_s} "
                 f"{'one_pass' if c.one_pass else 'looped'}{split}")
     c = job.config
+    if job.kernel == "param_grads":
+        return f"programs={c.block_g} block_n={c.block_n}"
     return f"rows={c.block_m} block_n={c.block_n} {'one_pass' if c.one_pass else 'looped'}"
 
 
 def row_norm_jobs(targets):
     """Every (kernel, config) the heuristics pick over WIDTHS, for each variant and dtype (the
-    backward's one-pass limit depends on the element size)."""
+    backward's one-pass limit depends on the element size), and the glue kernel's configurations
+    for 4096 rows of those widths on an H100."""
     variants = [(v[0], d) for v in VARIANTS for d in DTYPES] + [(FP32_WEIGHT, "bf16")]
     jobs = set()
     for (variant, dtype), n in itertools.product(variants, WIDTHS):
-        bwd = RowNormConfig.backward(n, 4 if dtype == "fp32" else 2)
-        picks = [("fwd", RowNormConfig.forward(n)), ("bwd", bwd)] + ([] if bwd.one_pass else [("bwd_sums", bwd)])
-        jobs.update((kernel, cfg, variant, dtype) for kernel, cfg in picks)
-    order = {"fwd": 0, "bwd": 1, "bwd_sums": 2}
-    return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel, cfg, variant, dtype in
-            sorted(jobs, key=lambda j: (order[j[0]], not j[1].one_pass, j[1].block_n, variants.index((j[2], j[3]))))]
+        elem = 4 if dtype == "fp32" else 2
+        bwd = RowNormConfig.backward(n, elem)
+        base = "layer_norm" if variant == FP32_WEIGHT else variant
+        n_part = 1 + next(v for v in VARIANTS if v[0] == base)[3]  # dw, and db when there is a bias
+        programs = row_norm_bwd_programs(bwd, n, elem, n_part, H100_SMS * programs_per_sm(bwd.num_warps))
+        grads = ParamGradsConfig.make(n, min(programs, -(-4096 // bwd.block_m)))
+        jobs.update([("fwd", RowNormConfig.forward(n), variant, dtype), ("bwd", bwd, variant, dtype),
+                     ("param_grads", grads, variant, dtype)])
+    order = {"fwd": 0, "bwd": 1, "param_grads": 2}
+    key = lambda j: (order[j[0]], not getattr(j[1], "one_pass", True), j[1].block_n, str(j[1]),  # noqa: E731
+                     variants.index((j[2], j[3])))
+    return [Job(kernel, variant, dtype, cfg, target) for target in targets
+            for kernel, cfg, variant, dtype in sorted(jobs, key=key)]
 
 
 def _gn_grid():

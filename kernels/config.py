@@ -28,6 +28,11 @@ def sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def programs_per_sm(num_warps):
+    """Programs of `num_warps` warps planned to an SM: 16 warps (see programs_per_wave)."""
+    return max(1, 16 // num_warps)
+
+
 def programs_per_wave(device, num_warps):
     """How many persistent programs fill the device at once. At the ~128 registers a thread these
     kernels use, an SM holds about 16 warps (64K registers / (128 x 32)), so 16 // num_warps
@@ -41,7 +46,7 @@ def programs_per_wave(device, num_warps):
         sms = _planned_sms.get()
     else:
         return 4
-    return sms * max(1, 16 // num_warps)
+    return sms * programs_per_sm(num_warps)
 
 
 _planned_sms = contextvars.ContextVar("normops_planned_sms", default=None)
@@ -71,11 +76,23 @@ BWD_ONE_PASS_MAX_WIDE = 4096
 # Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
 # (16 warps spilled 8 bytes in the looped forward on sm_90.)
 LOOP_BLOCK_N = 4096
-# Narrow rows are packed several to a program so each handles at least this many elements:
-# fewer, fuller programs amortize the per-row reductions and the launch of tiny ones.
-MIN_ELEMENTS_PER_PROGRAM = 2048
+# Narrow rows are packed several to a program (forward) or to a loop iteration (backward), so
+# that each loads enough bytes to keep DRAM busy. Rows of at most WARP_ROW elements lie within a
+# warp (8 values a thread), so a block of them is reduced with shuffles alone; a block of wider
+# rows spreads each row over several warps and its reductions over shared memory: at 512 the
+# forward compiled to 11-15 barriers for 2-8 rows against 3 for one (sm_90), and at 1K 11 for two
+# rows against 3. So the forward packs rows of up to WARP_ROW elements into FWD_PACKED_ELEMENTS
+# (16 rows of 256 over 16 warps: 3 barriers, 25 KB of loads) and runs wider rows one a program.
+# The backward's loop packs to BWD_PACKED_ELEMENTS (its loop body has 0 barriers up to 256, 3 at
+# 512 for 2 rows as for one, sm_90) and takes one row an iteration from 1K on.
+WARP_ROW = 256
+FWD_PACKED_ELEMENTS = 4096
+BWD_PACKED_ELEMENTS = 1024
 MAX_ROWS_PER_PROGRAM = 16
-
+# The backward's persistent grid leaves the dw/db partials in L2 for the glue kernel, and the
+# looped backward re-reads each row (x and dy) and read-modify-writes its program's partial rows
+# from L2: these are the bytes of L2 (50 MB on an H100, 40 MB on an A100) it plans to fill.
+L2_BUDGET = 30_000_000
 
 LOOP_WARPS = 8  # for the looped kernels' LOOP_BLOCK_N columns: 16 fp32 values a thread
 # The row norms' looped backward kernels hold more per value (x, dy, x_hat, the gradient, dw/db):
@@ -98,7 +115,8 @@ class RowNormConfig:
 
     block_n: columns per block (a power of two); one_pass: the row fits in one block and stays in
     registers (otherwise the kernel loops over column blocks, reading x twice); block_m: rows per
-    program (narrow rows only); num_warps: warps per program.
+    program (forward) or per loop iteration (backward), narrow rows only; num_warps: warps per
+    program.
     """
     block_n: int
     block_m: int
@@ -107,20 +125,62 @@ class RowNormConfig:
 
     @classmethod
     def forward(cls, n):
-        return cls._make(n, FWD_ONE_PASS_MAX, 256, LOOP_WARPS)
+        block_n = next_pow2(max(n, 1))
+        return cls._make(block_n, FWD_ONE_PASS_MAX, FWD_PACKED_ELEMENTS if block_n <= WARP_ROW else block_n,
+                         LOOP_WARPS)
 
     @classmethod
     def backward(cls, n, elem_bytes=2):
         """elem_bytes: the size of an element of x."""
-        return cls._make(n, BWD_ONE_PASS_MAX if elem_bytes <= 2 else BWD_ONE_PASS_MAX_WIDE, 256, BWD_LOOP_WARPS)
+        return cls._make(next_pow2(max(n, 1)), BWD_ONE_PASS_MAX if elem_bytes <= 2 else BWD_ONE_PASS_MAX_WIDE,
+                         BWD_PACKED_ELEMENTS, BWD_LOOP_WARPS)
 
     @classmethod
-    def _make(cls, n, one_pass_max, per_warp, loop_warps):
-        block_n = next_pow2(max(n, 1))
+    def _make(cls, block_n, one_pass_max, packed, loop_warps):
         if block_n > one_pass_max:
             return cls(LOOP_BLOCK_N, 1, loop_warps, False)
-        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, MIN_ELEMENTS_PER_PROGRAM // block_n))
-        return cls(block_n, block_m, _warps(block_m * block_n, per_warp), True)
+        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, packed // block_n))
+        return cls(block_n, block_m, _warps(block_m * block_n, 256), True)
+
+
+def row_norm_fwd_programs(n, elem_bytes, residual, programs):
+    """The looped forward's persistent grid: at most `programs` (those that fit the device), and
+    few enough that the rows in flight (x, and h with a residual: n * elem_bytes each) stay in L2
+    (L2_BUDGET) for pass 2's re-read: at 64K bf16, 228 programs rather than 264, past which the
+    second read of x would come from DRAM."""
+    return max(1, min(programs, L2_BUDGET // (n * elem_bytes * (2 if residual else 1))))
+
+
+def row_norm_bwd_programs(cfg, n, elem_bytes, n_partials, programs):
+    """The backward's persistent grid, from `programs`, those that fit the device at once
+    (programs_per_wave: 16 warps an SM, so 4 programs of 4 warps at 1K): each with its own fp32
+    partial rows (dw, db: `n_partials` of them, 4 * n bytes each) that the glue kernel sums. The looped backward also
+    needs, per program, its partial rows and the row it is on (x and dy, 2 * n * elem_bytes) to
+    stay in L2 (L2_BUDGET) between pass 1 and pass 2 and from one row to the next: at 64K bf16
+    with dw and db, 768 KB a program, so 38 programs rather than 132."""
+    if cfg.one_pass:
+        return programs
+    per_program = n * (4 * n_partials + 2 * elem_bytes)
+    return max(1, min(programs, L2_BUDGET // per_program))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGradsConfig:
+    """The row norms' glue kernel (row_norm._row_norm_param_grads_kernel): a program sums block_n
+    columns of the [programs, n] partials, block_g programs' rows at a time.
+
+    Its work is only the partials (4 to 8 MB at 1K-8K on an H100), so what decides its speed is the
+    bytes it has in flight: block_n = n / 128 columns (at least 8, 32 bytes of fp32: a sector),
+    which makes 128 programs or more, each loading block_g x block_n = 2K values an array per
+    iteration (16 a thread at 4 warps)."""
+    block_g: int
+    block_n: int
+    num_warps: int
+
+    @classmethod
+    def make(cls, n, programs):
+        block_n = max(8, min(128, next_pow2(n) // 128))
+        return cls(max(1, min(next_pow2(programs), 2048 // block_n)), block_n, 4)
 
 
 # --- GroupNorm / InstanceNorm ----------------------------------------------------------------

@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, param_grads, stat_dtype
-from .config import RowNormConfig, programs_per_wave
+from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
+from .config import (ParamGradsConfig, RowNormConfig, programs_per_wave, row_norm_bwd_programs,
+                     row_norm_fwd_programs)
 
 @triton.jit
 def _row_offsets(rows, inner, s_outer, s_inner):
@@ -222,42 +223,8 @@ def _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS: tl.constexpr, HAS_W: tl.cons
 
 
 @triton.jit
-def _row_norm_bwd_sums_kernel(
-    DY, X,             # [M, N] output gradient, input (strided rows)
-    W, B,              # [N] weight, bias
-    MEAN, RSTD,        # [M] saved statistics
-    SUMS,              # [M, 2] out: c1 = sum(g * x_hat) / N, c2 = sum(g) / N
-    N, inner, sdy_o, sdy_i, sx_o, sx_i,
-    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-):
-    """Wide rows only: the two per-row sums of dx, one program per row, looping over columns."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + _row_offsets(row, inner, sx_o, sx_i)
-    dy_row = DY + _row_offsets(row, inner, sdy_o, sdy_i)
-    rstd = tl.load(RSTD + row)
-    mean = 0.0
-    if not IS_RMS:
-        mean = tl.load(MEAN + row)
-    cols = tl.arange(0, BLOCK_N)
-    c1 = tl.zeros((BLOCK_N,), dtype=ACC)
-    c2 = tl.zeros((BLOCK_N,), dtype=ACC)
-    for start in range(0, N, BLOCK_N):
-        c = start + cols
-        m = c < N
-        x = tl.load(x_row + c, mask=m, other=0.0).to(ACC)
-        dy = tl.load(dy_row + c, mask=m, other=0.0).to(ACC)
-        w = 1.0
-        b = 0.0
-        if HAS_W:
-            w = tl.load(W + c, mask=m, other=0.0).to(ACC)
-        if HAS_B:
-            b = tl.load(B + c, mask=m, other=0.0).to(ACC)
-        x_hat, dz, g = _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
-        c1 += tl.where(m, g * x_hat, 0.0)
-        c2 += tl.where(m, g, 0.0)
-    tl.store(SUMS + row * 2, tl.sum(c1, 0) / N)
-    tl.store(SUMS + row * 2 + 1, tl.sum(c2, 0) / N)
+def _add2(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
 
 
 @triton.jit
@@ -265,30 +232,30 @@ def _row_norm_bwd_kernel(
     DY, X,             # [M, N] output gradient, input (strided rows)
     W, B,              # [N] weight, bias
     MEAN, RSTD,        # [M] saved statistics
-    SUMS,              # [M, 2] row sums from _row_norm_bwd_sums_kernel (looped mode only)
     DX,                # [M, N] out, contiguous
-    PART,              # [G, 2, N] out: fp32 partial dw (PART[:, 0]) and db (PART[:, 1]), a row per program
+    PART,              # [G, K, N] out: fp32 partial dw (PART[:, 0]) then db, K = WANT_DW + WANT_DB, a row per program
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, ONE_PASS: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Grid (column blocks, G): program (j, p) takes columns block j of row blocks p, p + G, ...,
-    writing dx there and its own dw/db partial row. One pass: one column block holds the whole
-    row and the row sums are computed here; looped: they come precomputed in SUMS."""
-    pid_n = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    n_prog = tl.num_programs(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One pass, rows up to BLOCK_N wide, over a persistent grid of G programs: program p takes the
+    blocks of BLOCK_M rows p, p + G, ... (one row at 1K and wider). dw/db accumulate elementwise in
+    a [BLOCK_M, BLOCK_N] tile, summed over its rows once at the end: the loop body's only
+    cross-warp reduction is the two row sums of dx, taken together (one shared-memory round)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    dw = tl.zeros((BLOCK_N,), dtype=ACC)
-    db = tl.zeros((BLOCK_N,), dtype=ACC)
-    for rb in range(pid_g, tl.cdiv(M, BLOCK_M), n_prog):
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for rb in range(pid, tl.cdiv(M, BLOCK_M), n_prog):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
-        # w and b are re-read for every row block (cache hits) rather than held across the loop:
-        # their registers are what the wide one-pass configurations need to stay spill-free.
+        # w and b are re-read every iteration (cache hits) rather than held across the loop: the
+        # 8K configurations reached the 128-register cap holding them (sm_90), and those loads
+        # outside the loop made a second, barrier-heavy region of in-flight bytes.
         w = 1.0
         b = 0.0
         if HAS_W:
@@ -303,29 +270,142 @@ def _row_norm_bwd_kernel(
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
         x_hat, dz, g = _row_norm_grad(x.to(ACC), dy.to(ACC), mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
         x_hat = tl.where(mask, x_hat, 0.0)
-        dz = tl.where(mask, dz, 0.0)
         if WANT_DX:
-            if ONE_PASS:
-                g = tl.where(mask, g, 0.0)
-                c1 = tl.sum(g * x_hat, 1) / N
-                c2 = tl.sum(g, 1) / N
-            else:
-                rows64 = rows.to(tl.int64)
-                c1 = tl.load(SUMS + rows64 * 2, mask=row_mask, other=0.0)
-                c2 = tl.load(SUMS + rows64 * 2 + 1, mask=row_mask, other=0.0)
+            g = tl.where(mask, g, 0.0)
             if IS_RMS:
+                c1 = tl.sum(g * x_hat, 1) / N
                 dx = rstd * (g - x_hat * c1[:, None])
             else:
-                dx = rstd * (g - c2[:, None] - x_hat * c1[:, None])
+                c1, c2 = tl.reduce((g * x_hat, g), 1, _add2)
+                dx = rstd * (g - c2[:, None] / N - x_hat * (c1[:, None] / N))
             tl.store(DX + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if WANT_DW:
-            dw += tl.sum(dz * x_hat, 0)
+            dw += dz * x_hat
         if WANT_DB:
-            db += tl.sum(dz, 0)
+            db += tl.where(mask, dz, 0.0)
+    part = PART + pid.to(tl.int64) * (WANT_DW + WANT_DB) * N + cols
     if WANT_DW:
-        tl.store(PART + pid_g.to(tl.int64) * 2 * N + cols, dw, mask=col_mask)
+        tl.store(part, tl.sum(dw, 0), mask=col_mask)
     if WANT_DB:
-        tl.store(PART + pid_g.to(tl.int64) * 2 * N + N + cols, db, mask=col_mask)
+        tl.store(part + WANT_DW * N, tl.sum(db, 0), mask=col_mask)
+
+
+@triton.jit
+def _row_norm_bwd_looped_kernel(
+    DY, X,             # [M, N] output gradient, input (strided rows)
+    W, B,              # [N] weight, bias
+    MEAN, RSTD,        # [M] saved statistics
+    DX,                # [M, N] out, contiguous
+    PART,              # [G, K, N] out: fp32 partial dw then db as in _row_norm_bwd_kernel
+    M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Rows wider than a block, each owned by one program of a persistent grid of G (rows p,
+    p + G, ...). Pass 1 walks the row's column blocks (2 * BLOCK_N wide: G is small at the widest
+    rows, and its loads in flight are what reads x and dy from DRAM) summing g * x_hat and g elementwise (reduced
+    once, after the loop: no barrier in it); pass 2 walks them backwards, re-reading x and dy (the
+    row was just read: L2 hits, the last blocks first), writes dx and adds dz * x_hat and dz into
+    the program's own fp32 partial row in PART (read-modify-write, the first row writes). G is
+    sized so that G partial rows and G rows of x and dy fit in L2 (config.py)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cols1 = tl.arange(0, 2 * BLOCK_N)  # pass 1 holds fewer values a column: blocks twice as wide
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    part = PART + pid.to(tl.int64) * (WANT_DW + WANT_DB) * N
+    for it in range(0, tl.cdiv(M - pid, n_prog)):
+        row = pid.to(tl.int64) + it * n_prog
+        x_row = X + _row_offsets(row, inner, sx_o, sx_i)
+        dy_row = DY + _row_offsets(row, inner, sdy_o, sdy_i)
+        rstd = tl.load(RSTD + row)
+        mean = 0.0
+        if not IS_RMS:
+            mean = tl.load(MEAN + row)
+        c1 = 0.0
+        c2 = 0.0
+        if WANT_DX:
+            s1 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
+            s2 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
+            for start in range(0, N, 2 * BLOCK_N):
+                c = tl.max_contiguous(start + cols1, 4)  # as in pass 2 (see there)
+                m = c < N
+                w = 1.0
+                b = 0.0
+                if HAS_W:
+                    w = tl.load(W + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+                if HAS_B:
+                    b = tl.load(B + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+                x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+                dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+                x_hat, dz, g = _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+                s1 += tl.where(m, g * x_hat, 0.0)
+                s2 += tl.where(m, g, 0.0)
+            if IS_RMS:
+                c1 = tl.sum(s1, 0) / N
+            else:
+                c1, c2 = tl.reduce((s1, s2), 0, _add2)
+                c1 = c1 / N
+                c2 = c2 / N
+        later = it > 0  # the program's first row writes its partial row, later ones add to it
+        for i in range(0, n_blocks):
+            # backwards: the last blocks loaded are in cache. Runs of 4 (16 bytes of the fp32
+            # partials): wider bf16 loads would give x and the partials different register
+            # layouts, converted through shared memory (4 barriers an iteration, sm_90).
+            c = tl.max_contiguous((n_blocks - 1 - i) * BLOCK_N + cols, 4)
+            m = c < N
+            w = 1.0
+            b = 0.0
+            if HAS_W:
+                w = tl.load(W + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+            if HAS_B:
+                b = tl.load(B + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+            x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+            dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+            x_hat, dz, g = _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+            if WANT_DX:
+                if IS_RMS:
+                    dx = rstd * (g - x_hat * c1)
+                else:
+                    dx = rstd * (g - c2 - x_hat * c1)
+                tl.store(DX + row * N + c, dx.to(DX.dtype.element_ty), mask=m)
+            if WANT_DW:
+                acc = tl.load(part + c, mask=m & later, other=0.0, eviction_policy="evict_last")
+                tl.store(part + c, acc + dz * x_hat, mask=m, eviction_policy="evict_last")
+            if WANT_DB:
+                acc = tl.load(part + WANT_DW * N + c, mask=m & later, other=0.0, eviction_policy="evict_last")
+                tl.store(part + WANT_DW * N + c, acc + dz, mask=m, eviction_policy="evict_last")
+
+
+@triton.jit
+def _row_norm_param_grads_kernel(
+    PART,              # [G, K, N] fp32 partials from the backward kernels: dw (when WANT_DW) then db
+    DW, DB,            # [N] out: dweight, dbias, in the parameters' dtypes
+    G, N,
+    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """dw and db from the partials: each program sums BLOCK_N columns over the G programs' rows,
+    BLOCK_G at a time, always in the same order (deterministic), and stores them cast to the
+    parameter dtype: the backward's one glue launch."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    k = WANT_DW + WANT_DB
+    acc_w = tl.zeros((BLOCK_G, BLOCK_N), dtype=ACC)
+    acc_b = tl.zeros((BLOCK_G, BLOCK_N), dtype=ACC)
+    for start in range(0, G, BLOCK_G):
+        rows = start + tl.arange(0, BLOCK_G)
+        mask = (rows < G)[:, None] & col_mask[None, :]
+        ptrs = PART + rows.to(tl.int64)[:, None] * k * N + cols[None, :]
+        if WANT_DW:
+            acc_w += tl.load(ptrs, mask=mask, other=0.0)
+        if WANT_DB:
+            acc_b += tl.load(ptrs + WANT_DW * N, mask=mask, other=0.0)
+    if WANT_DW:
+        tl.store(DW + cols, tl.sum(acc_w, 0).to(DW.dtype.element_ty), mask=col_mask)
+    if WANT_DB:
+        tl.store(DB + cols, tl.sum(acc_b, 0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -385,14 +465,18 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
         launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, num_warps=cfg.num_warps,
                BLOCK_M=cfg.block_m, **flags)
     else:  # a persistent grid (see the kernel)
-        launch(_row_norm_fwd_looped_kernel, (min(m, programs_per_wave(x.device, cfg.num_warps)),), *args,
-               num_warps=cfg.num_warps, **flags)
+        programs = row_norm_fwd_programs(n, x.element_size(), residual is not None,
+                                         programs_per_wave(x.device, cfg.num_warps))
+        launch(_row_norm_fwd_looped_kernel, (min(m, programs),), *args, num_warps=cfg.num_warps, **flags)
     return y, (h if residual is not None else None), mean, rstd
 
 
-def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, config=None):
+def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, config=None,
+                 grads_config=None):
     """The triton backend's row_norm backward (contract: normops/backends/__init__.py); `config` as
-    in row_norm_fwd."""
+    in row_norm_fwd, `grads_config` the glue kernel's (a ParamGradsConfig). Two launches: the
+    backward kernel (dx and per-program dw/db partials), then, when a parameter gradient is wanted,
+    _row_norm_param_grads_kernel. x is not empty (the ops answer empty inputs without kernels)."""
     weight, bias = dense(weight), dense(bias)
     k = len(normalized_shape)
     n = math.prod(normalized_shape)
@@ -402,30 +486,28 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
     cfg = config or RowNormConfig.backward(n, x.element_size())
-    sd = stat_dtype(x.dtype)
-    n_col = triton.cdiv(n, cfg.block_n)
-    n_row_blocks = triton.cdiv(m, cfg.block_m)
-    g = max(1, min(n_row_blocks, programs_per_wave(x.device, cfg.num_warps) // n_col))
+    acc = acc_type(x.dtype)
+    n_part = want_dw + want_db
+    programs = row_norm_bwd_programs(cfg, n, x.element_size(), n_part, programs_per_wave(x.device, cfg.num_warps))
+    g = max(1, min(triton.cdiv(m, cfg.block_m), programs))  # every program gets a row: it writes its partials
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
-    # dw and db partials share one buffer: one reduction launch (and one cast) for both
-    part = torch.empty((g, 2, n), dtype=sd, device=x.device) if want_dw or want_db else None
-    stats_mean = mean if mean is not None else rstd
-    sums = rstd
-    flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
-    w_arg = weight if weight is not None else rstd
-    b_arg = bias if bias is not None else rstd
-    if want_dx and not cfg.one_pass:
-        sums = torch.empty((m, 2), dtype=sd, device=x.device)
-        launch(_row_norm_bwd_sums_kernel, (m,),
-               dyv, xv, w_arg, b_arg, stats_mean, rstd, sums, n, inner, sdy_o, sdy_i, sx_o, sx_i,
-               num_warps=cfg.num_warps, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **flags)
-    launch(_row_norm_bwd_kernel, (n_col, g),
-           dyv, xv, w_arg, b_arg, stats_mean, rstd, sums,
-           dx if dx is not None else rstd, part if part is not None else rstd,
-           m, n, inner, sdy_o, sdy_i, sx_o, sx_i,
-           num_warps=cfg.num_warps, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, ONE_PASS=cfg.one_pass,
-           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype), **flags)
+    # the dw and db partials share one buffer, [programs, n_part, n]: one reduction launch for both
+    part = torch.empty((g, n_part, n), dtype=stat_dtype(x.dtype), device=x.device) if n_part else None
+    args = (dyv, xv, weight if weight is not None else rstd, bias if bias is not None else rstd,
+            mean if mean is not None else rstd, rstd, dx if dx is not None else rstd,
+            part if part is not None else rstd, m, n, inner, sdy_o, sdy_i, sx_o, sx_i)
+    flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
+                 WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, BLOCK_N=cfg.block_n, ACC=acc)
+    if cfg.one_pass:
+        launch(_row_norm_bwd_kernel, (g,), *args, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
+    else:
+        launch(_row_norm_bwd_looped_kernel, (g,), *args, num_warps=cfg.num_warps, **flags)
     if part is None:
         return dx, None, None
-    sums = part.sum(0)  # a fixed-order reduction over programs: deterministic
-    return (dx, *param_grads(sums, weight, bias, want_dw, want_db))
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_dw else None
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_db else None
+    pg = grads_config or ParamGradsConfig.make(n, g)
+    launch(_row_norm_param_grads_kernel, (triton.cdiv(n, pg.block_n),), part, dw if want_dw else db,
+           db if want_db else dw, g, n, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db,
+           BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
+    return dx, dw, db

@@ -16,9 +16,10 @@ from cases import (  # noqa: E402
 from normops.backends import numpy_backend  # noqa: E402
 from normops.check import TOLERANCE  # noqa: E402
 
-# 1, 7 and 781 are one-pass and packed several rows a program; 4097 is one pass just past a power
-# of two (the backward of 4-byte elements loops there: its one-pass limit is 4K); 20000 is past
-# every one-pass limit (16K forward, 8K backward): the column-looped kernels.
+# 1 and 7 are one-pass, packed several rows a program (an iteration backward); 781 one-pass too,
+# a row a program forward; 4097 is one pass just past a power of two (the backward of 4-byte
+# elements loops there: its one-pass limit is 4K); 20000 is past every one-pass limit (16K
+# forward, 8K backward): the column-looped kernels.
 WIDTHS = [1, 7, 781, 4097, 20000]
 
 
@@ -229,6 +230,51 @@ def test_deterministic():
         runs = [torch.autograd.grad(F.layer_norm(x, [300], w, b), (x, w, b), dy) for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("width", [300, 20000])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (True, False, True), (False, False, True),
+                                  (True, True, False)], ids=str)
+def test_backward_output_mask(width, mask):
+    """Each subset of (dx, dw, db), one-pass and looped, with more rows than the CPU's 4 programs
+    (each program then adds later rows to its partials), fp32 parameters under bf16 x: the
+    gradients come back in the parameters' dtype, equal to the full backward's."""
+    x = make((9, width), torch.bfloat16, requires_grad=False).to(DEVICE)
+    w, b = (t.detach().float().to(DEVICE) for t in params((width,), torch.bfloat16))
+    dy = make((9, width), torch.bfloat16, requires_grad=False, seed=5, offset=0.0).to(DEVICE)
+    with normops.backend("triton"):
+        from normops.backends import triton_backend as tb
+        _, _, mean, rstd = tb.row_norm_fwd(x, None, (width,), w, b, 1e-5, False, "gelu", True)
+        full = tb.row_norm_bwd(dy, x, (width,), w, b, mean, rstd, False, "gelu", [True, True, True])
+        some = tb.row_norm_bwd(dy, x, (width,), w, b, mean, rstd, False, "gelu", list(mask))
+    ref = numpy_backend.row_norm_bwd(dy.double(), x.double(), (width,), w.double(), b.double(), mean.double(),
+                                     rstd.double(), False, "gelu", [True, True, True])
+    for got, whole, r, wanted, dtype in zip(some, full, ref, mask, (torch.bfloat16, torch.float32, torch.float32)):
+        assert (got is not None) == wanted
+        if wanted:
+            assert got.dtype == dtype
+            assert torch.equal(got, whole)
+            assert err(got.double(), r) < 2e-2 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("width", [300, 2048, 20000])
+def test_backward_launches(width):
+    """The backward is two launches, whatever the width: the backward kernel over a persistent grid
+    (a program owns whole rows: one column block) and the glue kernel that sums its fp32 partials
+    into dw and db; with no parameter gradient wanted, the first alone."""
+    from normops.kernels import row_norm
+    from normops.kernels.common import record
+    x = torch.empty((64, width), dtype=torch.bfloat16, device="meta")
+    w, rstd = torch.empty(width, dtype=torch.bfloat16, device="meta"), torch.empty(64, device="meta")
+    for mask, names in [((True, True, True), ["bwd", "param_grads"]), ((True, False, False), ["bwd"])]:
+        with record() as launches:
+            row_norm.row_norm_bwd(x, x, (width,), w, w, rstd, rstd, False, "none", mask)
+        assert [r.kernel.fn.__name__.removeprefix("_row_norm_").removesuffix("_kernel").removesuffix("_looped")
+                for r in launches] == names
+        assert len(launches[0].grid) == 1 and launches[0].grid[0] <= 64
+        if len(launches) > 1:
+            part = launches[1].args[0]
+            assert part.dtype == torch.float32 and part.shape == (launches[0].grid[0], 2, width)
 
 
 # --- real sizes, on a GPU only ------------------------------------------------------------------
