@@ -76,6 +76,13 @@ BWD_ONE_PASS_MAX_WIDE = 4096
 # Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
 # (16 warps spilled 8 bytes in the looped forward on sm_90.)
 LOOP_BLOCK_N = 4096
+# The looped forward's block is twice that, over 16 warps: its grid is capped so that the rows in
+# flight fit L2 (row_norm_fwd_programs; 114 programs at 64K with a residual), and at 4K columns
+# those programs kept 16 KB of x and r in flight each, latency-bound at ~2.7 TB/s in the
+# roofline; at 8K, 32 KB. (At 8 warps, 32 values a thread, the residual + gelu forward spilled
+# 8 bytes in bf16 and 80 in fp32 under triton 3.6.)
+FWD_LOOP_BLOCK_N = 8192
+FWD_LOOP_WARPS = 16
 # Narrow rows are packed several to a program (forward) or to a loop iteration (backward), so
 # that each loads enough bytes to keep DRAM busy. Rows of at most WARP_ROW elements lie within a
 # warp (8 values a thread), so a block of them is reduced with shuffles alone; a block of wider
@@ -127,7 +134,7 @@ class RowNormConfig:
     def forward(cls, n):
         block_n = next_pow2(max(n, 1))
         return cls._make(block_n, FWD_ONE_PASS_MAX, FWD_PACKED_ELEMENTS if block_n <= WARP_ROW else block_n,
-                         LOOP_WARPS)
+                         FWD_LOOP_WARPS, FWD_LOOP_BLOCK_N)
 
     @classmethod
     def backward(cls, n, elem_bytes=2):
@@ -136,9 +143,9 @@ class RowNormConfig:
                          BWD_PACKED_ELEMENTS, BWD_LOOP_WARPS)
 
     @classmethod
-    def _make(cls, block_n, one_pass_max, packed, loop_warps):
+    def _make(cls, block_n, one_pass_max, packed, loop_warps, loop_block=LOOP_BLOCK_N):
         if block_n > one_pass_max:
-            return cls(LOOP_BLOCK_N, 1, loop_warps, False)
+            return cls(loop_block, 1, loop_warps, False)
         block_m = max(1, min(MAX_ROWS_PER_PROGRAM, packed // block_n))
         return cls(block_n, block_m, _warps(block_m * block_n, 256), True)
 

@@ -45,7 +45,8 @@ by more than ANCHOR_TOLERANCE: a model that does not reproduce the published poi
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels even when the tests' interpreter is on
+if __name__ == "__main__":  # compile real kernels even where the tests' interpreter is on (imported
+    os.environ["TRITON_INTERPRET"] = "0"  # by the tests, it leaves their kernels as they are)
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
@@ -111,10 +112,12 @@ ANCHOR_TOLERANCE = 0.10
 ABSOLUTE_FROM_BYTES = 512e6
 TWO_READ_SHARE = 0.90
 
-# Tensors a program of a kernel reads a second time, and the span between its two reads:
-# "row" (a row of x: the row norms' looped kernels), "group" (a GroupNorm group).
+# Tensors a program of a kernel reads a second time (by its constexprs), and the span between its
+# two reads: "row" (a row of x: the row norms' looped kernels), "group" (a GroupNorm group).
 REREADS = {
-    "_row_norm_fwd_looped_kernel": (("X", "R"), "row"),
+    # pass 2 reads h = x + r back (written by pass 1) with a residual, else x again
+    "_row_norm_fwd_looped_kernel": (lambda c: ("H",) if c["HAS_R"] else ("X",), "row"),
+    "_row_norm_bwd_looped_kernel": (lambda c: ("X", "DY"), "row"),
 }
 
 # (reads, writes) of activation-sized tensors, forward and backward: normops.bench's bytes model
@@ -483,7 +486,8 @@ def predict_launches(launches, glue_ops, facts, gpu, case=None):
                 tensors[id(value)] = (name, value)
         programs = math.prod(launch.grid)
         dram = l2 = 0.0
-        rereads, span = REREADS.get(launch.kernel.fn.__name__, ((), None))
+        rereads, span = REREADS.get(launch.kernel.fn.__name__, (lambda c: (), None))
+        rereads = rereads(launch.constexprs)
         bw_latency, in_flight = latency_bandwidth(f, launch.num_warps, programs, gpu)
         for key, (name, t) in tensors.items():
             size = t.numel() * t.element_size()

@@ -146,8 +146,8 @@ def _row_norm_fwd_looped_kernel(
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """Rows wider than a block, one at a time over a persistent grid of a few programs per SM:
-    pass 1 combines per-block (count, mean, M2) with Chan's formula (stable, unlike
-    sum(x^2) - sum(x)^2), pass 2 normalizes. Pass 2 walks the blocks backwards and pass 1 asks the
+    pass 1 keeps Welford's (mean, M2) per lane (stable, unlike sum(x^2) - sum(x)^2), merged with
+    Chan's formula after the loop, pass 2 normalizes. Pass 2 walks the blocks backwards and pass 1 asks the
     cache to keep what it loads, so the second read of a row mostly hits L2: the rows in flight
     (programs x N x e bytes) are sized to fit in it."""
     pid = tl.program_id(0)
@@ -158,29 +158,32 @@ def _row_norm_fwd_looped_kernel(
         row = pid.to(tl.int64) + it * n_prog
         x_row = X + _row_offsets(row, inner, sx_o, sx_i)
         r_row = R + _row_offsets(row, inner, sr_o, sr_i)
-        count = tl.zeros([], dtype=ACC)
-        mean = tl.zeros([], dtype=ACC)  # about the pivot, for LayerNorm
-        m2 = tl.zeros([], dtype=ACC)
+        # Per lane: the running sum of squares (RMSNorm), or Welford's running mean and M2 about
+        # the pivot (LayerNorm; only the last block is partial, so a valid lane's count at block i
+        # is i + 1). No reduction in the loop, so no barrier: the next block's loads issue at once.
+        lane_mean = tl.zeros([BLOCK_N], dtype=ACC)
+        lane_m2 = tl.zeros([BLOCK_N], dtype=ACC)
         pivot = 0.0
         if not IS_RMS:
             pivot = _pivot(x_row, r_row, H, N > 0, HAS_R, ACC)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
+        for i in range(0, n_blocks):
+            c = i * BLOCK_N + cols
             x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
             x = _add_residual(x, r_row + c, H + row * N + c, c < N, HAS_R, ACC, "evict_last")
-            n_b = tl.minimum(N - start, BLOCK_N).to(ACC)
             if IS_RMS:
-                m2 += tl.sum(x * x, 0)
+                lane_m2 += x * x
             else:
-                x = tl.where(c < N, x - pivot, 0.0)
-                mean_b = tl.sum(x, 0) / n_b
-                d = tl.where(c < N, x - mean_b, 0.0)
-                m2_b = tl.sum(d * d, 0)
-                total = count + n_b
-                delta = mean_b - mean
-                mean += delta * (n_b / total)
-                m2 += m2_b + delta * delta * (count * n_b / total)
-                count = total
+                delta = tl.where(c < N, x - pivot - lane_mean, 0.0)
+                lane_mean += delta * (tl.full([], 1.0, ACC) / (i + 1))
+                lane_m2 += delta * tl.where(c < N, x - pivot - lane_mean, 0.0)
+        mean = tl.zeros([], dtype=ACC)
+        if IS_RMS:
+            m2 = tl.sum(lane_m2, 0)
+        else:  # the lanes merged once (Chan): the mean of their means, M2 plus their spread
+            count = (n_blocks - 1 + ((n_blocks - 1) * BLOCK_N + cols < N)).to(ACC)
+            mean = tl.sum(count * lane_mean, 0) / N
+            d = lane_mean - mean
+            m2 = tl.sum(lane_m2 + count * d * d, 0)
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
         _store_stats(MEAN, RSTD, row, pivot + mean, rstd, None, IS_RMS, STORE_STATS)
         if HAS_R:

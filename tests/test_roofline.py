@@ -3,6 +3,9 @@ of SASS, its occupancy arithmetic and targets, one published anchor through a re
 and every benchmark case's launches planned on meta tensors (at most one glue launch an op).
 The whole table and its verdicts are CI's `python -m normops.kernels.roofline --check`."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,17 +77,17 @@ def test_targets_scale_below_512_mb_and_cap_the_video_case_at_two_reads():
         0.9 * roofline.perfect_pct(2 * x, 2, H100, 3 * x))
 
 
-def test_the_model_reproduces_a_published_liger_point():
-    """Liger's RMSNorm forward at 4096 x 4096 bf16: 29.2 us published, 69% of peak."""
-    x, w = (torch.empty(s, dtype=torch.bfloat16, device="meta") for s in ((4096, 4096), 4096))
-    launch = roofline.anchors.liger_launch("rms_norm", x, w)
-    key = roofline.source_key(launch)
-    facts = {key: roofline.compile_facts(key, 90)}
-    assert not isinstance(facts[key], str), facts[key]
-    assert 16 in facts[key].load_widths  # 128-bit loads
-    time_us, _, glue = roofline.predict_launches([launch], [], facts, H100)
-    assert glue == 0
-    assert time_us == pytest.approx(29.2, rel=0.10)
+def test_the_model_reproduces_the_published_anchors():
+    """`--anchors --check`: the Liger-shaped kernels compiled for sm_90 (in a process of its own:
+    the tests' kernels are the interpreter's) and QuACK's curve, within 10% of the published H100
+    points but the one the anchors' own note leaves out."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "normops.kernels.roofline", "--anchors", "--check", "--jobs", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    liger = [line.split() for line in run.stdout.splitlines() if line.startswith("Liger RMSNorm bf16, 4096 rows ")]
+    n4096 = [fields for fields in liger if fields[-4] == "4096"]  # width, published %, model %, spill
+    assert len(n4096) == 1 and abs(float(n4096[0][-2]) - 69.0) < 6.9, liger
 
 
 def test_every_benchmark_case_plans_its_launches():
