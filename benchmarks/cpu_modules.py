@@ -134,8 +134,8 @@ def main(argv=None):
         print(f"{name:16s} {str(tuple(shape)):>20s} {r['normops_ms']:11.2f} {r['torch_ms']:12.2f} {r['ratio']:7.3f} "
               f"{r['control_ratio']:8.3f}")
     record = {
-        "what": f"forward+backward, normops CPU backend vs torch.nn{' composition, fused variants' if args.fused else ''}"
-                ", median of interleaved repetitions",
+        "what": "forward+backward, normops CPU backend vs torch.nn"
+                + (" composition, fused variants" if args.fused else "") + ", median of interleaved repetitions",
         "machine": {"platform": platform.platform(), "processor": normops.bench.device_name("cpu"),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "normops": normops.__version__},

@@ -51,7 +51,7 @@ def test_fp32_fused_activation_is_torch_autograd(name):
                     "batch_norm": ("batch_norm", BatchNormSpec(True, 1e-5, "relu"))}[name]
     assert ops.route(family, x, spec, (x, w, b), aten=True).implementation == "composed"
     y = ours(x, w, b, "relu")
-    assert type(y.grad_fn).__name__ == "ReluBackward0"  # relu_'s node: ATen's graph, the op's would be BackwardCFunction
+    assert type(y.grad_fn).__name__ == "ReluBackward0"  # relu_'s node: ATen's graph, not the op's Function
     assert y._version > 0  # in place
     y = ours(x, w, b, "silu")
     assert type(y.grad_fn).__name__ == "SiluBackward0"  # out of place: silu's backward reads its input
