@@ -6,7 +6,12 @@ forward and backward here is one call to the same ATen kernel ``torch.nn`` uses
 the residual add and the dtype bookkeeping of the backend contract around it.
 
 RMSNorm is the exception: ATen has a fused CPU forward (``_fused_rms_norm``) but no CPU
-backward, so the backward is a short composition, as ``torch.nn.RMSNorm``'s own is.
+backward, so the backward is a short composition (see ``_rms_backward``).
+
+ATen has no fused norm+activation pass: the activation is one more pass over the norm's output,
+applied in place (``_activate``). An fp32/fp64 eager call with an activation runs the forward here
+under torch's own autograd (route "composed", ``normops.ops.route``), whose backward keeps the
+activation's input; the op's backward (fp16/bf16, RMSNorm) recomputes it from x and the statistics.
 Off the CPU, fp16/bf16 layer, RMS and group norms run in fp32 (see ``_in_fp32``): ATen's CUDA
 kernels take no fp32 parameters with a low-precision input.
 See ``normops/backends/__init__.py`` for the contract.
