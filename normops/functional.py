@@ -153,9 +153,10 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
 
         return ops.in_torch(norm, input if h is None else h, weight, bias), h, None, None
     spec = row_ops.RowNormSpec(shape, float(eps), rms, act)
-    how = ops.route("row_norm", input, spec, (input, residual, weight, bias), aten=residual is None and not rms)
-    if how.implementation == "aten":
-        return (torch.layer_norm(input, shape, weight, bias, eps),)
+    how = ops.route("row_norm", input, spec, (input, residual, weight, bias), aten=not rms)
+    if how.implementation == "aten":  # with the residual add composed by torch too: the op only adds overhead
+        h = None if residual is None else input + residual
+        return torch.layer_norm(input if h is None else h, shape, weight, bias, eps), h, None, None
     return row_ops.row_norm(spec, input, residual, weight, bias, _grad_needed(input, residual, weight, bias), how)
 
 

@@ -180,7 +180,10 @@ def test_route_says_which_backend_and_implementation_runs_and_why(monkeypatch):
     plain, fused = RowNormSpec((8,), 1e-5), RowNormSpec((8,), 1e-5, activation="relu")
     r = ops.route("row_norm", x, plain, (x, None, None), aten=True)
     assert (r.backend, r.implementation, r.chosen_by) == ("torch", "aten", "the cpu default")
-    assert ops.route("row_norm", x, fused, (x, None, None), aten=True).implementation == "torch"
+    # a fused activation: the backend's ATen composition under torch's autograd; fp16/bf16 take the op
+    assert ops.route("row_norm", x, fused, (x, None, None), aten=True).implementation == "composed"
+    half = x.bfloat16()
+    assert ops.route("row_norm", half, fused, (half, None, None), aten=True).implementation == "torch"
     with normops.backend("numpy"):
         r = ops.route("row_norm", x, fused, (x, None, None))
     assert (r.backend, r.implementation, r.chosen_by) == ("numpy", "numpy", "with normops.backend(...)")

@@ -6,7 +6,12 @@ forward and backward here is one call to the same ATen kernel ``torch.nn`` uses
 the residual add and the dtype bookkeeping of the backend contract around it.
 
 RMSNorm is the exception: ATen has a fused CPU forward (``_fused_rms_norm``) but no CPU
-backward, so the backward is a short composition, as ``torch.nn.RMSNorm``'s own is.
+backward, so the backward is a short composition (see ``_rms_backward``).
+
+ATen has no fused norm+activation pass: the activation is one more pass over the norm's output,
+applied in place (``_activate``). An fp32/fp64 eager call with an activation runs the forward here
+under torch's own autograd (route "composed", ``normops.ops.route``), whose backward keeps the
+activation's input; the op's backward (fp16/bf16, RMSNorm) recomputes it from x and the statistics.
 Off the CPU, fp16/bf16 layer, RMS and group norms run in fp32 (see ``_in_fp32``): ATen's CUDA
 kernels take no fp32 parameters with a low-precision input.
 See ``normops/backends/__init__.py`` for the contract.
@@ -15,7 +20,7 @@ import math
 
 import torch
 
-from ..core import activate, activation_backward, channel_view, memory_format_of, stat_dtype
+from ..core import activate, channel_view, memory_format_of, stat_dtype
 
 aten = torch.ops.aten
 
@@ -62,6 +67,31 @@ def _to(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)  # .to() itself costs a microsecond
 
 
+_IN_PLACE = {"relu": torch.relu_, "silu": lambda t: torch.nn.functional.silu(t, inplace=True), "gelu": aten.gelu_}
+_BACKWARD_INTO = {  # dy * act'(z), written over z (elementwise, so z may be its own output)
+    "relu": lambda dy, z: aten.threshold_backward.grad_input(dy, z, 0, grad_input=z),
+    "silu": lambda dy, z: aten.silu_backward.grad_input(dy, z, grad_input=z),
+    "gelu": lambda dy, z: aten.gelu_backward.grad_input(dy, z, grad_input=z),
+}
+
+
+def _activate(y, activation):
+    """act(y) on a norm's fresh output y, in place: no second buffer and no allocation. Out of
+    place only where torch's autograd records a graph through y (the "composed" route) and the
+    activation's backward reads its input (silu, gelu); relu's reads its output, which in place
+    keeps, and no ATen norm's backward reads the norm's output."""
+    if activation == "none":
+        return y
+    if activation != "relu" and y.requires_grad and torch.is_grad_enabled():
+        return activate(y, activation)
+    return _IN_PLACE[activation](y)
+
+
+def _activation_backward(dy, z, activation):
+    """dy * act'(z) for z recomputed here (this backend's own buffer): written over z."""
+    return dy if activation == "none" else _BACKWARD_INTO[activation](dy, z)
+
+
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------
 
 def _rms_forward(x, normalized_shape, weight, eps):
@@ -93,7 +123,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
             y = y + bias
     else:
         y, mean, rstd = aten.native_layer_norm(inp, list(normalized_shape), weight, bias, eps)
-    y = activate(y, activation).contiguous()
+    y = _activate(y, activation).contiguous()
     if not need_stats:
         return y, h, None, None
     sd = stat_dtype(inp)
@@ -102,19 +132,25 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 
 
 def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
-    # x_hat = x * rstd, g = dz * w:  dx = rstd * (g - x_hat * mean(g * x_hat)),  dw = sum(dz * x_hat)
+    # x_hat = x * r, g = dz * w:  dx = r * (g - x_hat * mean(g * x_hat)) = r * g - x * r^3 * mean(dz * x * w)
+    # and dw = sum over rows of dz * x_hat = r @ (dz * x): one product P = dz * x feeds both
+    # reductions (two matrix-vector products), then dx is three elementwise passes; the textbook
+    # form above takes seven passes and two reductions.
     n = math.prod(normalized_shape)
     sd = stat_dtype(x)
     xf = x.reshape(-1, n).to(sd)
     dzf = dz.reshape(-1, n).to(sd)
     r = rstd.reshape(-1, 1).to(sd)
-    x_hat = xf * r
+    w = None if weight is None else weight.reshape(n).to(sd)
+    p = dzf * xf
     dx = dw = None
     if output_mask[0]:
-        g = dzf * weight.reshape(1, n).to(sd) if weight is not None else dzf
-        dx = (r * (g - x_hat * (g * x_hat).mean(1, keepdim=True))).to(x.dtype).reshape(x.shape)
+        s = p.sum(1, keepdim=True) if w is None else torch.mv(p, w).unsqueeze(1)
+        c = r.pow(3).mul_(s).div_(-n)
+        g = dzf * w if w is not None else dzf.clone()
+        dx = g.mul_(r).addcmul_(xf, c).to(x.dtype).reshape(x.shape)
     if output_mask[1] and weight is not None:
-        dw = (dzf * x_hat).sum(0).reshape(weight.shape)
+        dw = torch.mv(p.t(), r.reshape(-1)).reshape(weight.shape)
     return dx, dw
 
 
@@ -132,7 +168,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     dz = dy
     if activation != "none":
         z = _recompute_row(x, normalized_shape, w, b, mean, rstd, rms)
-        dz = activation_backward(dy, z, activation)
+        dz = _activation_backward(dy, z, activation)
     if rms:
         dx, dw = _rms_backward(dz, x, normalized_shape, w, rstd, output_mask)
         db = dz.reshape(-1, b.numel()).sum(0) if b is not None and output_mask[2] else None
@@ -174,7 +210,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
     x = x.contiguous(memory_format=memory_format_of(x))  # ATen's kernel wants a dense layout
     weight, bias = _opmath(x, weight, bias)
     y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
-    y = activate(y, activation)
+    y = _activate(y, activation)
     if not need_stats:
         return y, None, None
     sd = stat_dtype(x)
@@ -216,8 +252,7 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     dz = dy
     if activation != "none":
         z = _recompute_group(x, num_groups, w, b, mean, rstd)
-        # threshold_backward follows z's layout, silu/gelu_backward dy's: pin it to x's
-        dz = activation_backward(dy, z, activation).contiguous(memory_format=fmt)
+        dz = _activation_backward(dy, z, activation).contiguous(memory_format=fmt)  # into z
     if num_groups == c:
         return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
     nd = _native_stat_dtype(x, w, b)
@@ -273,9 +308,9 @@ def batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, ac
         zeros = torch.zeros(x.shape[1], dtype=stat_dtype(x), device=x.device)
         y, save_mean, save_rstd, _, batch_var = aten._native_batch_norm_legit_functional(
             x, weight, bias, zeros, zeros.clone(), True, 1.0, eps)
-        return activate(y, activation), save_mean, save_rstd, batch_var
+        return _activate(y, activation), save_mean, save_rstd, batch_var
     y, _, _ = aten._native_batch_norm_legit_no_training(x, weight, bias, running_mean, running_var, 0.0, eps)
-    return activate(y, activation), None, None, None
+    return _activate(y, activation), None, None, None
 
 
 def _recompute_batch(x, weight, bias, mean, rstd):
@@ -296,7 +331,7 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
             mean, rstd = save_mean, save_rstd
         else:
             mean, rstd = running_mean, torch.rsqrt(running_var.to(stat_dtype(x)) + eps)
-        dz = activation_backward(dy, _recompute_batch(x, w, b, mean, rstd), activation)
+        dz = _activation_backward(dy, _recompute_batch(x, w, b, mean, rstd), activation)
     dx, dw, db = aten.native_batch_norm_backward(
         dz, x, w, running_mean, running_var, save_mean, save_rstd, training, eps, list(output_mask))
     return (dx if output_mask[0] else None,

@@ -68,6 +68,9 @@ EMPTY = Route(None, "none", "empty input: the outputs are zero-filled, no backen
 _REASONS = {
     "aten": "a plain eager fp32/fp64 call with nothing fused: ATen's own autograd-aware norm, no normops op",
     "torch": "ATen's native kernels with the fused extras composed around them",
+    "composed": "a plain eager fp32/fp64 call with a fused activation: the backend's ATen norm and activation under "
+                "torch's own autograd, no normops op (on ATen a fused pass saves nothing, and the op would add its "
+                "Python autograd and recompute the activation's input in the backward)",
     "numpy": "the float64 NumPy reference (copies to the host)",
     "triton kernel": "normops' Triton kernels take this input",
 }
@@ -90,12 +93,16 @@ def route(family, x, spec=None, tensors=None, *, aten=False, backend=None):
     ``tensors``: every argument of a call about to be made (``normops.functional`` passes them):
     unless they may run eagerly (``eager``), the route is ``TRACED`` and the registered op decides
     when it runs. ``aten``: the caller could hand this configuration to ATen's own norm
-    (torch.layer_norm, torch.batch_norm...): it is taken for a plain eager call with no fused
-    activation, a non-empty fp32/fp64 input with parameters of its dtype, on a backend whose
-    ``family`` kernel is ATen's (``NATIVE`` in the backend module). For fp16/bf16, ATen's CPU kernels
-    save statistics in the input dtype, so those take the op, which keeps them fp32. Skipping the
-    ops' Python autograd saves ~60 us a forward+backward. ``backend``: what that backend would do
-    (``normops.inspect``'s triton column), whatever the device and the input's size.
+    (torch.layer_norm, torch.batch_norm...): it is taken for a plain eager call with a non-empty
+    fp32/fp64 input with parameters of its dtype, on a backend whose ``family`` kernel is ATen's
+    (``NATIVE`` in the backend module). For fp16/bf16, ATen's CPU kernels save statistics in the
+    input dtype, so those take the op, which keeps them fp32. Skipping the ops' Python autograd saves
+    ~60 us a forward+backward. With a fused activation the route is "composed": the backend's forward
+    (ATen's differentiable norm, the activation in place where autograd allows) runs under torch's
+    own autograd, whose backward reads the activation's saved input where the op's recomputes it
+    from x (that pass and the op's Python autograd made GroupNorm+SiLU 0.74x torch's composition on
+    the CPU). ``backend``: what that backend would do (``normops.inspect``'s triton column), whatever
+    the device and the input's size.
     On the triton backend, an input the kernels do not take routes to the torch backend
     (``fallback`` in the triton backend module says why)."""
     if tensors is not None and not eager(tensors):
@@ -114,10 +121,12 @@ def route(family, x, spec=None, tensors=None, *, aten=False, backend=None):
         if reason is not None:
             return _record(backend, chosen_by, "torch fallback", reason, backends.load("torch"))
         return _record(backend, chosen_by, "triton kernel", _REASONS["triton kernel"], module)
-    if (aten and spec.activation == "none" and x.dtype in (torch.float32, torch.float64)
+    if (aten and x.dtype in (torch.float32, torch.float64)
             and all(t is None or t.dtype == x.dtype for t in tensors[1:])
             and family in getattr(module, "NATIVE", ())):
-        return _record(backend, chosen_by, "aten", _REASONS["aten"], None)
+        if spec.activation == "none":
+            return _record(backend, chosen_by, "aten", _REASONS["aten"], None)
+        return _record(backend, chosen_by, "composed", _REASONS["composed"], module)
     implementation = "numpy" if backend == "numpy" else "torch"
     return _record(backend, chosen_by, implementation, _REASONS[implementation], module)
 
@@ -159,6 +168,8 @@ def call(op, function, run, args, grad, how):
     its autograd.Function when a gradient is needed (``grad``); else the registered op."""
     if how is TRACED:
         return op(*args)
+    if how.implementation == "composed":  # differentiable ATen calls: torch's autograd records them
+        return _profiled(op.qualname, run, how.module, *args)
     if grad:  # the module last: needs_input_grad keeps the op's input positions
         return _profiled(op.qualname, function.apply, *args, how.module)
     return _profiled(op.qualname, run, how.module, *args)
