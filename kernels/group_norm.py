@@ -109,22 +109,38 @@ def _affine(W, B, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl
 
 
 @triton.jit
+def _welford_tile(X, base, chan, cmask, x0, mean, m2, s0, s_end, count, S, C, CHANNELS_LAST: tl.constexpr,
+                  BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """One tile (positions s0.., below s_end) into the lanes' running (mean, M2); `count`: a valid
+    lane's count with this tile."""
+    offs, mask = _tile(chan, cmask, s0, tl.minimum(S, s_end), C, CHANNELS_LAST, BLOCK_S)
+    x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+    delta = tl.where(mask, x - x0[:, None, None] - mean, 0.0)
+    mean += delta * (tl.full([], 1.0, ACC) / count)
+    m2 += delta * tl.where(mask, x - x0[:, None, None] - mean, 0.0)
+    return mean, m2
+
+
+@triton.jit
 def _chunk_stats(X, base, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST: tl.constexpr,
-                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, UNROLL: tl.constexpr,
+                 ACC: tl.constexpr):
     """(mean, M2) per group of x - x0 over n_tiles tiles from position s_begin.
 
     Welford per lane: every lane keeps the running mean and M2 of the values it loads, so the loop
     body has no reduction (no barrier: the next tile's loads issue at once). Only the last tile
     can be partial, so a valid lane's count at tile i is i + 1, one scalar reciprocal a tile. The
-    lanes are merged once, after the loop, with Chan's formula."""
+    lanes are merged once, after the loop, with Chan's formula. UNROLL = 2 takes two tiles an
+    iteration (twice the loads in flight for the registers of one tile's state)."""
     mean = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
     m2 = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
-    for i in range(0, n_tiles):
-        offs, mask = _tile(chan, cmask, s_begin + i * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
-        x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
-        delta = tl.where(mask, x - x0[:, None, None] - mean, 0.0)
-        mean += delta * (tl.full([], 1.0, ACC) / (i + 1))
-        m2 += delta * tl.where(mask, x - x0[:, None, None] - mean, 0.0)
+    s_end = s_begin + n_tiles * BLOCK_S
+    for i in range(0, n_tiles, UNROLL):
+        mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + i * BLOCK_S, s_end, i + 1, S, C,
+                                 CHANNELS_LAST, BLOCK_S, ACC)
+        if UNROLL == 2:  # the second tile is all masked past the chunk's end
+            mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + (i + 1) * BLOCK_S, s_end, i + 2,
+                                     S, C, CHANNELS_LAST, BLOCK_S, ACC)
     _, last = _tile(chan, cmask, s_begin + (n_tiles - 1) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
     count = tl.where(cmask[:, :, None], n_tiles - 1, 0).to(ACC) + last.to(ACC)
     total = _sum2(count)
@@ -139,7 +155,7 @@ def _group_norm_stats_kernel(
     PART,              # [N, G, split, 2] out: (mean, M2) of x - x0 over each group's chunk, ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC: tl.constexpr,
+    UNROLL: tl.constexpr, ACC: tl.constexpr,
 ):
     """Split mode, pass 1: the statistics of one chunk (one program a task)."""
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
@@ -149,7 +165,7 @@ def _group_norm_stats_kernel(
     x0 = _pivot(x_base, 0, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
     s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
     mean, m2 = _chunk_stats(x_base, 0, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST,
-                            BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+                            BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
     p = PART + ((tl.cast(n, tl.int64) * G + gi) * split + sp) * 2
     tl.store(p, mean, mask=gi < G)
     tl.store(p + 1, m2, mask=gi < G)
@@ -183,6 +199,17 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
 
 
 @triton.jit
+def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C, ACT: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin)."""
+    offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+    mask = mask & (s0 >= s_begin)
+    x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    z = (x - shift[:, None, None]) * scale + b
+    tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _group_norm_fwd_kernel(
     X, Y,              # [N, C, *spatial] input, output, both in x's layout
     W, B,              # [C] weight, bias
@@ -192,7 +219,8 @@ def _group_norm_fwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, STORE_STATS: tl.constexpr,
     INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
     (ONE_PASS and SPLIT off: the group's statistics loop, then the normalize loop re-reading the
@@ -215,7 +243,7 @@ def _group_norm_fwd_kernel(
             dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
         else:
             dmean, m2 = _chunk_stats(X, base, chan, cmask, x0, 0, n_tiles, S, C, CHANNELS_LAST,
-                                     BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+                                     BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
             rstd = inv_std(m2 / (Cg * S), eps, INSTANCE)
         if STORE_STATS:
             if sp == 0:
@@ -227,12 +255,12 @@ def _group_norm_fwd_kernel(
             tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
         else:
             shift = x0 + dmean
-            for i in range(0, n_tiles):  # backwards: the last tiles read are the likeliest in L2
-                offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST,
-                                   BLOCK_S)
-                x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-                z = (x - shift[:, None, None]) * scale + b
-                tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+            for i in range(0, n_tiles, UNROLL):  # backwards: the last tiles read are the likeliest in L2
+                _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s_begin + (n_tiles - 1 - i) * BLOCK_S,
+                                s_begin, S, C, ACT, CHANNELS_LAST, BLOCK_S, ACC)
+                if UNROLL == 2:  # all masked before the chunk's start
+                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s_begin + (n_tiles - 2 - i) * BLOCK_S,
+                                    s_begin, S, C, ACT, CHANNELS_LAST, BLOCK_S, ACC)
 
 
 @triton.jit
@@ -425,13 +453,13 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
     part = None
     if split:
         part = torch.empty((n, g, cfg.split, 2), dtype=sd, device=x.device)
-        launch(_group_norm_stats_kernel, grid, x, part, *geometry, **tile)
+        launch(_group_norm_stats_kernel, grid, x, part, *geometry, UNROLL=cfg.unroll, **tile)
     launch(
         _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
         *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
         STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, SPLIT=split,
-        BLOCK_SPLIT=cfg.split_block, **tile)
+        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, **tile)
     return y, mean, rstd
 
 
