@@ -113,7 +113,8 @@ def _welford_tile(X, base, chan, cmask, x0, mean, m2, s0, s_end, count, S, C, CH
                   BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     """One tile (positions s0.., below s_end) into the lanes' running (mean, M2); `count`: a valid
     lane's count with this tile."""
-    offs, mask = _tile(chan, cmask, s0, tl.minimum(S, s_end), C, CHANNELS_LAST, BLOCK_S)
+    offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+    mask = mask & (s0 + tl.arange(0, BLOCK_S) < s_end)[None, None, :]
     x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
     delta = tl.where(mask, x - x0[:, None, None] - mean, 0.0)
     mean += delta * (tl.full([], 1.0, ACC) / count)
@@ -203,7 +204,7 @@ def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C,
                     CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin)."""
     offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
-    mask = mask & (s0 >= s_begin)
+    mask = mask & (s0 + tl.arange(0, BLOCK_S) >= s_begin)[None, None, :]
     x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
     z = (x - shift[:, None, None]) * scale + b
     tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
