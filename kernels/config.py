@@ -153,6 +153,9 @@ GN_SPLIT_PROGRAMS_PER_SM = 4
 GN_SPLIT_TILE_CHANNELS_LAST = 1024
 GN_SPLIT_WARPS_CHANNELS_LAST = 4
 GN_LOOP_TILE_CHANNELS_LAST = 8192
+# The channels_last looped backward stays at 8 values a thread (4K over 16 warps): at 8K its gelu
+# kernels spilled 32-96 bytes on sm_80 (triton 3.9).
+GN_BWD_LOOP_TILE_CHANNELS_LAST = 4096
 # A looped program re-reads its group from L2 only while the groups of all the programs in flight
 # fit there: the persistent grid is capped so that programs x the group's bytes (x, and dy
 # backward) stay within this (H100: 50 MB of L2, of which the bandwidth model counts ~30 MB usable;
@@ -207,7 +210,7 @@ class GroupNormConfig:
         on a GPU); elem_bytes: the size of an element of x."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
-                         1 if channels_last else 2)
+                         1 if channels_last else 2, GN_LOOP_TILE_CHANNELS_LAST)
 
     @classmethod
     def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
@@ -217,10 +220,11 @@ class GroupNormConfig:
         # 10 (triton 3.9) and 33 (3.6) one-pass tiles of the exhaustive grid; at 256, none.
         # Looped: x and dy are both re-read, twice the group's bytes in L2.
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256 if channels_last else 512,
-                         elem_bytes, 2 * elem_bytes, 1)
+                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST)
 
     @classmethod
-    def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll):
+    def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll,
+              loop_tile_channels_last):
         """group_bytes: the bytes of an element of the tensors the loops read (x; x and dy)."""
         cg = c // groups
         block_cg = next_pow2(cg)
@@ -232,7 +236,7 @@ class GroupNormConfig:
                 block_g *= 2
             tile = block_g * block_cg * block_s
             return cls(block_g, block_cg, block_s, _warps(tile, per_warp), True, 1, s)
-        loop_tile = GN_LOOP_TILE_CHANNELS_LAST if channels_last else GN_LOOP_TILE
+        loop_tile = loop_tile_channels_last if channels_last else GN_LOOP_TILE
 
         def looped(g):  # (persistent grid, whether looped beats split) with g groups a tile
             tasks = n * -(-groups // g)

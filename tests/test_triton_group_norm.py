@@ -28,7 +28,8 @@ def path(request, monkeypatch):
     if request.param != "one_pass":
         monkeypatch.setattr(config, "GN_FWD_ONE_PASS_MAX", 0)
         monkeypatch.setattr(config, "GN_BWD_ONE_PASS_MAX", 0)
-        for tile in ("GN_LOOP_TILE", "GN_LOOP_TILE_CHANNELS_LAST", "GN_SPLIT_TILE", "GN_SPLIT_TILE_CHANNELS_LAST"):
+        for tile in ("GN_LOOP_TILE", "GN_LOOP_TILE_CHANNELS_LAST", "GN_BWD_LOOP_TILE_CHANNELS_LAST", "GN_SPLIT_TILE",
+                     "GN_SPLIT_TILE_CHANNELS_LAST"):
             monkeypatch.setattr(config, tile, 32)
         monkeypatch.setattr(kernels, "programs_per_wave", lambda device, warps: 2)
         # looped vs split is decided by the split's one launch more: made prohibitive, or free
