@@ -270,10 +270,10 @@ class GroupNormConfig:
         chunk = -(-n_tiles // split) * block_s
         split = -(-s // chunk)
         split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // (block_g * block_cg)))
-        # the split statistics always take two tiles an iteration: at one, a channels_last 1K tile is 16
-        # bytes a thread, and the pivot's load outside the loop a quarter of it, one more latency-bound
-        # region for the model (kernels/roofline.py)
-        return cls(block_g, block_cg, block_s, warps, False, split, chunk, split_block, 0, 2)
+        # channels_last split statistics take two tiles an iteration: at one, a 1K tile is 16 bytes a
+        # thread, and the pivot's load outside the loop a quarter of it, one more latency-bound region
+        # for the model (kernels/roofline.py). NCHW's 4K tiles at two spilled 8 bytes (sm_90, bf16).
+        return cls(block_g, block_cg, block_s, warps, False, split, chunk, split_block, 0, 2 if channels_last else 1)
 
 
 # --- BatchNorm -------------------------------------------------------------------------------
