@@ -265,34 +265,32 @@ def _group_norm_fwd_kernel(
 
 
 @triton.jit
-def _grad_tile(X, DY, base, offs, mask, mean, rstd, W, B, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-               ACT: tl.constexpr, ACC: tl.constexpr):
-    """x_hat and dz = dy * act'(z) of one tile, zero outside the mask. The weight and bias are
-    re-read a tile (cache hits) rather than held across the loops: outside them they were loads
-    a quarter the size of a tile's, which the model counts as a second, latency-bound stream."""
+def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC: tl.constexpr):
+    """x_hat and dz = dy * act'(z) of one tile, zero outside the mask."""
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
     dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
     x_hat = tl.where(mask, (x - mean[:, None, None]) * rstd[:, None, None], 0.0)
     if ACT != 0:
-        w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
         dz = dz * act_grad(x_hat * w + b, ACT)
     return x_hat, tl.where(mask, dz, 0.0)
 
 
 @triton.jit
-def _saved(MEAN, RSTD, n, gb, G, Cg, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
-    """What a backward task holds throughout: its groups' saved mean and rstd ([BLOCK_G]) and its
-    channels."""
+def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+           BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
+    """What a backward task holds throughout: its groups' saved mean and rstd ([BLOCK_G]), its
+    channels, and their weight and bias."""
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
     rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
     chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    return mean, rstd, chan, cmask
+    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+    return mean, rstd, chan, cmask, w, b
 
 
 @triton.jit
-def _chunk_sums(X, DY, W, B, base, chan, cmask, mean, rstd, s_begin, n_tiles, S, C, HAS_W: tl.constexpr,
-                HAS_B: tl.constexpr, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+def _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT: tl.constexpr,
+                CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
                 BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     """Per channel, a = sum dz * x_hat and b = sum dz over n_tiles tiles from s_begin
     ([BLOCK_G, BLOCK_CG] each), summed per lane in the loop (no barrier there) and over the
@@ -301,7 +299,7 @@ def _chunk_sums(X, DY, W, B, base, chan, cmask, mean, rstd, s_begin, n_tiles, S,
     b_acc = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
     for i in range(0, n_tiles):
         offs, mask = _tile(chan, cmask, s_begin + i * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
-        x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, W, B, chan, cmask, HAS_W, HAS_B, ACT, ACC)
+        x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
         a_acc += dz * x_hat
         b_acc += dz
     return tl.sum(a_acc, 2), tl.sum(b_acc, 2)
@@ -320,10 +318,10 @@ def _group_norm_bwd_sums_kernel(
     """Split mode, pass 1 of the backward: the per-channel sums over one chunk (one program a task)."""
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     base = tl.cast(n, tl.int64) * C * S
-    mean, rstd, chan, cmask = _saved(MEAN, RSTD, n, gb, G, Cg, BLOCK_G, BLOCK_CG)
+    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
     s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
-    a_sum, b_sum = _chunk_sums(X, DY, W, B, base, chan, cmask, mean, rstd, s_begin, n_tiles, S, C, HAS_W, HAS_B,
-                               ACT, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+    a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT,
+                               CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
     p = PART + ((tl.cast(n, tl.int64) * 2 * C + chan) * split + sp)
     tl.store(p, a_sum, mask=cmask)
     tl.store(p + C * split, b_sum, mask=cmask)
@@ -347,12 +345,13 @@ def _group_norm_bwd_kernel(
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)  # split: backwards, as the forward
         base = tl.cast(n, tl.int64) * C * S
-        mean, rstd, chan, cmask = _saved(MEAN, RSTD, n, gb, G, Cg, BLOCK_G, BLOCK_CG)
+        mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG,
+                                               ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         p = PART + (tl.cast(n, tl.int64) * 2 * C + chan) * split
         if ONE_PASS:
             offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
-            x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, W, B, chan, cmask, HAS_W, HAS_B, ACT, ACC)
+            x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
             a_sum = tl.sum(dz * x_hat, 2)
             b_sum = tl.sum(dz, 2)
         elif SPLIT:
@@ -364,13 +363,12 @@ def _group_norm_bwd_kernel(
                 a_sum += tl.sum(tl.load(p[:, :, None] + sp_i[None, None, :], mask=m, other=0.0), 2)
                 b_sum += tl.sum(tl.load(p[:, :, None] + C * split + sp_i[None, None, :], mask=m, other=0.0), 2)
         else:
-            a_sum, b_sum = _chunk_sums(X, DY, W, B, base, chan, cmask, mean, rstd, 0, n_tiles, S, C, HAS_W, HAS_B,
-                                       ACT, CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+            a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, 0, n_tiles, S, C, ACT,
+                                       CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
         if not SPLIT:
             tl.store(p, a_sum, mask=cmask)
             tl.store(p + C, b_sum, mask=cmask)
         if WANT_DX:
-            w, _ = _affine(W, B, chan, cmask, HAS_W, False, ACC)
             if HAS_W:
                 a_sum = a_sum * tl.sum(w, 2)  # w[c] * a[n, c]: w is [BLOCK_G, BLOCK_CG, 1]
                 b_sum = b_sum * tl.sum(w, 2)
@@ -384,9 +382,7 @@ def _group_norm_bwd_kernel(
                 for i in range(0, n_tiles):  # backwards: the last tiles read are the likeliest in L2
                     offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST,
                                        BLOCK_S)
-                    x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, W, B, chan, cmask, HAS_W, HAS_B,
-                                           ACT, ACC)
-                    w, _ = _affine(W, B, chan, cmask, HAS_W, False, ACC)
+                    x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
                     dx = r * (w * dz - c2 - x_hat * c1)
                     tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
