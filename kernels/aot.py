@@ -60,7 +60,8 @@ GN_SHAPES = [(2, 320, 4096, 32), (2, 1280, 256, 32), (1, 512, 16384, 32), (1, 12
              (1, 64, 65536, 64), (4, 128, 16384, 128), (4, 256, 4096, 256),
              (8, 64, 1, 32), (2, 1024, 49, 1), (32, 1024, 1, 1), (4, 3, 1 << 20, 3), (2, 96, 7, 3),
              (64, 256, 3136, 32), (64, 32, 1024, 32)]
-GN_PROGRAMS = 2 * 132  # programs_per_wave on an H100 (132 SMs) at the loop kernels' 8 warps
+GN_PROGRAMS = 2 * 132  # programs_per_wave on an H100 (132 SMs) at 8 warps
+GN_SMS = 132  # programs_per_wave at GroupNormConfig's 16 warps: an H100's SMs
 # (name, HAS_W, HAS_B, ACT); gelu is the heaviest activation in registers (erf and exp).
 GN_VARIANTS = [("group_norm", True, True, "none"), ("group_norm+gelu", True, True, "gelu")]
 
@@ -155,7 +156,8 @@ def _row_norm_launches(job):
 
 def _gn_launches(job):
     cfg, channels_last = job.config
-    cfg = dataclasses.replace(cfg, split=1)  # a placeholder: split is a runtime argument
+    # placeholders: split (1, looped; 2, split) and chunk are runtime arguments
+    cfg = dataclasses.replace(cfg, chunk=16)
     _, has_w, has_b, act = next(v for v in GN_VARIANTS if v[0] == job.variant.split("/")[0])
     instance = cfg.block_cg == 1
     dtype, w, b = _params(job, 2 if instance else 4)
@@ -168,7 +170,7 @@ def _gn_launches(job):
         stats = _meta((2, 2), torch.float32)
         group_norm.group_norm_bwd(x, x, 2, w, b, stats, stats, act, (True, True, True), config=cfg)
     # InstanceNorm's Cg is 1
-    return ("G", "Cg", "n_gblocks", "split", "eps"), ("Cg",) if instance else ()
+    return ("G", "Cg", "n_gblocks", "split", "n_tasks", "eps", "N", "K"), ("Cg",) if instance else ()
 
 
 def _bn_launches(job):
@@ -225,9 +227,11 @@ def _describe(job):
                 f"{'one_pass' if c.one_pass else 'looped'}")
     if job.kernel.startswith("gn_"):
         c, channels_last = job.config
-        split = f" split_block={c.split_block}" if job.kernel == "gn_fwd" and not c.one_pass else ""
+        if job.kernel == "gn_param_grads":
+            return "sum [N, 2, C, K] partials"
+        split = f" split_block={c.split_block}" if job.kernel in ("gn_fwd", "gn_bwd") and c.split > 1 else ""
         return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_g}x{c.block_cg}x{c.block_s} "
-                f"{'one_pass' if c.one_pass else 'looped'}{split}")
+                f"{'one_pass' if c.one_pass else 'looped' if c.split == 1 else 'split'}{split}")
     c = job.config
     if job.kernel == "param_grads":
         return f"programs={c.block_g} block_n={c.block_n}"
@@ -270,23 +274,30 @@ def group_norm_jobs(targets, exhaustive=False):
     for (n, c, s, g), channels_last in itertools.product(shapes, (False, True)):
         if channels_last and s == 1:
             continue  # no positions: channels_last is plain contiguous, and runs as NCHW
-        fwd = GroupNormConfig.forward(n, c, s, g, channels_last, GN_PROGRAMS)
-        bwd = GroupNormConfig.backward(n, c, s, g, channels_last, GN_PROGRAMS)
-        # split and chunk are runtime arguments: one compile serves them all; split_block is not
-        configs["gn_fwd"].add((dataclasses.replace(fwd, split=0, chunk=0), channels_last))
-        configs["gn_bwd"].add((dataclasses.replace(bwd, split=0, chunk=0, split_block=1), channels_last))
-    configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl) for c, cl in configs["gn_fwd"] if not c.one_pass}
-    configs["gn_bwd_sums"] = {k for k in configs["gn_bwd"] if not k[0].one_pass}
+        fwd = GroupNormConfig.forward(n, c, s, g, channels_last, GN_SMS)
+        bwd = GroupNormConfig.backward(n, c, s, g, channels_last, GN_SMS)
+        # chunk, split and the grid are runtime: one compile serves every split > 1 (split_block
+        # and whether split is 1, the looped kernels, are not)
+        for kernel, cfg in (("gn_fwd", fwd), ("gn_bwd", bwd)):
+            configs[kernel].add((dataclasses.replace(cfg, split=min(cfg.split, 2), chunk=0, programs=0),
+                                 channels_last))
+    split = lambda c: not c.one_pass and c.split > 1  # noqa: E731
+    configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl) for c, cl in configs["gn_fwd"] if split(c)}
+    configs["gn_bwd_sums"] = {(dataclasses.replace(c, split_block=1), cl) for c, cl in configs["gn_bwd"] if split(c)}
+    # the dw/db glue kernel compiles the same whatever the tile: one placeholder configuration
+    configs["gn_param_grads"] = {min(configs["gn_bwd"], key=str)}
     if exhaustive:  # the heaviest variant only, bf16 activations with fp32 parameters
         variants = [("group_norm+gelu/w32", "bf16")]
     else:
         # fp16 compiles as bf16 does (same width); gelu in fp32 is covered by its w32 mixed case
         variants = [("group_norm", "bf16"), ("group_norm", "fp32"), ("group_norm+gelu", "bf16"),
                     ("group_norm+gelu/w32", "bf16")]
-    order = lambda k: (not k[0].one_pass, k[1], k[0].block_g * k[0].block_cg * k[0].block_s, str(k))  # noqa: E731
+    order = lambda k: (not k[0].one_pass, k[0].split, k[1], k[0].block_g * k[0].block_cg * k[0].block_s,  # noqa: E731
+                       str(k))
     return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel in
-            ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd") for cfg in sorted(configs[kernel], key=order)
-            for variant, dtype in variants]
+            ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd", "gn_param_grads")
+            for cfg in sorted(configs[kernel], key=order)
+            for variant, dtype in (variants[:2] if kernel in ("gn_stats", "gn_param_grads") else variants)]
 
 
 def _bn_grid():

@@ -200,16 +200,53 @@ class ParamGradsConfig:
 GN_FWD_ONE_PASS_MAX = 16384
 GN_FWD_ONE_PASS_MAX_CHANNELS_LAST = 8192
 GN_BWD_ONE_PASS_MAX = 8192
-# Tile of the looped (split) kernels: 4K fp32 values over 8 warps, 16 a thread, as LOOP_BLOCK_N.
-GN_LOOP_TILE = 4096
-# channels_last loop tiles are smaller and run at 4 warps. Their rows are a few contiguous
-# channels, every element with its own address, and ptxas held the 8-warp kernels to 80-128
-# registers: at 4K elements the gelu backward spilled 8-24 bytes on sm_80, at 2K the sums kernels
-# of 8x4x64 tiles 8 bytes (sm_80 and sm_90), at 2K and 4 warps the gelu sums kernel 8 bytes. At 1K
-# elements over 4 warps (8 a thread) no looped channels_last kernel spilled, any variant, over the
-# exhaustive grid (python -m normops.kernels.aot --exhaustive; at most 138 registers).
-GN_LOOP_TILE_CHANNELS_LAST = 1024
-GN_LOOP_WARPS_CHANNELS_LAST = 4
+# Larger groups run one of two looped algorithms:
+#  - looped: one program a group block does the group's statistics loop, then its normalize (dx)
+#    loop, re-reading the group it just read from L2: one launch forward, one (+ the dw/db glue)
+#    backward. Taken when the group blocks alone keep enough loads in flight
+#    (GN_LOOP_MIN_BYTES_IN_FLIGHT).
+#  - split: too few group blocks to fill the GPU (a VAE or video at batch 1 has 32 groups): each
+#    group's positions are cut into `split` chunks, a statistics (sums) kernel writes per-chunk
+#    partials, the normalize (dx) kernel combines them. Two launches forward, three backward.
+# Looped programs: 8K-element tiles over 16 warps (16 values a thread, the one-pass budget), one
+# program an SM (16 warps at 128 registers). The forward's statistics loop takes two tiles an
+# iteration (unroll, NCHW; a 16K tile's Welford state spilled 16 bytes): 32 KB of bf16 loads in
+# flight a program, as the backward's x and dy tiles. No reduction inside the loops.
+GN_LOOP_TILE = 8192
+GN_LOOP_WARPS = 16
+# Looped or split: the one the static model (kernels/roofline.py) predicts faster. Looped moves
+# the op's bytes at Little's-law bandwidth (its programs' loads in flight over a ~700 ns DRAM
+# latency, at most ~3 TB/s); split pays a launch more (~2 us) but fills the GPU, and re-reads x
+# (and dy) from DRAM when they do not fit GN_L2_BYTES. So SD U-Net's 2x1280x16x16 (64 groups, 1
+# MB in flight) runs looped, a VAE's 1x512x128x128 (32 groups of 512 KB) split.
+GN_DRAM_LATENCY_NS = 700
+GN_PEAK_BYTES_PER_NS = 3000
+GN_LAUNCH_NS = 2000
+# Split programs: 4K-element tiles over 8 warps (8 values a thread), at least 4 programs an SM
+# (GN_SPLIT_PROGRAMS_PER_SM) so that whatever the registers allow resident, the SMs hold 2 or
+# more programs' loads in flight (the video GroupNorm's statistics at 2.2 programs an SM were
+# latency-bound).
+GN_SPLIT_TILE = 4096
+GN_SPLIT_PROGRAMS_PER_SM = 4
+# channels_last tiles are smaller: their rows are a few contiguous channels, every element with
+# its own address, and ptxas held the 8-warp kernels to 80-128 registers: at 4K elements over 8
+# warps the gelu backward spilled 8-24 bytes on sm_80, at 2K the sums kernels of 8x4x64 tiles 8
+# bytes (sm_80 and sm_90), at 2K and 4 warps the gelu sums kernel 8 bytes. At 8 values a thread
+# (1K over 4 warps) no looped channels_last kernel spilled, any variant, over the exhaustive grid
+# (python -m normops.kernels.aot --exhaustive; at most 138 registers). The looped programs take 16
+# values a thread (8K at 16 warps): at 8 their 64 programs of SD U-Net's 2x1280x16x16 kept 1 MB in
+# flight, half the bandwidth.
+GN_SPLIT_TILE_CHANNELS_LAST = 1024
+GN_SPLIT_WARPS_CHANNELS_LAST = 4
+GN_LOOP_TILE_CHANNELS_LAST = 8192
+# The channels_last looped backward stays at 8 values a thread (4K over 16 warps): at 8K its gelu
+# kernels spilled 32-96 bytes on sm_80 (triton 3.9).
+GN_BWD_LOOP_TILE_CHANNELS_LAST = 4096
+# A looped program re-reads its group from L2 only while the groups of all the programs in flight
+# fit there: the persistent grid is capped so that programs x the group's bytes (x, and dy
+# backward) stay within this (H100: 50 MB of L2, of which the bandwidth model counts ~30 MB usable;
+# less, as the output's writes pass through it too).
+GN_L2_BYTES = 24 << 20
 # The channels_last one-pass backward stops at 4K: its 8K tiles (16 warps) spilled 8-16 bytes.
 GN_BWD_ONE_PASS_MAX_CHANNELS_LAST = 4096
 # A tile holds all of its groups' channels, and per-channel state (w, b, and the backward's two
@@ -222,10 +259,11 @@ GN_MAX_GROUP_CHANNELS = 1024
 GN_MIN_ROW_CHANNELS = 32
 # Tiny groups are packed several to a program until a tile holds this many elements.
 GN_MIN_TILE = 1024
-# At most this many chunks a group (past ~2 programs an SM per group block, more only adds partials).
+# At most this many chunks a group (past ~4 programs an SM per group block, more only adds partials).
 GN_MAX_SPLIT = 256
-# Every normalize program combines its groups' chunk partials, [block_g, split_block] at a time
-# (at 1024 a 16x64 combine spilled 8 bytes in the channels_last forward at 4 warps).
+# Every normalize program combines its groups' chunk partials, [block_g (x block_cg backward),
+# split_block] at a time (at 1024 a 16x64 combine spilled 8 bytes in the channels_last forward at
+# 4 warps).
 GN_COMBINE_TILE = 256
 
 
@@ -235,10 +273,11 @@ class GroupNormConfig:
 
     block_g x block_cg x block_s: the tile (groups, channels per group padded to a power of two,
     spatial positions); one_pass: each program's groups fit in one tile and stay in registers.
-    Otherwise the spatial axis of every group is split into `split` chunks of `chunk` positions (a
-    multiple of block_s), enough programs to fill the GPU: partial statistics per chunk, combined
-    with Chan's formula, then a normalize pass; split_block: chunks combined at a time.
-    num_warps: warps per program.
+    Otherwise each group's positions are cut into `split` chunks of `chunk` positions (a multiple
+    of block_s): split == 1 is the looped algorithm (the whole group in one program, a persistent
+    grid of `programs`), split > 1 the split one (one program a chunk); split_block: chunks
+    combined at a time. num_warps: warps per program. programs: the grid (0: one program a task).
+    unroll: tiles an iteration of the forward's statistics loop.
     """
     block_g: int
     block_cg: int
@@ -248,24 +287,33 @@ class GroupNormConfig:
     split: int
     chunk: int
     split_block: int = 1
+    programs: int = 0
+    unroll: int = 1
 
     @classmethod
-    def forward(cls, n, c, s, groups, channels_last, programs):
+    def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
+        """sms: programs_per_wave(device, GN_LOOP_WARPS), one 16-warp program an SM (the SM count
+        on a GPU); elem_bytes: the size of an element of x."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
-        return cls._make(n, c, s, groups, channels_last, programs, one_pass_max, 256)
+        return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
+                         1 if channels_last else 2, GN_LOOP_TILE_CHANNELS_LAST)
 
     @classmethod
-    def backward(cls, n, c, s, groups, channels_last, programs):
+    def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
         one_pass_max = GN_BWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_BWD_ONE_PASS_MAX
         # channels_last: one warp per 256 elements (8 values a thread). At 512, under the
         # 128-register launch budget, the gelu backward with fp32 parameters spilled 8-24 bytes in
         # 10 (triton 3.9) and 33 (3.6) one-pass tiles of the exhaustive grid; at 256, none.
-        return cls._make(n, c, s, groups, channels_last, programs, one_pass_max, 256 if channels_last else 512)
+        # Looped: x and dy are both re-read, twice the group's bytes in L2.
+        return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256 if channels_last else 512,
+                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST)
 
     @classmethod
-    def _make(cls, n, c, s, groups, channels_last, programs, one_pass_max, per_warp):
-        loop_tile = GN_LOOP_TILE_CHANNELS_LAST if channels_last else GN_LOOP_TILE
-        block_cg = next_pow2(c // groups)
+    def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll,
+              loop_tile_channels_last):
+        """group_bytes: the bytes of an element of the tensors the loops read (x; x and dy)."""
+        cg = c // groups
+        block_cg = next_pow2(cg)
         block_s = next_pow2(s)
         max_g = next_pow2(groups)
         block_g = min(max_g, max(1, GN_MIN_ROW_CHANNELS // block_cg)) if channels_last else 1
@@ -274,16 +322,44 @@ class GroupNormConfig:
                 block_g *= 2
             tile = block_g * block_cg * block_s
             return cls(block_g, block_cg, block_s, _warps(tile, per_warp), True, 1, s)
+        loop_tile = loop_tile_channels_last if channels_last else GN_LOOP_TILE
+
+        def looped(g):  # (persistent grid, whether looped beats split) with g groups a tile
+            tasks = n * -(-groups // g)
+            # at most one program an SM, their groups within GN_L2_BYTES, the same work each
+            cap = max(1, min(sms, GN_L2_BYTES // (g * cg * s * group_bytes)))
+            grid = -(-tasks // -(-tasks // cap))
+            in_flight = grid * min(loop_tile, g * block_cg * block_s) * group_bytes * unroll
+            reads = n * c * s * group_bytes  # x, or x and dy
+            moved = reads + n * c * s * group_bytes // (2 if group_bytes > elem_bytes else 1)  # + y or dx
+            reread = reads if reads > GN_L2_BYTES else 0
+            loop_ns = moved / min(GN_PEAK_BYTES_PER_NS, in_flight / GN_DRAM_LATENCY_NS)
+            return grid, loop_ns <= GN_LAUNCH_NS + (moved + reread) / GN_PEAK_BYTES_PER_NS
+
+        loop_g = max(1, min(block_g, loop_tile // block_cg))
+        while loop_g > 1 and not looped(loop_g)[1]:
+            loop_g //= 2  # channels_last: rows of fewer groups, for more programs
+        grid, wins = looped(loop_g)
+        if wins:
+            block_s = max(1, min(block_s, loop_tile // (loop_g * block_cg)))
+            return cls(loop_g, block_cg, block_s, GN_LOOP_WARPS, False, 1, -(-s // block_s) * block_s, 1,
+                       grid, unroll)
+        loop_tile = GN_SPLIT_TILE_CHANNELS_LAST if channels_last else GN_SPLIT_TILE
+        warps = GN_SPLIT_WARPS_CHANNELS_LAST if channels_last else LOOP_WARPS
         block_g = max(1, min(block_g, loop_tile // block_cg))
         block_s = max(1, min(block_s, loop_tile // (block_g * block_cg)))
         n_tiles = -(-s // block_s)
-        group_programs = n * -(-groups // block_g)
-        split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // group_programs)))
+        tasks = n * -(-groups // block_g)
+        # programs a wave: sms x GN_SPLIT_PROGRAMS_PER_SM of 8 warps (of 4 warps, twice as many)
+        programs = GN_SPLIT_PROGRAMS_PER_SM * LOOP_WARPS // warps * sms
+        split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // tasks)))
         chunk = -(-n_tiles // split) * block_s
         split = -(-s // chunk)
-        split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // block_g))
-        warps = GN_LOOP_WARPS_CHANNELS_LAST if channels_last else LOOP_WARPS
-        return cls(block_g, block_cg, block_s, warps, False, split, chunk, split_block)
+        split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // (block_g * block_cg)))
+        # channels_last split statistics take two tiles an iteration: at one, a 1K tile is 16 bytes a
+        # thread, and the pivot's load outside the loop a quarter of it, one more latency-bound region
+        # for the model (kernels/roofline.py). NCHW's 4K tiles at two spilled 8 bytes (sm_90, bf16).
+        return cls(block_g, block_cg, block_s, warps, False, split, chunk, split_block, 0, 2 if channels_last else 1)
 
 
 # --- BatchNorm -------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ import triton.language as tl
 
 from normops.core import memory_format_of
 
-from .common import ACTIVATIONS, act, act_grad, inv_std, acc_type, dense, launch, param_grads, stat_dtype
-from .config import GN_MAX_GROUP_CHANNELS, LOOP_WARPS, GroupNormConfig, programs_per_wave
+from .common import ACTIVATIONS, act, act_grad, inv_std, acc_type, dense, launch, stat_dtype
+from .config import GN_LOOP_WARPS, GN_MAX_GROUP_CHANNELS, GroupNormConfig, programs_per_wave
 
 
 @triton.jit
@@ -70,18 +70,15 @@ def _tile(chan, cmask, s0, S, C, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.conste
 
 
 @triton.jit
-def _program(n_gblocks, split, REVERSED: tl.constexpr):
-    """(group block, chunk, sample) of this program; the group block varies fastest, so programs
-    running together share a sample's rows (channels_last) and its chunk of the positions."""
-    pid = tl.program_id(0)
-    if REVERSED:
-        pid = tl.num_programs(0) - 1 - pid
-    return pid % n_gblocks, (pid // n_gblocks) % split, pid // (n_gblocks * split)
+def _task(t, n_gblocks, split):
+    """(group block, chunk, sample) of task t; the group block varies fastest, so programs running
+    together share a sample's rows (channels_last) and its chunk of the positions."""
+    return t % n_gblocks, (t // n_gblocks) % split, t // (n_gblocks * split)
 
 
 @triton.jit
 def _chunk(sp, chunk, S, BLOCK_S: tl.constexpr):
-    """First position and tile count of chunk sp (the normalize passes walk its tiles backwards)."""
+    """First position and tile count of chunk sp (a multiple of BLOCK_S positions; the last one ends at S)."""
     s_begin = sp * chunk
     return s_begin, tl.cdiv(tl.minimum(chunk, S - s_begin), BLOCK_S)
 
@@ -112,37 +109,65 @@ def _affine(W, B, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl
 
 
 @triton.jit
+def _welford_tile(X, base, chan, cmask, x0, mean, m2, s0, s_end, count, S, C, CHANNELS_LAST: tl.constexpr,
+                  BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """One tile (positions s0.., below s_end) into the lanes' running (mean, M2); `count`: a valid
+    lane's count with this tile."""
+    offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+    mask = mask & (s0 + tl.arange(0, BLOCK_S) < s_end)[None, None, :]
+    x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+    delta = tl.where(mask, x - x0[:, None, None] - mean, 0.0)
+    mean += delta * (tl.full([], 1.0, ACC) / count)
+    m2 += delta * tl.where(mask, x - x0[:, None, None] - mean, 0.0)
+    return mean, m2
+
+
+@triton.jit
+def _chunk_stats(X, base, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, UNROLL: tl.constexpr,
+                 ACC: tl.constexpr):
+    """(mean, M2) per group of x - x0 over n_tiles tiles from position s_begin.
+
+    Welford per lane: every lane keeps the running mean and M2 of the values it loads, so the loop
+    body has no reduction (no barrier: the next tile's loads issue at once). Only the last tile
+    can be partial, so a valid lane's count at tile i is i + 1, one scalar reciprocal a tile. The
+    lanes are merged once, after the loop, with Chan's formula. UNROLL = 2 takes two tiles an
+    iteration (twice the loads in flight for the registers of one tile's state)."""
+    mean = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
+    m2 = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
+    s_end = s_begin + n_tiles * BLOCK_S
+    for i in range(0, n_tiles, UNROLL):
+        mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + i * BLOCK_S, s_end, i + 1, S, C,
+                                 CHANNELS_LAST, BLOCK_S, ACC)
+        if UNROLL == 2:  # the second tile is all masked past the chunk's end
+            mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + (i + 1) * BLOCK_S, s_end, i + 2,
+                                     S, C, CHANNELS_LAST, BLOCK_S, ACC)
+    _, last = _tile(chan, cmask, s_begin + (n_tiles - 1) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
+    count = tl.where(cmask[:, :, None], n_tiles - 1, 0).to(ACC) + last.to(ACC)
+    total = _sum2(count)
+    group_mean = _sum2(count * mean) / total
+    d = mean - group_mean[:, None, None]
+    return group_mean, _sum2(m2 + count * d * d)
+
+
+@triton.jit
 def _group_norm_stats_kernel(
     X,                 # [N, C, *spatial] input, NCHW or channels_last
-    PART,              # [N, G, split, 2] out: (mean, M2) of each group's chunk, ACC dtype
+    PART,              # [N, G, split, 2] out: (mean, M2) of x - x0 over each group's chunk, ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC: tl.constexpr,
+    UNROLL: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Split mode, pass 1: Chan's running (count, mean, M2) of x - x0 over the tiles of this chunk."""
-    gb, sp, n = _program(n_gblocks, split, False)
-    x_base = X + n.to(tl.int64) * C * S
-    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    x0 = _pivot(x_base, 0, gb * BLOCK_G + tl.arange(0, BLOCK_G), G, Cg, S, CHANNELS_LAST).to(ACC)
-    count = tl.zeros([], dtype=ACC)
-    mean = tl.zeros([BLOCK_G], dtype=ACC)
-    m2 = tl.zeros([BLOCK_G], dtype=ACC)
-    s_begin = sp * chunk
-    for s0 in range(s_begin, tl.minimum(S, s_begin + chunk), BLOCK_S):
-        offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
-        x = tl.load(x_base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
-        x = tl.where(mask, x - x0[:, None, None], 0.0)
-        n_b = (Cg * tl.minimum(BLOCK_S, S - s0)).to(ACC)
-        mean_b = _sum2(x) / n_b
-        d = tl.where(mask, x - mean_b[:, None, None], 0.0)
-        m2_b = _sum2(d * d)
-        total = count + n_b
-        delta = mean_b - mean
-        mean += delta * (n_b / total)
-        m2 += m2_b + delta * delta * (count * n_b / total)
-        count = total
+    """Split mode, pass 1: the statistics of one chunk (one program a task)."""
+    gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
+    x_base = X + tl.cast(n, tl.int64) * C * S
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
-    p = PART + ((n.to(tl.int64) * G + gi) * split + sp) * 2
+    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
+    x0 = _pivot(x_base, 0, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
+    s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
+    mean, m2 = _chunk_stats(x_base, 0, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST,
+                            BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
+    p = PART + ((tl.cast(n, tl.int64) * G + gi) * split + sp) * 2
     tl.store(p, mean, mask=gi < G)
     tl.store(p + 1, m2, mask=gi < G)
 
@@ -154,7 +179,7 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
     Chan's formula for many parts,
     mean = sum(n_i mean_i) / L, then M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order,
     BLOCK_SPLIT chunks at a time."""
-    rows = (n.to(tl.int64) * G + gi)[:, None] * split
+    rows = (tl.cast(n, tl.int64) * G + gi)[:, None] * split
     total = Cg * S
     acc = tl.zeros([BLOCK_G, BLOCK_SPLIT], dtype=ACC)
     for start in range(0, split, BLOCK_SPLIT):
@@ -175,46 +200,68 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
 
 
 @triton.jit
+def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C, ACT: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin)."""
+    offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+    mask = mask & (s0 + tl.arange(0, BLOCK_S) >= s_begin)[None, None, :]
+    x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    z = (x - shift[:, None, None]) * scale + b
+    tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _group_norm_fwd_kernel(
     X, Y,              # [N, C, *spatial] input, output, both in x's layout
     W, B,              # [C] weight, bias
     MEAN, RSTD,        # [N, G] out: statistics, ACC dtype, written when STORE_STATS
-    PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split mode)
-    G, Cg, S, C, n_gblocks, split, chunk, eps,
+    PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split > 1)
+    G, Cg, S, C, n_gblocks, split, chunk, n_tasks, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, STORE_STATS: tl.constexpr,
     INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
-    CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    # split mode walks the tensor backwards: the stats pass just read its end, which is in L2
-    gb, sp, n = _program(n_gblocks, split, not ONE_PASS)
-    base = n.to(tl.int64) * C * S
-    gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
-    chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
-    if ONE_PASS:
-        offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
-        d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
-        dmean = _sum2(d) / (Cg * S)
-        xc = tl.where(mask, d - dmean[:, None, None], 0.0)
-        rstd = inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
-    else:
-        dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
-    if STORE_STATS:
-        if sp == 0:
-            tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
-            tl.store(RSTD + n * G + gi, rstd, mask=gi < G)
-    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
-    scale = rstd[:, None, None] * w
-    if ONE_PASS:
-        tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
-    else:
+    """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
+    (ONE_PASS and SPLIT off: the group's statistics loop, then the normalize loop re-reading the
+    group from L2), or split (the chunks' statistics combined, then this chunk normalized)."""
+    for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
+        # split: backwards, the stats kernel just read the tensor's end, still in L2
+        gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)
+        base = tl.cast(n, tl.int64) * C * S
+        gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+        chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
+        x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
-        for i in range(0, n_tiles):
-            offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
-            x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-            z = ((x - x0[:, None, None]) - dmean[:, None, None]) * scale + b
-            tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        if ONE_PASS:
+            offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
+            d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
+            dmean = _sum2(d) / (Cg * S)
+            xc = tl.where(mask, d - dmean[:, None, None], 0.0)
+            rstd = inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
+        elif SPLIT:
+            dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
+        else:
+            dmean, m2 = _chunk_stats(X, base, chan, cmask, x0, 0, n_tiles, S, C, CHANNELS_LAST,
+                                     BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
+            rstd = inv_std(m2 / (Cg * S), eps, INSTANCE)
+        if STORE_STATS:
+            if sp == 0:
+                tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
+                tl.store(RSTD + n * G + gi, rstd, mask=gi < G)
+        w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+        scale = rstd[:, None, None] * w
+        if ONE_PASS:
+            tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
+        else:
+            shift = x0 + dmean
+            for i in range(0, n_tiles, UNROLL):  # backwards: the last tiles read are the likeliest in L2
+                _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s_begin + (n_tiles - 1 - i) * BLOCK_S,
+                                s_begin, S, C, ACT, CHANNELS_LAST, BLOCK_S, ACC)
+                if UNROLL == 2:  # all masked before the chunk's start
+                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s_begin + (n_tiles - 2 - i) * BLOCK_S,
+                                    s_begin, S, C, ACT, CHANNELS_LAST, BLOCK_S, ACC)
 
 
 @triton.jit
@@ -231,7 +278,7 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
 @triton.jit
 def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
            BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
-    """What a backward program holds throughout: its groups' saved mean and rstd ([BLOCK_G]), its
+    """What a backward task holds throughout: its groups' saved mean and rstd ([BLOCK_G]), its
     channels, and their weight and bias."""
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
@@ -242,30 +289,42 @@ def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.conste
 
 
 @triton.jit
+def _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT: tl.constexpr,
+                CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+                BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """Per channel, a = sum dz * x_hat and b = sum dz over n_tiles tiles from s_begin
+    ([BLOCK_G, BLOCK_CG] each), summed per lane in the loop (no barrier there) and over the
+    positions once after it."""
+    a_acc = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
+    b_acc = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
+    for i in range(0, n_tiles):
+        offs, mask = _tile(chan, cmask, s_begin + i * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
+        x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+        a_acc += dz * x_hat
+        b_acc += dz
+    return tl.sum(a_acc, 2), tl.sum(b_acc, 2)
+
+
+@triton.jit
 def _group_norm_bwd_sums_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
     W, B,              # [C] weight, bias (read for the activation's input only)
     MEAN, RSTD,        # [N, G] saved statistics
-    PART,              # [N, split, 2, C] out: a and b of each (sample, chunk, channel), ACC dtype
+    PART,              # [N, 2, C, split] out: a and b of each (sample, channel, chunk), ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Split mode, pass 1 of the backward: the per-channel sums over this chunk."""
-    gb, sp, n = _program(n_gblocks, split, False)
-    base = n.to(tl.int64) * C * S
+    """Split mode, pass 1 of the backward: the per-channel sums over one chunk (one program a task)."""
+    gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
+    base = tl.cast(n, tl.int64) * C * S
     mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
-    a_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
-    b_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
-    s_begin = sp * chunk
-    for s0 in range(s_begin, tl.minimum(S, s_begin + chunk), BLOCK_S):
-        offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
-        x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
-        a_sum += tl.sum(dz * x_hat, 2)
-        b_sum += tl.sum(dz, 2)
-    p = PART + (n.to(tl.int64) * split + sp) * 2 * C + chan
+    s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
+    a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT,
+                               CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+    p = PART + ((tl.cast(n, tl.int64) * 2 * C + chan) * split + sp)
     tl.store(p, a_sum, mask=cmask)
-    tl.store(p + C, b_sum, mask=cmask)
+    tl.store(p + C * split, b_sum, mask=cmask)
 
 
 @triton.jit
@@ -273,46 +332,87 @@ def _group_norm_bwd_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
     W, B,              # [C] weight, bias
     MEAN, RSTD,        # [N, G] saved statistics
-    PART,              # [N, 2, C] per-channel a and b: written (one pass), or read (split: the chunk sums' totals)
+    PART,              # [N, 2, C, split] per-channel a and b: written (split 1), or read (the chunks')
     DX,                # [N, C, *spatial] out, x's layout
-    G, Cg, S, C, n_gblocks, split, chunk,
+    G, Cg, S, C, n_gblocks, split, chunk, n_tasks,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
-    BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
 ):
-    gb, sp, n = _program(n_gblocks, split, not ONE_PASS)
-    base = n.to(tl.int64) * C * S
-    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
-    if ONE_PASS:
-        offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
-        x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
-        a_sum = tl.sum(dz * x_hat, 2)
-        b_sum = tl.sum(dz, 2)
-        p = PART + n.to(tl.int64) * 2 * C + chan
-        tl.store(p, a_sum, mask=cmask)
-        tl.store(p + C, b_sum, mask=cmask)
-    else:
-        p = PART + n.to(tl.int64) * 2 * C + chan  # the chunks' sums, totalled (in torch) per sample
-        a_sum = tl.load(p, mask=cmask, other=0.0)
-        b_sum = tl.load(p + C, mask=cmask, other=0.0)
-    if WANT_DX:
-        if HAS_W:
-            a_sum = a_sum * tl.sum(w, 2)  # w[c] * a[n, c]: w is [BLOCK_G, BLOCK_CG, 1]
-            b_sum = b_sum * tl.sum(w, 2)
-        c1 = tl.sum(a_sum, 1)[:, None, None] / (Cg * S)
-        c2 = tl.sum(b_sum, 1)[:, None, None] / (Cg * S)
-        r = rstd[:, None, None]
+    """Tasks as _group_norm_fwd_kernel's: the per-channel sums from one tile (ONE_PASS), a loop
+    over the group (then stored for dw/db), or the chunks' partials (SPLIT, totalled here in a
+    fixed order); then dx."""
+    for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
+        gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)  # split: backwards, as the forward
+        base = tl.cast(n, tl.int64) * C * S
+        mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG,
+                                               ACC)
+        s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
+        p = PART + (tl.cast(n, tl.int64) * 2 * C + chan) * split
         if ONE_PASS:
-            dx = r * (w * dz - c2 - x_hat * c1)
-            tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
+            x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+            a_sum = tl.sum(dz * x_hat, 2)
+            b_sum = tl.sum(dz, 2)
+        elif SPLIT:
+            a_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
+            b_sum = tl.zeros([BLOCK_G, BLOCK_CG], dtype=ACC)
+            for start in range(0, split, BLOCK_SPLIT):
+                sp_i = start + tl.arange(0, BLOCK_SPLIT)
+                m = cmask[:, :, None] & (sp_i < split)[None, None, :]
+                a_sum += tl.sum(tl.load(p[:, :, None] + sp_i[None, None, :], mask=m, other=0.0), 2)
+                b_sum += tl.sum(tl.load(p[:, :, None] + C * split + sp_i[None, None, :], mask=m, other=0.0), 2)
         else:
-            s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
-            for i in range(0, n_tiles):
-                offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST,
-                                   BLOCK_S)
-                x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+            a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, 0, n_tiles, S, C, ACT,
+                                       CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+        if not SPLIT:
+            tl.store(p, a_sum, mask=cmask)
+            tl.store(p + C, b_sum, mask=cmask)
+        if WANT_DX:
+            if HAS_W:
+                a_sum = a_sum * tl.sum(w, 2)  # w[c] * a[n, c]: w is [BLOCK_G, BLOCK_CG, 1]
+                b_sum = b_sum * tl.sum(w, 2)
+            c1 = tl.sum(a_sum, 1)[:, None, None] / (Cg * S)
+            c2 = tl.sum(b_sum, 1)[:, None, None] / (Cg * S)
+            r = rstd[:, None, None]
+            if ONE_PASS:
                 dx = r * (w * dz - c2 - x_hat * c1)
                 tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            else:
+                for i in range(0, n_tiles):  # backwards: the last tiles read are the likeliest in L2
+                    offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST,
+                                       BLOCK_S)
+                    x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+                    dx = r * (w * dz - c2 - x_hat * c1)
+                    tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_param_grads_kernel(
+    PART,              # [N, 2, C, K] per-(sample, chunk) a and b, ACC dtype
+    DW, DB,            # [C] out: dw = sum over samples and chunks of a, db of b, in the parameters' dtypes
+    N, C, K,
+    HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The backward's one glue launch: the partials summed in a fixed order (deterministic) and
+    cast, for BLOCK_C channels a program."""
+    chan = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    a = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
+    b = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
+    for n in range(0, N):
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            m = (chan < C)[:, None] & (k < K)[None, :]
+            p = PART + (tl.cast(n, tl.int64) * 2 * C + chan[:, None]) * K + k[None, :]
+            if HAS_DW:
+                a += tl.load(p, mask=m, other=0.0)
+            if HAS_DB:
+                b += tl.load(p + C * K, mask=m, other=0.0)
+    if HAS_DW:
+        tl.store(DW + chan, tl.sum(a, 1).to(DW.dtype.element_ty), mask=chan < C)
+    if HAS_DB:
+        tl.store(DB + chan, tl.sum(b, 1).to(DB.dtype.element_ty), mask=chan < C)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -324,76 +424,79 @@ def supported(x, num_groups):
     return c // num_groups <= GN_MAX_GROUP_CHANNELS and c * math.prod(x.shape[2:]) < 2**31
 
 
-def _geometry(x, num_groups):
-    n, c = x.shape[0], x.shape[1]
-    return n, c, math.prod(x.shape[2:]), num_groups
-
-
-def _grid(cfg, n, groups):
-    n_gblocks = triton.cdiv(groups, cfg.block_g)
-    return n_gblocks, (n_gblocks * cfg.split * n,)
+def _setup(x, num_groups, config, make):
+    """(x in its dense layout, channels_last, (N, C, S, G), config, grid, the kernels' geometry
+    arguments and tile constexprs)."""
+    fmt = memory_format_of(x)  # channels_last(_3d) when x is dense in it: read in place
+    channels_last = fmt != torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    n, c, s, g = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
+    cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size())
+    n_gblocks = triton.cdiv(g, cfg.block_g)
+    tasks = n_gblocks * cfg.split * n
+    grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)
+    geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
+    tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
+                ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+    return x, cfg, (n, c, s, g), grid, tasks, geometry, tile
 
 
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, config=None):
     """The triton backend's group_norm forward (contract: normops/backends/__init__.py).
     `config` overrides the heuristic (tests use it to force the split path at small shapes)."""
-    fmt = memory_format_of(x)  # channels_last(_3d) when x is dense in it: read in place
-    channels_last = fmt != torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
+    x, cfg, (n, c, s, g), grid, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
     weight, bias = dense(weight), dense(bias)
-    n, c, s, g = _geometry(x, num_groups)
-    cfg = config or GroupNormConfig.forward(n, c, s, g, channels_last, programs_per_wave(x.device, LOOP_WARPS))
-    n_gblocks, grid = _grid(cfg, n, g)
     sd = stat_dtype(x.dtype)
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=sd, device=x.device) if need_stats else None
     rstd = torch.empty((n, g), dtype=sd, device=x.device) if need_stats else None
+    split = not cfg.one_pass and cfg.split > 1
     part = None
-    geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
-    tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
-    if not cfg.one_pass:
+    if split:
         part = torch.empty((n, g, cfg.split, 2), dtype=sd, device=x.device)
-        launch(_group_norm_stats_kernel, grid, x, part, *geometry, **tile)
+        launch(_group_norm_stats_kernel, grid, x, part, *geometry, UNROLL=cfg.unroll, **tile)
     launch(
         _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
-        *geometry, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
-        STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, BLOCK_SPLIT=cfg.split_block, **tile)
+        *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
+        STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, SPLIT=split,
+        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, **tile)
     return y, mean, rstd
+
+
+# The dw/db glue kernel: a program sums [N, K] partials for this many channels, K a chunk at a time.
+PARAM_GRADS_BLOCK_C = 32
+PARAM_GRADS_BLOCK_K = 32
 
 
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask, config=None):
     """The triton backend's group_norm backward (contract: normops/backends/__init__.py)."""
-    fmt = memory_format_of(x)
-    channels_last = fmt != torch.contiguous_format
-    x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    x, cfg, (n, c, s, g), grid, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.backward)
+    dy = dy.contiguous(memory_format=memory_format_of(x))
     weight, bias = dense(weight), dense(bias)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     want_dx = output_mask[0]
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
-    n, c, s, g = _geometry(x, num_groups)
-    cfg = config or GroupNormConfig.backward(n, c, s, g, channels_last, programs_per_wave(x.device, LOOP_WARPS))
-    n_gblocks, grid = _grid(cfg, n, g)
-    sd = stat_dtype(x.dtype)
     dx = torch.empty_like(x) if want_dx else None
-    part = torch.empty((n, cfg.split, 2, c), dtype=sd, device=x.device)
-    geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
-                 CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                 ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+    split = not cfg.one_pass and cfg.split > 1
+    # [N, 2, C, split]: per (sample, chunk) a and b of each channel (split 1 but in split mode)
+    part = torch.empty((n, 2, c, cfg.split if split else 1), dtype=stat_dtype(x.dtype), device=x.device)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **tile)
     w_arg = weight if weight is not None else rstd
     b_arg = bias if bias is not None else rstd
-    if not cfg.one_pass:
+    if split:
         launch(_group_norm_bwd_sums_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, part, *geometry, **flags)
-    # [N, 2, C]: the chunks' sums totalled in a fixed order (deterministic), in one parallel reduction
-    # rather than chunk after chunk in every dx program
-    part = part.sum(1) if cfg.split > 1 else part[:, 0]
-    if cfg.one_pass or want_dx:
+    if want_dx or not split:
         launch(_group_norm_bwd_kernel, grid, dy, x, w_arg, b_arg, mean, rstd, part, dx if dx is not None else rstd,
-               *geometry, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, **flags)
+               *geometry, tasks, WANT_DX=want_dx, ONE_PASS=cfg.one_pass, SPLIT=split,
+               BLOCK_SPLIT=cfg.split_block, **flags)
     if not (want_dw or want_db):
         return dx, None, None
-    sums = part.sum(0)  # [2, C], a fixed-order reduction over samples: deterministic
-    return (dx, *param_grads(sums, weight, bias, want_dw, want_db))
+    dw = torch.empty_like(weight) if want_dw else None
+    db = torch.empty_like(bias) if want_db else None
+    launch(_group_norm_param_grads_kernel, (triton.cdiv(c, PARAM_GRADS_BLOCK_C),), part,
+           dw if dw is not None else part, db if db is not None else part, n, c, part.shape[3],
+           HAS_DW=want_dw, HAS_DB=want_db, BLOCK_C=PARAM_GRADS_BLOCK_C, BLOCK_K=PARAM_GRADS_BLOCK_K,
+           ACC=tile["ACC"], num_warps=4)
+    return dx, dw, db

@@ -19,16 +19,21 @@ from normops.kernels import config  # noqa: E402
 from normops.kernels import group_norm as kernels  # noqa: E402
 
 
-@pytest.fixture(params=["one_pass", "split"])
+@pytest.fixture(params=["one_pass", "looped", "split"])
 def path(request, monkeypatch):
-    """Run the test on the one-pass kernels, then again with every group split into chunks: the
-    one-pass limits lowered to nothing and the program target raised, so even 2x6x5x3 splits."""
-    if request.param == "split":
+    """Run the test on the one-pass kernels, then with the one-pass limits lowered to nothing and
+    small tiles (several a group), on the looped kernels (one program a group block, a persistent
+    grid of fewer programs than tasks) and on the split ones (every group cut into chunks, even
+    2x6x5x3's)."""
+    if request.param != "one_pass":
         monkeypatch.setattr(config, "GN_FWD_ONE_PASS_MAX", 0)
         monkeypatch.setattr(config, "GN_BWD_ONE_PASS_MAX", 0)
-        monkeypatch.setattr(config, "GN_LOOP_TILE", 32)  # small tiles: several per chunk
-        monkeypatch.setattr(config, "GN_LOOP_TILE_CHANNELS_LAST", 32)
-        monkeypatch.setattr(kernels, "programs_per_wave", lambda device, warps: 16)
+        for tile in ("GN_LOOP_TILE", "GN_LOOP_TILE_CHANNELS_LAST", "GN_BWD_LOOP_TILE_CHANNELS_LAST", "GN_SPLIT_TILE",
+                     "GN_SPLIT_TILE_CHANNELS_LAST"):
+            monkeypatch.setattr(config, tile, 32)
+        monkeypatch.setattr(kernels, "programs_per_wave", lambda device, warps: 2)
+        # looped vs split is decided by the split's one launch more: made prohibitive, or free
+        monkeypatch.setattr(config, "GN_LAUNCH_NS", 1e30 if request.param == "looped" else -1e30)
     return request.param
 
 
@@ -126,9 +131,9 @@ def test_matches_numpy_reference(channels_last, path):
 
 def test_split_heuristic_without_patching():
     """With the real limits: a group of 33K elements and N x G = 1 splits over the CPU
-    interpreter's 4 programs, and still equals torch."""
+    interpreter's 4 "SMs", and still equals torch."""
     cfg = config.GroupNormConfig.forward(1, 2, 128 * 130, 1, False, 4)
-    assert not cfg.one_pass and cfg.split == 3  # 9 tiles of 2048 positions: 3 chunks of 3 tiles
+    assert not cfg.one_pass and cfg.split == 9  # 9 tiles of 2048 positions, a chunk each (4 programs an SM)
     x = on_device(make((1, 2, 128, 130), torch.float32))
     w, b = (on_device(t) for t in params((2,), torch.float32))
     assert_close_to_reference(*_group_norm(1, "silu"), [x, w, b], "triton", torch.float32)
