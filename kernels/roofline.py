@@ -118,6 +118,9 @@ REREADS = {
     # pass 2 reads h = x + r back (written by pass 1) with a residual, else x again
     "_row_norm_fwd_looped_kernel": (lambda c: ("H",) if c["HAS_R"] else ("X",), "row"),
     "_row_norm_bwd_looped_kernel": (lambda c: ("X", "DY"), "row"),
+    # looped (neither one-pass nor split): statistics (sums) loop, then the normalize (dx) loop
+    "_group_norm_fwd_kernel": (lambda c: () if c["ONE_PASS"] or c["SPLIT"] else ("X",), "group"),
+    "_group_norm_bwd_kernel": (lambda c: () if c["ONE_PASS"] or c["SPLIT"] else ("X", "DY"), "group"),
 }
 
 # (reads, writes) of activation-sized tensors, forward and backward: normops.bench's bytes model
@@ -492,7 +495,7 @@ def predict_launches(launches, glue_ops, facts, gpu, case=None):
         for key, (name, t) in tensors.items():
             size = t.numel() * t.element_size()
             if key in seen:  # touched by an earlier launch of the op
-                if footprint - seen[key] + size <= l2_budget:
+                if footprint - seen[key] <= l2_budget:  # what was touched since, itself included
                     l2 += size
                 else:
                     dram += size
