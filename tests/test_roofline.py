@@ -43,7 +43,7 @@ SASS = """
 def test_sass_regions_split_loop_bodies_from_straight_code():
     regions, widths = roofline.sass_regions(SASS)
     # straight-line code: a 16-byte and a 4-byte load, one barrier (the forward branch is no loop);
-    # the loop: 16 + 2 bytes (predicated loads count), two barriers
+    # the (innermost) loop: 16 + 2 bytes (predicated loads count), two barriers
     assert sorted(regions) == [(18, 2, True), (20, 1, False)]
     assert widths == (2, 4, 16)
 
