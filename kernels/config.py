@@ -235,7 +235,10 @@ GN_SPLIT_PROGRAMS_PER_SM = 4
 # (1K over 4 warps) no looped channels_last kernel spilled, any variant, over the exhaustive grid
 # (python -m normops.kernels.aot --exhaustive; at most 138 registers). The looped programs take 16
 # values a thread (8K at 16 warps): at 8 their 64 programs of SD U-Net's 2x1280x16x16 kept 1 MB in
-# flight, half the bandwidth.
+# flight, half the bandwidth. The channels_last looped forward takes 4K tiles (8 values a thread),
+# its statistics loop two an iteration and its normalize loop four: at 8K tiles and one (its Welford
+# state at 127-128 registers) 2x320x64x64's 64 programs kept 1 MB in flight and lost to split; 8K
+# with two spilled 216 bytes (bf16), 8K with a normalize loop of two 8 bytes; 4K, 2 and 4: none.
 GN_SPLIT_TILE_CHANNELS_LAST = 1024
 GN_SPLIT_WARPS_CHANNELS_LAST = 4
 GN_LOOP_TILE_CHANNELS_LAST = 4096
