@@ -235,10 +235,13 @@ GN_SPLIT_PROGRAMS_PER_SM = 4
 # (1K over 4 warps) no looped channels_last kernel spilled, any variant, over the exhaustive grid
 # (python -m normops.kernels.aot --exhaustive; at most 138 registers). The looped programs take 16
 # values a thread (8K at 16 warps): at 8 their 64 programs of SD U-Net's 2x1280x16x16 kept 1 MB in
-# flight, half the bandwidth.
+# flight, half the bandwidth. The channels_last looped forward takes 4K tiles (8 values a thread),
+# its statistics loop two an iteration and its normalize loop four: at 8K tiles and one (its Welford
+# state at 127-128 registers) 2x320x64x64's 64 programs kept 1 MB in flight and lost to split; 8K
+# with two spilled 216 bytes (bf16), 8K with a normalize loop of two 8 bytes; 4K, 2 and 4: none.
 GN_SPLIT_TILE_CHANNELS_LAST = 1024
 GN_SPLIT_WARPS_CHANNELS_LAST = 4
-GN_LOOP_TILE_CHANNELS_LAST = 8192
+GN_LOOP_TILE_CHANNELS_LAST = 4096
 # The channels_last looped backward stays at 8 values a thread (4K over 16 warps): at 8K its gelu
 # kernels spilled 32-96 bytes on sm_80 (triton 3.9).
 GN_BWD_LOOP_TILE_CHANNELS_LAST = 4096
@@ -277,7 +280,8 @@ class GroupNormConfig:
     of block_s): split == 1 is the looped algorithm (the whole group in one program, a persistent
     grid of `programs`), split > 1 the split one (one program a chunk); split_block: chunks
     combined at a time. num_warps: warps per program. programs: the grid (0: one program a task).
-    unroll: tiles an iteration of the forward's statistics loop.
+    unroll: tiles an iteration of the forward's statistics loop; normalize_unroll: of its normalize
+    loop.
     """
     block_g: int
     block_cg: int
@@ -289,6 +293,7 @@ class GroupNormConfig:
     split_block: int = 1
     programs: int = 0
     unroll: int = 1
+    normalize_unroll: int = 1
 
     @classmethod
     def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
@@ -296,7 +301,7 @@ class GroupNormConfig:
         on a GPU); elem_bytes: the size of an element of x."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
-                         1 if channels_last else 2, GN_LOOP_TILE_CHANNELS_LAST)
+                         2, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else 2)
 
     @classmethod
     def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
@@ -306,12 +311,13 @@ class GroupNormConfig:
         # 10 (triton 3.9) and 33 (3.6) one-pass tiles of the exhaustive grid; at 256, none.
         # Looped: x and dy are both re-read, twice the group's bytes in L2.
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256 if channels_last else 512,
-                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST)
+                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1)
 
     @classmethod
     def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll,
-              loop_tile_channels_last):
-        """group_bytes: the bytes of an element of the tensors the loops read (x; x and dy)."""
+              loop_tile_channels_last, normalize_unroll):
+        """group_bytes: the bytes of an element of the tensors the loops read (x; x and dy); unroll,
+        normalize_unroll: tiles an iteration of the looped statistics and normalize (dx) loops."""
         cg = c // groups
         block_cg = next_pow2(cg)
         block_s = next_pow2(s)
@@ -329,7 +335,9 @@ class GroupNormConfig:
             # at most one program an SM, their groups within GN_L2_BYTES, the same work each
             cap = max(1, min(sms, GN_L2_BYTES // (g * cg * s * group_bytes)))
             grid = -(-tasks // -(-tasks // cap))
-            in_flight = grid * min(loop_tile, g * block_cg * block_s) * group_bytes * unroll
+            tile_bytes = grid * min(loop_tile, g * block_cg * block_s) * group_bytes
+            # the two loops take turns, each at its own rate: their harmonic mean
+            in_flight = 2 / (1 / (tile_bytes * unroll) + 1 / (tile_bytes * normalize_unroll))
             reads = n * c * s * group_bytes  # x, or x and dy
             moved = reads + n * c * s * group_bytes // (2 if group_bytes > elem_bytes else 1)  # + y or dx
             reread = reads if reads > GN_L2_BYTES else 0
@@ -343,7 +351,7 @@ class GroupNormConfig:
         if wins:
             block_s = max(1, min(block_s, loop_tile // (loop_g * block_cg)))
             return cls(loop_g, block_cg, block_s, GN_LOOP_WARPS, False, 1, -(-s // block_s) * block_s, 1,
-                       grid, unroll)
+                       grid, unroll, normalize_unroll)
         loop_tile = GN_SPLIT_TILE_CHANNELS_LAST if channels_last else GN_SPLIT_TILE
         warps = GN_SPLIT_WARPS_CHANNELS_LAST if channels_last else LOOP_WARPS
         block_g = max(1, min(block_g, loop_tile // block_cg))

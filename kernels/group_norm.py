@@ -137,11 +137,9 @@ def _chunk_stats(X, base, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST
     m2 = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
     s_end = s_begin + n_tiles * BLOCK_S
     for i in range(0, n_tiles, UNROLL):
-        mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + i * BLOCK_S, s_end, i + 1, S, C,
-                                 CHANNELS_LAST, BLOCK_S, ACC)
-        if UNROLL == 2:  # the second tile is all masked past the chunk's end
-            mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + (i + 1) * BLOCK_S, s_end, i + 2,
-                                     S, C, CHANNELS_LAST, BLOCK_S, ACC)
+        for u in tl.static_range(UNROLL):  # tiles past the chunk's end are all masked
+            mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + (i + u) * BLOCK_S, s_end,
+                                     i + u + 1, S, C, CHANNELS_LAST, BLOCK_S, ACC)
     _, last = _tile(chan, cmask, s_begin + (n_tiles - 1) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
     count = tl.where(cmask[:, :, None], n_tiles - 1, 0).to(ACC) + last.to(ACC)
     total = _sum2(count)
@@ -221,6 +219,7 @@ def _group_norm_fwd_kernel(
     INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
+    NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
     ACC: tl.constexpr,
 ):
     """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
@@ -256,12 +255,11 @@ def _group_norm_fwd_kernel(
             tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
         else:
             shift = x0 + dmean
-            for i in range(0, n_tiles, UNROLL):  # backwards: the last tiles read are the likeliest in L2
-                _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s_begin + (n_tiles - 1 - i) * BLOCK_S,
-                                s_begin, S, C, ACT, CHANNELS_LAST, BLOCK_S, ACC)
-                if UNROLL == 2:  # all masked before the chunk's start
-                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s_begin + (n_tiles - 2 - i) * BLOCK_S,
-                                    s_begin, S, C, ACT, CHANNELS_LAST, BLOCK_S, ACC)
+            for i in range(0, n_tiles, NORM_UNROLL):  # backwards: the last tiles read are the likeliest in L2
+                for u in tl.static_range(NORM_UNROLL):  # all masked before the chunk's start
+                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, b,
+                                    s_begin + (n_tiles - 1 - i - u) * BLOCK_S, s_begin, S, C, ACT, CHANNELS_LAST,
+                                    BLOCK_S, ACC)
 
 
 @triton.jit
@@ -460,7 +458,7 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
         *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
         STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, SPLIT=split,
-        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, **tile)
+        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll, **tile)
     return y, mean, rstd
 
 
