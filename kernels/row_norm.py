@@ -231,6 +231,24 @@ def _add2(a1, a2, b1, b2):
 
 
 @triton.jit
+def _grad_pivot(x0_ptr, dy0_ptr, W, B, mean, rstd, mask, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    """g of a row's first element, computed as the tile computes it: LayerNorm's dx subtracts
+    mean(g) about it, so a constant g (a constant row's) gives exactly 0, not the rounding of
+    N * g / N times rstd (which can be large there)."""
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(W).to(ACC)
+    if HAS_B:
+        b = tl.load(B).to(ACC)
+    x0 = tl.load(x0_ptr, mask=mask, other=0.0).to(ACC)
+    dy0 = tl.load(dy0_ptr, mask=mask, other=0.0).to(ACC)
+    _, _, g0 = _row_norm_grad(x0, dy0, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+    return g0
+
+
+@triton.jit
 def _row_norm_bwd_kernel(
     DY, X,             # [M, N] output gradient, input (strided rows)
     W, B,              # [N] weight, bias
@@ -279,6 +297,10 @@ def _row_norm_bwd_kernel(
                 c1 = tl.sum(g * x_hat, 1) / N
                 dx = rstd * (g - x_hat * c1[:, None])
             else:
+                g0 = _grad_pivot(X + _row_offsets(rows, inner, sx_o, sx_i)[:, None],
+                                 DY + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None], W, B, mean, rstd,
+                                 row_mask[:, None], IS_RMS, HAS_W, HAS_B, ACT, ACC)
+                g = tl.where(mask, g - g0, 0.0)
                 c1, c2 = tl.reduce((g * x_hat, g), 1, _add2)
                 dx = rstd * (g - c2[:, None] / N - x_hat * (c1[:, None] / N))
             tl.store(DX + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -328,6 +350,9 @@ def _row_norm_bwd_looped_kernel(
             mean = tl.load(MEAN + row)
         c1 = 0.0
         c2 = 0.0
+        g0 = 0.0
+        if WANT_DX and not IS_RMS:
+            g0 = _grad_pivot(x_row, dy_row, W, B, mean, rstd, True, IS_RMS, HAS_W, HAS_B, ACT, ACC)
         if WANT_DX:
             s1 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
             s2 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
@@ -344,7 +369,7 @@ def _row_norm_bwd_looped_kernel(
                 dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
                 x_hat, dz, g = _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
                 s1 += tl.where(m, g * x_hat, 0.0)
-                s2 += tl.where(m, g, 0.0)
+                s2 += tl.where(m, g - g0, 0.0)
             if IS_RMS:
                 c1 = tl.sum(s1, 0) / N
             else:
@@ -371,7 +396,7 @@ def _row_norm_bwd_looped_kernel(
                 if IS_RMS:
                     dx = rstd * (g - x_hat * c1)
                 else:
-                    dx = rstd * (g - c2 - x_hat * c1)
+                    dx = rstd * ((g - g0) - c2 - x_hat * c1)
                 tl.store(DX + row * N + c, dx.to(DX.dtype.element_ty), mask=m)
             if WANT_DW:
                 acc = tl.load(part + c, mask=m & later, other=0.0, eviction_policy="evict_last")

@@ -221,6 +221,19 @@ def test_gradcheck(width):
                 assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("width", [7, 20000])
+def test_constant_row_gives_zero_dx(width):
+    """A constant row (zero variance: rstd = 1/sqrt(eps), ~316) under a constant gradient: dx is
+    exactly 0, as the math says, one-pass and looped. mean(g) is taken about the row's first g;
+    taken plainly, N * g / N rounds, and rstd magnified that to ~1e-4 (found by
+    tests/test_differential.py)."""
+    x = torch.full((3, width), 0.7, device=DEVICE, requires_grad=True)
+    dy = torch.full((3, width), 3.0123, device=DEVICE)
+    with normops.backend("triton"):
+        F.layer_norm(x, (width,), None, None, 1e-5).backward(dy)
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 def test_deterministic():
     """dW/dB are per-program partials summed in a fixed order: bitwise equal across runs."""
     x = _on(make((37, 300), torch.float32))
