@@ -231,6 +231,22 @@ def _add2(a1, a2, b1, b2):
 
 
 @triton.jit
+def _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """_row_norm_grad of the columns c (mask m) of a row of the looped backward: w and b kept in
+    cache (every row reads them), x and dy as EVICT says (pass 1 keeps them for pass 2)."""
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(W + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+    if HAS_B:
+        b = tl.load(B + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
+    x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy=EVICT).to(ACC)
+    dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy=EVICT).to(ACC)
+    return _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+
+
+@triton.jit
 def _grad_pivot(x0_ptr, dy0_ptr, W, B, mean, rstd, mask, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
                 HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
     """g of a row's first element, computed as the tile computes it: LayerNorm's dx subtracts
@@ -359,15 +375,8 @@ def _row_norm_bwd_looped_kernel(
             for start in range(0, N, 2 * BLOCK_N):
                 c = tl.max_contiguous(start + cols1, 4)  # as in pass 2 (see there)
                 m = c < N
-                w = 1.0
-                b = 0.0
-                if HAS_W:
-                    w = tl.load(W + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
-                if HAS_B:
-                    b = tl.load(B + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
-                x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
-                dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
-                x_hat, dz, g = _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+                x_hat, dz, g = _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS, HAS_W, HAS_B, ACT, ACC,
+                                           "evict_last")
                 s1 += tl.where(m, g * x_hat, 0.0)
                 s2 += tl.where(m, g - g0, 0.0)
             if IS_RMS:
@@ -383,15 +392,8 @@ def _row_norm_bwd_looped_kernel(
             # layouts, converted through shared memory (4 barriers an iteration, sm_90).
             c = tl.max_contiguous((n_blocks - 1 - i) * BLOCK_N + cols, 4)
             m = c < N
-            w = 1.0
-            b = 0.0
-            if HAS_W:
-                w = tl.load(W + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
-            if HAS_B:
-                b = tl.load(B + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
-            x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
-            dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
-            x_hat, dz, g = _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+            x_hat, dz, g = _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS, HAS_W, HAS_B, ACT, ACC,
+                                       "evict_first")
             if WANT_DX:
                 if IS_RMS:
                     dx = rstd * (g - x_hat * c1)

@@ -96,8 +96,11 @@ def test_compile_fullgraph():
     out = compiled(x, w, b, h, *stats_compiled)
     g_out = torch.autograd.grad(out.square().sum(), [x, w, b, h])
     torch.testing.assert_close(out, eager)
+    # an eager fp32 call with a fused activation runs ATen's norm and activation under torch's
+    # autograd (the CPU's "composed" route), the compiled graph the normops op: the same math,
+    # the weight gradients' sums in another order (differences ~6e-6 relative)
     for a, e in zip(g_out + tuple(stats_compiled), g_eager + tuple(stats_eager)):
-        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(a, e, rtol=2e-5, atol=1e-5)
 
 
 def test_compile_inductor_module():
