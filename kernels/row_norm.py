@@ -4,16 +4,18 @@ RMS vs LayerNorm, weight, bias, residual add and activation are ``tl.constexpr``
 forward algorithms are two kernels sharing their load (with the residual add) and affine +
 activation epilogue: ``_row_norm_fwd_kernel``, whole rows in registers (one pass), and
 ``_row_norm_fwd_looped_kernel``, wider rows in column blocks (two passes over each row). The
-backward is one kernel either way, that takes its per-row sums from a row-sums kernel when rows
-are wider than a block (``ONE_PASS`` off). ``RowNormConfig`` (config.py) picks.
+backward is two launches at any width: ``_row_norm_bwd_kernel`` (rows in registers) or
+``_row_norm_bwd_looped_kernel`` (wider rows, two passes over each, the second from L2), persistent
+programs that write per-program fp32 dW/dB partials, then ``_row_norm_param_grads_kernel``, which
+sums them in a fixed order into the parameters' dtype. ``RowNormConfig`` (config.py) picks.
 
 Math, per row of N elements (RMSNorm: mean = 0, var = mean(h^2)):
     forward    h = x + r (optional residual)      mean = p + sum(h - p) / N, p = h[0] (exact for a constant row)
                var = sum((h - mean)^2) / N         rstd = 1 / sqrt(var + eps)
                x_hat = (h - mean) * rstd           z = x_hat * w + b           y = act(z)
     backward   dz = dy * act'(z)                   g = dz * w
-               c1 = sum(g * x_hat) / N             c2 = sum(g) / N  (RMSNorm: 0)
-               dx = rstd * (g - c2 - x_hat * c1)
+               c1 = sum(g * x_hat) / N             c2 = g0 + sum(g - g0) / N, g0 = g[0] (RMSNorm: 0)
+               dx = rstd * (g - c2 - x_hat * c1)  (a constant row, x_hat = 0 and g constant: exactly 0)
                dw = sum over rows of dz * x_hat    db = sum over rows of dz
 The backward recomputes x_hat (and z) from x and the saved fp32 mean/rstd; nothing else is saved.
 
@@ -23,8 +25,9 @@ Bytes moved, for M rows of N elements of e bytes (the speed to expect is bytes /
     forward, looped         as one pass, plus a second read of x (or h): + M*N*e, from L2 when the
                             rows in flight fit there (persistent grid; see the kernel)
     backward, one pass      read x, dy: M*N*e each; write dx: M*N*e; dw, db partials: 4*G*N each,
-                            G = programs (~SMs), then one reduction over them
-    backward, looped        as one pass, plus a row-sums kernel reading x and dy: + 2*M*N*e
+                            G = programs (~SMs), then one reduction over them (the second launch)
+    backward, looped        as one pass, plus a second read of x and dy: + 2*M*N*e, from L2 (G is
+                            capped so the rows in flight and the partial rows fit there)
 Statistics and reductions accumulate in fp32 (fp64 for fp64 input); dw/db are per-program fp32
 partials summed afterwards in a fixed order: deterministic, no atomics.
 
