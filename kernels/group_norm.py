@@ -20,22 +20,30 @@ Math, per group (n, g):
                dx = rstd * (w[c] * dz - c2 - x_hat * c1)
                dw[c] = sum_n a[n, c]                             db[c] = sum_n b[n, c]
 
-Programs: one per (block of groups, spatial chunk, sample). When a program's groups fit in one
-tile (one pass) the whole computation stays in registers. Otherwise (too big a group, or too few
-groups to fill the GPU: a video VAE at N=1 has 32) each group's spatial axis is split into chunks:
-    forward    _group_norm_stats_kernel: (mean, M2) of each chunk; _group_norm_fwd_kernel: every
-               program combines its groups' chunks with Chan's formula (never E[x^2] - E[x]^2),
-               then normalizes its own chunk
-    backward   _group_norm_bwd_sums_kernel: a, b of each (sample, chunk, channel), totalled over
-               the chunks by torch; _group_norm_bwd_kernel: sums them per group, then writes dx
-dw and db are the chunk partials summed in torch in a fixed order: deterministic, no atomics.
+Three algorithms (GroupNormConfig, kernels/config.py, picks):
+    one pass   a program's groups fit in one tile: the whole computation stays in registers.
+    looped     one persistent program per group block (at most one an SM, the groups in flight
+               within L2): a statistics loop (Welford per lane, no reduction inside, lanes merged
+               with Chan's formula after), then a normalize (backward: dx) loop that re-reads the
+               group backwards, from L2. One launch forward.
+    split      too few groups to fill the GPU (a VAE or video at N=1 has 32): each group's
+               spatial axis is cut into chunks.
+               forward   _group_norm_stats_kernel: (mean, M2) of each chunk; _group_norm_fwd_kernel:
+                         every program combines its groups' chunks with Chan's formula (never
+                         E[x^2] - E[x]^2), then normalizes its own chunk
+               backward  _group_norm_bwd_sums_kernel: a, b of each (sample, chunk, channel);
+                         _group_norm_bwd_kernel totals them per group in a fixed order, writes dx
+dw and db: the per-program partials summed in a fixed order by _group_norm_param_grads_kernel, in
+the parameters' dtype (the backward's one glue launch): deterministic, no atomics.
 
 Bytes moved, for x of T elements of e bytes:
     forward, one pass      read x: T*e; write y: T*e; mean, rstd: 4*N*G each when a gradient is due
     forward, split         + a second read of x: T*e, from L2 when the tensor fits there (the
                            normalize pass walks the tensor backwards, starting where the statistics
                            pass ended); partials: 8*N*G*split
+    forward, looped        + a second read of x: T*e, from L2 (the groups in flight fit there)
     backward, one pass     read x, dy: T*e each; write dx: T*e; partials a, b: 8*N*C
+    backward, looped       + a second read of x and dy: 2*T*e, from L2
     backward, split        + a second read of x and dy: 2*T*e (L2 as above); partials: 8*N*C*split
 """
 import math
