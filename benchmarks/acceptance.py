@@ -41,6 +41,7 @@ import time
 import torch
 
 from normops import bench
+from normops.core import case_id
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository: tests/ and benchmarks/results/
@@ -396,14 +397,13 @@ def calibration(out, results):
     for r in results.values():
         if r.get("provider") != "normops" or "gbps" not in r:
             continue
-        shape = "x".join(map(str, r["shape"])) + ("" if r["layout"] == "contiguous" else f"-{r['layout']}")
-        stem = f"{r['op']}-{shape}-{r['dtype']}"
-        parts = [predicted.get(f"{stem}-{p}") for p in r["pass"].split("+")]
+        name = lambda pas: case_id(r["op"], r["shape"], r["layout"], r["dtype"], pas)  # noqa: E731
+        parts = [predicted.get(name(p)) for p in r["pass"].split("+")]  # fwd+bwd: both predictions
         if not all(parts):
             continue
         us = sum(p["predicted_us"] for p in parts)
         pct = 100 * r["bytes"] / (us * 1e-6) / (peak * 1e9)
-        lines.append(f"| {stem}-{r['pass']} | {100 * r['gbps'] / peak:.1f} | {pct:.1f} | {1e3 * r['median_ms']:.1f} "
+        lines.append(f"| {name(r['pass'])} | {100 * r['gbps'] / peak:.1f} | {pct:.1f} | {1e3 * r['median_ms']:.1f} "
                      f"| {us:.1f} | {1e3 * r['median_ms'] / us:.2f} |")
     with open(os.path.join(out, "calibration.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

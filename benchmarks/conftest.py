@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from normops import bench
+from normops.core import case_id
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,8 +50,7 @@ class Case:
     @property
     def group(self):
         """What the providers are compared on: everything but the provider."""
-        shape = "x".join(map(str, self.shape)) + ("" if self.layout == "contiguous" else f"-{self.layout}")
-        return f"{self.op}-{shape}-{str(self.dtype).replace('torch.', '')}-{self.pas}"
+        return case_id(self.op, self.shape, self.layout, self.dtype, self.pas)
 
     @property
     def id(self):

@@ -55,6 +55,7 @@ import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -68,6 +69,8 @@ import triton  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+from normops.core import case_id  # noqa: E402
 
 from . import anchors, batch_norm, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
@@ -166,8 +169,7 @@ class Case:
 
     @property
     def id(self):
-        shape = "x".join(map(str, self.shape)) + ("" if self.layout == "contiguous" else f"-{self.layout}")
-        return f"{self.op}-{shape}-{str(self.dtype).replace('torch.', '')}-{self.pas}"
+        return case_id(self.op, self.shape, self.layout, self.dtype, self.pas)
 
     @property
     def elem(self):
@@ -212,12 +214,7 @@ def benchmark_cases(acceptance=False):
 
 
 def _product(ops, shapes, layouts):
-    for op in ops:
-        for shape in shapes:
-            for layout in layouts:
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    for pas in ("fwd", "bwd"):
-                        yield op, shape, layout, dtype, pas
+    return itertools.product(ops, shapes, layouts, (torch.float32, torch.bfloat16, torch.float16), ("fwd", "bwd"))
 
 
 # --- running a case's launchers on meta tensors ----------------------------------------------

@@ -236,8 +236,11 @@ def _add2(a1, a2, b1, b2):
 @triton.jit
 def _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
                 HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
-    """_row_norm_grad of the columns c (mask m) of a row of the looped backward: w and b kept in
-    cache (every row reads them), x and dy as EVICT says (pass 1 keeps them for pass 2)."""
+    """_row_norm_grad of the columns c (mask m) of a row: w and b kept in cache (every row reads
+    them), x and dy as EVICT says (the looped backward's pass 1 keeps them for pass 2). At column 0
+    it is the pivot g0 of LayerNorm's dx, computed as the tile computes it: mean(g) is taken about
+    it, so a constant g (a constant row's) gives exactly 0, not the rounding of N * g / N times
+    rstd (which can be large there)."""
     w = 1.0
     b = 0.0
     if HAS_W:
@@ -247,24 +250,6 @@ def _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS: tl.constexpr, HAS
     x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy=EVICT).to(ACC)
     dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy=EVICT).to(ACC)
     return _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
-
-
-@triton.jit
-def _grad_pivot(x0_ptr, dy0_ptr, W, B, mean, rstd, mask, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
-    """g of a row's first element, computed as the tile computes it: LayerNorm's dx subtracts
-    mean(g) about it, so a constant g (a constant row's) gives exactly 0, not the rounding of
-    N * g / N times rstd (which can be large there)."""
-    w = 1.0
-    b = 0.0
-    if HAS_W:
-        w = tl.load(W).to(ACC)
-    if HAS_B:
-        b = tl.load(B).to(ACC)
-    x0 = tl.load(x0_ptr, mask=mask, other=0.0).to(ACC)
-    dy0 = tl.load(dy0_ptr, mask=mask, other=0.0).to(ACC)
-    _, _, g0 = _row_norm_grad(x0, dy0, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
-    return g0
 
 
 @triton.jit
@@ -302,8 +287,10 @@ def _row_norm_bwd_kernel(
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
         if HAS_B:
             b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-        x = tl.load(X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None] + cols[None, :], mask=mask, other=0.0)
+        x_rows = X + _row_offsets(rows, inner, sx_o, sx_i)[:, None]
+        dy_rows = DY + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         mean = 0.0
         if not IS_RMS:
@@ -316,9 +303,9 @@ def _row_norm_bwd_kernel(
                 c1 = tl.sum(g * x_hat, 1) / N
                 dx = rstd * (g - x_hat * c1[:, None])
             else:
-                g0 = _grad_pivot(X + _row_offsets(rows, inner, sx_o, sx_i)[:, None],
-                                 DY + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None], W, B, mean, rstd,
-                                 row_mask[:, None], IS_RMS, HAS_W, HAS_B, ACT, ACC)
+                first = tl.zeros((BLOCK_M, 1), dtype=tl.int32)  # column 0 of each row: the pivot
+                _, _, g0 = _grad_block(x_rows, dy_rows, W, B, first, row_mask[:, None], mean, rstd, IS_RMS, HAS_W,
+                                       HAS_B, ACT, ACC, "evict_last")
                 g = tl.where(mask, g - g0, 0.0)
                 c1, c2 = tl.reduce((g * x_hat, g), 1, _add2)
                 dx = rstd * (g - c2[:, None] / N - x_hat * (c1[:, None] / N))
@@ -371,7 +358,8 @@ def _row_norm_bwd_looped_kernel(
         c2 = 0.0
         g0 = 0.0
         if WANT_DX and not IS_RMS:
-            g0 = _grad_pivot(x_row, dy_row, W, B, mean, rstd, True, IS_RMS, HAS_W, HAS_B, ACT, ACC)
+            _, _, g0 = _grad_block(x_row, dy_row, W, B, 0, True, mean, rstd, IS_RMS, HAS_W, HAS_B, ACT, ACC,
+                                   "evict_last")
         if WANT_DX:
             s1 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
             s2 = tl.zeros((2 * BLOCK_N,), dtype=ACC)

@@ -7,6 +7,8 @@ nothing of normops, so anything (``normops.kernels`` included) may import it.
   product of that forward and the ``torch.nn`` module that computes the same function. The order
   is the kernels' numbering (``normops.kernels.common``); the NumPy backend keys its own on the names.
 - ``ShapeError``, ``DtypeError``: the errors bad input raises, besides the builtin ones.
+- ``case_id``: the name of a benchmark case, which the suites, the roofline
+  (``normops.kernels.roofline``) and the GPU acceptance run's calibration share.
 """
 import dataclasses
 from typing import Callable
@@ -92,6 +94,13 @@ def activate(z, activation):
 def activation_backward(dy, z, activation):
     """dy * act'(z), with ATen's own backward kernels."""
     return ACTIVATIONS[activation].backward(dy, z)
+
+
+def case_id(op, shape, layout, dtype, pas):
+    """"<op>-<shape>[-<layout>]-<dtype>-<pass>" of a benchmark case (``dtype``: a torch dtype or
+    its name): the pytest-benchmark suites' group, the roofline's case, the calibration's row."""
+    shape = "x".join(map(str, shape)) + ("" if layout == "contiguous" else f"-{layout}")
+    return f"{op}-{shape}-{str(dtype).replace('torch.', '')}-{pas}"
 
 
 # --- errors -------------------------------------------------------------------------------------

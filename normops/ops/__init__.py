@@ -14,13 +14,13 @@ implementation compute a call, and why: asked once per call, by ``normops.functi
 op when it runs, and by ``normops.inspect``), the eager fast path, the absent-output helpers, the
 double-backward machinery, and the torch.func routing (``transformed``, ``in_torch``).
 
-The ops are functional (they never write their inputs), but for one: running statistics are
-updated afterwards by ``update_running_stats``, except where a training ``batch_norm`` runs on the
-Triton kernels, which update them inside their finalize launch (one launch, not a dozen; the
-kernels check every buffer before the first launch, so a call that fails leaves them as they were). Meta and
-fake tensors get the ``register_fake`` kernels, which is what ``torch.export`` traces, and
-``torch.compile`` too, except for a CUDA call the Triton kernels compute: that one it traces into the
-kernels' launches (``traced_into``).
+The ops are functional (they never write their inputs). Running statistics are updated afterwards
+by ``update_running_stats``, except where an eager training ``batch_norm`` runs on the Triton
+kernels, which update them inside their finalize launch (one launch, not a dozen; the kernels check
+every buffer before the first launch, so a call that fails leaves them as they were). Meta and fake
+tensors get the ``register_fake`` kernels, which is what ``torch.export`` traces, and
+``torch.compile`` too, except for a CUDA call the Triton kernels compute: that one it traces into
+the kernels' launches (``traced_into``).
 
 Autograd: the forward ops save fp32 statistics (only when a gradient is needed: the caller passes
 ``need_stats``) and their backward is the ``*_backward`` op. Those are differentiable too (torch.nn
