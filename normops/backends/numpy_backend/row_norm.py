@@ -146,7 +146,7 @@ def row_norm_forward(x, normalized_shape, weight, bias, eps, rms, activation, *,
     u = x * s if gate is not None and not norm_before_gate else x
     shape = _row_shape(normalized_shape, group_size)
     uv = _grouped(u, normalized_shape, shape)
-    axes = _row_axes(uv, shape)
+    axes = _row_axes(uv, normalized_shape)  # grouped (normalized_shape one dim): the group
     mean, var = moments(uv, axes, rms)
     rstd = rstd_of(var, eps)
     y = normalize_forward(uv, axes, mean, rstd, _grouped(_scale(weight, offset), normalized_shape, shape),
@@ -166,7 +166,7 @@ def row_norm_backward(dy, x, normalized_shape, mean, rstd, weight, bias, activat
     u = x * s if gate_first else x
     shape = _row_shape(normalized_shape, group_size)
     uv = _grouped(u, normalized_shape, shape)
-    axes = _row_axes(uv, shape)
+    axes = _row_axes(uv, normalized_shape)  # grouped (normalized_shape one dim): the group
     keep = uv.shape[:uv.ndim - len(axes)] + (1,) * len(axes)  # the stats back on the row's axes
     mean = None if mean is None else mean.reshape(keep)
     rstd = rstd.reshape(keep)
