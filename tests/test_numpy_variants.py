@@ -43,7 +43,8 @@ def _ulp(ref, dtype):
     """The spacing of ``dtype`` at each value of ref (subnormals: the smallest spacing)."""
     info = torch.finfo(dtype)
     _, e = torch.frexp(ref.double().abs())
-    return torch.ldexp(torch.full_like(ref, info.eps, dtype=torch.float64), e - 1).clamp_min(info.smallest_normal * info.eps)
+    ulp = torch.ldexp(torch.full_like(ref, info.eps, dtype=torch.float64), e - 1)  # |ref| in [2^(e-1), 2^e)
+    return ulp.clamp_min(info.smallest_normal * info.eps)
 
 
 def assert_within_ulp(ours, ref, ulps=1, exact=0.99):
