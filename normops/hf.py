@@ -163,9 +163,9 @@ LLAMA = Convention("llama", _llama, _rms_weight)
 GEMMA = Convention("gemma", _gemma, _rms_weight)
 FP32 = Convention("fp32", _fp32, _rms_weight)
 T5 = Convention("t5", _t5, _rms_weight)
-GATE_FIRST = Convention("gated, gate before norm", _gate_first,
+GATE_FIRST = Convention("mamba2-gated", _gate_first,
                         lambda m: _gated_check(m) or _group_check(m), gated=True)
-NORM_FIRST = Convention("gated, norm before gate", _norm_first, _gated_check, gated=True)
+NORM_FIRST = Convention("qwen3next-gated", _norm_first, _gated_check, gated=True)
 CONVNEXT = Convention("convnext", _convnext, _convnext_check)
 CONVENTIONS = (LLAMA, GEMMA, FP32, T5, GATE_FIRST, NORM_FIRST, CONVNEXT)
 
@@ -315,18 +315,20 @@ def plan(module, memo=None) -> Tuple[Optional[type], str]:
            getattr(module, "group_size", None), getattr(module, "data_format", None))
     if memo is not None and key in memo:
         return memo[key]
-    accepted, reasons = [], []
+    accepted, reasons = [], {}
     for convention in found:
         ok, differ, why = probe(module, convention)
         if ok:
             accepted.append((differ, len(accepted), convention))
         else:
-            reasons.append(f"{convention.name}: {why}" if len(found) > 1 else why)
+            reasons[convention.name] = why
     if accepted:
         convention = min(accepted, key=lambda a: a[:2])[2]
         out = twin_class(type(module), convention), convention.name
+    elif len(set(reasons.values())) == 1:  # one structural reason, whatever the convention
+        out = None, next(iter(reasons.values()))
     else:
-        out = None, "; ".join(reasons)
+        out = None, "; ".join(f"{name}: {why}" for name, why in reasons.items())
     if memo is not None:
         memo[key] = out
     return out
