@@ -85,82 +85,125 @@ def _store_stats(MEAN, RSTD, rows, mean, rstd, mask, IS_RMS: tl.constexpr, STORE
 
 
 @triton.jit
-def _affine_act_store(x_hat, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      ACT: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
-    """y = act(x_hat * w + b) stored at Y + y_offs; w and b are read at cols (x_hat's last dim)."""
+def _gate(Z, offs, mask, HAS_GATE: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """(gate, silu(gate)) at Z + offs, or (0, 1) without a gate."""
+    gz = 0.0
+    sg = 1.0
+    if HAS_GATE:
+        gz = tl.load(Z + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
+        sg = act(gz, 2)
+    return gz, sg
+
+
+@triton.jit
+def _affine(x_hat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr,
+            PROD: tl.constexpr, ACC: tl.constexpr):
+    """(x_hat as the casting mode rounds it, z = x_hat * (offset + w) + b as rounded before a gate)."""
+    x_hat = x_hat.to(XHAT).to(ACC)  # XHAT == ACC: no rounding (compiled away)
     z = x_hat
     if HAS_W:
-        z = z * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+        if W_OFFSET != 0.0:  # a constexpr: adding 0.0 is not free (x + 0.0 is not x for x = -0.0)
+            w = w + W_OFFSET
+        z = z * w
     if HAS_B:
-        z = z + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+        z = z + b
+    return x_hat, z.to(PROD).to(ACC)
+
+
+@triton.jit
+def _affine_act_store(x_hat, sg, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACT: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
+                      GATE_AFTER: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """y = act(x_hat * (offset + w) + b) (times silu(gate) when GATE_AFTER) stored at Y + y_offs; w and
+    b are read at cols (x_hat's last dim)."""
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    if HAS_B:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+    _, z = _affine(x_hat, w, b, HAS_W, HAS_B, W_OFFSET, XHAT, PROD, ACC)
+    if GATE_AFTER:
+        z = z * sg
     tl.store(Y + y_offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
 def _row_norm_fwd_kernel(
-    X, R, Y, H,        # [M, N] input, residual (strided rows); output y, h = x + r (contiguous)
-    W, B,              # [N] weight, bias
-    MEAN, RSTD,        # [M] fp32 statistics, written when STORE_STATS
-    M, N, inner,       # rows, columns; rows are (outer, inner) pairs, see the module docstring
+    X, R, Y, H, Z,     # input, residual (strided rows); output y, h = x + r; gate (y's layout)
+    W, B,              # [G * N] weight, bias
+    MEAN, RSTD,        # [M, G] fp32 statistics, written when STORE_STATS
+    M, N, inner,       # rows, columns of a group; rows are (outer, inner) pairs, see the module docstring
     sx_o, sx_i,        # row strides of X
     sr_o, sr_i,        # row strides of R
     eps,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-    ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+    ACT: tl.constexpr, STORE_STATS: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One pass, rows up to BLOCK_N wide: BLOCK_M whole rows in registers, one read of x (and r),
-    one write of y (and h)."""
+    """One pass, rows up to BLOCK_N wide: BLOCK_M whole rows (of group program_id(1)) in registers,
+    one read of x (and r, gate), one write of y (and h)."""
     pid = tl.program_id(0)
+    col0 = tl.program_id(1) * N  # the group's first column
     cols = tl.arange(0, BLOCK_N)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x_ptrs = X + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :]
-    out_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x_ptrs = X + col0 + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :]
+    out_offs = rows.to(tl.int64)[:, None] * (N * tl.num_programs(1)) + col0 + cols[None, :]
     x = _add_residual(tl.load(x_ptrs, mask=mask, other=0.0),
-                      R + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], H + out_offs, mask,
+                      R + col0 + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], H + out_offs, mask,
                       HAS_R, ACC, "")
+    _, sg = _gate(Z, out_offs, mask, HAS_GATE, ACC, "")
+    if GATE_FIRST:
+        x = x * sg
     mean = 0.0  # RMSNorm has none (and stores none)
     if IS_RMS:
         xc = x
     else:
-        pivot = _pivot(X + _row_offsets(rows, inner, sx_o, sx_i), R + _row_offsets(rows, inner, sr_o, sr_i), H,
-                       rows < M, HAS_R, ACC)
+        pivot = _pivot(X + col0 + _row_offsets(rows, inner, sx_o, sx_i), R + col0 + _row_offsets(rows, inner, sr_o, sr_i),
+                       H, rows < M, HAS_R, ACC)
         xs = tl.where(mask, x - pivot[:, None], 0.0)
         mean_s = tl.sum(xs, 1) / N  # the mean about the pivot
         xc = tl.where(mask, xs - mean_s[:, None], 0.0)
         mean = pivot + mean_s
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
-    _affine_act_store(xc * rstd[:, None], Y, out_offs, mask, W, B, cols, cols < N, HAS_W, HAS_B, ACT, ACC, "")
-    _store_stats(MEAN, RSTD, rows, mean, rstd, rows < M, IS_RMS, STORE_STATS)
+    _affine_act_store(xc * rstd[:, None], sg, Y, out_offs, mask, W + col0, B + col0, cols, cols < N, HAS_W, HAS_B,
+                      ACT, W_OFFSET, XHAT, PROD, HAS_GATE and not GATE_FIRST, ACC, "")
+    _store_stats(MEAN, RSTD, rows * tl.num_programs(1) + tl.program_id(1), mean, rstd, rows < M, IS_RMS,
+                 STORE_STATS)
 
 
 @triton.jit
 def _row_norm_fwd_looped_kernel(
-    X, R, Y, H,        # [M, N] input, residual (strided rows); output y, h = x + r (contiguous, read back)
-    W, B,              # [N] weight, bias
-    MEAN, RSTD,        # [M] fp32 statistics, written when STORE_STATS
-    M, N, inner,       # rows (program p takes p, p + programs, ...), columns; (outer, inner) pairs
+    X, R, Y, H, Z,     # input, residual (strided rows); output y, h = x + r (read back); gate (y's layout)
+    W, B,              # [G * N] weight, bias
+    MEAN, RSTD,        # [M, G] fp32 statistics, written when STORE_STATS
+    M, N, inner,       # rows (program p takes p, p + programs, ...), columns of a group; (outer, inner) pairs
     sx_o, sx_i,        # row strides of X
     sr_o, sr_i,        # row strides of R
     eps,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-    ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+    ACT: tl.constexpr, STORE_STATS: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """Rows wider than a block, one at a time over a persistent grid of a few programs per SM:
     pass 1 keeps Welford's (mean, M2) per lane (stable, unlike sum(x^2) - sum(x)^2), merged with
     Chan's formula after the loop, pass 2 normalizes. Pass 2 walks the blocks backwards and pass 1 asks the
     cache to keep what it loads, so the second read of a row mostly hits L2: the rows in flight
-    (programs x N x e bytes) are sized to fit in it."""
+    (programs x N x e bytes) are sized to fit in it. A gate is read in both passes (the second from L2)."""
     pid = tl.program_id(0)
+    n_grp = tl.num_programs(1)
+    col0 = tl.program_id(1) * N  # the group's first column
     cols = tl.arange(0, BLOCK_N)
     n_blocks = tl.cdiv(N, BLOCK_N)
     n_prog = tl.num_programs(0)
     for it in range(0, tl.cdiv(M - pid, n_prog)):
         row = pid.to(tl.int64) + it * n_prog
-        x_row = X + _row_offsets(row, inner, sx_o, sx_i)
-        r_row = R + _row_offsets(row, inner, sr_o, sr_i)
+        x_row = X + col0 + _row_offsets(row, inner, sx_o, sx_i)
+        r_row = R + col0 + _row_offsets(row, inner, sr_o, sr_i)
+        out_row = row * N * n_grp + col0
         # Per lane: the running sum of squares (RMSNorm), or Welford's running mean and M2 about
         # the pivot (LayerNorm; only the last block is partial, so a valid lane's count at block i
         # is i + 1). No reduction in the loop, so no barrier: the next block's loads issue at once.
@@ -172,7 +215,9 @@ def _row_norm_fwd_looped_kernel(
         for i in range(0, n_blocks):
             c = i * BLOCK_N + cols
             x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last")
-            x = _add_residual(x, r_row + c, H + row * N + c, c < N, HAS_R, ACC, "evict_last")
+            x = _add_residual(x, r_row + c, H + out_row + c, c < N, HAS_R, ACC, "evict_last")
+            if GATE_FIRST:
+                x = x * _gate(Z, out_row + c, c < N, HAS_GATE, ACC, "evict_last")[1]
             if IS_RMS:
                 lane_m2 += x * x
             else:
@@ -188,44 +233,74 @@ def _row_norm_fwd_looped_kernel(
             d = lane_mean - mean
             m2 = tl.sum(lane_m2 + count * d * d, 0)
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        _store_stats(MEAN, RSTD, row, pivot + mean, rstd, None, IS_RMS, STORE_STATS)
+        _store_stats(MEAN, RSTD, row * n_grp + tl.program_id(1), pivot + mean, rstd, None, IS_RMS, STORE_STATS)
         if HAS_R:
             tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
         for i in range(0, n_blocks):
             c = (n_blocks - 1 - i) * BLOCK_N + cols  # backwards: the last blocks loaded are in cache
             if HAS_R:
-                x = tl.load(H + row * N + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
+                x = tl.load(H + out_row + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
             else:
                 x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_first").to(ACC)
+            _, sg = _gate(Z, out_row + c, c < N, HAS_GATE, ACC, "evict_first")
+            if GATE_FIRST:
+                x = x * sg
             if IS_RMS:
                 x_hat = x * rstd
             else:
                 x_hat = ((x - pivot) - mean) * rstd
-            _affine_act_store(x_hat, Y + row * N, c, c < N, W, B, c, c < N, HAS_W, HAS_B, ACT, ACC, "evict_first")
+            _affine_act_store(x_hat, sg, Y + out_row, c, c < N, W + col0, B + col0, c, c < N, HAS_W, HAS_B, ACT,
+                              W_OFFSET, XHAT, PROD, HAS_GATE and not GATE_FIRST, ACC, "evict_first")
         if HAS_R:
             tl.debug_barrier()  # the next row's pass 1 must not overtake this pass 2 in h
 
 
 @triton.jit
-def _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   ACT: tl.constexpr):
-    """x_hat, dz = dy * act'(z) and g = dz * w for a block (fp32; mean/rstd broadcast already)."""
+def _row_norm_grad(x, dy, gz, mean, rstd, w, b, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   ACT: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
+                   HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr, ACC: tl.constexpr):
+    """For a block (fp32; mean/rstd broadcast already): x_hat, x_hat as the casting mode rounds it
+    (dw's factor: the forward multiplied that), dz (the gradient reaching x_hat * (offset + w) + b),
+    g = dz * (offset + w), and the gate's gradient when the gate comes after the norm. Roundings
+    are straight-through. With GATE_FIRST, x_hat is that of u = x * silu(gate): the caller turns
+    du into dx and dgate."""
+    sg = 1.0
+    if HAS_GATE:
+        sg = act(gz, 2)
+    if GATE_FIRST:
+        x = x * sg
     if IS_RMS:
         x_hat = x * rstd
     else:
         x_hat = (x - mean) * rstd
+    x_r, z = _affine(x_hat, w, b, HAS_W, HAS_B, W_OFFSET, XHAT, PROD, ACC)
+    gate_after: tl.constexpr = HAS_GATE and not GATE_FIRST
     dz = dy
     if ACT != 0:
-        z = x_hat
-        if HAS_W:
-            z = z * w
-        if HAS_B:
-            z = z + b
-        dz = dy * act_grad(z, ACT)
+        zg = z
+        if gate_after:
+            zg = z * sg
+        dz = dy * act_grad(zg, ACT)
+    dgate = 0.0
+    if gate_after:
+        dgate = dz * z * act_grad(gz, 2)
+        dz = dz * sg
     g = dz
     if HAS_W:
+        if W_OFFSET != 0.0:
+            w = w + W_OFFSET
         g = dz * w
-    return x_hat, dz, g
+    return x_hat, x_r, dz, g, dgate
+
+
+@triton.jit
+def _gate_first_grads(du, x, gz, GATE_FIRST: tl.constexpr):
+    """(dx, dgate) from du, the gradient of u = x * silu(gate) when the gate comes first; else (du, 0)."""
+    dgate = 0.0
+    if GATE_FIRST:
+        dgate = du * x * act_grad(gz, 2)
+        du = du * act(gz, 2)
+    return du, dgate
 
 
 @triton.jit
@@ -234,13 +309,15 @@ def _add2(a1, a2, b1, b2):
 
 
 @triton.jit
-def _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
-    """_row_norm_grad of the columns c (mask m) of a row: w and b kept in cache (every row reads
-    them), x and dy as EVICT says (the looped backward's pass 1 keeps them for pass 2). At column 0
-    it is the pivot g0 of LayerNorm's dx, computed as the tile computes it: mean(g) is taken about
-    it, so a constant g (a constant row's) gives exactly 0, not the rounding of N * g / N times
-    rstd (which can be large there)."""
+def _grad_block(x_row, dy_row, z_row, W, B, c, m, mean, rstd, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, ACT: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr,
+                PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr, ACC: tl.constexpr,
+                EVICT: tl.constexpr):
+    """_row_norm_grad of the columns c (mask m) of a row, and the x and gate it read: w and b kept in
+    cache (every row reads them), x, dy and the gate as EVICT says (the looped backward's pass 1
+    keeps them for pass 2). At column 0 it is the pivot g0 of LayerNorm's dx, computed as the tile
+    computes it: mean(g) is taken about it, so a constant g (a constant row's) gives exactly 0, not
+    the rounding of N * g / N times rstd (which can be large there)."""
     w = 1.0
     b = 0.0
     if HAS_W:
@@ -249,29 +326,36 @@ def _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS: tl.constexpr, HAS
         b = tl.load(B + c, mask=m, other=0.0, eviction_policy="evict_last").to(ACC)
     x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy=EVICT).to(ACC)
     dy = tl.load(dy_row + c, mask=m, other=0.0, eviction_policy=EVICT).to(ACC)
-    return _row_norm_grad(x, dy, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+    gz, _ = _gate(z_row, c, m, HAS_GATE, ACC, EVICT)
+    x_hat, x_r, dz, g, dgate = _row_norm_grad(x, dy, gz, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT, W_OFFSET,
+                                              XHAT, PROD, HAS_GATE, GATE_FIRST, ACC)
+    return x_hat, x_r, dz, g, dgate, x, gz
 
 
 @triton.jit
 def _row_norm_bwd_kernel(
-    DY, X,             # [M, N] output gradient, input (strided rows)
-    W, B,              # [N] weight, bias
-    MEAN, RSTD,        # [M] saved statistics
-    DX,                # [M, N] out, contiguous
-    PART,              # [G, K, N] out: fp32 partial dw (PART[:, 0]) then db, K = WANT_DW + WANT_DB, a row per program
+    DY, X, Z,          # output gradient, input (strided rows); gate (dx's layout)
+    W, B,              # [G * N] weight, bias
+    MEAN, RSTD,        # [M, G] saved statistics
+    DX, DG,            # out: dx, dgate (contiguous)
+    PART,              # [G, P, K, N] out: fp32 partial dw ([.., 0, :]) then db, K = WANT_DW + WANT_DB, per program
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One pass, rows up to BLOCK_N wide, over a persistent grid of G programs: program p takes the
-    blocks of BLOCK_M rows p, p + G, ... (one row at 1K and wider). dw/db accumulate elementwise in
-    a [BLOCK_M, BLOCK_N] tile, summed over its rows once at the end: the loop body's only
-    cross-warp reduction is the two row sums of dx, taken together (one shared-memory round)."""
+    """One pass, rows up to BLOCK_N wide, over a persistent grid of P programs (per group): program
+    p takes the blocks of BLOCK_M rows p, p + P, ... (one row at 1K and wider). dw/db accumulate
+    elementwise in a [BLOCK_M, BLOCK_N] tile, summed over its rows once at the end: the loop body's
+    only cross-warp reduction is the two row sums of dx, taken together (one shared-memory round)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    n_grp = tl.num_programs(1)
+    col0 = tl.program_id(1) * N  # the group's first column
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    need_du: tl.constexpr = WANT_DX or (WANT_DG and GATE_FIRST)
     dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     db = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for rb in range(pid, tl.cdiv(M, BLOCK_M), n_prog):
@@ -284,37 +368,49 @@ def _row_norm_bwd_kernel(
         w = 1.0
         b = 0.0
         if HAS_W:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            w = tl.load(W + col0 + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
         if HAS_B:
-            b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-        x_rows = X + _row_offsets(rows, inner, sx_o, sx_i)[:, None]
-        dy_rows = DY + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None]
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+            b = tl.load(B + col0 + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        x_rows = X + col0 + _row_offsets(rows, inner, sx_o, sx_i)[:, None]
+        dy_rows = DY + col0 + _row_offsets(rows, inner, sdy_o, sdy_i)[:, None]
+        out_rows = rows.to(tl.int64)[:, None] * (N * n_grp) + col0
+        out_offs = out_rows + cols[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        gz, _ = _gate(Z, out_offs, mask, HAS_GATE, ACC, "")
+        stat_rows = rows * n_grp + tl.program_id(1)
+        rstd = tl.load(RSTD + stat_rows, mask=row_mask, other=0.0)[:, None]
         mean = 0.0
         if not IS_RMS:
-            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
-        x_hat, dz, g = _row_norm_grad(x.to(ACC), dy.to(ACC), mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT)
+            mean = tl.load(MEAN + stat_rows, mask=row_mask, other=0.0)[:, None]
+        x_hat, x_r, dz, g, dgate = _row_norm_grad(x, dy.to(ACC), gz, mean, rstd, w, b, IS_RMS, HAS_W, HAS_B, ACT,
+                                                  W_OFFSET, XHAT, PROD, HAS_GATE, GATE_FIRST, ACC)
         x_hat = tl.where(mask, x_hat, 0.0)
-        if WANT_DX:
+        if need_du:
             g = tl.where(mask, g, 0.0)
             if IS_RMS:
                 c1 = tl.sum(g * x_hat, 1) / N
-                dx = rstd * (g - x_hat * c1[:, None])
+                du = rstd * (g - x_hat * c1[:, None])
             else:
                 first = tl.zeros((BLOCK_M, 1), dtype=tl.int32)  # column 0 of each row: the pivot
-                _, _, g0 = _grad_block(x_rows, dy_rows, W, B, first, row_mask[:, None], mean, rstd, IS_RMS, HAS_W,
-                                       HAS_B, ACT, ACC, "evict_last")
+                _, _, _, g0, _, _, _ = _grad_block(x_rows, dy_rows, Z + out_rows, W + col0, B + col0, first, row_mask[:, None], mean, rstd, IS_RMS, HAS_W,
+                                                   HAS_B, ACT, W_OFFSET, XHAT, PROD, HAS_GATE, GATE_FIRST, ACC,
+                                                   "evict_last")
                 g = tl.where(mask, g - g0, 0.0)
                 c1, c2 = tl.reduce((g * x_hat, g), 1, _add2)
-                dx = rstd * (g - c2[:, None] / N - x_hat * (c1[:, None] / N))
-            tl.store(DX + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                du = rstd * (g - c2[:, None] / N - x_hat * (c1[:, None] / N))
+            dx, dg_first = _gate_first_grads(du, x, gz, GATE_FIRST)
+            if GATE_FIRST:
+                dgate = dg_first
+            if WANT_DX:
+                tl.store(DX + out_offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if WANT_DG:
+            tl.store(DG + out_offs, dgate.to(DG.dtype.element_ty), mask=mask)
         if WANT_DW:
-            dw += dz * x_hat
+            dw += dz * tl.where(mask, x_r, 0.0)
         if WANT_DB:
             db += tl.where(mask, dz, 0.0)
-    part = PART + pid.to(tl.int64) * (WANT_DW + WANT_DB) * N + cols
+    part = PART + (tl.program_id(1) * n_prog + pid).to(tl.int64) * (WANT_DW + WANT_DB) * N + cols
     if WANT_DW:
         tl.store(part, tl.sum(dw, 0), mask=col_mask)
     if WANT_DB:
@@ -323,51 +419,60 @@ def _row_norm_bwd_kernel(
 
 @triton.jit
 def _row_norm_bwd_looped_kernel(
-    DY, X,             # [M, N] output gradient, input (strided rows)
-    W, B,              # [N] weight, bias
-    MEAN, RSTD,        # [M] saved statistics
-    DX,                # [M, N] out, contiguous
-    PART,              # [G, K, N] out: fp32 partial dw then db as in _row_norm_bwd_kernel
+    DY, X, Z,          # output gradient, input (strided rows); gate (dx's layout)
+    W, B,              # [G * N] weight, bias
+    MEAN, RSTD,        # [M, G] saved statistics
+    DX, DG,            # out: dx, dgate (contiguous)
+    PART,              # [G, P, K, N] out: fp32 partial dw then db as in _row_norm_bwd_kernel
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Rows wider than a block, each owned by one program of a persistent grid of G (rows p,
-    p + G, ...). Pass 1 walks the row's column blocks (2 * BLOCK_N wide: G is small at the widest
+    """Rows wider than a block, each owned by one program of a persistent grid of P (rows p,
+    p + P, ...). Pass 1 walks the row's column blocks (2 * BLOCK_N wide: P is small at the widest
     rows, and its loads in flight are what reads x and dy from DRAM) summing g * x_hat and g elementwise (reduced
     once, after the loop: no barrier in it); pass 2 walks them backwards, re-reading x and dy (the
     row was just read: L2 hits, the last blocks first), writes dx and adds dz * x_hat and dz into
-    the program's own fp32 partial row in PART (read-modify-write, the first row writes). G is
-    sized so that G partial rows and G rows of x and dy fit in L2 (config.py)."""
+    the program's own fp32 partial row in PART (read-modify-write, the first row writes). P is
+    sized so that P partial rows and P rows of x and dy fit in L2 (config.py)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    n_grp = tl.num_programs(1)
+    col0 = tl.program_id(1) * N  # the group's first column
     cols = tl.arange(0, BLOCK_N)
     cols1 = tl.arange(0, 2 * BLOCK_N)  # pass 1 holds fewer values a column: blocks twice as wide
     n_blocks = tl.cdiv(N, BLOCK_N)
-    part = PART + pid.to(tl.int64) * (WANT_DW + WANT_DB) * N
+    need_du: tl.constexpr = WANT_DX or (WANT_DG and GATE_FIRST)
+    part = PART + (tl.program_id(1) * n_prog + pid).to(tl.int64) * (WANT_DW + WANT_DB) * N
+    W = W + col0
+    B = B + col0
     for it in range(0, tl.cdiv(M - pid, n_prog)):
         row = pid.to(tl.int64) + it * n_prog
-        x_row = X + _row_offsets(row, inner, sx_o, sx_i)
-        dy_row = DY + _row_offsets(row, inner, sdy_o, sdy_i)
-        rstd = tl.load(RSTD + row)
+        x_row = X + col0 + _row_offsets(row, inner, sx_o, sx_i)
+        dy_row = DY + col0 + _row_offsets(row, inner, sdy_o, sdy_i)
+        out_row = row * N * n_grp + col0
+        rstd = tl.load(RSTD + row * n_grp + tl.program_id(1))
         mean = 0.0
         if not IS_RMS:
-            mean = tl.load(MEAN + row)
+            mean = tl.load(MEAN + row * n_grp + tl.program_id(1))
         c1 = 0.0
         c2 = 0.0
         g0 = 0.0
-        if WANT_DX and not IS_RMS:
-            _, _, g0 = _grad_block(x_row, dy_row, W, B, 0, True, mean, rstd, IS_RMS, HAS_W, HAS_B, ACT, ACC,
-                                   "evict_last")
-        if WANT_DX:
+        if need_du and not IS_RMS:
+            _, _, _, g0, _, _, _ = _grad_block(x_row, dy_row, Z + out_row, W, B, 0, True, mean, rstd, IS_RMS, HAS_W,
+                                               HAS_B, ACT, W_OFFSET, XHAT, PROD, HAS_GATE, GATE_FIRST, ACC,
+                                               "evict_last")
+        if need_du:
             s1 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
             s2 = tl.zeros((2 * BLOCK_N,), dtype=ACC)
             for start in range(0, N, 2 * BLOCK_N):
                 c = tl.max_contiguous(start + cols1, 4)  # as in pass 2 (see there)
                 m = c < N
-                x_hat, dz, g = _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS, HAS_W, HAS_B, ACT, ACC,
-                                           "evict_last")
+                x_hat, _, _, g, _, _, _ = _grad_block(x_row, dy_row, Z + out_row, W, B, c, m, mean, rstd, IS_RMS,
+                                                      HAS_W, HAS_B, ACT, W_OFFSET, XHAT, PROD, HAS_GATE, GATE_FIRST,
+                                                      ACC, "evict_last")
                 s1 += tl.where(m, g * x_hat, 0.0)
                 s2 += tl.where(m, g - g0, 0.0)
             if IS_RMS:
@@ -383,17 +488,24 @@ def _row_norm_bwd_looped_kernel(
             # layouts, converted through shared memory (4 barriers an iteration, sm_90).
             c = tl.max_contiguous((n_blocks - 1 - i) * BLOCK_N + cols, 4)
             m = c < N
-            x_hat, dz, g = _grad_block(x_row, dy_row, W, B, c, m, mean, rstd, IS_RMS, HAS_W, HAS_B, ACT, ACC,
-                                       "evict_first")
-            if WANT_DX:
+            x_hat, x_r, dz, g, dgate, x, gz = _grad_block(x_row, dy_row, Z + out_row, W, B, c, m, mean, rstd,
+                                                          IS_RMS, HAS_W, HAS_B, ACT, W_OFFSET, XHAT, PROD, HAS_GATE,
+                                                          GATE_FIRST, ACC, "evict_first")
+            if need_du:
                 if IS_RMS:
-                    dx = rstd * (g - x_hat * c1)
+                    du = rstd * (g - x_hat * c1)
                 else:
-                    dx = rstd * ((g - g0) - c2 - x_hat * c1)
-                tl.store(DX + row * N + c, dx.to(DX.dtype.element_ty), mask=m)
+                    du = rstd * ((g - g0) - c2 - x_hat * c1)
+                dx, dg_first = _gate_first_grads(du, x, gz, GATE_FIRST)
+                if GATE_FIRST:
+                    dgate = dg_first
+                if WANT_DX:
+                    tl.store(DX + out_row + c, dx.to(DX.dtype.element_ty), mask=m)
+            if WANT_DG:
+                tl.store(DG + out_row + c, dgate.to(DG.dtype.element_ty), mask=m)
             if WANT_DW:
                 acc = tl.load(part + c, mask=m & later, other=0.0, eviction_policy="evict_last")
-                tl.store(part + c, acc + dz * x_hat, mask=m, eviction_policy="evict_last")
+                tl.store(part + c, acc + dz * x_r, mask=m, eviction_policy="evict_last")
             if WANT_DB:
                 acc = tl.load(part + WANT_DW * N + c, mask=m & later, other=0.0, eviction_policy="evict_last")
                 tl.store(part + WANT_DW * N + c, acc + dz, mask=m, eviction_policy="evict_last")
@@ -401,18 +513,19 @@ def _row_norm_bwd_looped_kernel(
 
 @triton.jit
 def _row_norm_param_grads_kernel(
-    PART,              # [G, K, N] fp32 partials from the backward kernels: dw (when WANT_DW) then db
-    DW, DB,            # [N] out: dweight, dbias, in the parameters' dtypes
+    PART,              # [NG, G, K, N] fp32 partials from the backward kernels: dw (when WANT_DW) then db
+    DW, DB,            # [NG * N] out: dweight, dbias, in the parameters' dtypes
     G, N,
     WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dw and db from the partials: each program sums BLOCK_N columns over the G programs' rows,
-    BLOCK_G at a time, always in the same order (deterministic), and stores them cast to the
-    parameter dtype: the backward's one glue launch."""
+    """dw and db from the partials: each program sums BLOCK_N columns of group program_id(1) over
+    the G programs' rows, BLOCK_G at a time, always in the same order (deterministic), and stores
+    them cast to the parameter dtype: the backward's one glue launch."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     k = WANT_DW + WANT_DB
+    PART += tl.program_id(1).to(tl.int64) * G * k * N
     acc_w = tl.zeros((BLOCK_G, BLOCK_N), dtype=ACC)
     acc_b = tl.zeros((BLOCK_G, BLOCK_N), dtype=ACC)
     for start in range(0, G, BLOCK_G):
@@ -423,10 +536,11 @@ def _row_norm_param_grads_kernel(
             acc_w += tl.load(ptrs, mask=mask, other=0.0)
         if WANT_DB:
             acc_b += tl.load(ptrs + WANT_DW * N, mask=mask, other=0.0)
+    out = tl.program_id(1) * N + cols
     if WANT_DW:
-        tl.store(DW + cols, tl.sum(acc_w, 0).to(DW.dtype.element_ty), mask=col_mask)
+        tl.store(DW + out, tl.sum(acc_w, 0).to(DW.dtype.element_ty), mask=col_mask)
     if WANT_DB:
-        tl.store(DB + cols, tl.sum(acc_b, 0).to(DB.dtype.element_ty), mask=col_mask)
+        tl.store(DB + out, tl.sum(acc_b, 0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -463,72 +577,112 @@ def _rows_pair(a, b, k):
     return av, bv, inner, (sa_o, sa_i), (sb_o, sb_i)
 
 
-def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, config=None):
-    """The triton backend's row_norm forward (contract: normops/backends/__init__.py). `config`
-    overrides the heuristic (the AOT compiler passes each configuration it compiles)."""
-    weight, bias = dense(weight), dense(bias)
-    k = len(normalized_shape)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _variant(inp_dtype, weight, offset, casting, gate, norm_before_gate):
+    """The variant constexprs: the weight offset, the dtype x_hat is rounded to before the weight
+    (XHAT; the accumulation type: no rounding), the dtype x_hat * w is rounded to before a gate
+    after the norm (PROD), and the gate's flags. The casting modes: backends/__init__.py."""
+    acc = acc_type(inp_dtype)
+    xhat = prod = acc
+    if casting == "llama":
+        xhat = _TL[inp_dtype]
+        if gate is not None and norm_before_gate:
+            prod = _TL[inp_dtype if weight is None else torch.promote_types(weight.dtype, inp_dtype)]
+    elif casting == "t5" and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+        xhat = _TL[weight.dtype]
+    return dict(W_OFFSET=float(offset), XHAT=xhat, PROD=prod, HAS_GATE=gate is not None,
+                GATE_FIRST=gate is not None and not norm_before_gate)
+
+
+def _groups(normalized_shape, group_size):
+    """(groups, columns of a group): a row of n values normalized as n // group_size groups."""
     n = math.prod(normalized_shape)
-    m = x.numel() // n
-    batch = x.shape[: x.dim() - k]
+    if not group_size or group_size == n:
+        return 1, n
+    return n // group_size, group_size
+
+
+def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, *, offset=0.0,
+                 casting="fp32", out_dtype=None, gate=None, norm_before_gate=True, group_size=0, config=None):
+    """The triton backend's row_norm forward (contract: normops/backends/__init__.py). `config`
+    overrides the heuristic (the AOT compiler passes each configuration it compiles). Groups are
+    a second grid dimension: group j is the row norm of columns [j * n, (j + 1) * n)."""
+    weight, bias = dense(weight), dense(bias)
+    gate = None if gate is None else gate.contiguous()  # read in y's layout
+    k = len(normalized_shape)
+    groups, n = _groups(normalized_shape, group_size)
+    m = x.numel() // (n * groups)
+    batch = x.shape[: x.dim() - k] + ((groups,) if groups > 1 else ())
     xv, rv, inner, (sx_o, sx_i), (sr_o, sr_i) = _rows_pair(x, x if residual is None else residual, k)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
-    sd = stat_dtype(x.dtype)
+    inp_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype or inp_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=inp_dtype, device=x.device) if residual is not None else y
+    sd = stat_dtype(inp_dtype)
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None
     cfg = config or RowNormConfig.forward(n)
-    args = (xv, rv, y, h, weight if weight is not None else y, bias if bias is not None else y,
-            mean if mean is not None else y, rstd if rstd is not None else y, m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
+    args = (xv, rv, y, h, gate if gate is not None else y, weight if weight is not None else y,
+            bias if bias is not None else y, mean if mean is not None else y, rstd if rstd is not None else y,
+            m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-                 ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(x.dtype))
-    if cfg.one_pass:  # a program per block of rows
-        launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m),), *args, num_warps=cfg.num_warps,
+                 ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(inp_dtype),
+                 **_variant(inp_dtype, weight, offset, casting, gate, norm_before_gate))
+    if cfg.one_pass:  # a program per block of rows (and group)
+        launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), groups), *args, num_warps=cfg.num_warps,
                BLOCK_M=cfg.block_m, **flags)
-    else:  # a persistent grid (see the kernel)
+    else:  # a persistent grid (see the kernel), shared by the groups
         programs = row_norm_fwd_programs(n, x.element_size(), residual is not None,
                                          programs_per_wave(x.device, cfg.num_warps))
-        launch(_row_norm_fwd_looped_kernel, (min(m, programs),), *args, num_warps=cfg.num_warps, **flags)
+        launch(_row_norm_fwd_looped_kernel, (min(m, max(1, programs // groups)), groups), *args,
+               num_warps=cfg.num_warps, **flags)
     return y, (h if residual is not None else None), mean, rstd
 
 
-def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, config=None,
-                 grads_config=None):
+def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *, offset=0.0,
+                 casting="fp32", gate=None, norm_before_gate=True, group_size=0, config=None, grads_config=None):
     """The triton backend's row_norm backward (contract: normops/backends/__init__.py); `config` as
     in row_norm_fwd, `grads_config` the glue kernel's (a ParamGradsConfig). Two launches: the
-    backward kernel (dx and per-program dw/db partials), then, when a parameter gradient is wanted,
-    _row_norm_param_grads_kernel. x is not empty (the ops answer empty inputs without kernels)."""
+    backward kernel (dx, dgate and per-program dw/db partials), then, when a parameter gradient is
+    wanted, _row_norm_param_grads_kernel. x is not empty (the ops answer empty inputs without kernels)."""
     weight, bias = dense(weight), dense(bias)
+    gate = None if gate is None else gate.contiguous()
     k = len(normalized_shape)
-    n = math.prod(normalized_shape)
-    m = x.numel() // n
+    groups, n = _groups(normalized_shape, group_size)
+    m = x.numel() // (n * groups)
     xv, dyv, inner, (sx_o, sx_i), (sdy_o, sdy_i) = _rows_pair(x, dy, k)
     want_dx = output_mask[0]
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
+    want_dg = len(output_mask) > 3 and output_mask[3] and gate is not None
     cfg = config or RowNormConfig.backward(n, x.element_size())
     acc = acc_type(x.dtype)
     n_part = want_dw + want_db
     programs = row_norm_bwd_programs(cfg, n, x.element_size(), n_part, programs_per_wave(x.device, cfg.num_warps))
-    g = max(1, min(triton.cdiv(m, cfg.block_m), programs))  # every program gets a row: it writes its partials
+    # every program gets a row: it writes its partials
+    g = max(1, min(triton.cdiv(m, cfg.block_m), programs // groups))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
-    # the dw and db partials share one buffer, [programs, n_part, n]: one reduction launch for both
-    part = torch.empty((g, n_part, n), dtype=stat_dtype(x.dtype), device=x.device) if n_part else None
-    args = (dyv, xv, weight if weight is not None else rstd, bias if bias is not None else rstd,
-            mean if mean is not None else rstd, rstd, dx if dx is not None else rstd,
-            part if part is not None else rstd, m, n, inner, sdy_o, sdy_i, sx_o, sx_i)
+    dg = torch.empty(x.shape, dtype=gate.dtype, device=x.device) if want_dg else None
+    # the dw and db partials share one buffer, [groups, programs, n_part, n]: one reduction launch for both
+    part = torch.empty((groups, g, n_part, n), dtype=stat_dtype(x.dtype), device=x.device) if n_part else None
+    args = (dyv, xv, gate if gate is not None else rstd, weight if weight is not None else rstd,
+            bias if bias is not None else rstd, mean if mean is not None else rstd, rstd,
+            dx if dx is not None else rstd, dg if dg is not None else rstd, part if part is not None else rstd,
+            m, n, inner, sdy_o, sdy_i, sx_o, sx_i)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
-                 WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, BLOCK_N=cfg.block_n, ACC=acc)
+                 WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, WANT_DG=want_dg, BLOCK_N=cfg.block_n, ACC=acc,
+                 **_variant(x.dtype, weight, offset, casting, gate, norm_before_gate))
     if cfg.one_pass:
-        launch(_row_norm_bwd_kernel, (g,), *args, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
+        launch(_row_norm_bwd_kernel, (g, groups), *args, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
     else:
-        launch(_row_norm_bwd_looped_kernel, (g,), *args, num_warps=cfg.num_warps, **flags)
+        launch(_row_norm_bwd_looped_kernel, (g, groups), *args, num_warps=cfg.num_warps, **flags)
     if part is None:
-        return dx, None, None
+        return dx, None, None, dg
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_dw else None
     db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_db else None
     pg = grads_config or ParamGradsConfig.make(n, g)
-    launch(_row_norm_param_grads_kernel, (triton.cdiv(n, pg.block_n),), part, dw if want_dw else db,
+    launch(_row_norm_param_grads_kernel, (triton.cdiv(n, pg.block_n), groups), part, dw if want_dw else db,
            db if want_db else dw, g, n, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db,
            BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
-    return dx, dw, db
+    return dx, dw, db, dg

@@ -33,7 +33,7 @@ from .ops import row_norm as row_ops
 from .core import DtypeError, ShapeError, activate, activation_name, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
-           "add_rms_norm"]
+           "add_rms_norm", "gated_rms_norm"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -129,75 +129,155 @@ def _grad_needed(*tensors):
 
 # --- LayerNorm / RMSNorm -----------------------------------------------------------------------
 
-def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activation):
+CASTINGS = {"fp32": "fp32", "gemma": "fp32", "llama": "llama", "t5": "t5"}
+
+
+def _check_variant(input, weight, offset, casting, out_dtype):
+    """The variant arguments: a real offset (with a weight to offset), a known casting mode, a
+    floating out_dtype. Returns the casting mode's canonical name."""
+    if not isinstance(offset, numbers.Real) or isinstance(offset, bool):
+        raise TypeError(f"offset must be a float, got {type(offset).__name__}")
+    if offset and weight is None:
+        raise ValueError(f"offset={offset} offsets the weight (y = x_hat * (offset + weight)), but weight is None")
+    if casting not in CASTINGS:
+        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, CASTINGS))}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
+    return CASTINGS[casting]
+
+
+def _check_gate(input, gate, shape, bias, activation, group_size):
+    """A gate of the input's shape (RMSNorm, no bias, no activation) and a group size dividing the
+    one normalized dim. Returns the group size as the ops take it (0: the whole row)."""
+    _check_tensors(input, gate=gate)
+    if gate is not None and gate.shape != input.shape:
+        raise ShapeError(f"expected gate of the input's shape {list(input.shape)}, got {list(gate.shape)}")
+    if gate is not None and activation != "none":
+        raise ValueError("a gated norm takes no activation: its gate is silu(gate)")
+    if group_size is None:
+        return 0
+    if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if len(shape) != 1 or shape[0] % group_size:
+        raise ShapeError(f"group_size={group_size} must divide the one normalized dim; normalized_shape is "
+                         f"{list(shape)}")
+    return int(group_size)
+
+
+def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activation, gate=None, offset=0.0,
+              casting="fp32", out_dtype=None, norm_before_gate=True, group_size=None):
     _check_tensors(input, residual=residual, weight=weight, bias=bias)
     shape = _normalized_shape(input, normalized_shape)
     _check_shape("weight", weight, shape)
     _check_shape("bias", bias, shape)
     if not rms:
         _check_param_dtypes(input, weight=weight, bias=bias)
-    if residual is not None:
-        if residual.shape != input.shape:
-            raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
-        if residual.dtype != input.dtype:
-            raise TypeError(f"expected residual of the input's dtype {input.dtype}, got {residual.dtype}")
-    if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    if residual is not None and residual.shape != input.shape:
+        raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
+    casting = _check_variant(input, weight, offset, casting, out_dtype)
     act = activation_name(activation)
-    if ops.transformed(input, residual, weight, bias):
+    group_size = _check_gate(input, gate, shape, bias, act, group_size)
+    inp_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+    if out_dtype == inp_dtype:
+        out_dtype = None
+    if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
+        eps = torch.finfo(torch.float64 if inp_dtype == torch.float64 else torch.float32).eps
+    spec = row_ops.RowNormSpec(shape, float(eps), rms, act, float(offset), casting, out_dtype,
+                               bool(norm_before_gate), group_size)
+    plain = spec == row_ops.RowNormSpec(shape, float(eps), rms, act) and gate is None and inp_dtype == input.dtype
+    if ops.transformed(input, residual, weight, bias, gate):
         h = input + residual if residual is not None else None
+        inp = input if h is None else h
 
-        def norm(x, w, b):
-            y = torch.rms_norm(x, shape, w, eps) if rms else torch.layer_norm(x, shape, w, b, eps)
-            return activate(y, act)
+        def norm(x, w, b, g):
+            if plain:
+                y = torch.rms_norm(x, shape, w, eps) if rms else torch.layer_norm(x, shape, w, b, eps)
+                return activate(y, act)
+            return row_ops._composite(spec, x, w, b, g)
 
-        return ops.in_torch(norm, input if h is None else h, weight, bias), h, None, None
-    spec = row_ops.RowNormSpec(shape, float(eps), rms, act)
-    how = ops.route("row_norm", input, spec, (input, residual, weight, bias), aten=not rms)
+        y = ops.in_torch(norm, inp, weight, bias, gate)
+        return (y if out_dtype is None else y.to(out_dtype)), h, None, None
+    tensors = (input, residual, weight, bias, gate)
+    how = ops.route("row_norm", input, spec, tensors, aten=plain and not rms)
     if how.implementation == "aten":  # with the residual add composed by torch too: the op only adds overhead
         h = None if residual is None else input + residual
         return torch.layer_norm(input if h is None else h, shape, weight, bias, eps), h, None, None
-    return row_ops.row_norm(spec, input, residual, weight, bias, _grad_needed(input, residual, weight, bias), how)
+    return row_ops.row_norm(spec, input, residual, weight, bias, _grad_needed(*tensors), how, gate)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, activation: Optional[str] = None,
+               offset: float = 0.0, casting: str = "fp32", out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Layer normalization over the last ``len(normalized_shape)`` dims, like
-    ``torch.nn.functional.layer_norm``: y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias."""
+    ``torch.nn.functional.layer_norm``: y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias.
+
+    ``offset``: y = x_hat * (offset + weight) + bias (a zero-centred weight). ``casting``: where
+    x_hat is rounded before the weight multiply, "fp32" (never: one rounding, of y; "gemma" is an
+    alias), "llama" (to the input's dtype) or "t5" (to the weight's dtype, when it is fp16/bf16).
+    ``out_dtype``: y's dtype (default: the input's)."""
     if has_torch_function_variadic(input, weight, bias):
         return handle_torch_function(layer_norm, (input, weight, bias), input, normalized_shape, weight, bias, eps,
-                                     activation=activation)
-    return _row_norm(input, None, normalized_shape, weight, bias, eps, False, activation)[0]
+                                     activation=activation, offset=offset, casting=casting, out_dtype=out_dtype)
+    return _row_norm(input, None, normalized_shape, weight, bias, eps, False, activation, None, offset, casting,
+                     out_dtype)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-             eps: Optional[float] = None, *, activation: Optional[str] = None) -> Tensor:
+             eps: Optional[float] = None, *, activation: Optional[str] = None, offset: float = 0.0,
+             casting: str = "fp32", out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Root-mean-square normalization, like ``torch.nn.functional.rms_norm``:
     y = x / sqrt(mean(x^2) + eps) * weight; ``eps=None`` is the machine epsilon of the dtype the
-    statistics are computed in (float32's for float16/bfloat16/float32 input, as torch does)."""
+    statistics are computed in (float32's for float16/bfloat16/float32 input, as torch does).
+    ``offset``, ``casting``, ``out_dtype``: as in ``layer_norm`` (Gemma: offset=1.0; Llama:
+    casting="llama"; T5: casting="t5")."""
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight, eps,
-                                     activation=activation)
-    return _row_norm(input, None, normalized_shape, weight, None, eps, True, activation)[0]
+                                     activation=activation, offset=offset, casting=casting, out_dtype=out_dtype)
+    return _row_norm(input, None, normalized_shape, weight, None, eps, True, activation, None, offset, casting,
+                     out_dtype)[0]
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
-    """Pre-norm residual step: ``h = x + residual; return layer_norm(h), h``, fused in one pass."""
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, *, offset: float = 0.0, casting: str = "fp32",
+                   out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Pre-norm residual step: ``h = x + residual; return layer_norm(h), h``, fused in one pass. The
+    residual may have another dtype (an fp32 residual stream with bf16 x): h is in the sum's dtype,
+    as torch's ``x + residual``, and y in ``out_dtype`` (default: h's)."""
     if has_torch_function_variadic(x, residual, weight, bias):
         return handle_torch_function(add_layer_norm, (x, residual, weight, bias), x, residual, normalized_shape,
-                                     weight, bias, eps)
-    y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, bias, eps, False, None)
+                                     weight, bias, eps, offset=offset, casting=casting, out_dtype=out_dtype)
+    y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, bias, eps, False, None, None, offset, casting,
+                           out_dtype)
     return y, h
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-                 eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    """Pre-norm residual step: ``h = x + residual; return rms_norm(h), h``, fused in one pass."""
+                 eps: Optional[float] = None, *, offset: float = 0.0, casting: str = "fp32",
+                 out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Pre-norm residual step: ``h = x + residual; return rms_norm(h), h``, fused in one pass; the
+    residual's dtype and ``out_dtype`` as in ``add_layer_norm``."""
     if has_torch_function_variadic(x, residual, weight):
-        return handle_torch_function(add_rms_norm, (x, residual, weight), x, residual, normalized_shape, weight, eps)
-    y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, None, eps, True, None)
+        return handle_torch_function(add_rms_norm, (x, residual, weight), x, residual, normalized_shape, weight, eps,
+                                     offset=offset, casting=casting, out_dtype=out_dtype)
+    y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, None, eps, True, None, None, offset, casting,
+                           out_dtype)
     return y, h
+
+
+def gated_rms_norm(input: Tensor, gate: Optional[Tensor], normalized_shape: Sequence[int],
+                   weight: Optional[Tensor] = None, eps: Optional[float] = None, *, norm_before_gate: bool = True,
+                   group_size: Optional[int] = None, offset: float = 0.0, casting: str = "fp32",
+                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Gated RMSNorm (Mamba2, Qwen3-Next): ``rms_norm(x) * weight * silu(gate)``, or with
+    ``norm_before_gate=False`` ``rms_norm(x * silu(gate)) * weight``; ``group_size``: each row
+    normalized in groups of that many consecutive values (Mamba2's ``n_groups``). ``gate=None``:
+    no gate (a grouped RMSNorm). offset, casting, out_dtype as in ``rms_norm``."""
+    if has_torch_function_variadic(input, gate, weight):
+        return handle_torch_function(gated_rms_norm, (input, gate, weight), input, gate, normalized_shape, weight,
+                                     eps, norm_before_gate=norm_before_gate, group_size=group_size, offset=offset,
+                                     casting=casting, out_dtype=out_dtype)
+    return _row_norm(input, None, normalized_shape, weight, None, eps, True, None, gate, offset, casting, out_dtype,
+                     norm_before_gate, group_size)[0]
 
 
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------

@@ -23,14 +23,33 @@ def _op_samples():
     dy4 = torch.randn(2, 6, 3, 3, requires_grad=True)
     gmean, grstd = torch.randn(2, 3), torch.rand(2, 3) + 0.5
     smean, srstd = torch.randn(6), torch.rand(6) + 0.5
+    plain = (0.0, "fp32", None, True, 0)  # offset, casting, out_dtype, norm_before_gate, group_size
+    gate = make((3, 4, 6), torch.float32, seed=4)
+    x6, w6r = make((3, 4, 6), torch.float32, seed=5), params((6,), torch.float32)[0]
+    r64 = make((3, 4, 5), torch.float64, seed=6)
     return {
-        "row_norm": (ops.row_norm.default, (x, None, [5], w5, b5, 1e-5, False, "gelu", True)),
-        "row_norm_residual_rms": (ops.row_norm.default, (x, r, [5], w5, None, 1e-6, True, "none", True)),
-        "row_norm_no_stats": (ops.row_norm.default, (x.detach(), None, [4, 5], None, None, 1e-5, False, "none", False)),
+        "row_norm": (ops.row_norm.default, (x, None, None, [5], w5, b5, 1e-5, False, "gelu", True, *plain)),
+        "row_norm_residual_rms": (ops.row_norm.default, (x, r, None, [5], w5, None, 1e-6, True, "none", True, *plain)),
+        "row_norm_no_stats": (ops.row_norm.default, (x.detach(), None, None, [4, 5], None, None, 1e-5, False, "none",
+                                                     False, *plain)),
+        "row_norm_offset_llama": (ops.row_norm.default, (x, None, None, [5], w5, None, 1e-6, True, "none", True, 1.0,
+                                                         "llama", torch.bfloat16, True, 0)),
+        "row_norm_residual_fp64": (ops.row_norm.default, (x, r64, None, [5], w5, b5, 1e-5, False, "none", True, 0.0,
+                                                          "fp32", torch.float32, True, 0)),
+        "row_norm_gated_groups": (ops.row_norm.default, (x6, None, gate, [6], w6r, None, 1e-6, True, "none", True,
+                                                         0.0, "fp32", None, False, 3)),
+        "row_norm_gated_after": (ops.row_norm.default, (x6, None, gate, [6], w6r, None, 1e-6, True, "none", True,
+                                                        0.0, "fp32", None, True, 0)),
         "row_norm_backward": (ops.row_norm_backward.default,
-                              (dy, x, [5], w5, b5, mean, rstd, 1e-5, False, "silu", [True, True, True])),
+                              (dy, x, None, [5], w5, b5, mean, rstd, 1e-5, False, "silu", [True, True, True, False],
+                               0.0, "fp32", True, 0)),
         "row_norm_backward_rms": (ops.row_norm_backward.default,
-                                  (dy, x, [5], w5, None, None, rstd, 1e-5, True, "none", [True, False, False])),
+                                  (dy, x, None, [5], w5, None, None, rstd, 1e-5, True, "none",
+                                   [True, False, False, False], *plain[:2], *plain[3:])),
+        "row_norm_backward_gated": (ops.row_norm_backward.default,
+                                    (torch.randn(3, 4, 6, requires_grad=True), x6, gate, [6], w6r, None, None,
+                                     torch.rand(3, 4, 2) + 0.5, 1e-5, True, "none", [True, True, False, True], 1.0,
+                                     "fp32", False, 3)),
         "group_norm": (ops.group_norm.default, (x4, w6, b6, 3, 1e-5, "relu", False, True)),
         "group_norm_channels_last": (ops.group_norm.default, (xcl, w6, None, 2, 1e-5, "none", False, True)),
         "instance_norm": (ops.group_norm.default, (x4, w6, b6, 6, 1e-5, "silu", True, True)),

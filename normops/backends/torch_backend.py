@@ -107,9 +107,14 @@ def _rms_forward(x, normalized_shape, weight, eps):
     return y.to(x.dtype), rstd
 
 
-def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
+def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, *, offset=0.0,
+                 casting="fp32", out_dtype=None, gate=None, norm_before_gate=True, group_size=0):
     h = x + residual if residual is not None else None
     inp = h if h is not None else x
+    if _is_variant(inp, weight, offset, casting, out_dtype, gate, group_size):
+        y, mean, rstd = _variant_fwd(inp, normalized_shape, weight, bias, eps, rms, activation, offset, casting,
+                                     out_dtype, gate, norm_before_gate, group_size)
+        return y, h, (mean if need_stats else None), (rstd if need_stats else None)
     if _in_fp32(inp):
         y, _, mean, rstd = row_norm_fwd(inp.float(), None, normalized_shape, _f32(weight), _f32(bias), eps, rms,
                                         activation, need_stats)
@@ -129,6 +134,121 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     sd = stat_dtype(inp)
     mean = None if mean is None else _to(mean.reshape(batch_shape), sd)
     return y, h, mean, _to(rstd.reshape(batch_shape), sd)
+
+
+# --- the variants: weight offset, casting modes, output dtype, gate, groups ----------------------
+# Composed in the statistics dtype around ATen's unweighted norm (its statistics, its x_hat), with
+# the casting modes' roundings where the Hugging Face modules round (backends/__init__.py).
+
+def _is_variant(inp, weight, offset, casting, out_dtype, gate, group_size):
+    return bool(offset or gate is not None or group_size or casting not in ("fp32", "gemma")
+                or (out_dtype is not None and out_dtype != inp.dtype))
+
+
+def _grouped(t, normalized_shape, group_size):
+    """t viewed as rows of group_size (the normalized dims then one) and the normalized shape of a row."""
+    if not group_size:
+        return t, list(normalized_shape)
+    return t.unflatten(-1, (-1, group_size)), [group_size]
+
+
+def _silu_grad(g):
+    s = torch.sigmoid(g)
+    return s * (1 + g * (1 - s))
+
+
+def _variant_inputs(inp, weight, bias, offset, casting, gate, norm_before_gate):
+    """In the statistics dtype: u (the normalized input), silu(gate), offset + w, b, the dtypes
+    x_hat and x_hat * w are rounded to (None: not rounded)."""
+    sd = stat_dtype(inp)
+    u = inp.to(sd)
+    sg = None if gate is None else torch.nn.functional.silu(gate.to(sd))
+    if sg is not None and not norm_before_gate:
+        u = u * sg
+    w = _f(weight, sd)
+    if w is not None and offset:
+        w = w + offset
+    xhat_dtype = prod_dtype = None
+    if casting == "llama":
+        xhat_dtype = inp.dtype
+        if gate is not None and norm_before_gate:
+            prod_dtype = inp.dtype if weight is None else torch.promote_types(weight.dtype, inp.dtype)
+    elif casting == "t5" and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+        xhat_dtype = weight.dtype
+    return u, sg, w, _f(bias, sd), xhat_dtype, prod_dtype
+
+
+def _f(t, dtype):
+    return None if t is None else _to(t, dtype)
+
+
+def _rounded(t, dtype):
+    return t if dtype is None or dtype == t.dtype else t.to(dtype).to(t.dtype)
+
+
+def _variant_fwd(inp, normalized_shape, weight, bias, eps, rms, activation, offset, casting, out_dtype, gate,
+                 norm_before_gate, group_size):
+    u, sg, w, b, xhat_dtype, prod_dtype = _variant_inputs(inp, weight, bias, offset, casting, gate, norm_before_gate)
+    ug, shape = _grouped(u, normalized_shape, group_size)
+    if rms:
+        x_hat, rstd = _rms_forward(ug, shape, None, eps)
+        mean = None
+    else:
+        x_hat, mean, rstd = aten.native_layer_norm(ug, shape, None, None, eps)
+    z = _rounded(x_hat.reshape(u.shape), xhat_dtype)
+    if w is not None:
+        z = z * w
+    if b is not None:
+        z = z + b
+    if sg is not None and norm_before_gate:
+        z = _rounded(z, prod_dtype) * sg
+    y = _activate(z, activation).to(out_dtype or inp.dtype)
+    stats_shape = ug.shape[: ug.dim() - len(shape)]
+    return y, None if mean is None else mean.reshape(stats_shape), rstd.reshape(stats_shape)
+
+
+def _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, offset, casting,
+                 gate, norm_before_gate, group_size):
+    """(dx, dw, db, dgate): ATen's (or _rms_backward's) dx of the unweighted norm of u given
+    g = dz * (offset + w); the roundings straight-through, dw of x_hat as rounded."""
+    u, sg, w, b, xhat_dtype, prod_dtype = _variant_inputs(x, weight, bias, offset, casting, gate, norm_before_gate)
+    ug, shape = _grouped(u, normalized_shape, group_size)
+    keep = ug.shape[: ug.dim() - len(shape)] + (1,) * len(shape)
+    x_hat = ug * rstd.reshape(keep) if rms else (ug - mean.reshape(keep)) * rstd.reshape(keep)
+    x_hat = x_hat.reshape(u.shape)
+    x_r = _rounded(x_hat, xhat_dtype)
+    z = x_r if w is None else x_r * w
+    if b is not None:
+        z = z + b
+    dz = dy.to(u.dtype)
+    gate_after = sg is not None and norm_before_gate
+    if gate_after:
+        z = _rounded(z, prod_dtype)
+    if activation != "none":
+        dz = _activation_backward(dz, z * sg if gate_after else z.clone(), activation)
+    dgate = None
+    if gate_after:
+        dgate = dz * z * _silu_grad(gate.to(u.dtype))
+        dz = dz * sg
+    want_dg = len(output_mask) > 3 and output_mask[3] and gate is not None
+    dx = None
+    if output_mask[0] or (want_dg and not norm_before_gate):
+        g = dz if w is None else dz * w
+        gg = g.reshape(ug.shape)
+        if rms:
+            du, _ = _rms_backward(gg, ug, shape, None, rstd, (True, False))
+        else:
+            du = aten.native_layer_norm_backward(gg, ug, shape, mean.reshape(keep), rstd.reshape(keep), None, None,
+                                                 [True, False, False])[0]
+        du = du.reshape(u.shape)
+        if sg is not None and not norm_before_gate:
+            dgate = du * x.to(u.dtype) * _silu_grad(gate.to(u.dtype))
+            du = du * sg
+        dx = du.to(x.dtype)
+    lead = tuple(range(x.dim() - len(normalized_shape)))
+    dw = (dz * x_r).sum(lead).to(weight.dtype) if output_mask[1] and weight is not None else None
+    db = dz.sum(lead).to(bias.dtype) if output_mask[2] and bias is not None else None
+    return (dx if output_mask[0] else None), dw, db, (dgate.to(gate.dtype) if want_dg else None)
 
 
 def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
@@ -154,14 +274,19 @@ def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
     return dx, dw
 
 
-def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask):
+def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *, offset=0.0,
+                 casting="fp32", gate=None, norm_before_gate=True, group_size=0):
+    if _is_variant(x, weight, offset, casting, dy.dtype, gate, group_size):
+        return _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, offset,
+                            casting, gate, norm_before_gate, group_size)
+    output_mask = output_mask[:3]
     # fp16/bf16 with a bias and no weight: ATen's CPU backward then takes no fp32 statistics
     # ("expected scalar type Half but found Float": its mixed-type path keys on the weight)
     no_mixed_path = weight is None and bias is not None and x.dtype in (torch.float16, torch.bfloat16)
     if _in_fp32(x) or no_mixed_path:
-        dx, dw, db = row_norm_bwd(dy.float(), x.float(), normalized_shape, _f32(weight), _f32(bias), mean, rstd,
-                                  rms, activation, output_mask)
-        return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
+        dx, dw, db, _ = row_norm_bwd(dy.float(), x.float(), normalized_shape, _f32(weight), _f32(bias), mean, rstd,
+                                     rms, activation, output_mask)
+        return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias), None
     k = len(normalized_shape)
     keep = x.shape[: x.dim() - k] + (1,) * k  # ATen keeps the normalized dims as 1s
     w, b = _opmath(x, weight, bias)
@@ -177,7 +302,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
         dx, dw, db = aten.native_layer_norm_backward(
             dz, x, list(normalized_shape), _to(mean.reshape(keep), nd), _to(rstd.reshape(keep), nd),
             w, b, list(output_mask))
-    return dx, _cast(dw, weight), _cast(db, bias)
+    return dx, _cast(dw, weight), _cast(db, bias), None
 
 
 def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):

@@ -240,6 +240,11 @@ def _parameters(impl):
     return tuple(inspect.signature(impl).parameters)
 
 
+def needs(ctx, impl):
+    """``ctx.needs_input_grad`` by the op's parameter names."""
+    return dict(zip(_parameters(impl), ctx.needs_input_grad))
+
+
 def input_grads(impl, **grads):
     """An op's backward result: one gradient per input of ``impl``, by name; None for the others."""
     return tuple(grads.get(name) for name in _parameters(impl))
@@ -308,50 +313,52 @@ def normalize(x, dims, eps, rms=False):
     return xc * torch.rsqrt(xc.square().mean(dims, keepdim=True) + eps)
 
 
-def double_backward(composite, dy, x, weight, bias, cotangents):
-    """Gradients of (dy, x, weight, bias) -> vjp(composite at x, weight, bias)(dy), against the
-    cotangents (grad of dx, dweight, dbias). Computed in the statistics dtype, returned in each
-    input's dtype; ``None`` for weight/bias that are absent."""
+def double_backward(composite, dy, x, params, cotangents):
+    """Gradients of (dy, x, *params) -> vjp(composite at x, *params)(dy), against the cotangents
+    (grad of dx, then of each param's gradient). ``params``: weight, bias and any further
+    differentiable input (a gate), None where absent. Computed in the statistics dtype, returned in
+    each input's dtype: (gdy, gx, *gparams), None for the absent params."""
     sd = stat_dtype(x)
-    present = [t for t in (weight, bias) if t is not None]
+    present = [t for t in params if t is not None]
 
-    def params(ps):
+    def fill(ps):
         it = iter(ps)
-        return [next(it) if t is not None else None for t in (weight, bias)]
+        return [next(it) if t is not None else None for t in params]
 
     def first(dy_, x_, *ps):
-        _, vjp = torch.func.vjp(lambda xx, *pp: composite(xx, *params(pp)), x_, *ps)
+        _, vjp = torch.func.vjp(lambda xx, *pp: composite(xx, *fill(pp)), x_, *ps)
         return vjp(dy_)
 
     primals = [dy.to(sd), x.to(sd)] + [p.to(sd) for p in present]
     _, vjp2 = torch.func.vjp(first, *primals)
     cots = []  # one per differentiated input; zeros where no gradient came (or it was not asked for)
-    grads_in = [cotangents[0]] + [g for g, p in zip(cotangents[1:], (weight, bias)) if p is not None]
+    grads_in = [cotangents[0]] + [g for g, p in zip(cotangents[1:], params) if p is not None]
     for t, g in zip([x] + present, grads_in):
         usable = g is not None and g.numel() and g.numel() == t.numel()
         cots.append(g.to(sd) if usable else torch.zeros(t.shape, dtype=sd, device=t.device))
     grads = vjp2(tuple(cots))
     gdy, gx = grads[0].to(dy.dtype), grads[1].to(x.dtype)
-    gp = params([g.to(p.dtype) for g, p in zip(grads[2:], present)])
-    return gdy, gx, gp[0], gp[1]
+    return (gdy, gx, *fill([g.to(p.dtype) for g, p in zip(grads[2:], present)]))
 
 
-def register_autograd(op, setup, backward, backward_op, backward_setup, composite, autocast=None):
+def register_autograd(op, setup, backward, backward_op, backward_setup, composite, autocast=None, inputs=()):
     """A family's autograd: ``op``'s (setup, backward) and ``backward_op``'s, the double backward: the
-    VJP of ``composite(spec, x, weight, bias, *extra)``, a differentiable torch composition of the
-    norm, where ``backward_setup`` saved (dy, x, weight, bias, *extra) and ``ctx.spec``. ``autocast``:
-    the dtype the op runs in under CUDA autocast, as torch's own norm does (None: the input's)."""
-    def double_backward_(ctx, gdx, gdw, gdb):
-        dy, x, weight, bias, *extra = ctx.saved_tensors
-        gdy, gx, gw, gb = double_backward(lambda x_, w_, b_: composite(ctx.spec, x_, w_, b_, *extra),
-                                          dy, x, weight, bias, (gdx, gdw, gdb))
-        return input_grads(backward_op.impl, dy=gdy, x=gx, weight=gw, bias=gb)
+    VJP of ``composite(spec, x, weight, bias, *inputs, *extra)``, a differentiable torch
+    composition of the norm, where ``backward_setup`` saved (dy, x, weight, bias, *inputs, *extra)
+    and ``ctx.spec``; ``inputs`` names the further differentiable inputs of ``backward_op`` (whose
+    gradients it returns after dbias), ``extra`` are constants. ``autocast``: the dtype the op runs
+    in under CUDA autocast, as torch's own norm does (None: the input's)."""
+    def double_backward_(ctx, gdx, *cotangents):
+        dy, x, weight, bias, *rest = ctx.saved_tensors
+        params, extra = [weight, bias, *rest[:len(inputs)]], rest[len(inputs):]
+        gdy, gx, *gp = double_backward(lambda x_, *ps: composite(ctx.spec, x_, *ps, *extra),
+                                       dy, x, params, (gdx, *cotangents))
+        return input_grads(backward_op.impl, dy=gdy, x=gx, weight=gp[0], bias=gp[1], **dict(zip(inputs, gp[2:])))
 
     op.register_autograd(backward, setup_context=setup)
     backward_op.register_autograd(double_backward_, setup_context=backward_setup)
     if autocast is not None and hasattr(torch.library, "register_autocast"):
         torch.library.register_autocast(op.qualname, "cuda", autocast)
-
 
 # --- torch.func transforms and forward-mode AD ---------------------------------------------------
 # torch.library gives a custom op neither a forward-mode derivative (its tangent comes out zero or

@@ -6,45 +6,75 @@ schema is the implementations' annotations), the backends' and kernel's flag, an
 functional/nn entry.
 """
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..core import stat_dtype, suggested_format
+from ..core import activate, stat_dtype, suggested_format
 
 
 @dataclasses.dataclass(frozen=True)
 class RowNormSpec:
-    """The non-tensor arguments of a row norm."""
+    """The non-tensor arguments of a row norm (the variants: ``normops/backends/__init__.py``)."""
     normalized_shape: tuple  # the trailing dims normalized over
     eps: float
     rms: bool = False        # RMSNorm: no mean subtracted, no bias
     activation: str = "none"  # a name of normops.core.ACTIVATIONS
+    offset: float = 0.0      # y = x_hat * (offset + w): 1.0 for Gemma's zero-centred weight
+    casting: str = "fp32"    # where x_hat is rounded: "fp32" (never), "llama" (input dtype), "t5" (weight dtype)
+    out_dtype: Optional[torch.dtype] = None  # y's dtype; None: the normalized input's
+    norm_before_gate: bool = True  # with a gate: y = norm(x) * silu(gate), else norm(x * silu(gate))
+    group_size: int = 0      # > 0: each row normalized in groups of this many values
+
+    def variant(self):
+        """The backends' keyword arguments of the variant (out_dtype is the forward's own)."""
+        return dict(offset=self.offset, casting=self.casting, norm_before_gate=self.norm_before_gate,
+                    group_size=self.group_size)
+
+    def args(self):
+        """The ops' non-tensor arguments after need_stats, in schema order."""
+        return (self.offset, self.casting, self.out_dtype, self.norm_before_gate, self.group_size)
 
 
-def _run(module, x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
+def _inp_dtype(x, residual):
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _stats_shape(x, normalized_shape, group_size):
+    batch = tuple(x.shape[: x.dim() - len(normalized_shape)])
+    if group_size and group_size != math.prod(normalized_shape):
+        return batch + (math.prod(normalized_shape) // group_size,)
+    return batch
+
+
+def _run(module, x, residual, gate, normalized_shape, weight, bias, eps, rms, activation, need_stats, offset, casting,
+         out_dtype, norm_before_gate, group_size):
     if x.numel() == 0:
-        return ops.zero_filled(_row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation,
-                                              need_stats))
+        return ops.zero_filled(_row_norm_fake(x, residual, gate, normalized_shape, weight, bias, eps, rms, activation,
+                                              need_stats, offset, casting, out_dtype, norm_before_gate, group_size))
     weight, bias = ops.dense(weight, bias)
     y, h, mean, rstd = module.row_norm_fwd(
-        x, residual, tuple(normalized_shape), weight, bias, eps, rms, activation, need_stats)
+        x, residual, tuple(normalized_shape), weight, bias, eps, rms, activation, need_stats, offset=offset,
+        casting=casting, out_dtype=out_dtype, gate=gate, norm_before_gate=norm_before_gate, group_size=group_size)
     if h is not None:
         h = _laid_out_as_sum(h, x, residual)
-    sd = stat_dtype(x)
+    sd = stat_dtype(_inp_dtype(x, residual))
     y = y.contiguous(memory_format=_row_norm_format(x if h is None else h, rms))
     return y, ops.or_absent(h, x), ops.or_absent(mean, x, sd), ops.or_absent(rstd, x, sd)
 
 
-def _row_norm_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequence[int],
-                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
-                   activation: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = act(norm(x [+ residual]) * w + b) over the trailing ``normalized_shape`` dims.
-    Returns (y, x + residual or absent, mean or absent, rstd or absent)."""
-    return _run(_route(x).module, x, residual, normalized_shape, weight, bias, eps, rms, activation,
-                need_stats)
+def _row_norm_impl(x: Tensor, residual: Optional[Tensor], gate: Optional[Tensor], normalized_shape: Sequence[int],
+                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, activation: str,
+                   need_stats: bool, offset: float, casting: str, out_dtype: Optional[torch.dtype],
+                   norm_before_gate: bool, group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y = act(norm(x [+ residual]) * (offset + w) + b) over the trailing ``normalized_shape`` dims,
+    gated, grouped and rounded as ``RowNormSpec`` says. Returns (y, x + residual or absent, mean or
+    absent, rstd or absent)."""
+    return _run(_route(x).module, x, residual, gate, normalized_shape, weight, bias, eps, rms, activation,
+                need_stats, offset, casting, out_dtype, norm_before_gate, group_size)
 
 
 def _route(x, *_):
@@ -74,28 +104,34 @@ row_norm_op = ops.register("row_norm", _row_norm_impl, route_of=_route)
 
 
 @row_norm_op.register_fake
-def _row_norm_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
-    batch = x.shape[: x.dim() - len(normalized_shape)]
-    sd = stat_dtype(x)
+def _row_norm_fake(x, residual, gate, normalized_shape, weight, bias, eps, rms, activation, need_stats, offset,
+                   casting, out_dtype, norm_before_gate, group_size):
+    sd = stat_dtype(_inp_dtype(x, residual))
+    stats = _stats_shape(x, normalized_shape, group_size)
     h = torch.empty_like(x + residual) if residual is not None else ops.absent(x)  # torch's layout of the sum
-    mean = x.new_empty(batch, dtype=sd) if need_stats and not rms else ops.absent(x, sd)
-    rstd = x.new_empty(batch, dtype=sd) if need_stats else ops.absent(x, sd)
+    mean = x.new_empty(stats, dtype=sd) if need_stats and not rms else ops.absent(x, sd)
+    rstd = x.new_empty(stats, dtype=sd) if need_stats else ops.absent(x, sd)
     inp = x if residual is None else h
-    y = torch.empty_like(inp, memory_format=_row_norm_format(inp, rms))
+    y = torch.empty_like(inp, memory_format=_row_norm_format(inp, rms), dtype=out_dtype or inp.dtype)
     return y, h, mean, rstd
 
 
-def _row_norm_backward_impl(dy: Tensor, x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor],
-                            bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor, eps: float, rms: bool,
-                            activation: str, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of row_norm, from the saved statistics (x is x + residual when fused)."""
+def _row_norm_backward_impl(dy: Tensor, x: Tensor, gate: Optional[Tensor], normalized_shape: Sequence[int],
+                            weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
+                            eps: float, rms: bool, activation: str, output_mask: Sequence[bool], offset: float,
+                            casting: str, norm_before_gate: bool,
+                            group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dgate) of row_norm, from the saved statistics (x is x + residual when
+    fused); output_mask: [dx, dweight, dbias, dgate]."""
     if x.numel() == 0:
-        return ops.zero_filled(_row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms,
-                                                       activation, output_mask))
+        return ops.zero_filled(_row_norm_backward_fake(dy, x, gate, normalized_shape, weight, bias, mean, rstd, eps,
+                                                       rms, activation, output_mask, offset, casting,
+                                                       norm_before_gate, group_size))
     weight, bias, mean, rstd = ops.dense(weight, bias, mean, rstd)
-    dx, dw, db = _route(x).module.row_norm_bwd(
-        dy, x, tuple(normalized_shape), weight, bias, mean, rstd, rms, activation, list(output_mask))
-    return ops.or_absent(dx, x).contiguous(), ops.or_absent(dw, x), ops.or_absent(db, x)
+    dx, dw, db, dg = _route(x).module.row_norm_bwd(
+        dy, x, tuple(normalized_shape), weight, bias, mean, rstd, rms, activation, list(output_mask), offset=offset,
+        casting=casting, gate=gate, norm_before_gate=norm_before_gate, group_size=group_size)
+    return ops.or_absent(dx, x).contiguous(), ops.or_absent(dw, x), ops.or_absent(db, x), ops.or_absent(dg, x)
 
 
 row_norm_backward_op = ops.register("row_norm_backward", _row_norm_backward_impl,
@@ -103,59 +139,89 @@ row_norm_backward_op = ops.register("row_norm_backward", _row_norm_backward_impl
 
 
 @row_norm_backward_op.register_fake
-def _row_norm_backward_fake(dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask):
-    return ops.grads_fake(x, weight, bias, output_mask, torch.contiguous_format)
+def _row_norm_backward_fake(dy, x, gate, normalized_shape, weight, bias, mean, rstd, eps, rms, activation,
+                            output_mask, offset, casting, norm_before_gate, group_size):
+    dx, dw, db = ops.grads_fake(x, weight, bias, output_mask, torch.contiguous_format)
+    dg = torch.empty_like(gate, memory_format=torch.contiguous_format) if gate is not None and output_mask[3] \
+        else ops.absent(x)
+    return dx, dw, db, dg
 
 
 def _row_norm_setup(ctx, inputs, output):
-    x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats = inputs
+    x, residual, gate, normalized_shape, weight, bias, eps, rms, activation, need_stats, *variant = inputs
     _, h, mean, rstd = output
     ops.no_grad_outputs(ctx, mean, rstd, *([] if residual is not None else [h]))
-    ctx.spec = RowNormSpec(tuple(normalized_shape), eps, rms, activation)
-    ctx.has_residual = residual is not None
+    ctx.spec = RowNormSpec(tuple(normalized_shape), eps, rms, activation, *variant)
+    ctx.dtypes = x.dtype, None if residual is None else residual.dtype
     if need_stats:
-        ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
+        ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd, gate)
     ctx.saved_stats = need_stats
 
 
 def _row_norm_bwd(ctx, dy, dh, _dmean, _drstd):
-    need = ctx.needs_input_grad
+    need = ops.needs(ctx, _row_norm_impl)
+    x_dtype, r_dtype = ctx.dtypes
     if not ctx.saved_stats:
         raise RuntimeError("normops::row_norm ran with need_stats=False, so its backward has no statistics")
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd, gate = ctx.saved_tensors
     s = ctx.spec
-    mask = [need[0] or need[1], need[3], need[4]]
+    mask = [need["x"] or need["residual"], need["weight"], need["bias"], need["gate"]]
     if dy is None:  # only x + residual was used
-        return ops.input_grads(_row_norm_impl, x=dh if need[0] else None, residual=dh if need[1] else None)
-    dx, dw, db = ops.call_backward(ctx, row_norm_backward_op, _row_norm_backward_impl, dy, x, s.normalized_shape,
-                                   weight, bias, None if s.rms else mean, rstd, s.eps, s.rms, s.activation, mask)
+        return ops.input_grads(_row_norm_impl, x=_cast(dh, x_dtype, need["x"]),
+                               residual=_cast(dh, r_dtype, need["residual"]))
+    dx, dw, db, dg = ops.call_backward(ctx, row_norm_backward_op, _row_norm_backward_impl, dy, x, gate,
+                                       s.normalized_shape, weight, bias, None if s.rms else mean, rstd, s.eps, s.rms,
+                                       s.activation, mask, s.offset, s.casting, s.norm_before_gate, s.group_size)
     dx = dx if mask[0] else None
-    if ctx.has_residual and dx is not None and dh is not None:
+    if r_dtype is not None and dx is not None and dh is not None:
         dx = dx + dh
-    return ops.input_grads(_row_norm_impl, x=dx if need[0] else None, residual=dx if need[1] else None,
-                           weight=dw if mask[1] else None, bias=db if mask[2] else None)
+    return ops.input_grads(_row_norm_impl, x=_cast(dx, x_dtype, need["x"]), residual=_cast(dx, r_dtype, need["residual"]),
+                           weight=dw if mask[1] else None, bias=db if mask[2] else None, gate=dg if mask[3] else None)
+
+
+def _cast(grad, dtype, needed):
+    """A gradient for an input of ``dtype`` (x and residual may differ from the sum's dtype)."""
+    if grad is None or not needed:
+        return None
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def _row_norm_backward_setup(ctx, inputs, output):
-    dy, x, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask = inputs
-    ctx.spec = RowNormSpec(tuple(normalized_shape), eps, rms, activation)
-    ctx.save_for_backward(dy, x, weight, bias)
+    (dy, x, gate, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask, offset, casting,
+     norm_before_gate, group_size) = inputs
+    ctx.spec = RowNormSpec(tuple(normalized_shape), eps, rms, activation, offset, casting, None, norm_before_gate,
+                           group_size)
+    ctx.save_for_backward(dy, x, weight, bias, gate)
 
 
-def _composite(spec, x, weight, bias):
-    dims = tuple(range(-len(spec.normalized_shape), 0))
-    return ops.affine_act(ops.normalize(x, dims, spec.eps, spec.rms), x, weight, bias, spec.activation, None)
+def _composite(spec, x, weight, bias, gate):
+    """The differentiable composition of the row norm (in the statistics dtype), for the double
+    backward; its casting-mode roundings are left out, as the backward treats them (straight-through)."""
+    u = x
+    sg = None if gate is None else torch.nn.functional.silu(gate)
+    if sg is not None and not spec.norm_before_gate:
+        u = u * sg
+    if spec.group_size:
+        u = u.unflatten(-1, (-1, spec.group_size))
+    dims = tuple(range(-(1 if spec.group_size else len(spec.normalized_shape)), 0))
+    x_hat = ops.normalize(u, dims, spec.eps, spec.rms).reshape(x.shape)
+    w = weight + spec.offset if weight is not None and spec.offset else weight
+    z = ops.affine_act(x_hat, x, w, bias, "none" if sg is not None else spec.activation, None)
+    if sg is not None and spec.norm_before_gate:
+        z = activate(z * sg, spec.activation)
+    return z
 
 
 # AMP: under CUDA autocast, torch runs layer_norm in fp32 (everything under CPU autocast keeps the
 # input dtype); normops does the same.
 ops.register_autograd(row_norm_op, _row_norm_setup, _row_norm_bwd, row_norm_backward_op, _row_norm_backward_setup,
-                      _composite, autocast=torch.float32)
+                      _composite, autocast=torch.float32, inputs=("gate",))
 _RowNorm = ops.function("RowNorm", _run, _row_norm_setup, _row_norm_bwd)
 
 
-def row_norm(spec, x, residual, weight, bias, need_stats, how=None):
+def row_norm(spec, x, residual, weight, bias, need_stats, how=None, gate=None):
     """normops::row_norm on route ``how`` (``ops.route``'s, asked here when not given): (y, h, mean,
     rstd), each absent one an empty tensor. ``need_stats``: a gradient is needed."""
-    args = (x, residual, list(spec.normalized_shape), weight, bias, spec.eps, spec.rms, spec.activation, need_stats)
+    args = (x, residual, gate, list(spec.normalized_shape), weight, bias, spec.eps, spec.rms, spec.activation,
+            need_stats, *spec.args())
     return ops.call(row_norm_op, _RowNorm, _run, args, need_stats, how or ops.route("row_norm", x, spec, args))
