@@ -30,7 +30,9 @@ DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidde
                num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 # fp32: the statistics summed in another order than torch's, then two layers (forward and backward) of fp32 rounding
 FP32 = dict(rtol=1e-5, atol=1e-6)
-GRAD = dict(rtol=1e-4, atol=1e-6)
+# gradients: sums over tokens with cancellation, so an element's error is on the scale of the largest
+# element of its tensor, not its own: atol relative to the tensor's max (GRAD_ATOL * max |grad|)
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
 
 
 def _qwen3_next():
@@ -144,7 +146,8 @@ def test_fp32_outputs_and_gradients_match(base):
     grads = 0
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         if q.grad is not None:
-            assert_close(p.grad, q.grad, **GRAD, msg=lambda m, n=n: f"{n}.grad: {m}")
+            atol = GRAD_ATOL * float(q.grad.abs().max())
+            assert_close(p.grad, q.grad, rtol=GRAD_RTOL, atol=atol, msg=lambda m, n=n: f"{n}.grad: {m}")
             grads += "norm" in n.lower()
     assert grads >= sum(MODELS[name][1].values())
 
