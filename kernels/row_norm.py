@@ -605,10 +605,13 @@ def _groups(normalized_shape, group_size):
 
 
 def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, *, offset=0.0,
-                 casting="fp32", out_dtype=None, gate=None, norm_before_gate=True, group_size=0, config=None):
+                 casting="fp32", out_dtype=None, gate=None, norm_before_gate=True, group_size=0, out=None,
+                 config=None):
     """The triton backend's row_norm forward (contract: normops/backends/__init__.py). `config`
     overrides the heuristic (the AOT compiler passes each configuration it compiles). Groups are
-    a second grid dimension: group j is the row norm of columns [j * n, (j + 1) * n)."""
+    a second grid dimension: group j is the row norm of columns [j * n, (j + 1) * n). `out`: the
+    (y, h) tensors to write, contiguous (they may be x and the residual themselves: each row is read
+    before its h and y are stored, and the looped kernel's second pass reads h, not x)."""
     weight, bias = dense(weight), dense(bias)
     gate = None if gate is None else gate.contiguous()  # read in y's layout
     k = len(normalized_shape)
@@ -617,8 +620,11 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     batch = x.shape[: x.dim() - k] + ((groups,) if groups > 1 else ())
     xv, rv, inner, (sx_o, sx_i), (sr_o, sr_i) = _rows_pair(x, x if residual is None else residual, k)
     inp_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype or inp_dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=inp_dtype, device=x.device) if residual is not None else y
+    if out is not None:
+        y, h = out
+    else:
+        y = torch.empty(x.shape, dtype=out_dtype or inp_dtype, device=x.device)
+        h = torch.empty(x.shape, dtype=inp_dtype, device=x.device) if residual is not None else y
     sd = stat_dtype(inp_dtype)
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None

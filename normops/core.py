@@ -105,6 +105,28 @@ def case_id(op, shape, layout, dtype, pas):
 
 # --- errors -------------------------------------------------------------------------------------
 
+_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+           torch.float64: torch.int64}
+
+
+def ulps_apart(a, b):
+    """Elementwise, how many representable values of a's dtype lie between a and b (0: equal; +0
+    and -0 are equal; a NaN is 0 from a NaN and far from anything else). a and b share a dtype.
+    The rule for "the same result up to rounding" of the casting modes and ``normops.convert``'s
+    probe: within 1 on (nearly) every element."""
+    if a.dtype != b.dtype:
+        raise TypeError(f"ulps_apart compares tensors of one dtype, got {a.dtype} and {b.dtype}")
+    bits = 8 * a.element_size()
+
+    def ordered(t):  # the float's rank among its dtype's values (sign-magnitude to two's complement)
+        i = t.contiguous().view(_INT_OF[t.dtype]).to(torch.int64)
+        return torch.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
+
+    apart = (ordered(a) - ordered(b)).abs()
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return torch.where(nan_a | nan_b, torch.where(nan_a & nan_b, 0, torch.iinfo(torch.int64).max), apart)
+
+
 class ShapeError(ValueError, RuntimeError):
     """A shape or size that does not fit: a ValueError, and a RuntimeError like torch's own."""
 

@@ -33,7 +33,7 @@ from .ops import row_norm as row_ops
 from .core import DtypeError, ShapeError, activate, activation_name, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
-           "add_rms_norm", "gated_rms_norm"]
+           "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -262,6 +262,37 @@ def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], w
     y, h, _, _ = _row_norm(x, residual, normalized_shape, weight, None, eps, True, None, None, offset, casting,
                            out_dtype)
     return y, h
+
+
+def add_rms_norm_(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                  eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """In place, for inference (vLLM's ``fused_add_rms_norm``): ``residual += x``, then
+    ``x = rms_norm(residual) * weight``, in one pass that writes both. Returns (x, residual).
+    x and residual: contiguous, of one shape and dtype, not overlapping; no gradient can flow
+    through an in-place update, so a call that needs one is an error (use ``add_rms_norm``)."""
+    if has_torch_function_variadic(x, residual, weight):
+        return handle_torch_function(add_rms_norm_, (x, residual, weight), x, residual, normalized_shape, weight, eps)
+    _check_tensors(x, residual=residual, weight=weight)
+    shape = _normalized_shape(x, normalized_shape)
+    _check_shape("weight", weight, shape)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ShapeError(f"add_rms_norm_ writes x and residual in place: expected residual of x's shape and dtype "
+                         f"{list(x.shape)} {x.dtype}, got {list(residual.shape)} {residual.dtype}")
+    for name, t in (("x", x), ("residual", residual)):
+        if not t.is_contiguous():
+            raise ValueError(f"add_rms_norm_ writes {name} in place and needs it contiguous; pass "
+                             f"{name}.contiguous() (and use the tensor you passed)")
+    if x.numel() and x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+        raise ValueError("add_rms_norm_: x and residual share storage; the in-place update needs two separate "
+                         "tensors")
+    if _grad_needed(x, residual, weight):
+        raise RuntimeError("add_rms_norm_ updates x and residual in place, for inference: no gradient can flow "
+                           "through it. Call it under torch.no_grad() / torch.inference_mode(), or use add_rms_norm, "
+                           "which returns new tensors")
+    if eps is None:
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    row_ops.fused_add_rms_norm(x, residual, shape, weight, float(eps))
+    return x, residual
 
 
 def gated_rms_norm(input: Tensor, gate: Optional[Tensor], normalized_shape: Sequence[int],

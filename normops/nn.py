@@ -12,6 +12,9 @@ to their ``normops.functional`` function, and the batch, instance and sync batch
 model as ``call_module`` leaves, as torch's are (see ``_fx_leaf``). ``torch.jit.trace`` records the
 ``normops::`` ops. ``torch.jit.script`` cannot compile them (see ``__prepare_scriptable__``).
 """
+from typing import Optional
+
+import torch
 import torch.distributed as dist
 from torch import Tensor, fx, nn
 
@@ -19,8 +22,8 @@ from . import functional as F
 from .core import activation_name
 from .sync_batch_norm import sync_batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
-           "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GatedRMSNorm", "GroupNorm", "InstanceNorm1d",
+           "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm"]
 
 
 class FusedActivation:
@@ -59,28 +62,85 @@ def _fx_leaf(module, input):
     return input.tracer.create_proxy("call_module", path, (input,), {})
 
 
-class LayerNorm(FusedActivation, nn.LayerNorm):
+class RowVariant:
+    """The row norms' variants (``normops.functional.rms_norm``): a weight ``offset`` (Gemma's
+    ``1 + weight``), the ``casting`` mode and the output dtype; shown by ``extra_repr`` when set."""
+
+    offset = 0.0        # class defaults, so converted modules have them too
+    casting = "fp32"
+    out_dtype = None
+
+    def _set_variant(self, offset, casting, out_dtype):
+        F._check_variant(None, self.weight, offset, casting, out_dtype)
+        self.offset, self.casting, self.out_dtype = float(offset), casting, out_dtype
+
+    def _variant(self):
+        return dict(offset=self.offset, casting=self.casting, out_dtype=self.out_dtype)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        set_ = [f"{k}={v!r}" for k, v, d in (("offset", self.offset, 0.0), ("casting", self.casting, "fp32"),
+                                             ("out_dtype", self.out_dtype, None)) if v != d]
+        return ", ".join(p for p in (s, *set_) if p)
+
+
+class LayerNorm(RowVariant, FusedActivation, nn.LayerNorm):
     __doc__ = nn.LayerNorm.__doc__
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
-                 *, activation=None):
+                 *, activation=None, offset=0.0, casting="fp32", out_dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self._set_activation(activation)
+        self._set_variant(offset, casting, out_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, activation=self.activation)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, activation=self.activation,
+                            **self._variant())
 
 
-class RMSNorm(FusedActivation, nn.RMSNorm):
+class RMSNorm(RowVariant, FusedActivation, nn.RMSNorm):
     __doc__ = nn.RMSNorm.__doc__
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None,
-                 *, activation=None):
+                 *, activation=None, offset=0.0, casting="fp32", out_dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self._set_activation(activation)
+        self._set_variant(offset, casting, out_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, activation=self.activation)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, activation=self.activation,
+                          **self._variant())
+
+
+class GatedRMSNorm(RowVariant, nn.Module):
+    """Gated RMSNorm (Mamba2, Qwen3-Next): ``forward(x, gate=None)`` is
+    ``normops.functional.gated_rms_norm(x, gate, normalized_shape, weight, eps, ...)``:
+    ``rms_norm(x) * weight * silu(gate)``, or ``rms_norm(x * silu(gate)) * weight`` with
+    ``norm_before_gate=False``; ``group_size`` normalizes each row in groups. The weight is
+    ones-initialised (zeros with ``offset=1.0``, so the norm starts as the identity scale either way)."""
+
+    def __init__(self, normalized_shape, eps=None, *, group_size=None, norm_before_gate=True, offset=0.0,
+                 casting="fp32", out_dtype=None, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        fill = 0.0 if offset else 1.0
+        self.weight = nn.Parameter(torch.full(self.normalized_shape, fill, device=device, dtype=dtype))
+        self._set_variant(offset, casting, out_dtype)
+
+    def reset_parameters(self):
+        nn.init.constant_(self.weight, 0.0 if self.offset else 1.0)
+
+    def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+        return F.gated_rms_norm(x, gate, self.normalized_shape, self.weight, self.eps,
+                                norm_before_gate=self.norm_before_gate, group_size=self.group_size, **self._variant())
+
+    def extra_repr(self) -> str:
+        s = f"{self.normalized_shape}, eps={self.eps}, group_size={self.group_size}, " \
+            f"norm_before_gate={self.norm_before_gate}"
+        return ", ".join(p for p in (s, super().extra_repr()) if p)
 
 
 class GroupNorm(FusedActivation, nn.GroupNorm):

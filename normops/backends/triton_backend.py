@@ -60,6 +60,8 @@ def fallback(family, x, num_groups=None):
     return None
 
 
+# row_norm_fwd takes out=(y, h): its kernels write the in-place fused add (normops::fused_add_rms_norm)
+WRITES_INTO = True
 row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
 row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 

@@ -225,3 +225,38 @@ def row_norm(spec, x, residual, weight, bias, need_stats, how=None, gate=None):
     args = (x, residual, gate, list(spec.normalized_shape), weight, bias, spec.eps, spec.rms, spec.activation,
             need_stats, *spec.args())
     return ops.call(row_norm_op, _RowNorm, _run, args, need_stats, how or ops.route("row_norm", x, spec, args))
+
+
+# --- the in-place fused add, for inference (vLLM's fused_add_rms_norm) ------------------------------
+
+def _fused_add_rms_norm_impl(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor],
+                             eps: float) -> None:
+    """residual <- x + residual, then x <- rms_norm(residual) * weight, both in place (contiguous,
+    same dtype, checked by normops.functional.add_rms_norm_). The Triton kernels write them from
+    the kernel (``WRITES_INTO``); the other backends compute, then copy."""
+    if x.numel() == 0:
+        return
+    (weight,) = ops.dense(weight)
+    module = _route(x).module
+    into = dict(out=(x, residual)) if getattr(module, "WRITES_INTO", False) else {}
+    y, h, _, _ = module.row_norm_fwd(x, residual, tuple(normalized_shape), weight, None, eps, True, "none", False,
+                                     **into)
+    if y is not x:
+        residual.copy_(h)
+        x.copy_(y)
+
+
+fused_add_rms_norm_op = ops.register("fused_add_rms_norm", _fused_add_rms_norm_impl, mutates=("x", "residual"))
+
+
+@fused_add_rms_norm_op.register_fake
+def _fused_add_rms_norm_fake(x, residual, normalized_shape, weight, eps):
+    return None
+
+
+def fused_add_rms_norm(x, residual, normalized_shape, weight, eps):
+    """normops::fused_add_rms_norm, called directly in eager mode."""
+    args = (x, residual, list(normalized_shape), weight, eps)
+    if ops.eager((x, residual, weight)):
+        return _fused_add_rms_norm_impl(*args)
+    return fused_add_rms_norm_op(*args)

@@ -22,6 +22,16 @@ Activation derivatives, with s = sigmoid(z), Phi/phi the standard normal cdf/pdf
     gelu(z) = z * Phi(z)        gelu'(z) = Phi(z) + z * phi(z)   (exact erf form, torch's default)
 
 Every backward recomputes x_hat (and z) from x and the saved mean/rstd rather than storing them.
+
+Rounding (``round_to``). The reference computes in float64; where a variant rounds an intermediate
+(row_norm.py's casting modes), ``round_to`` rounds the float64 value to float32 first, then to the
+target: what torch does converting a float64 tensor (c10 goes double -> float -> half/bfloat16), and
+what the models do, whose intermediates are fp32 values. NumPy has float16 (round to nearest even)
+but no bfloat16: bfloat16 is the top 16 bits of a float32, so rounding adds half of the dropped
+16 bits' range, plus the kept lowest bit for ties to even, to the uint32 bit pattern, then clears
+the low 16 bits (torch's c10::round_to_nearest_even; a carry into the exponent is the right
+rounding up, to inf past the largest bfloat16). NaN is kept apart: the addition could carry a
+NaN's payload away and leave inf.
 """
 import math
 
@@ -41,6 +51,16 @@ def _sigmoid(z):
         return 1.0 / (1.0 + np.exp(-z))
 
 
+def silu(z):
+    return z * _sigmoid(z)
+
+
+def silu_grad(z):
+    """silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z)."""
+    s = _sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
 def _activation(z, name):
     """act(z) for ``name`` in ACTIVATIONS (normops.core)."""
     if name == "none":
@@ -48,7 +68,7 @@ def _activation(z, name):
     if name == "relu":
         return np.maximum(z, 0.0)
     if name == "silu":
-        return z * _sigmoid(z)
+        return silu(z)
     if name == "gelu":
         return 0.5 * z * (1.0 + _erf(z / _SQRT2))  # z * Phi(z)
     raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATIONS)}")
@@ -61,8 +81,7 @@ def _activation_grad(z, name):
     if name == "relu":
         return (~(z <= 0)).astype(np.float64)  # torch's threshold_backward: a NaN z passes dy through
     if name == "silu":
-        s = _sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
+        return silu_grad(z)
     if name == "gelu":
         return 0.5 * (1.0 + _erf(z / _SQRT2)) + z * _INV_SQRT_2PI * np.exp(-0.5 * z * z)
     raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATIONS)}")
@@ -106,24 +125,29 @@ def _affine(x_hat, weight, bias):
     return z if bias is None else z + bias
 
 
-def normalize_forward(x, axes, mean, rstd, weight=None, bias=None, activation="none"):
-    """y = act(x_hat * w + b) with x_hat = (x - mean) * rstd (mean None: RMS).
+def normalize_forward(x, axes, mean, rstd, weight=None, bias=None, activation="none", x_hat_dtype=None):
+    """y = act(round(x_hat) * w + b) with x_hat = (x - mean) * rstd (mean None: RMS).
 
     ``mean``/``rstd`` are keepdims over ``axes``; ``weight``/``bias`` broadcast against x.
+    ``x_hat_dtype``: the torch dtype x_hat is rounded to (``round_to``) before the affine; None: not rounded.
     """
-    return _activation(_affine(_x_hat(x, mean, rstd), weight, bias), activation)
+    x_hat = round_to(_x_hat(x, mean, rstd), x_hat_dtype)
+    return _activation(_affine(x_hat, weight, bias), activation)
 
 
 def normalize_backward(dy, x, axes, mean, rstd, weight=None, bias=None, activation="none",
-                       stats_from_x=True):
+                       stats_from_x=True, x_hat_dtype=None):
     """(dx, dweight, dbias) for ``normalize_forward``; see the module docstring for the VJPs.
 
     ``stats_from_x=False`` treats mean/rstd as constants (BatchNorm eval): dx = g * rstd.
+    ``x_hat_dtype``: the forward's rounding, straight-through for dx (its derivative taken as 1),
+    but z and dw use x_hat as rounded, the value the forward multiplied w by (row_norm.py).
     dweight/dbias have weight's/bias's (broadcast) shape, or are None when those are None.
     """
     x_hat = _x_hat(x, mean, rstd)
+    x_hat_r = round_to(x_hat, x_hat_dtype)
     if activation != "none":
-        dy = dy * _activation_grad(_affine(x_hat, weight, bias), activation)
+        dy = dy * _activation_grad(_affine(x_hat_r, weight, bias), activation)
     g = dy if weight is None else dy * weight
     if not stats_from_x:
         dx = g * rstd
@@ -131,7 +155,7 @@ def normalize_backward(dy, x, axes, mean, rstd, weight=None, bias=None, activati
         dx = rstd * (g - x_hat * _mean(g * x_hat, axes))
     else:  # mean path (-mean(g)) and rstd path (-x_hat * mean(g * x_hat))
         dx = rstd * (g - _mean(g, axes) - x_hat * _mean(g * x_hat, axes))
-    dw = None if weight is None else _sum_to(dy * x_hat, weight.shape)
+    dw = None if weight is None else _sum_to(dy * x_hat_r, weight.shape)
     db = None if bias is None else _sum_to(dy, bias.shape)
     return dx, dw, db
 
@@ -139,6 +163,34 @@ def normalize_backward(dy, x, axes, mean, rstd, weight=None, bias=None, activati
 def per_channel(p, shape):
     """A per-channel parameter [C] reshaped to ``shape`` to broadcast along its channel axis."""
     return None if p is None else p.reshape(shape)
+
+
+# --------------------------------------------------------------------------- rounding
+def _round_bfloat16(f32):
+    """float32 ndarray -> the nearest bfloat16 (ties to even), as a float32 ndarray."""
+    bits = f32.view(np.uint32)
+    ties_to_even = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded = (bits + np.uint32(0x7FFF) + ties_to_even) & np.uint32(0xFFFF0000)
+    return np.where(np.isnan(f32), f32, rounded.view(np.float32))
+
+
+def round_to(a, dtype):
+    """float64 ndarray ``a`` rounded to torch ``dtype`` (via float32, as torch converts), as float64.
+
+    ``dtype`` None or float64: ``a`` unchanged.
+    """
+    if dtype is None or dtype == torch.float64:
+        return a
+    # past the target's range: inf, as torch gives; a NaN's bit pattern may wrap the uint32 add
+    with np.errstate(over="ignore"):
+        f32 = np.asarray(a, dtype=np.float64).astype(np.float32)
+        if dtype == torch.float32:
+            return f32.astype(np.float64)
+        if dtype == torch.float16:
+            return f32.astype(np.float16).astype(np.float64)
+        if dtype == torch.bfloat16:
+            return _round_bfloat16(f32).astype(np.float64)
+    raise TypeError(f"cannot round to {dtype}: expected a floating dtype")
 
 
 # --------------------------------------------------------------------------- torch <-> NumPy
@@ -170,6 +222,6 @@ def stats(a, x):
     return _t(a).to(device=x.device, dtype=dtype)
 
 
-def masked(mask, dx, dw, db):
-    """(dx, dw, db) with the gradients ``output_mask`` does not ask for as None."""
-    return tuple(g if want else None for g, want in zip((dx, dw, db), mask))
+def masked(mask, *grads):
+    """The gradients (dx, dw, db[, dgate]), one per entry of ``output_mask``, None where it says no."""
+    return tuple(g if want else None for g, want in zip(grads, mask))

@@ -33,51 +33,183 @@ Both are exact, eps included (it sits inside rstd). The parameter gradients sum 
 
 The backward recomputes x_hat (and z) from x and the saved mean/rstd. The generic code for
 these formulas, which group and batch norm share, is ``common.normalize_backward``.
+
+Variants (issue #17). Each is a few lines around that generic core; "inp" is x, or h = x + residual.
+
+    residual    h = x + residual in torch.promote_types(x, residual), torch's own add and rounding: a
+                bf16 x on an fp32 residual stream gives an fp32 h, normalized and returned as fp32.
+    offset      z = x_hat * (offset + w) + b. Gemma stores w - 1 (initialised to zeros) and scales by
+                1 + w. offset + w is one number per feature, d(offset + w)/dw = 1: dw is unchanged.
+                Without a weight there is nothing to shift, and z = x_hat + b.
+    casting     where x_hat is rounded before the weight multiply, the one place the Hugging Face
+                RMSNorms differ (their statistics and x_hat are fp32 in all of them):
+                  "fp32" ("gemma")  not rounded: (x_hat * (1 + w)).type_as(x), one rounding, at y
+                  "llama"           x_hat rounded to inp's dtype, then times w: LlamaRMSNorm's
+                                    ``self.weight * hidden_states.to(input_dtype)``
+                  "t5"              x_hat rounded to w's dtype when that is float16/bfloat16 (T5LayerNorm)
+    out_dtype   y rounded to it (default inp's dtype): LlamaRMSNorm's fp32 weight times a bf16
+                x_hat is fp32, so its y is promote_types(w, x).
+    gate        the gated RMSNorm of Mamba2 and Qwen3-Next, with s = silu(gate), gate shaped like x:
+                  norm_before_gate      y = a * s, a = act(z) the norm's output; under "llama" a is
+                                        first rounded to promote_types(w, inp) (Qwen3-Next's
+                                        ``self.weight * hidden.to(input_dtype)`` is in that dtype)
+                  not norm_before_gate  u = inp * s is what is normalized (Mamba2): y = norm(u), the
+                                        statistics are u's
+    group_size  0 < group_size < N (normalized_shape (N,)): the view [*, N] -> [*, N/group_size,
+                group_size] makes each group a row of its own, so everything here applies unchanged,
+                with w and b viewed [G, group_size]; the statistics come back [*, G].
+
+Rounding in float64 (``common.round_to``): to float32 first, then to the target, which is what
+torch does converting a double and what the models' fp32 intermediates look like once rounded.
+
+Backward of the variants. Rounding is straight-through: d round(a) / da = 1, as autograd through
+``.to(dtype)`` passes the gradient unchanged. So dx is the formula above with the unrounded x_hat,
+and g = dz * (offset + w). But a product's gradient takes the other factor as the forward
+computed it: z = round(x_hat) * (offset + w), so
+
+    dw = sum_rows(dz * round(x_hat)),  db = sum_rows(dz)
+
+which is what autograd through LlamaRMSNorm gives (the grad of ``weight * hidden.to(bf16)`` with
+respect to weight is dz times the bf16 hidden). The unrounded x_hat would miss it by about a
+bf16 ulp per term, far more than fp32 summation error: a reference that must agree with the
+module it mirrors cannot use it.
+
+Gate after the norm (norm_before_gate): y = a * s with a = act(z) (rounded under "llama", and by
+the same rule dgate takes a as rounded), s = silu(gate), silu'(t) = sig(t) (1 + t (1 - sig(t))):
+
+    dgate = dy * a * silu'(gate)
+    dz    = dy * s * act'(z)          then the norm's backward above, unchanged
+
+Gate before the norm (not norm_before_gate): u = inp * s is normalized, so the norm's backward
+gives du (the formula above, u in place of x, its statistics u's), and the product rule splits it:
+
+    dx    = du * s
+    dgate = du * inp * silu'(gate)
+
+Groups: in the [*, G, group_size] view a group is a row, so dx's formula holds per group, with
+means over its group_size values and the group's rstd; dw and db sum over every row and
+batch dim of the view, [G, group_size], which is w's [N] viewed.
 """
+import math
+
 import torch
 
-from .common import host, into, like, masked, moments, normalize_backward, normalize_forward, rstd_of, stats
+from .common import (host, into, like, masked, moments, normalize_backward, normalize_forward, round_to, rstd_of,
+                     silu, silu_grad, stats)
+
+CASTINGS = ("fp32", "gemma", "llama", "t5")
 
 
 def _row_axes(x, normalized_shape):
     return tuple(range(x.ndim - len(normalized_shape), x.ndim))
 
 
-def row_norm_forward(x, normalized_shape, weight, bias, eps, rms, activation):
-    """LayerNorm (RMSNorm when ``rms``) of ndarray x -> (y, mean, rstd), stats of x.shape[:-k]
-    (mean None for RMS)."""
-    axes = _row_axes(x, normalized_shape)
-    mean, var = moments(x, axes, rms)
+def _row_shape(normalized_shape, group_size):
+    """normalized_shape in the grouped view: (N / group_size, group_size) when 0 < group_size < N."""
+    if not 0 < group_size < math.prod(normalized_shape):
+        return tuple(normalized_shape)
+    if len(normalized_shape) != 1 or normalized_shape[0] % group_size:
+        raise ValueError(f"group_size {group_size} must divide a one-dim normalized_shape, "
+                         f"got {tuple(normalized_shape)}")
+    return (normalized_shape[0] // group_size, group_size)
+
+
+def _grouped(a, normalized_shape, shape):
+    """a [..., *normalized_shape] viewed [..., *shape] (None passes through): each group a row."""
+    return None if a is None else a.reshape(a.shape[:a.ndim - len(normalized_shape)] + shape)
+
+
+def _scale(weight, offset):
+    """offset + w, in float64 (the models' fp32 ``1.0 + weight.float()``); no weight: no scale."""
+    return None if weight is None else offset + weight
+
+
+def rounding(casting, inp_dtype, weight_dtype):
+    """(x_hat's dtype, the gated output's dtype): what ``casting`` rounds them to; None: not rounded."""
+    if casting in ("fp32", "gemma"):
+        return None, None
+    if casting == "llama":
+        return inp_dtype, inp_dtype if weight_dtype is None else torch.promote_types(weight_dtype, inp_dtype)
+    if casting == "t5":
+        return (weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else None), None
+    raise ValueError(f"unknown casting {casting!r}; expected one of {CASTINGS}")
+
+
+def row_norm_forward(x, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0, gate=None,
+                     norm_before_gate=True, group_size=0, x_hat_dtype=None, z_dtype=None):
+    """LayerNorm (RMSNorm when ``rms``) of ndarray x -> (y, mean, rstd), y in float64 (not yet in
+    out_dtype), stats of x.shape[:-k], or x.shape[:-1] + (G,) with groups (mean None for RMS).
+
+    ``x_hat_dtype``/``z_dtype``: the roundings of ``rounding``.
+    """
+    s = None if gate is None else silu(gate)
+    u = x * s if gate is not None and not norm_before_gate else x
+    shape = _row_shape(normalized_shape, group_size)
+    uv = _grouped(u, normalized_shape, shape)
+    axes = _row_axes(uv, normalized_shape)  # grouped (normalized_shape one dim): the group
+    mean, var = moments(uv, axes, rms)
     rstd = rstd_of(var, eps)
-    y = normalize_forward(x, axes, mean, rstd, weight, bias, activation)
-    lead = x.shape[:x.ndim - len(axes)]
+    y = normalize_forward(uv, axes, mean, rstd, _grouped(_scale(weight, offset), normalized_shape, shape),
+                          _grouped(bias, normalized_shape, shape), activation, x_hat_dtype).reshape(x.shape)
+    if gate is not None and norm_before_gate:
+        y = round_to(y, z_dtype) * s
+    lead = uv.shape[:uv.ndim - len(axes)]
     return y, None if mean is None else mean.reshape(lead), rstd.reshape(lead)
 
 
-def row_norm_backward(dy, x, normalized_shape, mean, rstd, weight, bias, activation):
-    """-> (dx, dweight, dbias) for ``row_norm_forward``; mean None: RMSNorm."""
-    axes = _row_axes(x, normalized_shape)
-    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # the stats back on the row's axes
+def row_norm_backward(dy, x, normalized_shape, mean, rstd, weight, bias, activation, *, offset=0.0, gate=None,
+                      norm_before_gate=True, group_size=0, x_hat_dtype=None, z_dtype=None):
+    """-> (dx, dweight, dbias, dgate) for ``row_norm_forward``; mean None: RMSNorm; dgate None
+    without a gate."""
+    s = None if gate is None else silu(gate)
+    gate_first = gate is not None and not norm_before_gate
+    u = x * s if gate_first else x
+    shape = _row_shape(normalized_shape, group_size)
+    uv = _grouped(u, normalized_shape, shape)
+    axes = _row_axes(uv, normalized_shape)  # grouped (normalized_shape one dim): the group
+    keep = uv.shape[:uv.ndim - len(axes)] + (1,) * len(axes)  # the stats back on the row's axes
     mean = None if mean is None else mean.reshape(keep)
-    return normalize_backward(dy, x, axes, mean, rstd.reshape(keep), weight, bias, activation)
+    rstd = rstd.reshape(keep)
+    w = _grouped(_scale(weight, offset), normalized_shape, shape)
+    b = _grouped(bias, normalized_shape, shape)
+    dgate = None
+    if gate is not None and norm_before_gate:  # y = a * s: a as the forward rounded it
+        a = normalize_forward(uv, axes, mean, rstd, w, b, activation, x_hat_dtype).reshape(x.shape)
+        dgate = dy * round_to(a, z_dtype) * silu_grad(gate)
+        dy = dy * s
+    du, dw, db = normalize_backward(_grouped(dy, normalized_shape, shape), uv, axes, mean, rstd, w, b,
+                                    activation, x_hat_dtype=x_hat_dtype)
+    du = du.reshape(x.shape)
+    dx = du * s if gate_first else du
+    if gate_first:  # u = x * s
+        dgate = du * x * silu_grad(gate)
+    return (dx, None if dw is None else dw.reshape(weight.shape), None if db is None else db.reshape(bias.shape),
+            dgate)
 
 
 # --------------------------------------------------------------------------- backend contract
-def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats):
-    # The residual add happens in x's dtype, in torch, so its rounding is torch's.
-    h = None if residual is None else (x + residual).to(x.dtype)
-    y, mean, rstd = row_norm_forward(host(x if h is None else h), tuple(normalized_shape),
-                                     host(weight), host(bias), eps, rms, activation)
-    y = into(y, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, *, offset=0.0,
+                 casting="fp32", out_dtype=None, gate=None, norm_before_gate=True, group_size=0):
+    # The residual add happens in torch, in promote_types(x, residual), so its rounding is torch's.
+    h = None if residual is None else x + residual
+    inp = x if h is None else h
+    x_hat_dtype, z_dtype = rounding(casting, inp.dtype, None if weight is None else weight.dtype)
+    y, mean, rstd = row_norm_forward(host(inp), tuple(normalized_shape), host(weight), host(bias), eps, rms,
+                                     activation, offset=offset, gate=host(gate), norm_before_gate=norm_before_gate,
+                                     group_size=group_size, x_hat_dtype=x_hat_dtype, z_dtype=z_dtype)
+    y = into(y, torch.empty(inp.shape, dtype=out_dtype or inp.dtype, device=inp.device))
     if not need_stats:
         return y, h, None, None
-    return y, h, None if rms else stats(mean, x), stats(rstd, x)
+    return y, h, None if rms else stats(mean, inp), stats(rstd, inp)
 
 
-def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation,
-                 output_mask):
-    dx, dw, db = row_norm_backward(host(dy), host(x), tuple(normalized_shape),
-                                   None if rms else host(mean), host(rstd), host(weight),
-                                   host(bias), activation)
+def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *, offset=0.0,
+                 casting="fp32", gate=None, norm_before_gate=True, group_size=0):
+    """``output_mask`` [dx, dw, db, dgate]; a 3-entry mask (no dgate) gets the 3 gradients back."""
+    x_hat_dtype, z_dtype = rounding(casting, x.dtype, None if weight is None else weight.dtype)
+    dx, dw, db, dgate = row_norm_backward(host(dy), host(x), tuple(normalized_shape), None if rms else host(mean),
+                                          host(rstd), host(weight), host(bias), activation, offset=offset,
+                                          gate=host(gate), norm_before_gate=norm_before_gate,
+                                          group_size=group_size, x_hat_dtype=x_hat_dtype, z_dtype=z_dtype)
     dx = into(dx, torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    return masked(output_mask, dx, like(dw, weight), like(db, bias))
+    return masked(output_mask, dx, like(dw, weight), like(db, bias), like(dgate, gate))
