@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .core import ulps_apart
 
 
 # --- the comparison rule -------------------------------------------------------------------------
@@ -41,24 +42,20 @@ FP_TOL = dict(rtol=1e-5, atol=1e-6)  # float32 / float64: HF's float32 statistic
 def agree(actual: torch.Tensor, expected: torch.Tensor, share: float = SHARE) -> Tuple[bool, str]:
     """Whether ``actual`` matches ``expected`` to the precision of its dtype, and why not.
 
-    Same shape, dtype and NaN positions. bfloat16/float16: at most 1 ulp apart (the spacing of the
-    dtype at the larger magnitude) on at least ``share`` of the elements; float32/float64: close
+    Same shape, dtype and NaN positions. bfloat16/float16: at most 1 ulp apart (``ulps_apart``) on at
+    least ``share`` of the elements; float32/float64: close
     (``FP_TOL``) everywhere: HF computes fp64 input in float32 too."""
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         return False, f"got {actual.dtype} {list(actual.shape)}, expected {expected.dtype} {list(expected.shape)}"
-    a, e = actual.detach().float(), expected.detach().float()
+    a, e = actual.detach(), expected.detach()
     if not torch.equal(a.isnan(), e.isnan()):
         return False, "NaN at other positions"
-    a, e = a.nan_to_num(0.0), e.nan_to_num(0.0)
     n = max(a.numel(), 1)
-    if actual.dtype in (torch.float16, torch.bfloat16):
-        info = torch.finfo(actual.dtype)
-        magnitude = torch.maximum(a.abs(), e.abs()).clamp_min(info.tiny)
-        ulp = torch.ldexp(torch.full_like(magnitude, info.eps), torch.frexp(magnitude).exponent - 1)
-        bad = int(((a - e).abs() > ulp).sum())
+    if a.dtype in (torch.float16, torch.bfloat16):
+        bad = int((ulps_apart(a, e) > 1).sum())
         ok = bad <= (1.0 - share) * n
-        return ok, "" if ok else f"{bad} of {n} elements ({bad / n:.1%}) beyond 1 ulp of {actual.dtype}"
-    bad = int((~torch.isclose(a, e, **FP_TOL)).sum())
+        return ok, "" if ok else f"{bad} of {n} elements ({bad / n:.1%}) more than 1 ulp apart in {a.dtype}"
+    bad = int((~torch.isclose(a, e, equal_nan=True, **FP_TOL)).sum())
     return bad == 0, "" if bad == 0 else f"{bad} of {n} elements not close (rtol {FP_TOL['rtol']})"
 
 
