@@ -17,9 +17,9 @@ def calls(monkeypatch):
     for name, mod in (("torch", torch_backend), ("numpy", numpy_backend)):
         real = mod.row_norm_fwd
 
-        def spy(*args, _real=real, _name=name):
+        def spy(*args, _real=real, _name=name, **kwargs):
             seen.append(_name)
-            return _real(*args)
+            return _real(*args, **kwargs)
 
         monkeypatch.setattr(mod, "row_norm_fwd", spy)
     return seen
@@ -99,7 +99,7 @@ def test_backward_uses_the_backend_of_its_call(calls, monkeypatch):
     """The backward runs where the backend is resolved at backward time: per call, like forward."""
     seen = []
     real = numpy_backend.row_norm_bwd
-    monkeypatch.setattr(numpy_backend, "row_norm_bwd", lambda *a: seen.append(1) or real(*a))
+    monkeypatch.setattr(numpy_backend, "row_norm_bwd", lambda *a, **k: seen.append(1) or real(*a, **k))
     x = torch.randn(2, 3, requires_grad=True)
     with normops.backend("numpy"):
         _ln(x).sum().backward()
