@@ -32,6 +32,9 @@ from torch import nn
 from . import functional as F
 from .core import ulps_apart
 
+__all__ = ["CONVENTIONS", "Convention", "KNOWN", "TORCH_NORMS", "agree", "candidates", "convention_of", "plan",
+           "probe", "twin_class"]
+
 
 # --- the comparison rule -------------------------------------------------------------------------
 
@@ -177,7 +180,7 @@ KNOWN = {
 }
 
 
-TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)  # and their subclasses
 
 
 def candidates(module) -> Tuple[Convention, ...]:
@@ -230,7 +233,7 @@ def convention_of(module) -> Optional[str]:
 PROBE_ROWS = 16  # rows of the probe input: with a hidden size of 32 or more, 512+ elements for the 99.9% rule
 
 
-def _probe_inputs(module, convention, w_dtype, x_dtype, gen):
+def _probe_inputs(module, convention, x_dtype, gen):
     """(args of forward) in x_dtype on module's device, with varied magnitudes and both signs."""
     n = module.weight.shape[0] if module._parameters.get("weight") is not None else module.normalized_shape[0]
     device = next(iter(module.parameters()), torch.empty(0)).device
@@ -276,7 +279,7 @@ def probe(module, convention: Convention) -> Tuple[bool, int, str]:
     with torch.no_grad():
         for w_dtype, x_dtype in configs:
             p = _probe_copy(module, w_dtype, gen)
-            for args in _probe_inputs(module, convention, w_dtype, x_dtype, gen):
+            for args in _probe_inputs(module, convention, x_dtype, gen):
                 try:
                     expected = type(module).forward(p, *args)
                 except Exception as e:  # noqa: BLE001 (a forward that needs more than the probe gives)
@@ -338,6 +341,3 @@ def shape_text(module) -> str:
         return f"shape={tuple(w.shape)}"
     return f"shape={tuple(getattr(module, 'normalized_shape', ()))}"
 
-
-__all__ = ["CONVENTIONS", "Convention", "KNOWN", "agree", "candidates", "convention_of", "plan", "probe",
-           "twin_class"]

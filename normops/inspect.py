@@ -69,7 +69,7 @@ from normops.ops import route
 from normops.ops.batch_norm import BatchNormSpec
 from normops.ops.group_norm import GroupNormSpec
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = hf.TORCH_NORMS
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
                nn.Tanhshrink, nn.LogSigmoid, nn.GLU, nn.Threshold)

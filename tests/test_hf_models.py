@@ -223,6 +223,7 @@ def test_shared_norm_one_twin_hooks_pickle_idempotent():
     clone = pickle.loads(pickle.dumps(model))  # the twin classes are rebuilt from their parts
     assert type(clone.model.norm) is type(model.model.norm)
     assert_close(forward("llama", clone, ids), want, rtol=0, atol=0)
+    assert_close(forward("llama", copy.deepcopy(model), ids), want, rtol=0, atol=0)
     modules = dict(model.named_modules())
     _, again = normops.convert(model, report=True)
     assert again.rows == [] and all(m is modules[n] for n, m in model.named_modules())
