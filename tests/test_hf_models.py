@@ -319,3 +319,29 @@ def test_inspect_shows_what_convert_would_do():
     layers = {item.name: item for item in normops.inspect(model).layers}
     assert layers["model.norm"].type == "normops.hf.LlamaRMSNorm"
     assert layers["model.norm"].backend == normops.current_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["llama", "mamba2", "qwen3next"])
+def test_on_the_triton_kernels(name, monkeypatch):
+    """The converted models on the Triton kernels (the interpreter without a GPU): fp32 outputs and
+    the norm weights' gradients equal the unconverted model's (Llama, and both gated norms)."""
+    pytest.importorskip("triton")
+    if not normops.backends.triton_interpret() and not torch.cuda.is_available():
+        pytest.skip("the triton backend takes CPU tensors only under TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    model, ref = pair(perturbed(MODELS[name][0]().eval()))
+    ids = tokens()
+    from normops.kernels import row_norm as kernels
+    launches, real = [], kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, *a, **kw: launches.append(kw) or real(kernel, grid, *a, **kw))
+    with normops.backend("triton"):
+        out = forward(name, model, ids)
+        out.square().mean().backward()
+    assert len(launches) >= 2 * sum(MODELS[name][1].values())  # a forward and a backward launch a norm, at least
+    assert any(kw.get("HAS_GATE") for kw in launches) == (name != "llama")
+    want = forward(name, ref, ids)
+    want.square().mean().backward()
+    assert_close(out, want, **FP32)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if "norm" in n.lower() and q.grad is not None:
+            assert_close(p.grad, q.grad, rtol=GRAD_RTOL, atol=GRAD_ATOL * float(q.grad.abs().max()), msg=n)
