@@ -49,14 +49,14 @@ DTYPES = ("bf16", "fp16", "fp32")
 VARIANTS = [("layer_norm", False, True, True, False, "none"), ("rms_norm", True, True, False, False, "none"),
             ("add_layer_norm+gelu", False, True, True, True, "gelu")]
 # The language models' variants (normops.functional.rms_norm/gated_rms_norm's arguments), in bf16,
-# the dtype they run in: each flag once, the gated ones with the llama roundings (the most code).
-# Groups are a grid dimension: no kernel of their own.
+# the dtype they run in: each flag once, the gated ones with the llama roundings (the most code),
+# the gate-first one grouped (Mamba2).
 LLM_VARIANTS = {
     "rms_norm+gemma": dict(offset=1.0),
     "rms_norm+llama": dict(casting="llama"),
     "add_rms_norm+fp32_residual": dict(residual=torch.float32, out_dtype=torch.bfloat16),
     "gated_rms_norm": dict(gate=True, casting="llama"),
-    "gated_rms_norm/first": dict(gate=True, norm_before_gate=False, casting="llama"),
+    "gated_rms_norm/first": dict(gate=True, norm_before_gate=False, casting="llama", group_size=32),
 }
 VARIANTS += [(name, True, True, False, "residual" in kw, "none") for name, kw in LLM_VARIANTS.items()]
 # Weights in fp32 under bf16/fp16 activations (the usual mixed-precision layout) cost registers.

@@ -61,6 +61,17 @@ def _row_offsets(rows, inner, s_outer, s_inner):
 
 
 @triton.jit
+def _group(N, GROUPED: tl.constexpr):
+    """(group index, groups, the group's first column): program_id(1) when the rows are normalized
+    in groups, else constants (0, 1, 0) that fold away: the plain kernels compile as before."""
+    if GROUPED:
+        grp = tl.program_id(1)
+        return grp, tl.num_programs(1), grp * N
+    else:
+        return 0, 1, 0
+
+
+@triton.jit
 def _pivot(x_ptrs, r_ptrs, H, mask, HAS_R: tl.constexpr, ACC: tl.constexpr):
     """Each row's first h (x + r rounded as _add_residual rounds it): the origin LayerNorm's
     statistics are taken about. A constant row then has h - pivot = 0 exactly, so its mean is exact
@@ -149,18 +160,18 @@ def _row_norm_fwd_kernel(
     eps,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     ACT: tl.constexpr, STORE_STATS: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """One pass, rows up to BLOCK_N wide: BLOCK_M whole rows (of group program_id(1)) in registers,
     one read of x (and r, gate), one write of y (and h)."""
     pid = tl.program_id(0)
-    col0 = tl.program_id(1) * N  # the group's first column
+    grp, n_grp, col0 = _group(N, GROUPED)
     cols = tl.arange(0, BLOCK_N)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     x_ptrs = X + col0 + _row_offsets(rows, inner, sx_o, sx_i)[:, None] + cols[None, :]
-    out_offs = rows.to(tl.int64)[:, None] * (N * tl.num_programs(1)) + col0 + cols[None, :]
+    out_offs = rows.to(tl.int64)[:, None] * (N * n_grp) + col0 + cols[None, :]
     x = _add_residual(tl.load(x_ptrs, mask=mask, other=0.0),
                       R + col0 + _row_offsets(rows, inner, sr_o, sr_i)[:, None] + cols[None, :], H + out_offs, mask,
                       HAS_R, ACC, "")
@@ -180,8 +191,7 @@ def _row_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
     _affine_act_store(xc * rstd[:, None], sg, Y, out_offs, mask, W + col0, B + col0, cols, cols < N, HAS_W, HAS_B,
                       ACT, W_OFFSET, XHAT, PROD, HAS_GATE and not GATE_FIRST, ACC, "")
-    _store_stats(MEAN, RSTD, rows * tl.num_programs(1) + tl.program_id(1), mean, rstd, rows < M, IS_RMS,
-                 STORE_STATS)
+    _store_stats(MEAN, RSTD, rows * n_grp + grp, mean, rstd, rows < M, IS_RMS, STORE_STATS)
 
 
 @triton.jit
@@ -195,7 +205,7 @@ def _row_norm_fwd_looped_kernel(
     eps,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     ACT: tl.constexpr, STORE_STATS: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """Rows wider than a block, one at a time over a persistent grid of a few programs per SM:
@@ -204,8 +214,7 @@ def _row_norm_fwd_looped_kernel(
     cache to keep what it loads, so the second read of a row mostly hits L2: the rows in flight
     (programs x N x e bytes) are sized to fit in it. A gate is read in both passes (the second from L2)."""
     pid = tl.program_id(0)
-    n_grp = tl.num_programs(1)
-    col0 = tl.program_id(1) * N  # the group's first column
+    grp, n_grp, col0 = _group(N, GROUPED)
     cols = tl.arange(0, BLOCK_N)
     n_blocks = tl.cdiv(N, BLOCK_N)
     n_prog = tl.num_programs(0)
@@ -243,7 +252,7 @@ def _row_norm_fwd_looped_kernel(
             d = lane_mean - mean
             m2 = tl.sum(lane_m2 + count * d * d, 0)
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        _store_stats(MEAN, RSTD, row * n_grp + tl.program_id(1), pivot + mean, rstd, None, IS_RMS, STORE_STATS)
+        _store_stats(MEAN, RSTD, row * n_grp + grp, pivot + mean, rstd, None, IS_RMS, STORE_STATS)
         if HAS_R:
             tl.debug_barrier()  # pass 2 reads h back: make pass 1's stores visible to the block
         for i in range(0, n_blocks):
@@ -352,7 +361,7 @@ def _row_norm_bwd_kernel(
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
+    GROUPED: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """One pass, rows up to BLOCK_N wide, over a persistent grid of P programs (per group): program
@@ -361,8 +370,7 @@ def _row_norm_bwd_kernel(
     only cross-warp reduction is the two row sums of dx, taken together (one shared-memory round)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    n_grp = tl.num_programs(1)
-    col0 = tl.program_id(1) * N  # the group's first column
+    grp, n_grp, col0 = _group(N, GROUPED)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     need_du: tl.constexpr = WANT_DX or (WANT_DG and GATE_FIRST)
@@ -388,7 +396,7 @@ def _row_norm_bwd_kernel(
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0)
         gz, _ = _gate(Z, out_offs, mask, HAS_GATE, ACC, "")
-        stat_rows = rows * n_grp + tl.program_id(1)
+        stat_rows = rows * n_grp + grp
         rstd = tl.load(RSTD + stat_rows, mask=row_mask, other=0.0)[:, None]
         mean = 0.0
         if not IS_RMS:
@@ -420,7 +428,7 @@ def _row_norm_bwd_kernel(
             dw += dz * tl.where(mask, x_r, 0.0)
         if WANT_DB:
             db += tl.where(mask, dz, 0.0)
-    part = PART + (tl.program_id(1) * n_prog + pid).to(tl.int64) * (WANT_DW + WANT_DB) * N + cols
+    part = PART + (grp * n_prog + pid).to(tl.int64) * (WANT_DW + WANT_DB) * N + cols
     if WANT_DW:
         tl.store(part, tl.sum(dw, 0), mask=col_mask)
     if WANT_DB:
@@ -437,7 +445,7 @@ def _row_norm_bwd_looped_kernel(
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
+    GROUPED: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """Rows wider than a block, each owned by one program of a persistent grid of P (rows p,
@@ -449,13 +457,12 @@ def _row_norm_bwd_looped_kernel(
     sized so that P partial rows and P rows of x and dy fit in L2 (config.py)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    n_grp = tl.num_programs(1)
-    col0 = tl.program_id(1) * N  # the group's first column
+    grp, n_grp, col0 = _group(N, GROUPED)
     cols = tl.arange(0, BLOCK_N)
     cols1 = tl.arange(0, 2 * BLOCK_N)  # pass 1 holds fewer values a column: blocks twice as wide
     n_blocks = tl.cdiv(N, BLOCK_N)
     need_du: tl.constexpr = WANT_DX or (WANT_DG and GATE_FIRST)
-    part = PART + (tl.program_id(1) * n_prog + pid).to(tl.int64) * (WANT_DW + WANT_DB) * N
+    part = PART + (grp * n_prog + pid).to(tl.int64) * (WANT_DW + WANT_DB) * N
     W = W + col0
     B = B + col0
     for it in range(0, tl.cdiv(M - pid, n_prog)):
@@ -463,10 +470,10 @@ def _row_norm_bwd_looped_kernel(
         x_row = X + col0 + _row_offsets(row, inner, sx_o, sx_i)
         dy_row = DY + col0 + _row_offsets(row, inner, sdy_o, sdy_i)
         out_row = row * N * n_grp + col0
-        rstd = tl.load(RSTD + row * n_grp + tl.program_id(1))
+        rstd = tl.load(RSTD + row * n_grp + grp)
         mean = 0.0
         if not IS_RMS:
-            mean = tl.load(MEAN + row * n_grp + tl.program_id(1))
+            mean = tl.load(MEAN + row * n_grp + grp)
         c1 = 0.0
         c2 = 0.0
         g0 = 0.0
@@ -526,7 +533,7 @@ def _row_norm_param_grads_kernel(
     PART,              # [NG, G, K, N] fp32 partials from the backward kernels: dw (when WANT_DW) then db
     DW, DB,            # [NG * N] out: dweight, dbias, in the parameters' dtypes
     G, N,
-    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """dw and db from the partials: each program sums BLOCK_N columns of group program_id(1) over
@@ -535,7 +542,9 @@ def _row_norm_param_grads_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     k = WANT_DW + WANT_DB
-    PART += tl.program_id(1).to(tl.int64) * G * k * N
+    grp, _, col0 = _group(N, GROUPED)
+    if GROUPED:
+        PART += grp.to(tl.int64) * G * k * N
     acc_w = tl.zeros((BLOCK_G, BLOCK_N), dtype=ACC)
     acc_b = tl.zeros((BLOCK_G, BLOCK_N), dtype=ACC)
     for start in range(0, G, BLOCK_G):
@@ -546,7 +555,7 @@ def _row_norm_param_grads_kernel(
             acc_w += tl.load(ptrs, mask=mask, other=0.0)
         if WANT_DB:
             acc_b += tl.load(ptrs + WANT_DW * N, mask=mask, other=0.0)
-    out = tl.program_id(1) * N + cols
+    out = col0 + cols
     if WANT_DW:
         tl.store(DW + out, tl.sum(acc_w, 0).to(DW.dtype.element_ty), mask=col_mask)
     if WANT_DB:
@@ -644,7 +653,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
             m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
                  ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(inp_dtype),
-                 **_variant(inp_dtype, weight, offset, casting, gate, norm_before_gate))
+                 **_variant(inp_dtype, weight, offset, casting, gate, norm_before_gate), GROUPED=groups > 1)
     if cfg.one_pass:  # a program per block of rows (and group)
         launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), groups), *args, num_warps=cfg.num_warps,
                BLOCK_M=cfg.block_m, **flags)
@@ -688,7 +697,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
             m, n, inner, sdy_o, sdy_i, sx_o, sx_i)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
                  WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, WANT_DG=want_dg, BLOCK_N=cfg.block_n, ACC=acc,
-                 **_variant(x.dtype, weight, offset, casting, gate, norm_before_gate))
+                 **_variant(x.dtype, weight, offset, casting, gate, norm_before_gate), GROUPED=groups > 1)
     if cfg.one_pass:
         launch(_row_norm_bwd_kernel, (g, groups), *args, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
     else:
@@ -699,6 +708,6 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_db else None
     pg = grads_config or ParamGradsConfig.make(n, g)
     launch(_row_norm_param_grads_kernel, (triton.cdiv(n, pg.block_n), groups), part, dw if want_dw else db,
-           db if want_db else dw, g, n, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db,
+           db if want_db else dw, g, n, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db, GROUPED=groups > 1,
            BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
     return dx, dw, db, dg
