@@ -117,15 +117,21 @@ def _gate(Z, offs, mask, HAS_GATE: tl.constexpr, ACC: tl.constexpr, EVICT: tl.co
 
 
 @triton.jit
-def _affine(x_hat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr,
-            PROD: tl.constexpr, ACC: tl.constexpr):
-    """(x_hat as the casting mode rounds it, z = x_hat * (offset + w) + b as rounded before a gate)."""
-    x_hat = x_hat.to(XHAT).to(ACC)  # XHAT == ACC: no rounding (compiled away)
-    z = x_hat
+def _scaled(z, w, HAS_W: tl.constexpr, W_OFFSET: tl.constexpr):
+    """z * (offset + w)."""
     if HAS_W:
         if W_OFFSET != 0.0:  # a constexpr: adding 0.0 is not free (x + 0.0 is not x for x = -0.0)
             w = w + W_OFFSET
         z = z * w
+    return z
+
+
+@triton.jit
+def _affine(x_hat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr,
+            PROD: tl.constexpr, ACC: tl.constexpr):
+    """(x_hat as the casting mode rounds it, z = x_hat * (offset + w) + b as rounded before a gate)."""
+    x_hat = x_hat.to(XHAT).to(ACC)  # XHAT == ACC: no rounding (compiled away)
+    z = _scaled(x_hat, w, HAS_W, W_OFFSET)
     if HAS_B:
         z = z + b
     return x_hat, z.to(PROD).to(ACC)
@@ -136,14 +142,13 @@ def _affine_act_store(x_hat, sg, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: t
                       ACT: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
                       GATE_AFTER: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
     """y = act(x_hat * (offset + w) + b) (times silu(gate) when GATE_AFTER) stored at Y + y_offs; w and
-    b are read at cols (x_hat's last dim)."""
-    w = 1.0
-    b = 0.0
+    b are read at cols (x_hat's last dim), each where it is used (the order ptxas allocates best)."""
+    z = x_hat.to(XHAT).to(ACC)
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+        z = _scaled(z, tl.load(W + cols, mask=col_mask, other=0.0).to(ACC), HAS_W, W_OFFSET)
     if HAS_B:
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
-    _, z = _affine(x_hat, w, b, HAS_W, HAS_B, W_OFFSET, XHAT, PROD, ACC)
+        z = z + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+    z = z.to(PROD).to(ACC)
     if GATE_AFTER:
         z = z * sg
     tl.store(Y + y_offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
