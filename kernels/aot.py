@@ -48,6 +48,17 @@ DTYPES = ("bf16", "fp16", "fp32")
 # residual + gelu forward and the gelu backward.
 VARIANTS = [("layer_norm", False, True, True, False, "none"), ("rms_norm", True, True, False, False, "none"),
             ("add_layer_norm+gelu", False, True, True, True, "gelu")]
+# The language models' variants (normops.functional.rms_norm/gated_rms_norm's arguments), in bf16,
+# the dtype they run in: each flag once, the gated ones with the llama roundings (the most code).
+# Groups are a grid dimension: no kernel of their own.
+LLM_VARIANTS = {
+    "rms_norm+gemma": dict(offset=1.0),
+    "rms_norm+llama": dict(casting="llama"),
+    "add_rms_norm+fp32_residual": dict(residual=torch.float32, out_dtype=torch.bfloat16),
+    "gated_rms_norm": dict(gate=True, casting="llama"),
+    "gated_rms_norm/first": dict(gate=True, norm_before_gate=False, casting="llama"),
+}
+VARIANTS += [(name, True, True, False, "residual" in kw, "none") for name, kw in LLM_VARIANTS.items()]
 # Weights in fp32 under bf16/fp16 activations (the usual mixed-precision layout) cost registers.
 FP32_WEIGHT = "layer_norm/w32"
 H100_SMS = 132  # the row norms' backward grid, which sizes their glue kernel, on an H100
@@ -141,16 +152,21 @@ def _params(job, c):
 def _row_norm_launches(job):
     base = "layer_norm" if job.variant == FP32_WEIGHT else job.variant
     _, rms, has_w, has_b, has_r, act = next(v for v in VARIANTS if v[0] == base)
+    kw = dict(LLM_VARIANTS.get(base, {}))
     dtype, w, b = _params(job, 64)
     w, b = (w if has_w else None), (b if has_b else None)
     x = _meta((4, 64), dtype)
+    residual = _meta((4, 64), kw.pop("residual", dtype)) if has_r else None
+    gate = x if kw.pop("gate", False) else None
+    inp = x if residual is None else _meta((4, 64), torch.promote_types(dtype, residual.dtype))
     if job.kernel == "fwd":
-        row_norm.row_norm_fwd(x, x if has_r else None, (64,), w, b, 1e-5, rms, act, True, config=job.config)
+        row_norm.row_norm_fwd(x, residual, (64,), w, b, 1e-5, rms, act, True, gate=gate, config=job.config, **kw)
     else:  # the glue kernel's job carries its own configuration
         cfg, grads = (RowNormConfig.backward(64), job.config) if job.kernel == "param_grads" else (job.config, None)
         rstd = _meta(4, torch.float32)
-        row_norm.row_norm_bwd(x, x, (64,), w, b, None if rms else rstd, rstd, rms, act, (True, has_w, has_b),
-                              config=cfg, grads_config=grads)
+        kw.pop("out_dtype", None)
+        row_norm.row_norm_bwd(x, inp, (64,), w, b, None if rms else rstd, rstd, rms, act,
+                              (True, has_w, has_b, gate is not None), gate=gate, config=cfg, grads_config=grads, **kw)
     return ("M", "inner", "eps"), ()
 
 
@@ -242,11 +258,12 @@ def row_norm_jobs(targets):
     """Every (kernel, config) the heuristics pick over WIDTHS, for each variant and dtype (the
     backward's one-pass limit depends on the element size), and the glue kernel's configurations
     for 4096 rows of those widths on an H100."""
-    variants = [(v[0], d) for v in VARIANTS for d in DTYPES] + [(FP32_WEIGHT, "bf16")]
+    variants = [(v[0], d) for v in VARIANTS if v[0] not in LLM_VARIANTS for d in DTYPES] + \
+        [(FP32_WEIGHT, "bf16")] + [(name, "bf16") for name in LLM_VARIANTS]
     jobs = set()
     for (variant, dtype), n in itertools.product(variants, WIDTHS):
-        elem = 4 if dtype == "fp32" else 2
-        bwd = RowNormConfig.backward(n, elem)
+        elem = 4 if dtype == "fp32" or "fp32_residual" in variant else 2  # the backward's x: h, in fp32 there
+        bwd = RowNormConfig.backward(n, elem, LLM_VARIANTS.get(variant, {}).get("gate", False))
         base = "layer_norm" if variant == FP32_WEIGHT else variant
         n_part = 1 + next(v for v in VARIANTS if v[0] == base)[3]  # dw, and db when there is a bias
         programs = row_norm_bwd_programs(bwd, n, elem, n_part, H100_SMS * programs_per_sm(bwd.num_warps))
@@ -360,7 +377,7 @@ def main(argv=None):
         (group_norm_jobs(targets, args.exhaustive) if "group_norm" in families else []) + \
         (batch_norm_jobs(targets, args.exhaustive) if "batch_norm" in families else [])
     print(f"triton {triton.__version__}: compiling {len(todo)} kernel x config x target combinations", flush=True)
-    header = f"{'target':>6} {'kernel':11} {'variant':20} {'dtype':5} {'configuration':42} " \
+    header = f"{'target':>6} {'kernel':11} {'variant':26} {'dtype':5} {'configuration':42} " \
              f"{'warps':>5} {'regs':>4} {'shared':>7} {'stack':>5} {'local':>5}  status"
     print(header)
     failures = 0
@@ -369,7 +386,7 @@ def main(argv=None):
             spill = usage.get("LOCAL", 0) + usage.get("STACK", 0)  # ptxas spills to the stack frame too
             status = "ok" if error is None and spill == 0 else (error or "SPILLS")
             failures += status != "ok"
-            print(f"sm_{job.target:<3} {job.kernel:11} {job.variant:20} {job.dtype:5} {_describe(job):42} "
+            print(f"sm_{job.target:<3} {job.kernel:11} {job.variant:26} {job.dtype:5} {_describe(job):42} "
                   f"{usage.get('WARPS', '-'):>5} {usage.get('REG', '-'):>4} {usage.get('SHARED', '-'):>7} "
                   f"{usage.get('STACK', '-'):>5} {usage.get('LOCAL', '-'):>5}  {status}", flush=True)
     print(f"{len(todo) - failures} ok, {failures} failed (compile error or spills)")

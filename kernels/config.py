@@ -70,7 +70,9 @@ FWD_ONE_PASS_MAX = 16384
 # The backward keeps x, dy, x_hat, the gradient and the dw/db accumulators alive at once: about
 # twice the forward's live values, so half the width. Rows of 4-byte (or wider) elements stop at
 # 4K: the fp32 residual+gelu backward at 8K reached the 128-register cap of 16 warps and spilled 40
-# bytes under triton 3.6 (sm_90), and fp64 needs twice fp32's registers.
+# bytes under triton 3.6 (sm_90), and fp64 needs twice fp32's registers. A gate (gated RMSNorm) is
+# one more row-sized value, and its backward stops at 4K too: at 8K the bf16 gated backward spilled
+# 48-144 bytes (sm_80, sm_90, triton 3.9).
 BWD_ONE_PASS_MAX = 8192
 BWD_ONE_PASS_MAX_WIDE = 4096
 # Column block of the looped (wide-row) kernels: 4K fp32 values over 8 warps = 16 a thread.
@@ -137,9 +139,10 @@ class RowNormConfig:
                          FWD_LOOP_WARPS, FWD_LOOP_BLOCK_N)
 
     @classmethod
-    def backward(cls, n, elem_bytes=2):
-        """elem_bytes: the size of an element of x."""
-        return cls._make(next_pow2(max(n, 1)), BWD_ONE_PASS_MAX if elem_bytes <= 2 else BWD_ONE_PASS_MAX_WIDE,
+    def backward(cls, n, elem_bytes=2, gated=False):
+        """elem_bytes: the size of an element of x; gated: a gate is read (and dgate written)."""
+        wide = elem_bytes > 2 or gated
+        return cls._make(next_pow2(max(n, 1)), BWD_ONE_PASS_MAX_WIDE if wide else BWD_ONE_PASS_MAX,
                          BWD_PACKED_ELEMENTS, BWD_LOOP_WARPS)
 
     @classmethod

@@ -1,6 +1,11 @@
 """LayerNorm and RMSNorm in Triton: forward and backward, one kernel family.
 
-RMS vs LayerNorm, weight, bias, residual add and activation are ``tl.constexpr`` flags. The two
+RMS vs LayerNorm, weight, bias, residual add and activation are ``tl.constexpr`` flags, and so are
+the language models' variants: the weight offset (W_OFFSET: y = x_hat * (offset + w)), the casting
+modes' roundings (XHAT: the dtype x_hat is rounded to before the weight; PROD: the dtype x_hat * w is
+rounded to before a gate), the gate (HAS_GATE: y = z * silu(gate); GATE_FIRST: the norm of
+x * silu(gate)). Groups (a row normalized in groups of n columns) are the grid's second dimension:
+group j is the row norm of columns [j * n, (j + 1) * n), with its own statistics. The two
 forward algorithms are two kernels sharing their load (with the residual add) and affine +
 activation epilogue: ``_row_norm_fwd_kernel``, whole rows in registers (one pass), and
 ``_row_norm_fwd_looped_kernel``, wider rows in column blocks (two passes over each row). The
@@ -18,6 +23,9 @@ Math, per row of N elements (RMSNorm: mean = 0, var = mean(h^2)):
                dx = rstd * (g - c2 - x_hat * c1)  (a constant row, x_hat = 0 and g constant: exactly 0)
                dw = sum over rows of dz * x_hat    db = sum over rows of dz
 The backward recomputes x_hat (and z) from x and the saved fp32 mean/rstd; nothing else is saved.
+Variants: g = dz * (offset + w); a gate after the norm: dgate = dz * z * silu'(gate), dz *= silu(gate);
+a gate first: dx and dgate from du (the gradient of u = x * silu(gate)). Roundings are straight-through,
+but dw = sum(dz * x_hat as rounded), which is what autograd through a Hugging Face module computes.
 
 Bytes moved, for M rows of N elements of e bytes (the speed to expect is bytes / bandwidth):
     forward, one pass       read x (+ r): M*N*e each; w, b: N*e; write y (+ h): M*N*e each;
@@ -28,6 +36,8 @@ Bytes moved, for M rows of N elements of e bytes (the speed to expect is bytes /
                             G = programs (~SMs), then one reduction over them (the second launch)
     backward, looped        as one pass, plus a second read of x and dy: + 2*M*N*e, from L2 (G is
                             capped so the rows in flight and the partial rows fit there)
+A gate adds a read of M*N*e forward (twice in the looped kernel, the second from L2) and a read and a
+dgate write backward.
 Statistics and reductions accumulate in fp32 (fp64 for fp64 input); dw/db are per-program fp32
 partials summed afterwards in a fixed order: deterministic, no atomics.
 
@@ -662,7 +672,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     want_dw = output_mask[1] and weight is not None
     want_db = output_mask[2] and bias is not None
     want_dg = len(output_mask) > 3 and output_mask[3] and gate is not None
-    cfg = config or RowNormConfig.backward(n, x.element_size())
+    cfg = config or RowNormConfig.backward(n, x.element_size(), gate is not None)
     acc = acc_type(x.dtype)
     n_part = want_dw + want_db
     programs = row_norm_bwd_programs(cfg, n, x.element_size(), n_part, programs_per_wave(x.device, cfg.num_warps))

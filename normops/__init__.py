@@ -1,7 +1,9 @@
 """normops: fused normalization layers for PyTorch.
 
 Drop-in ``torch.nn`` norms (``normops.nn``), ``torch.nn.functional``-compatible functions
-(``normops.functional``) and ``normops.convert(model)`` to swap the norms of an existing model.
+(``normops.functional``) and ``normops.convert(model)`` to swap the norms of an existing model
+(torch.nn's, and Hugging Face transformers' RMSNorm family, T5LayerNorm, ConvNextLayerNorm and gated
+RMSNorms: ``normops.hf``).
 Triton kernels on CUDA, ATen on CPU, a NumPy float64 reference everywhere; see ``normops.backends``.
 """
 from . import functional, nn, ops

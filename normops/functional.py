@@ -2,7 +2,12 @@
 output shape, dtype and memory format, and the same in-place running-statistics updates.
 
 Extras, keyword-only: ``activation=None | "relu" | "silu" | "gelu"`` fused after the affine
-transform, and ``add_layer_norm`` / ``add_rms_norm`` for pre-norm residual streams.
+transform, and ``add_layer_norm`` / ``add_rms_norm`` for pre-norm residual streams. For language
+models, the row norms take ``offset`` (Gemma's ``1 + weight``), ``casting`` (where x_hat is rounded:
+the Hugging Face families' arithmetic, "fp32"/"gemma", "llama", "t5") and ``out_dtype``; the
+residual stream may be fp32 under bf16 activations; ``gated_rms_norm`` (Mamba2, Qwen3-Next) and
+``add_rms_norm_`` (in place, for inference, vLLM's fused_add_rms_norm) complete the set. QK-norm is
+``rms_norm`` on the q/k views of a fused QKV projection: the kernels read strided rows in place.
 
 Each function first hands a call with a ``__torch_function__`` argument to it, as torch's functionals
 do: ``torch.fx.symbolic_trace`` then records one call to the normops function (the Proxy's
@@ -282,7 +287,9 @@ def add_rms_norm_(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], 
         if not t.is_contiguous():
             raise ValueError(f"add_rms_norm_ writes {name} in place and needs it contiguous; pass "
                              f"{name}.contiguous() (and use the tensor you passed)")
-    if x.numel() and x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+    # (traced, the storage is the compiler's: it sees aliased inputs itself)
+    if x.numel() and not torch.compiler.is_compiling() and \
+            x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
         raise ValueError("add_rms_norm_: x and residual share storage; the in-place update needs two separate "
                          "tensors")
     if _grad_needed(x, residual, weight):

@@ -12,6 +12,11 @@ its device; for a torch.nn norm, that it is not normops and ``normops.convert`` 
 and what the triton backend would do with it: its kernel, or the torch backend where the kernels
 do not take the configuration (``normops.ops.route`` with the triton backend).
 
+Third-party norms of ``normops.hf``'s registry (Hugging Face transformers' ``*RMSNorm`` classes,
+T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms) are listed too: unconverted, with what
+``normops.convert`` would do with each (swap it, and by which convention, or leave it and why:
+the registry's probe runs on a copy of the layer); converted, with their backend.
+
 Static checks, from the module structure (an ``nn.Sequential`` runs its children in order, nested
 Sequentials included; the other containers' order is their registration order):
 
@@ -54,6 +59,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+import normops.hf as hf
 import normops.nn as normops_nn
 from normops.backends import current_backend, triton_interpret
 from normops.cliutil import error_text, positive_int_arg, text_table
@@ -63,7 +69,7 @@ from normops.ops import route
 from normops.ops.batch_norm import BatchNormSpec
 from normops.ops.group_norm import GroupNormSpec
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = hf.TORCH_NORMS
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
                nn.Tanhshrink, nn.LogSigmoid, nn.GLU, nn.Threshold)
@@ -75,6 +81,7 @@ HEAD = POOLS + ACTIVATIONS + (nn.Flatten, nn.Linear, nn.modules.dropout._Dropout
 # torch activation -> normops activation= (nn.GELU in its default erf form only: see _check_activation_before_norm)
 FUSABLE = {act.module: name for name, act in NORMOPS_ACTIVATIONS.items() if name != "none"}
 NOT_NORMOPS = "torch.nn (not normops; normops.convert(model) would swap it)"
+THIRD_PARTY = "third-party (not normops; "  # + what normops.convert would do with it
 MODEL = "(model)"  # the layer name of a finding about the whole model
 
 
@@ -147,6 +154,15 @@ def _family(m):
     return "row"  # LayerNorm, RMSNorm
 
 
+def _third_party(m):
+    """A norm of normops.hf's registry (Hugging Face transformers' RMSNorms...), converted or not."""
+    return bool(hf.candidates(m)) or hf.convention_of(m) is not None
+
+
+def _is_normops(m):
+    return isinstance(m, normops_nn.FusedActivation) or hf.convention_of(m) is not None
+
+
 def _type_name(m):
     cls = type(m)
     if isinstance(m, normops_nn.FusedActivation) and getattr(normops_nn, cls.__name__, None) is cls:
@@ -157,6 +173,8 @@ def _type_name(m):
 
 
 def _shape(m):
+    if _third_party(m) and not hasattr(m, "normalized_shape"):
+        return hf.shape_text(m)
     family = _family(m)
     if family == "group":
         return f"G={m.num_groups}, C={m.num_channels} ({m.num_channels // m.num_groups} per group)"
@@ -176,9 +194,14 @@ def _device(module, fallback):
     return fallback
 
 
-def _backend(m, device):
-    if isinstance(m, normops_nn.FusedActivation):
+def _backend(m, device, memo=None):
+    if _is_normops(m):
         return current_backend(device)
+    if hf.candidates(m):
+        twin, how = hf.plan(m, memo)
+        if twin is not None:
+            return f"{THIRD_PARTY}normops.convert(model) would swap it: {how})"
+        return f"{THIRD_PARTY}normops.convert leaves it: {how})"
     if type(m) in TWINS:
         return NOT_NORMOPS
     if type(m) is nn.SyncBatchNorm:
@@ -188,6 +211,8 @@ def _backend(m, device):
 
 def _triton_static(m):
     """What the triton backend does with layer m, as far as its configuration tells."""
+    if hf.convention_of(m) is not None:
+        return "kernel"
     if not isinstance(m, normops_nn.FusedActivation):
         return "-"
     if _family(m) == "group":
@@ -428,7 +453,8 @@ def _run_example(model, example_input, layers, findings):
         if isinstance(x, torch.Tensor):
             layer.input = "x".join(map(str, x.shape)) or "scalar"
             layer.device = str(x.device)
-            layer.backend = _backend(m, x.device)
+            if _is_normops(m):  # the others' backend column does not depend on the device
+                layer.backend = _backend(m, x.device)
             layer.triton = _triton_dynamic(m, x) or layer.triton
         if _one_value_per_channel(m, x):
             what = "N * spatial" if _family(m) == "batch" else "spatial size"
@@ -515,7 +541,7 @@ def _describe(example_input):
 # --- entry points -------------------------------------------------------------------------------
 
 def _norm_modules(model):
-    return [(name or MODEL, m) for name, m in model.named_modules() if is_norm(m)]
+    return [(name or MODEL, m) for name, m in model.named_modules() if is_norm(m) or _third_party(m)]
 
 
 def inspect(model: nn.Module, example_input=None) -> Report:
@@ -528,11 +554,12 @@ def inspect(model: nn.Module, example_input=None) -> Report:
         raise TypeError(f"normops.inspect expects an nn.Module, got {type(model).__name__}")
     fallback = next((t.device for t in model.parameters()), None) or next((t.device for t in model.buffers()), None)
     fallback = fallback or torch.device("cpu")
-    layers = {}
+    layers, memo = {}, {}
     for name, m in _norm_modules(model):
         device = _device(m, fallback)
-        layers[name] = NormLayer(name, _type_name(m), _shape(m), getattr(m, "activation", None), m.training,
-                                 _backend(m, device), _triton_static(m), str(device))
+        activation = getattr(m, "activation", None) if isinstance(m, normops_nn.FusedActivation) else None
+        layers[name] = NormLayer(name, _type_name(m), _shape(m), activation, m.training,
+                                 _backend(m, device, memo), _triton_static(m), str(device))
     findings = []
     for items in _chains(model):
         _check_activation_before_norm(items, findings)

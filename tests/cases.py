@@ -179,6 +179,17 @@ def torch_add_rms_norm(x, r, shape, w, eps=None):
     return TF.rms_norm(h, shape, w, eps), h
 
 
+def torch_gated_rms_norm(x, gate, shape, w, eps=None, *, norm_before_gate=True, group_size=None, offset=0.0):
+    """normops.functional.gated_rms_norm's formula composed with torch's rms_norm; the result in x's
+    dtype, as torch's rms_norm keeps it whatever the weight's."""
+    u = x * TF.silu(gate) if gate is not None and not norm_before_gate else x
+    g = group_size or shape[-1]
+    y = TF.rms_norm(u.unflatten(-1, (-1, g)), [g], None, eps).flatten(-2)
+    if w is not None:
+        y = y * (w + offset if offset else w)
+    return (y * TF.silu(gate) if gate is not None and norm_before_gate else y).to(x.dtype)
+
+
 def benchmark_script(name):
     """benchmarks/<name>.py (a script, not in a package) imported as a module."""
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

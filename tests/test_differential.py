@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st  #
 import normops  # noqa: E402
 from cases import (  # noqa: E402
     CUDA, DEVICE, DTYPES, F, err, tolerance, torch_add_layer_norm, torch_add_rms_norm, torch_batch_norm,
-    torch_group_norm, torch_instance_norm, torch_layer_norm, torch_rms_norm)
+    torch_gated_rms_norm, torch_group_norm, torch_instance_norm, torch_layer_norm, torch_rms_norm)
 
 _EXAMPLES = os.environ.get("NORMOPS_FUZZ_EXAMPLES")
 settings.register_profile("normops-fuzz", deadline=None, derandomize=_EXAMPLES is None, database=None,
@@ -236,6 +236,23 @@ def row_cases(draw, backend, op):
 
 
 @st.composite
+def gated_cases(draw, backend):
+    """gated_rms_norm: an optional gate, before or after the norm, groups dividing the row, a
+    weight offset (with a weight)."""
+    batch = draw(st.lists(st.integers(0, 4), max_size=2))
+    n = draw(st.integers(1, 12))
+    shape = tuple(batch) + (n,)
+    assume(fits(backend, shape))
+    x, gate = draw(specs(shape)), draw(optional(specs(shape)))
+    w = draw(optional(specs((n,), param=True)))
+    kwargs = dict(norm_before_gate=draw(st.booleans()),
+                  group_size=draw(st.sampled_from([None] + [g for g in range(1, n + 1) if n % g == 0])),
+                  offset=draw(st.sampled_from([0.0, 1.0])) if w is not None else 0.0)
+    eps = draw(st.sampled_from([None] + EPS))
+    return Case("gated_rms_norm", (x, gate, [n], w, eps), None, (cotangent(draw, shape),), tuple(kwargs.items()))
+
+
+@st.composite
 def group_cases(draw, backend):
     n, groups, per = draw(st.integers(0, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
     c = groups * per
@@ -274,6 +291,7 @@ class Case:
     args: tuple
     activation: Optional[str]
     cots: tuple
+    kwargs: tuple = ()  # keyword arguments (name, value) of the ops that take no activation
 
 
 # --- running one draw three ways and comparing -------------------------------------------------------
@@ -290,7 +308,7 @@ def torch_group_norm_not_crashing(x, *args, **kwargs):
 OPS = {"layer_norm": (F.layer_norm, torch_layer_norm), "rms_norm": (F.rms_norm, torch_rms_norm),
        "group_norm": (F.group_norm, torch_group_norm_not_crashing), "instance_norm": (F.instance_norm, torch_instance_norm),
        "batch_norm": (F.batch_norm, torch_batch_norm), "add_layer_norm": (F.add_layer_norm, torch_add_layer_norm),
-       "add_rms_norm": (F.add_rms_norm, torch_add_rms_norm)}
+       "add_rms_norm": (F.add_rms_norm, torch_add_rms_norm), "gated_rms_norm": (F.gated_rms_norm, torch_gated_rms_norm)}
 
 
 @dataclasses.dataclass
@@ -311,7 +329,7 @@ def run(case, dtype, fn, dense=False, backend=None):
                 for a in args]
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     written = [a for s, a in zip(case.args, args) if isinstance(s, Spec) and s.written]
-    kwargs = {} if case.op.startswith("add_") else {"activation": case.activation}
+    kwargs = dict(case.kwargs) if case.kwargs or case.op.startswith("add_") else {"activation": case.activation}
     result = Result([], [], written)
     try:
         with normops.backend(backend) if backend else contextlib.nullcontext():
@@ -440,6 +458,7 @@ test_layer_norm = fuzz(lambda b: row_cases(b, "layer_norm"))
 test_rms_norm = fuzz(lambda b: row_cases(b, "rms_norm"))
 test_add_layer_norm = fuzz(lambda b: row_cases(b, "add_layer_norm"))
 test_add_rms_norm = fuzz(lambda b: row_cases(b, "add_rms_norm"))
+test_gated_rms_norm = fuzz(gated_cases)
 test_group_norm = fuzz(group_cases)
 test_instance_norm = fuzz(lambda b: batch_cases(b, "instance_norm"))
 test_batch_norm = fuzz(lambda b: batch_cases(b, "batch_norm"))

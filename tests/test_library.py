@@ -50,6 +50,8 @@ def _op_samples():
                                     (torch.randn(3, 4, 6, requires_grad=True), x6, gate, [6], w6r, None, None,
                                      torch.rand(3, 4, 2) + 0.5, 1e-5, True, "none", [True, True, False, True], 1.0,
                                      "fp32", False, 3)),
+        "fused_add_rms_norm": (ops.fused_add_rms_norm.default, (x.detach().clone(), r.detach().clone(), [5],
+                                                                w5.detach(), 1e-6)),
         "group_norm": (ops.group_norm.default, (x4, w6, b6, 3, 1e-5, "relu", False, True)),
         "group_norm_channels_last": (ops.group_norm.default, (xcl, w6, None, 2, 1e-5, "none", False, True)),
         "instance_norm": (ops.group_norm.default, (x4, w6, b6, 6, 1e-5, "silu", True, True)),

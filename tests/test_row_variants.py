@@ -393,3 +393,18 @@ def test_compile_fullgraph():
     sum(o.float().sum() for o in out_c).backward()
     for a, b in zip(eager, comp):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_in_place_compiles():
+    """add_rms_norm_ under torch.compile(fullgraph=True): the mutation is functionalized and written
+    back, giving eager's x and residual."""
+    def step(x, r, w):
+        return F.add_rms_norm_(x, r, [16], w, 1e-6)
+
+    torch.manual_seed(0)
+    x, r, w = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16)
+    xe, re_ = x.clone(), r.clone()
+    with torch.no_grad():
+        step(xe, re_, w)
+        torch.compile(step, fullgraph=True, backend="aot_eager")(x, r, w)
+    assert torch.equal(x, xe) and torch.equal(r, re_)

@@ -22,10 +22,12 @@ own setting only, whatever the order the blocks close in.
 
 The contract every backend module implements (tensors in, tensors out, ``None`` for "absent"):
 
-    row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats)
+    row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, need_stats, *,
+                 offset=0.0, casting="fp32", out_dtype=None, gate=None, norm_before_gate=True, group_size=0)
         -> (y, h, mean, rstd)
-    row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask)
-        -> (dx, dweight, dbias)
+    row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *,
+                 offset=0.0, casting="fp32", gate=None, norm_before_gate=True, group_size=0)
+        -> (dx, dweight, dbias, dgate)
     group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False) -> (y, mean, rstd)
     group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
         -> (dx, dweight, dbias)
@@ -37,9 +39,22 @@ The contract every backend module implements (tensors in, tensors out, ``None`` 
 Shapes and dtypes:
 - Statistics (mean, rstd, save_*, batch_var) are float32, or float64 when x is float64.
   Row norm: shape ``x.shape[:-len(normalized_shape)]``; group norm: ``[N, G]``; batch norm: ``[C]``.
-- Row norm: ``h = x + residual`` (x's dtype) when a residual is given, else ``None``; the
-  statistics are those of ``h``. ``mean`` is ``None`` for RMSNorm; both are ``None`` unless
-  ``need_stats``. ``y`` is contiguous, as torch's layer_norm returns it.
+- Row norm: ``h = x + residual`` (in ``torch.promote_types(x, residual)``, as torch's add: an fp32
+  residual stream under bf16 x) when a residual is given, else ``None``; the statistics are those
+  of ``inp`` = h (or x). ``mean`` is ``None`` for RMSNorm; both are ``None`` unless
+  ``need_stats``. ``y`` is contiguous, as torch's layer_norm returns it, in ``out_dtype`` (default
+  inp's dtype). The variants, in the statistics dtype ACC:
+      u = inp, times silu(gate) when a gate comes first (``norm_before_gate=False``)
+      statistics of u per row, or per group of ``group_size`` consecutive values of the (one)
+      normalized dim (statistics of shape batch + (groups,)); x_hat = (u - mean) * rstd
+      casting "fp32" ("gemma"): x_hat kept in ACC; "llama": rounded to inp's dtype; "t5": rounded
+      to the weight's dtype when that is fp16/bf16 (the Hugging Face modules' arithmetic)
+      z = x_hat * (offset + w) + b; a gate after the norm: z * silu(gate), with "llama" z first
+      rounded to promote_types(w, inp); y = act(z) in out_dtype.
+  The backward's roundings are straight-through, but dw = sum(dz * x_hat as rounded). ``dgate`` is
+  in gate's dtype; ``output_mask`` has a fourth entry for it (a 3-entry mask: no dgate). The
+  triton backend's ``row_norm_fwd`` also takes ``out=(y, h)`` (``WRITES_INTO``): the in-place fused
+  add writes x and the residual from its kernels.
 - Group and batch norm keep x's memory format (channels_last in, channels_last out).
 - Batch norm in training: batch statistics over every dim but 1; ``batch_var`` is the
   unbiased variance that feeds the running average. Not training: ``running_*`` normalize,
@@ -47,8 +62,8 @@ Shapes and dtypes:
 - ``activation`` is one of "none", "relu", "silu", "gelu" (erf form); it applies to the
   affine output, ``y = act(x_hat * w + b)``. Backward recomputes its input from x and the
   statistics.
-- ``output_mask`` is ``[dx, dweight, dbias]`` booleans; a gradient not asked for is ``None``.
-  ``dy``'s dtype is x's; dweight/dbias come back in weight's dtype.
+- ``output_mask`` is ``[dx, dweight, dbias]`` booleans (row norm: and dgate); a gradient not asked
+  for is ``None``. ``dy``'s dtype is the output's; dx's is x's; dweight/dbias come back in weight's dtype.
 """
 import contextlib
 import contextvars

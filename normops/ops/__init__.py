@@ -2,7 +2,8 @@
 
 | module                     | ops                                         | spec of the non-tensor arguments |
 |----------------------------|---------------------------------------------|----------------------------------|
-| ``normops.ops.row_norm``   | ``normops::row_norm``, ``row_norm_backward``  | ``RowNormSpec``                  |
+| ``normops.ops.row_norm``   | ``normops::row_norm``, ``row_norm_backward``, | ``RowNormSpec``                  |
+|                            | ``fused_add_rms_norm`` (``mutates_args``)     |                                  |
 | ``normops.ops.group_norm`` | ``normops::group_norm``, ``group_norm_backward`` | ``GroupNormSpec``             |
 | ``normops.ops.batch_norm`` | ``normops::batch_norm``, ``batch_norm_backward`` | ``BatchNormSpec``             |
 | here                       | ``normops::update_running_stats`` (``mutates_args``) | -                         |

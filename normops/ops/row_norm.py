@@ -1,5 +1,7 @@
 """The row norms: LayerNorm and RMSNorm over the trailing dims, with a fused residual add
-(``h = x + residual``, returned) and a fused activation: ``normops::row_norm`` and its backward.
+(``h = x + residual``, returned) and a fused activation: ``normops::row_norm`` and its backward;
+the language models' variants (weight offset, casting modes, out_dtype, a gate, groups: the fields
+of ``RowNormSpec``), and ``normops::fused_add_rms_norm``, the in-place fused add for inference.
 
 A new row-norm variant is a field of ``RowNormSpec`` (its flag), a parameter of the two ops (the
 schema is the implementations' annotations), the backends' and kernel's flag, and its
