@@ -11,8 +11,9 @@ never collects the suites.
 A case is (op, shape, layout, dtype, pass, provider), the cases of normops.bench plus a layout.
 Each bench_*.py names its sets of (ops, shapes, layouts): CUDA_SETS run on a GPU in fp32, bf16 and
 fp16; without CUDA the small CPU_SETS run in fp32 only; each in every pass its op has (an in-place
-op: fwd only). Providers are normops, torch and compile; torch.compile is left out on the CPU (minutes of compiling for tiny shapes) unless
-NORMOPS_BENCH_COMPILE=1, and NORMOPS_BENCH_COMPILE=0 leaves it out on a GPU too.
+op: fwd only). Providers are normops, torch and compile; torch.compile is left out on the CPU
+(minutes of compiling for tiny shapes) unless NORMOPS_BENCH_COMPILE=1, and NORMOPS_BENCH_COMPILE=0
+leaves it out on a GPU too.
 NORMOPS_BENCH_ROUNDS (default 20) and NORMOPS_BENCH_WARMUP (default 3) set the timed and untimed
 calls per case, the defaults of normops.bench.time_runner.
 
