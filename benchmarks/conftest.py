@@ -10,9 +10,10 @@ never collects the suites.
 
 A case is (op, shape, layout, dtype, pass, provider), the cases of normops.bench plus a layout.
 Each bench_*.py names its sets of (ops, shapes, layouts): CUDA_SETS run on a GPU in fp32, bf16 and
-fp16; without CUDA the small CPU_SETS run in fp32 only. Providers are normops, torch and compile;
-torch.compile is left out on the CPU (minutes of compiling for tiny shapes) unless
-NORMOPS_BENCH_COMPILE=1, and NORMOPS_BENCH_COMPILE=0 leaves it out on a GPU too.
+fp16; without CUDA the small CPU_SETS run in fp32 only; each in every pass its op has (an in-place
+op: fwd only). Providers are normops, torch and compile; torch.compile is left out on the CPU
+(minutes of compiling for tiny shapes) unless NORMOPS_BENCH_COMPILE=1, and NORMOPS_BENCH_COMPILE=0
+leaves it out on a GPU too.
 NORMOPS_BENCH_ROUNDS (default 20) and NORMOPS_BENCH_WARMUP (default 3) set the timed and untimed
 calls per case, the defaults of normops.bench.time_runner.
 
@@ -74,13 +75,13 @@ def pytest_generate_tests(metafunc):
     sets = metafunc.module.CUDA_SETS if device == "cuda" else metafunc.module.CPU_SETS
     dtypes = DTYPES if device == "cuda" else (torch.float32,)
     # torch.compile compiles every case from scratch (seconds each): it is timed on the pass users
-    # train with, fwd+bwd, unless NORMOPS_BENCH_COMPILE_ALL_PASSES=1. That keeps a full GPU run to
-    # 1134 cases, 162 of them compiled, instead of 1458 with 486.
+    # train with, fwd+bwd (an in-place op's fwd), unless NORMOPS_BENCH_COMPILE_ALL_PASSES=1. That
+    # keeps a full GPU run to 1944 cases, 288 of them compiled, instead of 2484 with 828.
     all_passes = os.environ.get("NORMOPS_BENCH_COMPILE_ALL_PASSES") == "1"
     cases = [Case(op, tuple(shape), layout, dtype, pas, provider)
              for ops, shapes, layouts in sets for op in ops for shape in shapes for layout in layouts
-             for dtype in dtypes for pas in bench.PASSES for provider in _providers(device)
-             if provider != "compile" or pas == "fwd+bwd" or all_passes]
+             for dtype in dtypes for pas in bench.OPS[op].passes for provider in _providers(device)
+             if provider != "compile" or pas == bench.OPS[op].passes[-1] or all_passes]
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 

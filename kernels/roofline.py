@@ -40,9 +40,12 @@ by what a perfect kernel with the op's allowed launches (IDEAL_LAUNCHES) reaches
 the same model: target x perfect% / (EFFICIENCY x 100) (../shared/perf-anchors.md: match the best
 modelled anchor below 512 MB). GroupNorm with fewer groups than SMs and an x (backward: x and dy)
 past L2 (the video case; the VAE's backward) cannot avoid a second read: its target is
-TWO_READ_SHARE of that two-read ceiling. Every
-op: at most one glue launch (a torch operation, or a Triton launch with no activation-sized tensor).
-``--check`` exits 1 on a case below its target or with more glue, and on an anchor the model misses
+TWO_READ_SHARE of that two-read ceiling. The row-norm variants (issue #17, ROW_VARIANTS: weight
+offset, casting, fp32 residual stream, gates, groups, in place) have their plain op's target, and
+per byte (ideal bytes / predicted time, column "/byte") at least VARIANT_SHARE of plain RMSNorm's at
+the same shape, dtype and pass ("SLOW" otherwise). Every op: at most one glue launch (a torch
+operation, or a Triton launch with no activation-sized tensor).
+``--check`` exits 1 on a case below its target, slow or with more glue, and on an anchor the model misses
 by more than ANCHOR_TOLERANCE: a model that does not reproduce the published points judges nothing.
 """
 import os
@@ -70,7 +73,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from normops.core import case_id  # noqa: E402
+from normops.core import case_id, gated_group_size  # noqa: E402
 
 from . import anchors, batch_norm, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
@@ -120,9 +123,10 @@ TWO_READ_SHARE = 0.90
 # Tensors a program of a kernel reads a second time (by its constexprs), and the span between its
 # two reads: "row" (a row of x: the row norms' looped kernels), "group" (a GroupNorm group).
 REREADS = {
-    # pass 2 reads h = x + r back (written by pass 1) with a residual, else x again
-    "_row_norm_fwd_looped_kernel": (lambda c: ("H",) if c["HAS_R"] else ("X",), "row"),
-    "_row_norm_bwd_looped_kernel": (lambda c: ("X", "DY"), "row"),
+    # pass 2 reads h = x + r back (written by pass 1) with a residual, else x again; a gate before
+    # the norm is read in both passes (after it: in pass 2 only, once)
+    "_row_norm_fwd_looped_kernel": (lambda c: ("H" if c["HAS_R"] else "X",) + ("Z",) * c["GATE_FIRST"], "row"),
+    "_row_norm_bwd_looped_kernel": (lambda c: ("X", "DY") + ("Z",) * c["HAS_GATE"], "row"),
     # looped (neither one-pass nor split): statistics (sums) loop, then the normalize (dx) loop
     "_group_norm_fwd_kernel": (lambda c: () if c["ONE_PASS"] or c["SPLIT"] else ("X",), "group"),
     "_group_norm_bwd_kernel": (lambda c: () if c["ONE_PASS"] or c["SPLIT"] else ("X", "DY"), "group"),
@@ -134,13 +138,36 @@ IDEAL = {
     "layer_norm": ((1, 1), (2, 1)), "rms_norm": ((1, 1), (2, 1)), "add_rms_norm": ((2, 2), (2, 1)),
     "group_norm": ((1, 1), (2, 1)), "group_norm+silu": ((1, 1), (2, 1)), "instance_norm": ((1, 1), (2, 1)),
     "batch_norm": ((2, 1), (4, 1)), "batch_norm+relu": ((2, 1), (4, 1)), "batch_norm_eval": ((1, 1), (2, 1)),
+    # the row-norm variants: a gate is one more read forward, a read and a dgate write backward;
+    # the in-place add has no backward (None)
+    "rms_norm_gemma": ((1, 1), (2, 1)), "rms_norm_llama": ((1, 1), (2, 1)),
+    "add_rms_norm_fp32_residual": ((2, 2), (2, 1)), "gated_rms_norm": ((2, 1), (3, 2)),
+    "gated_rms_norm_grouped": ((2, 1), (3, 2)), "add_rms_norm_": ((2, 2), None),
 }
+# Of those, how many (fwd reads, writes, bwd reads, writes) are the fp32 residual stream:
+# promote_types(dtype, float32) bytes an element (r and h forward, h backward; dx is x's dtype).
+WIDE = {"add_rms_norm_fp32_residual": (1, 1, 1, 0)}
 # The launches of a perfect kernel for the op: one forward (BatchNorm training: statistics, then
 # normalize), and the backward's kernel plus the one glue launch that sums dW/dB partials.
 IDEAL_LAUNCHES = {"fwd": 1, "bwd": 2}
 TWO_PASS_LAUNCHES = {"fwd": 2, "bwd": 3}  # BatchNorm training; GroupNorm split over chunks
 
-ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm")
+# The row-norm variants of normops.bench (issue #17): the launcher's variant arguments of each
+# (gate: a gate of x's shape and dtype; residual: its dtype, or "in place"). Target: as plain
+# RMSNorm's, and per byte (ideal bytes / predicted time) at least VARIANT_SHARE of plain RMSNorm's
+# at the same shape, dtype and pass.
+ROW_VARIANTS = {
+    "rms_norm_gemma": dict(offset=1.0),  # GemmaRMSNorm
+    "rms_norm_llama": dict(casting="llama"),  # LlamaRMSNorm
+    "add_rms_norm_fp32_residual": dict(residual=torch.float32),  # bf16/fp16 x, fp32 residual stream
+    "gated_rms_norm": dict(gate=True, casting="llama"),  # Qwen3NextRMSNormGated
+    "gated_rms_norm_grouped": dict(gate=True, casting="llama", norm_before_gate=False, grouped=True),  # Mamba2
+    "add_rms_norm_": dict(residual="in place"),  # vLLM's fused_add_rms_norm
+}
+VARIANT_BASE = "rms_norm"
+VARIANT_SHARE = 0.95
+
+ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm") + tuple(ROW_VARIANTS)
 GROUP_NORMS = ("group_norm", "group_norm+silu", "instance_norm")
 BATCH_NORMS = ("batch_norm", "batch_norm+relu", "batch_norm_eval")
 
@@ -176,8 +203,17 @@ class Case:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def ideal_bytes(self):
-        reads, writes = IDEAL[self.op][self.pas == "bwd"]
-        return (reads + writes) * math.prod(self.shape) * self.elem
+        bwd = self.pas == "bwd"
+        reads, writes = IDEAL[self.op][bwd]
+        wide = sum(WIDE.get(self.op, (0, 0, 0, 0))[2 * bwd: 2 * bwd + 2])
+        numel = math.prod(self.shape)
+        return (reads + writes) * numel * self.elem + wide * numel * (
+            torch.promote_types(self.dtype, torch.float32).itemsize - self.elem)
+
+    @property
+    def base(self):
+        """The plain case a variant is judged against per byte, or None."""
+        return dataclasses.replace(self, op=VARIANT_BASE) if self.op in ROW_VARIANTS else None
 
 
 def _load(path):
@@ -208,13 +244,15 @@ def benchmark_cases(acceptance=False):
         for c in points.all_cases(points.points(["row_norm", "group_norm", "batch_norm"]), compile_=False):
             dtype = getattr(torch, c.dtype or "bfloat16")
             for pas in c.pas.split("+"):
-                if c.provider == "normops" and c.op in IDEAL:
+                if c.provider == "normops" and c.op in IDEAL and IDEAL[c.op][pas == "bwd"]:
                     cases.append(Case(c.op, tuple(c.shape), c.layout, dtype, pas))
     return list(dict.fromkeys(cases))
 
 
 def _product(ops, shapes, layouts):
-    return itertools.product(ops, shapes, layouts, (torch.float32, torch.bfloat16, torch.float16), ("fwd", "bwd"))
+    """The cases of a set, in the passes each op has (an in-place op: no backward)."""
+    return [c for c in itertools.product(ops, shapes, layouts, (torch.float32, torch.bfloat16, torch.float16),
+                                         ("fwd", "bwd")) if IDEAL[c[0]][c[4] == "bwd"]]
 
 
 # --- running a case's launchers on meta tensors ----------------------------------------------
@@ -231,9 +269,10 @@ class _Glue(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and func._schema.name.split("::")[-1] not in self.FREE:
-            moved = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
-            self.ops.append((func._schema.name, moved))
+        tensors = _tensors((args, kwargs, out))
+        # an op on no tensor (torch.promote_types of two dtypes) runs no kernel either
+        if tensors and not func.is_view and func._schema.name.split("::")[-1] not in self.FREE:
+            self.ops.append((func._schema.name, sum(t.numel() * t.element_size() for t in tensors)))
         return out
 
 
@@ -257,14 +296,7 @@ def run_case(case, gpu):
     glue = _Glue()
     with planning_for(gpu.sms), record() as launches, glue:
         if case.op in ROW_NORMS:
-            rows, n = math.prod(case.shape[:-1]), case.shape[-1]
-            rms, residual = case.op != "layer_norm", other if case.op == "add_rms_norm" else None
-            bias = None if rms else b
-            if case.pas == "fwd":
-                row_norm.row_norm_fwd(x, residual, (n,), w, bias, 1e-6, rms, "none", True)
-            else:
-                row_norm.row_norm_bwd(other, x, (n,), w, bias, None if rms else stats(rows), stats(rows), rms, "none",
-                                      (True, True, bias is not None))
+            _run_row_norm(case, x, other, w, b)
         elif case.op in GROUP_NORMS:
             groups = c if case.op == "instance_norm" else 32
             act = "silu" if case.op == "group_norm+silu" else "none"
@@ -285,6 +317,37 @@ def run_case(case, gpu):
                 batch_norm.batch_norm_bwd(other, x, w, b, rm, rv, stats(c), stats(c), training, 1e-5, act,
                                           (True, True, True))
     return launches, glue.ops
+
+
+def _run_row_norm(case, x, other, w, b):
+    """The launches of a row-norm case (a variant's as ROW_VARIANTS says), as normops.ops runs them."""
+    rows, n = math.prod(case.shape[:-1]), case.shape[-1]
+    v = dict(ROW_VARIANTS.get(case.op, {}))
+    residual = v.pop("residual", "same" if case.op == "add_rms_norm" else None)
+    gate = _meta(case.shape, case.dtype) if v.pop("gate", False) else None
+    groups = 1
+    if v.pop("grouped", False):
+        v["group_size"] = gated_group_size(n)
+        groups = n // v["group_size"]
+    rms = case.op != "layer_norm"
+    bias = None if rms else b
+    rstd = _meta((rows, groups) if groups > 1 else (rows,), torch.float32)
+    mean = None if rms else _meta((rows,), torch.float32)
+    if residual == torch.float32:  # the residual stream: h = x + r in promote_types(x, r)
+        wide = torch.promote_types(case.dtype, residual)
+        other = _meta(case.shape, wide)
+        if case.pas == "bwd":
+            x, other = other, _meta(case.shape, case.dtype)  # the saved h, and dy in y's (x's) dtype
+    if case.pas == "fwd":
+        # in place (out=(x, r)) writes x and r: y and h of their own here, so that each write counts
+        # (an argument is counted once at its size); the compiled kernel and the bytes are the same
+        row_norm.row_norm_fwd(x, other if residual else None, (n,), w, bias, 1e-6, rms, "none",
+                              residual != "in place", out_dtype=case.dtype if residual else None, gate=gate, **v)
+    else:
+        dx, *_ = row_norm.row_norm_bwd(other, x, (n,), w, bias, mean, rstd, rms, "none",
+                                       (True, True, bias is not None, gate is not None), gate=gate, **v)
+        if dx.dtype != case.dtype:  # normops.ops.row_norm's _cast: dx comes in h's dtype, x's grad in x's
+            dx.to(case.dtype)
 
 
 # --- compiling a launch and reading its facts ------------------------------------------------
@@ -456,16 +519,23 @@ class Prediction:
     launches: list = dataclasses.field(default_factory=list)  # per launch: a dict of what was modelled
     glue: int = 0
     error: str = None
+    per_byte: float = None  # a variant's bytes / time over its plain case's (Case.base), or None
+
+    @property
+    def slow(self):
+        """A variant below VARIANT_SHARE of its plain case's bandwidth per byte."""
+        return self.per_byte is not None and self.per_byte < VARIANT_SHARE - 1e-9
 
     @property
     def ok(self):
-        return self.error is None and self.glue <= 1 and (self.target is None or self.pct >= self.target - 1e-9)
+        return (self.error is None and self.glue <= 1 and (self.target is None or self.pct >= self.target - 1e-9)
+                and not self.slow)
 
 
-def _units(case, span):
-    """How many spans of `span` kind x holds."""
+def _units(case, span, launch):
+    """How many spans of `span` kind x holds (a row of G groups: G spans, program_id(1) the group)."""
     if span == "row":
-        return math.prod(case.shape[:-1])
+        return math.prod(case.shape[:-1]) * (launch.grid[1] if len(launch.grid) > 1 else 1)
     return case.shape[0] * (case.shape[1] if case.op == "instance_norm" else 32)
 
 
@@ -505,7 +575,7 @@ def predict_launches(launches, glue_ops, facts, gpu, case=None):
                 dram += size
             if name in rereads:
                 working = in_flight * sum(v.numel() * v.element_size() for n, v in tensors.values()
-                                          if n in rereads) / _units(case, span)
+                                          if n in rereads) / _units(case, span, launch)
                 if working <= l2_budget:
                     l2 += size
                 else:
@@ -585,6 +655,13 @@ def predict(cases, gpu, jobs=1):
             except RuntimeError as e:
                 p.error = str(e)
         out.append(p)
+    by_case = {p.case: p for p in out}
+    for p in out:  # % of peak is bytes / time over a constant: its ratio is the ratio per byte
+        base = by_case.get(p.case.base)
+        if base is not None and p.error is None and base.error is None and base.pct:
+            p.per_byte = p.pct / base.pct
+        elif p.case.base is not None and p.error is None:
+            p.error = f"no plain case {p.case.base.id} to compare per byte"
     return out
 
 
@@ -650,9 +727,12 @@ ANCHOR_MISSES_ALLOWED = 1
 def _fmt_case(p):
     c = p.case
     kernels = "+".join(r["kernel"].removeprefix("_").removesuffix("_kernel") for r in p.launches)
-    verdict = "ERROR" if p.error else "ok" if p.ok else "GLUE" if p.glue > 1 else "BELOW"
+    verdict = ("ERROR" if p.error else "ok" if p.ok else "GLUE" if p.glue > 1 else "SLOW" if p.slow and (
+        p.target is None or p.pct >= p.target - 1e-9) else "BELOW")
     target = f"{p.target:5.1f}" if p.target is not None else "    -"
-    return f"{c.id:52} {p.pct:6.1f} {target} {len(p.launches):>3} {p.glue:>4}  {verdict:5}  {p.error or kernels}"
+    per_byte = f"{p.per_byte:5.2f}" if p.per_byte is not None else "    -"
+    return (f"{c.id:60} {p.pct:6.1f} {target} {per_byte} {len(p.launches):>3} {p.glue:>4}  {verdict:5}  "
+            f"{p.error or kernels}")
 
 
 def main(argv=None):
@@ -684,17 +764,21 @@ def main(argv=None):
         if args.anchors:
             return 1 if args.check and failed else 0
     cases = [c for c in benchmark_cases(args.acceptance) if args.select in c.id]
+    cases = list(dict.fromkeys(cases + [c.base for c in cases if c.base]))  # a variant's plain case too
     preds = predict(cases, gpu, args.jobs)
-    print(f"\n{'case':52} {'pred %':>6} {'target':>5} {'lch':>3} {'glue':>4}  {'':5}  kernels")
+    print(f"\n{'case':60} {'pred %':>6} {'target':>5} {'/byte':>5} {'lch':>3} {'glue':>4}  {'':5}  kernels")
     for pred in preds:
         print(_fmt_case(pred))
     below = [pred for pred in preds if not pred.ok]
+    print(f"/byte: a row-norm variant's bandwidth per byte over plain {VARIANT_BASE}'s (same shape, dtype, pass); "
+          f"target {VARIANT_SHARE}")
     print(f"{len(preds) - len(below)} of {len(preds)} cases at or above target")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": dataclasses.asdict(gpu), "triton": triton.__version__, "cases": [
                 {"id": q.case.id, "op": q.case.op, "shape": q.case.shape, "dtype": str(q.case.dtype),
                  "pass": q.case.pas, "predicted_pct": q.pct, "predicted_us": q.time_us, "target_pct": q.target,
+                 "per_byte_vs_plain": q.per_byte,
                  "glue": q.glue, "error": q.error, "launches": q.launches} for q in preds]}, f, indent=1)
     failed |= bool(below)
     return 1 if args.check and failed else 0

@@ -32,6 +32,7 @@ from . import __version__
 from . import functional as F
 from .backends import current_backend
 from .cliutil import DTYPES, default_device, error_text, save_figure, text_table, writable_file
+from .core import gated_group_size
 
 PROVIDERS = ("normops", "torch", "compile")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -44,7 +45,9 @@ class Op:
     ``make(shape, dtype, device)`` -> (inputs dict, needs_grad names); ``ours``/``ref`` take the
     inputs dict and return the output (a tensor, or a tuple whose first element is differentiated).
     ``reads``/``writes``: activation-sized tensors the forward reads and writes (the minimum), and
-    ``bwd_reads``/``bwd_writes`` for the backward, in units of the input's size.
+    ``bwd_reads``/``bwd_writes`` for the backward, in units of the input's size; ``wide``: how many
+    of those four are the fp32 residual stream instead (promote_types(input dtype, float32), 4
+    bytes an element under bf16). ``forward_only``: an in-place inference op, no backward.
     """
     name: str
     family: str
@@ -55,15 +58,54 @@ class Op:
     writes: int
     bwd_reads: int
     bwd_writes: int
+    wide: Tuple[int, int, int, int] = (0, 0, 0, 0)
+    forward_only: bool = False
+
+    @property
+    def passes(self):
+        return ("fwd",) if self.forward_only else PASSES
 
 
-def _row_inputs(shape, dtype, device, residual=False):
+def _row_inputs(shape, dtype, device, residual=False, residual_dtype=None, gate=False):
     n = shape[-1]
     t = {"x": torch.randn(shape, dtype=dtype, device=device),
          "w": torch.ones(n, dtype=dtype, device=device), "b": torch.zeros(n, dtype=dtype, device=device)}
     if residual:
-        t["r"] = torch.randn(shape, dtype=dtype, device=device)
+        t["r"] = torch.randn(shape, dtype=residual_dtype or dtype, device=device)
+    if gate:
+        t["g"] = torch.randn(shape, dtype=dtype, device=device)
     return t
+
+
+# The Hugging Face modules' formulas (transformers 5.25), the torch composition a user of those
+# models runs: statistics in fp32, then each module's own roundings.
+def _hf_normalize(u, eps, group_size=None):
+    """u (fp32) * rsqrt(mean(u^2) + eps) over the last dim, or over its groups of group_size."""
+    g = u if group_size is None else u.unflatten(-1, (-1, group_size))
+    return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).reshape(u.shape)
+
+
+def _gemma_rms_norm(x, w, eps):  # GemmaRMSNorm: fp32 throughout, (1 + w), then x's dtype
+    return (_hf_normalize(x.float(), eps) * (1.0 + w.float())).type_as(x)
+
+
+def _llama_rms_norm(x, w, eps):  # LlamaRMSNorm: x_hat rounded to x's dtype, then w *
+    return w * _hf_normalize(x.float(), eps).to(x.dtype)
+
+
+def _qwen3_next_gated(x, gate, w, eps):  # Qwen3NextRMSNormGated: the Llama norm, then * silu(gate)
+    return (_llama_rms_norm(x, w, eps) * TF.silu(gate.float())).to(x.dtype)
+
+
+def _mamba2_gated(x, gate, w, eps, group_size):  # Mamba2RMSNormGated: * silu(gate), then grouped norm
+    return w * _hf_normalize(x.float() * TF.silu(gate.float()), eps, group_size).to(x.dtype)
+
+
+def _vllm_add_rms_norm_(x, r, w, eps):
+    """vLLM's fused_add_rms_norm semantics in torch, in place: r += x, x <- rms_norm(r) * w."""
+    r.add_(x)
+    x.copy_(TF.rms_norm(r, r.shape[-1:], w, eps))
+    return x, r
 
 
 def _channel_inputs(shape, dtype, device):
@@ -99,6 +141,31 @@ OPS = {op.name: op for op in [
        lambda t: F.add_rms_norm(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6),
        # backward of y only (h unused downstream here): reads h and dy, writes one dx for x and r
        lambda t: (lambda h: (TF.rms_norm(h, h.shape[-1:], t["w"], 1e-6), h))(t["x"] + t["r"]), 2, 2, 2, 1),
+    # The row-norm variants (issue #17), each against its Hugging Face module's formula. Bytes: a
+    # gate is one more read forward, a read and a dgate write backward; the fp32 residual stream
+    # reads r and writes h at 4 bytes (its backward: h read at 4 bytes, dx written in x's dtype).
+    Op("rms_norm_gemma", "row_norm", _row_inputs,
+       lambda t: F.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6, offset=1.0),
+       lambda t: _gemma_rms_norm(t["x"], t["w"], 1e-6), 1, 1, 2, 1),
+    Op("rms_norm_llama", "row_norm", _row_inputs,
+       lambda t: F.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6, casting="llama"),
+       lambda t: _llama_rms_norm(t["x"], t["w"], 1e-6), 1, 1, 2, 1),
+    Op("add_rms_norm_fp32_residual", "row_norm",
+       functools.partial(_row_inputs, residual=True, residual_dtype=torch.float32),
+       lambda t: F.add_rms_norm(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6, out_dtype=t["x"].dtype),
+       lambda t: (lambda h: (TF.rms_norm(h, h.shape[-1:], t["w"].float(), 1e-6).to(t["x"].dtype), h))(t["x"] + t["r"]),
+       2, 2, 2, 1, wide=(1, 1, 1, 0)),
+    Op("gated_rms_norm", "row_norm", functools.partial(_row_inputs, gate=True),
+       lambda t: F.gated_rms_norm(t["x"], t["g"], t["x"].shape[-1:], t["w"], 1e-6, casting="llama"),
+       lambda t: _qwen3_next_gated(t["x"], t["g"], t["w"], 1e-6), 2, 1, 3, 2),
+    Op("gated_rms_norm_grouped", "row_norm", functools.partial(_row_inputs, gate=True),
+       lambda t: F.gated_rms_norm(t["x"], t["g"], t["x"].shape[-1:], t["w"], 1e-6, norm_before_gate=False,
+                                  group_size=gated_group_size(t["x"].shape[-1]), casting="llama"),
+       lambda t: _mamba2_gated(t["x"], t["g"], t["w"], 1e-6, gated_group_size(t["x"].shape[-1])), 2, 1, 3, 2),
+    # In place, for inference: reads x and r, writes r (h) and x (y).
+    Op("add_rms_norm_", "row_norm", functools.partial(_row_inputs, residual=True),
+       lambda t: F.add_rms_norm_(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6),
+       lambda t: _vllm_add_rms_norm_(t["x"], t["r"], t["w"], 1e-6), 2, 2, 0, 0, forward_only=True),
     Op("group_norm", "group_norm", _channel_inputs,
        lambda t: F.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]),
        lambda t: TF.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]), 1, 1, 2, 1),
@@ -126,8 +193,13 @@ OPS = {op.name: op for op in [
 def bytes_moved(op, shape, dtype, pas):
     """The minimum bytes a pass of op must move (activation-sized tensors only; parameters and
     statistics are a rounding error at benchmark sizes)."""
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    fwd, bwd = (op.reads + op.writes) * size, (op.bwd_reads + op.bwd_writes) * size
+    if pas not in op.passes:
+        raise ValueError(f"{op.name} has no {pas} pass (it is forward only)")
+    numel = math.prod(shape)
+    size = numel * dtype.itemsize
+    wide = numel * torch.promote_types(dtype, torch.float32).itemsize - size  # what a wide tensor adds
+    fwd = (op.reads + op.writes) * size + (op.wide[0] + op.wide[1]) * wide
+    bwd = (op.bwd_reads + op.bwd_writes) * size + (op.wide[2] + op.wide[3]) * wide
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas]
 
 
@@ -152,9 +224,13 @@ def _copies(shape, dtype, device):
     return max(1, min(256, math.ceil(2 * l2 / max(size, 1)) + 1))  # tiny shapes: many copies, little memory
 
 
+_GRAD_INPUTS = ("x", "w", "b", "g")  # what a backward differentiates (the residual: see add_rms_norm's bytes)
+
+
 def _clear_grads(inputs):
-    for k in ("x", "w", "b"):
-        inputs[k].grad = None
+    for k in _GRAD_INPUTS:
+        if k in inputs:
+            inputs[k].grad = None
 
 
 def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torch.contiguous_format, sync=True,
@@ -165,6 +241,8 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
     output, as the next layer of a network would hand it back. `copies`: input sets to rotate
     through (default: enough to leave L2)."""
     op = OPS[op_name]
+    if pas not in op.passes:
+        raise ValueError(f"{op_name} has no {pas} pass (it is forward only)")
     device = torch.device(device)
     fn = {"normops": op.ours, "torch": op.ref}.get(provider)
     eager = op.ours if provider == "normops" else op.ref  # the provider's output layout, uncompiled
@@ -175,11 +253,12 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
     inputs = []
     for _ in range(copies or _copies(shape, dtype, device)):
         t = op.make(shape, dtype, device)
-        for k in ("x", "r"):
+        for k in ("x", "r", "g"):
             if k in t:
                 t[k] = t[k].contiguous(memory_format=memory_format)
-        for k in ("x", "w", "b"):
-            t[k].requires_grad_(grad)
+        for k in _GRAD_INPUTS:
+            if k in t:
+                t[k].requires_grad_(grad)
         inputs.append(t)
     state = {"i": 0}
 
@@ -441,8 +520,14 @@ def plan_bench(args):
     ops = list(dict.fromkeys(args.op or OPS))
     dtypes = list(dict.fromkeys(args.dtype or [BENCH_DTYPE.get(device.type, "float32")]))
     passes = list(dict.fromkeys(args.passes or ["fwd+bwd"]))
+    # a forward-only op runs the passes asked that it has, its forward by default
+    op_passes = {name: [p for p in passes if p in OPS[name].passes] or ([] if args.passes else ["fwd"])
+                 for name in ops}
     cases = [(name, shape, dt, pas) for name in ops for shape in bench_shapes(OPS[name], device, args.quick)
-             for dt in dtypes for pas in passes]
+             for dt in dtypes for pas in op_passes[name]]
+    if not cases:
+        raise ValueError(f"no case: {', '.join(ops)} {'has' if len(ops) == 1 else 'have'} no "
+                         f"{'/'.join(passes)} pass (forward only)")
     return device, cases, ["normops", "torch"] + (["compile"] if args.compile else [])
 
 

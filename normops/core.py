@@ -103,6 +103,13 @@ def case_id(op, shape, layout, dtype, pas):
     return f"{op}-{shape}-{str(dtype).replace('torch.', '')}-{pas}"
 
 
+def gated_group_size(n):
+    """The group of the grouped gated RMSNorm benchmark case (gated_rms_norm_grouped) at row width n:
+    1024 (Codestral Mamba's and Nemotron-H's 8 groups at d_inner 8192), or half a narrower row, so
+    that a row always has at least two groups. Shared by normops.bench and the roofline."""
+    return min(1024, n // 2)
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 _INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,

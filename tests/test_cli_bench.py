@@ -172,7 +172,27 @@ def test_default_plan():
     assert device == torch.device("cpu") and providers == ["normops", "torch"]
     assert [c[0] for c in cases[:2]] == ["layer_norm", "layer_norm"]
     assert {c[0] for c in cases} == set(bench.OPS)
-    assert {(c[2], c[3]) for c in cases} == {("float32", "fwd+bwd")}
+    assert {(c[2], c[3]) for c in cases if c[0] != "add_rms_norm_"} == {("float32", "fwd+bwd")}
+    assert {c[3] for c in cases if c[0] == "add_rms_norm_"} == {"fwd"}  # in place: forward only
     assert ("layer_norm", (4096, 1024), "float32", "fwd+bwd") in cases
     assert ("batch_norm", (32, 64, 56, 56), "float32", "fwd+bwd") in cases
     assert bench.BENCH_DTYPE["cuda"] == "bfloat16"
+
+
+def test_variants_quick(capsys):
+    """The row-norm variants run through the command; the in-place one forward only (by default,
+    and when other passes are asked too), and alone with only a backward asked: a usage error."""
+    variants = ["--op", "rms_norm_gemma", "--op", "add_rms_norm_fp32_residual", "--op", "gated_rms_norm_grouped",
+                "--op", "add_rms_norm_"]
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--reps", "1", *variants])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    _, rows = table(out)
+    assert [(r["op"], r["pass"]) for r in rows] == [
+        ("rms_norm_gemma", "fwd+bwd"), ("add_rms_norm_fp32_residual", "fwd+bwd"), ("gated_rms_norm_grouped", "fwd+bwd"),
+        ("add_rms_norm_", "fwd")]
+    assert all(float(r["normops ms"]) > 0 and float(r["torch.nn ms"]) > 0 for r in rows)
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--reps", "1", "--op", "add_rms_norm_", "--pass", "bwd"])
+    assert code == 2 and "forward only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="forward only"):
+        bench.bytes_moved(bench.OPS["add_rms_norm_"], (8, 8), torch.float32, "bwd")

@@ -2,6 +2,7 @@
 of SASS, its occupancy arithmetic and targets, one published anchor through a real sm_90 compile,
 and every benchmark case's launches planned on meta tensors (at most one glue launch an op).
 The whole table and its verdicts are CI's `python -m normops.kernels.roofline --check`."""
+import itertools
 import math
 import os
 import subprocess
@@ -18,10 +19,31 @@ H100 = roofline.GPUS["h100-sxm"]
 
 
 def test_ideal_bytes_are_the_benchmarks():
-    for name, ((r, w), (br, bw)) in roofline.IDEAL.items():
+    for name, ((r, w), bwd) in roofline.IDEAL.items():
         op = bench.OPS[name]
-        assert (op.reads, op.writes, op.bwd_reads, op.bwd_writes) == (r, w, br, bw), name
+        assert (op.reads, op.writes) == (r, w), name
+        assert op.forward_only == (bwd is None) and (op.bwd_reads, op.bwd_writes) == (bwd or (0, 0)), name
+        assert op.wide == roofline.WIDE.get(name, (0, 0, 0, 0)), name
+        for dtype, pas in itertools.product((torch.float32, torch.bfloat16), op.passes[:2]):
+            case = roofline.Case(name, (64, 256), "contiguous", dtype, pas)
+            assert case.ideal_bytes() == bench.bytes_moved(op, case.shape, dtype, pas), case.id
     assert set(roofline.IDEAL) == set(bench.OPS)
+    # the fp32 residual stream under bf16: x, r, y, h at 2 + 4 + 2 + 4 bytes; h, dy, dx at 4 + 2 + 2
+    fp32_residual = bench.OPS["add_rms_norm_fp32_residual"]
+    assert bench.bytes_moved(fp32_residual, (64, 256), torch.bfloat16, "fwd") == 12 * 64 * 256
+    assert bench.bytes_moved(fp32_residual, (64, 256), torch.bfloat16, "bwd") == 8 * 64 * 256
+    assert set(roofline.ROW_VARIANTS) <= set(roofline.ROW_NORMS) and roofline.VARIANT_BASE in bench.OPS
+
+
+def test_a_variant_slower_per_byte_than_plain_fails():
+    """predict's per-byte ratio against the plain case, and the verdict it gives."""
+    case = roofline.Case("gated_rms_norm", (4096, 8192), "contiguous", torch.bfloat16, "fwd")
+    assert case.base == roofline.Case("rms_norm", (4096, 8192), "contiguous", torch.bfloat16, "fwd")
+    assert roofline.Case("rms_norm", (4096, 8192), "contiguous", torch.bfloat16, "fwd").base is None
+    for per_byte, ok in ((0.94, False), (0.95, True), (1.3, True), (None, True)):
+        p = roofline.Prediction(case, pct=80.0, target=50.0, per_byte=per_byte)
+        assert p.ok == ok and p.slow == (not ok), per_byte
+        assert ("SLOW" in roofline._fmt_case(p)) == (not ok)
 
 
 SASS = """
@@ -60,7 +82,7 @@ def test_glue_counts_kernels_not_views_or_allocations():
     glue = roofline._Glue()
     x = torch.empty((8, 4), device="meta")
     with glue:
-        x.view(32), x.t(), torch.empty(3, device="meta")
+        x.view(32), x.t(), torch.empty(3, device="meta"), torch.promote_types(x.dtype, torch.bfloat16)
         x.sum(0).to(torch.bfloat16)
     assert [name for name, _ in glue.ops] == ["aten::sum", "aten::_to_copy"]
 

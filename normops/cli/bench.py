@@ -46,7 +46,8 @@ def add_parser(sub):
                    help=f"time this dtype (repeatable): {', '.join(DTYPES)}; default: "
                         f"{BENCH_DTYPE['cpu']} on CPU, {BENCH_DTYPE['cuda']} on CUDA")
     p.add_argument("--pass", dest="passes", action="append", choices=bench.PASSES,
-                   help="time this pass (repeatable); default: fwd+bwd")
+                   help="time this pass (repeatable); default: fwd+bwd (fwd for add_rms_norm_, in place and "
+                        "forward only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the torch.nn composition")
     p.add_argument("--device", type=device_arg, help=f"device to run on; default: {default_device()}")
     p.add_argument("--reps", type=positive_int_arg,
