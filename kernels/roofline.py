@@ -147,6 +147,9 @@ IDEAL = {
 # Of those, how many (fwd reads, writes, bwd reads, writes) are the fp32 residual stream:
 # promote_types(dtype, float32) bytes an element (r and h forward, h backward; dx is x's dtype).
 WIDE = {"add_rms_norm_fp32_residual": (1, 1, 1, 0)}
+# The ops whose backward also writes the residual's gradient in the stream's dtype where that is
+# wider than x's (bench.Op.stream_grad): one more write, of the stream's size.
+STREAM_GRAD = {"add_rms_norm_fp32_residual"}
 # The launches of a perfect kernel for the op: one forward (BatchNorm training: statistics, then
 # normalize), and the backward's kernel plus the one glue launch that sums dW/dB partials.
 IDEAL_LAUNCHES = {"fwd": 1, "bwd": 2}
@@ -207,8 +210,9 @@ class Case:
         reads, writes = IDEAL[self.op][bwd]
         wide = sum(WIDE.get(self.op, (0, 0, 0, 0))[2 * bwd: 2 * bwd + 2])
         numel = math.prod(self.shape)
-        return (reads + writes) * numel * self.elem + wide * numel * (
-            torch.promote_types(self.dtype, torch.float32).itemsize - self.elem)
+        stream = torch.promote_types(self.dtype, torch.float32).itemsize
+        extra = stream if bwd and self.op in STREAM_GRAD and stream > self.elem else 0
+        return (reads + writes) * numel * self.elem + wide * numel * (stream - self.elem) + extra * numel
 
     @property
     def base(self):
@@ -344,10 +348,10 @@ def _run_row_norm(case, x, other, w, b):
         row_norm.row_norm_fwd(x, other if residual else None, (n,), w, bias, 1e-6, rms, "none",
                               residual != "in place", out_dtype=case.dtype if residual else None, gate=gate, **v)
     else:
-        dx, *_ = row_norm.row_norm_bwd(other, x, (n,), w, bias, mean, rstd, rms, "none",
-                                       (True, True, bias is not None, gate is not None), gate=gate, **v)
-        if dx.dtype != case.dtype:  # normops.ops.row_norm's _cast: dx comes in h's dtype, x's grad in x's
-            dx.to(case.dtype)
+        # with a residual stream of another dtype, the kernel writes x's gradient and the residual's
+        streams = dict(dx_dtype=case.dtype, dresidual_dtype=x.dtype) if x.dtype != case.dtype else {}
+        row_norm.row_norm_bwd(other, x, (n,), w, bias, mean, rstd, rms, "none",
+                              (True, True, bias is not None, gate is not None), gate=gate, **v, **streams)
 
 
 # --- compiling a launch and reading its facts ------------------------------------------------

@@ -36,8 +36,10 @@ Bytes moved, for M rows of N elements of e bytes (the speed to expect is bytes /
                             G = programs (~SMs), then one reduction over them (the second launch)
     backward, looped        as one pass, plus a second read of x and dy: + 2*M*N*e, from L2 (G is
                             capped so the rows in flight and the partial rows fit there)
-A gate adds a read of M*N*e forward (twice in the looped kernel, the second from L2) and a read and a
-dgate write backward.
+A gate adds a read of M*N*e forward (a gate first is read in both passes of the looped kernel, the
+second from L2) and a read and a dgate write backward (both passes of the looped backward read it).
+With a residual, the backward adds dh (the gradient of h from later layers: one more read) to dx
+and writes it for x and, for an fp32 residual stream under bf16 x, once more in fp32.
 Statistics and reductions accumulate in fp32 (fp64 for fp64 input); dw/db are per-program fp32
 partials summed afterwards in a fixed order: deterministic, no atomics.
 
@@ -328,6 +330,17 @@ def _gate_first_grads(du, x, gz, GATE_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _store_dx(dx, DX, DH, DR, offs, mask, HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, ACC: tl.constexpr):
+    """dx (+ dh, the gradient of h = x + residual reaching it from later layers) stored in x's dtype,
+    and in the residual's when that differs (an fp32 residual stream): one pass for both inputs."""
+    if HAS_DH:
+        dx = dx + tl.load(DH + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if STORE_DR:
+        tl.store(DR + offs, dx.to(DR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add2(a1, a2, b1, b2):
     return a1 + b1, a2 + b2
 
@@ -361,12 +374,14 @@ def _row_norm_bwd_kernel(
     DY, X, Z,          # output gradient, input (strided rows); gate (dx's layout)
     W, B,              # [G * N] weight, bias
     MEAN, RSTD,        # [M, G] saved statistics
-    DX, DG,            # out: dx, dgate (contiguous)
+    DH,                # gradient of h = x + residual, added to dx (contiguous), when HAS_DH
+    DX, DG, DR,        # out: dx, dgate, dx again in the residual's dtype when STORE_DR (contiguous)
     PART,              # [G, P, K, N] out: fp32 partial dw ([.., 0, :]) then db, K = WANT_DW + WANT_DB, per program
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
-    GROUPED: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_DH: tl.constexpr, STORE_DR: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """One pass, rows up to BLOCK_N wide, over a persistent grid of P programs (per group): program
@@ -426,7 +441,7 @@ def _row_norm_bwd_kernel(
             if GATE_FIRST:
                 dgate = dg_first
             if WANT_DX:
-                tl.store(DX + out_offs, dx.to(DX.dtype.element_ty), mask=mask)
+                _store_dx(dx, DX, DH, DR, out_offs, mask, HAS_DH, STORE_DR, ACC)
         if WANT_DG:
             tl.store(DG + out_offs, dgate.to(DG.dtype.element_ty), mask=mask)
         if WANT_DW:
@@ -445,12 +460,14 @@ def _row_norm_bwd_looped_kernel(
     DY, X, Z,          # output gradient, input (strided rows); gate (dx's layout)
     W, B,              # [G * N] weight, bias
     MEAN, RSTD,        # [M, G] saved statistics
-    DX, DG,            # out: dx, dgate (contiguous)
+    DH,                # gradient of h = x + residual, added to dx (contiguous), when HAS_DH
+    DX, DG, DR,        # out: dx, dgate, dx again in the residual's dtype when STORE_DR (contiguous)
     PART,              # [G, P, K, N] out: fp32 partial dw then db as in _row_norm_bwd_kernel
     M, N, inner, sdy_o, sdy_i, sx_o, sx_i,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr,
-    GROUPED: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_DH: tl.constexpr, STORE_DR: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """Rows wider than a block, each owned by one program of a persistent grid of P (rows p,
@@ -522,7 +539,7 @@ def _row_norm_bwd_looped_kernel(
                 if GATE_FIRST:
                     dgate = dg_first
                 if WANT_DX:
-                    tl.store(DX + out_row + c, dx.to(DX.dtype.element_ty), mask=m)
+                    _store_dx(dx, DX, DH, DR, out_row + c, m, HAS_DH, STORE_DR, ACC)
             if WANT_DG:
                 tl.store(DG + out_row + c, dgate.to(DG.dtype.element_ty), mask=m)
             if WANT_DW:
@@ -671,13 +688,18 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *, offset=0.0,
-                 casting="fp32", gate=None, norm_before_gate=True, group_size=0, config=None, grads_config=None):
+                 casting="fp32", gate=None, norm_before_gate=True, group_size=0, dh=None, dx_dtype=None,
+                 dresidual_dtype=None, config=None, grads_config=None):
     """The triton backend's row_norm backward (contract: normops/backends/__init__.py); `config` as
     in row_norm_fwd, `grads_config` the glue kernel's (a ParamGradsConfig). Two launches: the
     backward kernel (dx, dgate and per-program dw/db partials), then, when a parameter gradient is
-    wanted, _row_norm_param_grads_kernel. x is not empty (the ops answer empty inputs without kernels)."""
+    wanted, _row_norm_param_grads_kernel. x is not empty (the ops answer empty inputs without kernels).
+    With a residual: `dh` (the gradient of h from later layers) is added to dx in the kernel, dx is
+    written in `dx_dtype` (x's) and, when `dresidual_dtype` differs, once more in that dtype: the
+    fifth result (else None: the residual's gradient is dx)."""
     weight, bias = dense(weight), dense(bias)
     gate = None if gate is None else gate.contiguous()
+    dh = None if dh is None else dh.contiguous()
     k = len(normalized_shape)
     groups, n = _groups(normalized_shape, group_size)
     m = x.numel() // (n * groups)
@@ -692,27 +714,30 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     programs = row_norm_bwd_programs(cfg, n, x.element_size(), n_part, programs_per_wave(x.device, cfg.num_warps))
     # every program gets a row: it writes its partials
     g = max(1, min(triton.cdiv(m, cfg.block_m), programs // groups))
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else None
+    dx = torch.empty(x.shape, dtype=dx_dtype or x.dtype, device=x.device) if want_dx else None
+    store_dr = want_dx and dresidual_dtype is not None and dresidual_dtype != dx.dtype
+    dr = torch.empty(x.shape, dtype=dresidual_dtype, device=x.device) if store_dr else None
     dg = torch.empty(x.shape, dtype=gate.dtype, device=x.device) if want_dg else None
     # the dw and db partials share one buffer, [groups, programs, n_part, n]: one reduction launch for both
     part = torch.empty((groups, g, n_part, n), dtype=stat_dtype(x.dtype), device=x.device) if n_part else None
     args = (dyv, xv, gate if gate is not None else rstd, weight if weight is not None else rstd,
             bias if bias is not None else rstd, mean if mean is not None else rstd, rstd,
-            dx if dx is not None else rstd, dg if dg is not None else rstd, part if part is not None else rstd,
-            m, n, inner, sdy_o, sdy_i, sx_o, sx_i)
+            dh if dh is not None else rstd, dx if dx is not None else rstd, dg if dg is not None else rstd,
+            dr if dr is not None else rstd, part if part is not None else rstd, m, n, inner, sdy_o, sdy_i, sx_o, sx_i)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
                  WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, WANT_DG=want_dg, BLOCK_N=cfg.block_n, ACC=acc,
+                 HAS_DH=want_dx and dh is not None, STORE_DR=store_dr,
                  **_variant(x.dtype, weight, offset, casting, gate, norm_before_gate), GROUPED=groups > 1)
     if cfg.one_pass:
         launch(_row_norm_bwd_kernel, (g, groups), *args, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
     else:
         launch(_row_norm_bwd_looped_kernel, (g, groups), *args, num_warps=cfg.num_warps, **flags)
     if part is None:
-        return dx, None, None, dg
+        return dx, None, None, dg, dr
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_dw else None
     db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_db else None
     pg = grads_config or ParamGradsConfig.make(n, g)
     launch(_row_norm_param_grads_kernel, (triton.cdiv(n, pg.block_n), groups), part, dw if want_dw else db,
            db if want_db else dw, g, n, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db, GROUPED=groups > 1,
            BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
-    return dx, dw, db, dg
+    return dx, dw, db, dg, dr

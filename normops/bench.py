@@ -47,7 +47,9 @@ class Op:
     ``reads``/``writes``: activation-sized tensors the forward reads and writes (the minimum), and
     ``bwd_reads``/``bwd_writes`` for the backward, in units of the input's size; ``wide``: how many
     of those four are the fp32 residual stream instead (promote_types(input dtype, float32), 4
-    bytes an element under bf16). ``forward_only``: an in-place inference op, no backward.
+    bytes an element under bf16); ``stream_grad``: the backward also writes the residual's gradient
+    in the stream's dtype where that is wider than x's (else x's gradient serves both).
+    ``forward_only``: an in-place inference op, no backward.
     """
     name: str
     family: str
@@ -59,6 +61,7 @@ class Op:
     bwd_reads: int
     bwd_writes: int
     wide: Tuple[int, int, int, int] = (0, 0, 0, 0)
+    stream_grad: bool = False
     forward_only: bool = False
 
     @property
@@ -154,7 +157,7 @@ OPS = {op.name: op for op in [
        functools.partial(_row_inputs, residual=True, residual_dtype=torch.float32),
        lambda t: F.add_rms_norm(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6, out_dtype=t["x"].dtype),
        lambda t: (lambda h: (TF.rms_norm(h, h.shape[-1:], t["w"].float(), 1e-6).to(t["x"].dtype), h))(t["x"] + t["r"]),
-       2, 2, 2, 1, wide=(1, 1, 1, 0)),
+       2, 2, 2, 1, wide=(1, 1, 1, 0), stream_grad=True),
     Op("gated_rms_norm", "row_norm", functools.partial(_row_inputs, gate=True),
        lambda t: F.gated_rms_norm(t["x"], t["g"], t["x"].shape[-1:], t["w"], 1e-6, casting="llama"),
        lambda t: _qwen3_next_gated(t["x"], t["g"], t["w"], 1e-6), 2, 1, 3, 2),
@@ -199,7 +202,8 @@ def bytes_moved(op, shape, dtype, pas):
     size = numel * dtype.itemsize
     wide = numel * torch.promote_types(dtype, torch.float32).itemsize - size  # what a wide tensor adds
     fwd = (op.reads + op.writes) * size + (op.wide[0] + op.wide[1]) * wide
-    bwd = (op.bwd_reads + op.bwd_writes) * size + (op.wide[2] + op.wide[3]) * wide
+    bwd = (op.bwd_reads + op.bwd_writes) * size + (op.wide[2] + op.wide[3]) * wide + \
+        (size + wide if op.stream_grad and wide else 0)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas]
 
 

@@ -24,14 +24,17 @@ def test_ideal_bytes_are_the_benchmarks():
         assert (op.reads, op.writes) == (r, w), name
         assert op.forward_only == (bwd is None) and (op.bwd_reads, op.bwd_writes) == (bwd or (0, 0)), name
         assert op.wide == roofline.WIDE.get(name, (0, 0, 0, 0)), name
+        assert op.stream_grad == (name in roofline.STREAM_GRAD), name
         for dtype, pas in itertools.product((torch.float32, torch.bfloat16), op.passes[:2]):
             case = roofline.Case(name, (64, 256), "contiguous", dtype, pas)
             assert case.ideal_bytes() == bench.bytes_moved(op, case.shape, dtype, pas), case.id
     assert set(roofline.IDEAL) == set(bench.OPS)
-    # the fp32 residual stream under bf16: x, r, y, h at 2 + 4 + 2 + 4 bytes; h, dy, dx at 4 + 2 + 2
+    # the fp32 residual stream under bf16: x, r, y, h at 2 + 4 + 2 + 4 bytes; h, dy, dx, dresidual at
+    # 4 + 2 + 2 + 4; under fp32 it is plain add_rms_norm: one gradient for x and the residual
     fp32_residual = bench.OPS["add_rms_norm_fp32_residual"]
     assert bench.bytes_moved(fp32_residual, (64, 256), torch.bfloat16, "fwd") == 12 * 64 * 256
-    assert bench.bytes_moved(fp32_residual, (64, 256), torch.bfloat16, "bwd") == 8 * 64 * 256
+    assert bench.bytes_moved(fp32_residual, (64, 256), torch.bfloat16, "bwd") == 12 * 64 * 256
+    assert bench.bytes_moved(fp32_residual, (64, 256), torch.float32, "bwd") == 12 * 64 * 256
     assert set(roofline.ROW_VARIANTS) <= set(roofline.ROW_NORMS) and roofline.VARIANT_BASE in bench.OPS
 
 

@@ -426,3 +426,24 @@ def test_in_place_compiles():
         step(xe, re_, w)
         torch.compile(step, fullgraph=True, backend="aot_eager")(x, r, w)
     assert torch.equal(x, xe) and torch.equal(r, re_)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+def test_residual_stream_backward_is_one_kernel(monkeypatch):
+    """The backward of add_rms_norm with an fp32 residual, h used later too: one kernel adds dh and
+    writes x's gradient (bf16) and the residual's (fp32), then the dw glue: no cast, no add."""
+    from normops.kernels import row_norm as kernels
+    launches, real = [], kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda k, grid, *a, **kw: launches.append((k, kw)) or real(k, grid, *a, **kw))
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    with normops.backend("triton"):
+        y, h = F.add_rms_norm(x, r, [64], w, 1e-6, out_dtype=torch.bfloat16)
+        launches.clear()
+        (y.float().square().sum() + h.sum()).backward()
+    names = [k.fn.__name__ for k, _ in launches]
+    assert names == ["_row_norm_bwd_kernel", "_row_norm_param_grads_kernel"], names
+    assert launches[0][1]["HAS_DH"] and launches[0][1]["STORE_DR"]
+    assert x.grad.dtype == torch.bfloat16 and r.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.float(), r.grad, atol=1e-2, rtol=1e-2)  # one gradient, rounded for x

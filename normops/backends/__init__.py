@@ -54,7 +54,10 @@ Shapes and dtypes:
   The backward's roundings are straight-through, but dw = sum(dz * x_hat as rounded). ``dgate`` is
   in gate's dtype; ``output_mask`` has a fourth entry for it (a 3-entry mask: no dgate). The
   triton backend's ``row_norm_fwd`` also takes ``out=(y, h)`` (``WRITES_INTO``): the in-place fused
-  add writes x and the residual from its kernels.
+  add writes x and the residual from its kernels; its ``row_norm_bwd`` takes ``dh``, ``dx_dtype``
+  and ``dresidual_dtype`` (``FUSES_RESIDUAL_GRADS``): the gradient of h from later layers added to
+  dx, written for x in its dtype and, for a residual of another dtype, once more in that dtype (a
+  fifth result), in the one backward kernel; for the other backends the op composes that.
 - Group and batch norm keep x's memory format (channels_last in, channels_last out).
 - Batch norm in training: batch statistics over every dim but 1; ``batch_var`` is the
   unbiased variance that feeds the running average. Not training: ``running_*`` normalize,

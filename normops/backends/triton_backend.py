@@ -62,6 +62,9 @@ def fallback(family, x, num_groups=None):
 
 # row_norm_fwd takes out=(y, h): its kernels write the in-place fused add (normops::fused_add_rms_norm)
 WRITES_INTO = True
+# row_norm_bwd takes dh, dx_dtype, dresidual_dtype: its kernels add the residual stream's gradient to
+# dx and write it for x and for a residual of another dtype in one pass (a fifth result)
+FUSES_RESIDUAL_GRADS = True
 row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
 row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 

@@ -342,19 +342,27 @@ def double_backward(composite, dy, x, params, cotangents):
     return (gdy, gx, *fill([g.to(p.dtype) for g, p in zip(grads[2:], present)]))
 
 
-def register_autograd(op, setup, backward, backward_op, backward_setup, composite, autocast=None, inputs=()):
+def register_autograd(op, setup, backward, backward_op, backward_setup, composite, autocast=None, inputs=(),
+                      added=()):
     """A family's autograd: ``op``'s (setup, backward) and ``backward_op``'s, the double backward: the
     VJP of ``composite(spec, x, weight, bias, *inputs, *extra)``, a differentiable torch
     composition of the norm, where ``backward_setup`` saved (dy, x, weight, bias, *inputs, *extra)
     and ``ctx.spec``; ``inputs`` names the further differentiable inputs of ``backward_op`` (whose
-    gradients it returns after dbias), ``extra`` are constants. ``autocast``: the dtype the op runs
-    in under CUDA autocast, as torch's own norm does (None: the input's)."""
+    gradients it returns after dbias), ``extra`` are constants. ``added`` names inputs of
+    ``backward_op`` that it adds to dx (the row norm's dh): their gradient is dx's cotangent, and
+    its outputs after the inputs' gradients are dx again in other dtypes, whose cotangents add to
+    dx's. ``autocast``: the dtype the op runs in under CUDA autocast, as torch's own norm does
+    (None: the input's)."""
     def double_backward_(ctx, gdx, *cotangents):
         dy, x, weight, bias, *rest = ctx.saved_tensors
         params, extra = [weight, bias, *rest[:len(inputs)]], rest[len(inputs):]
+        for g in cotangents[len(params):]:  # the copies of dx
+            if g is not None and g.numel() == x.numel():
+                gdx = g if gdx is None or gdx.numel() != x.numel() else gdx + g
         gdy, gx, *gp = double_backward(lambda x_, *ps: composite(ctx.spec, x_, *ps, *extra),
-                                       dy, x, params, (gdx, *cotangents))
-        return input_grads(backward_op.impl, dy=gdy, x=gx, weight=gp[0], bias=gp[1], **dict(zip(inputs, gp[2:])))
+                                       dy, x, params, (gdx, *cotangents[:len(params)]))
+        return input_grads(backward_op.impl, dy=gdy, x=gx, weight=gp[0], bias=gp[1], **dict(zip(inputs, gp[2:])),
+                           **{name: gdx for name in added if needs(ctx, backward_op.impl)[name]})
 
     op.register_autograd(backward, setup_context=setup)
     backward_op.register_autograd(double_backward_, setup_context=backward_setup)

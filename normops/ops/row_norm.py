@@ -118,22 +118,43 @@ def _row_norm_fake(x, residual, gate, normalized_shape, weight, bias, eps, rms, 
     return y, h, mean, rstd
 
 
-def _row_norm_backward_impl(dy: Tensor, x: Tensor, gate: Optional[Tensor], normalized_shape: Sequence[int],
-                            weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
-                            eps: float, rms: bool, activation: str, output_mask: Sequence[bool], offset: float,
-                            casting: str, norm_before_gate: bool,
-                            group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dgate) of row_norm, from the saved statistics (x is x + residual when
-    fused); output_mask: [dx, dweight, dbias, dgate]."""
+def _row_norm_backward_impl(dy: Tensor, x: Tensor, gate: Optional[Tensor], dh: Optional[Tensor],
+                            normalized_shape: Sequence[int], weight: Optional[Tensor], bias: Optional[Tensor],
+                            mean: Optional[Tensor], rstd: Tensor, eps: float, rms: bool, activation: str,
+                            output_mask: Sequence[bool], offset: float, casting: str, norm_before_gate: bool,
+                            group_size: int, dx_dtype: Optional[torch.dtype],
+                            dresidual_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dgate, dresidual) of row_norm, from the saved statistics (x is
+    x + residual when fused); output_mask: [dx, dweight, dbias, dgate]. With a residual, ``dh``
+    (the gradient of x + residual from later layers) is added to dx, dx comes in ``dx_dtype`` and,
+    when the residual's dtype differs, once more in ``dresidual_dtype`` (else dresidual is absent)."""
+    args = (dy, x, gate, dh, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask, offset,
+            casting, norm_before_gate, group_size, dx_dtype, dresidual_dtype)
     if x.numel() == 0:
-        return ops.zero_filled(_row_norm_backward_fake(dy, x, gate, normalized_shape, weight, bias, mean, rstd, eps,
-                                                       rms, activation, output_mask, offset, casting,
-                                                       norm_before_gate, group_size))
+        return ops.zero_filled(_row_norm_backward_fake(*args))
     weight, bias, mean, rstd = ops.dense(weight, bias, mean, rstd)
-    dx, dw, db, dg = _route(x).module.row_norm_bwd(
+    module = _route(x).module
+    fused = getattr(module, "FUSES_RESIDUAL_GRADS", False)
+    extra = dict(dh=dh, dx_dtype=dx_dtype, dresidual_dtype=dresidual_dtype) if fused else {}
+    dx, dw, db, dg, *dr = module.row_norm_bwd(
         dy, x, tuple(normalized_shape), weight, bias, mean, rstd, rms, activation, list(output_mask), offset=offset,
-        casting=casting, gate=gate, norm_before_gate=norm_before_gate, group_size=group_size)
-    return ops.or_absent(dx, x).contiguous(), ops.or_absent(dw, x), ops.or_absent(db, x), ops.or_absent(dg, x)
+        casting=casting, gate=gate, norm_before_gate=norm_before_gate, group_size=group_size, **extra)
+    dr = dr[0] if fused else None
+    if not fused:
+        dx, dr = _residual_grads(dx, dh, dx_dtype, dresidual_dtype)
+    return (ops.or_absent(dx, x).contiguous(), ops.or_absent(dw, x), ops.or_absent(db, x), ops.or_absent(dg, x),
+            ops.or_absent(dr, x))
+
+
+def _residual_grads(dx, dh, dx_dtype, dresidual_dtype):
+    """(dx + dh in dx_dtype, the same in dresidual_dtype when it differs, else None): what the
+    Triton kernels write in one pass (``FUSES_RESIDUAL_GRADS``), composed for the other backends."""
+    if dx is None:
+        return None, None
+    if dh is not None:
+        dx = dx + dh
+    out = dx if dx_dtype in (None, dx.dtype) else dx.to(dx_dtype)
+    return out, (dx.to(dresidual_dtype) if dresidual_dtype not in (None, out.dtype) else None)
 
 
 row_norm_backward_op = ops.register("row_norm_backward", _row_norm_backward_impl,
@@ -141,12 +162,16 @@ row_norm_backward_op = ops.register("row_norm_backward", _row_norm_backward_impl
 
 
 @row_norm_backward_op.register_fake
-def _row_norm_backward_fake(dy, x, gate, normalized_shape, weight, bias, mean, rstd, eps, rms, activation,
-                            output_mask, offset, casting, norm_before_gate, group_size):
+def _row_norm_backward_fake(dy, x, gate, dh, normalized_shape, weight, bias, mean, rstd, eps, rms, activation,
+                            output_mask, offset, casting, norm_before_gate, group_size, dx_dtype, dresidual_dtype):
     dx, dw, db = ops.grads_fake(x, weight, bias, output_mask, torch.contiguous_format)
+    if output_mask[0] and dx_dtype is not None:
+        dx = dx.to(dx_dtype)
     dg = torch.empty_like(gate, memory_format=torch.contiguous_format) if gate is not None and output_mask[3] \
         else ops.absent(x)
-    return dx, dw, db, dg
+    store_dr = output_mask[0] and dresidual_dtype is not None and dresidual_dtype != dx.dtype
+    dr = torch.empty(x.shape, dtype=dresidual_dtype, device=x.device) if store_dr else ops.absent(x)
+    return dx, dw, db, dg, dr
 
 
 def _row_norm_setup(ctx, inputs, output):
@@ -171,13 +196,14 @@ def _row_norm_bwd(ctx, dy, dh, _dmean, _drstd):
     if dy is None:  # only x + residual was used
         return ops.input_grads(_row_norm_impl, x=_cast(dh, x_dtype, need["x"]),
                                residual=_cast(dh, r_dtype, need["residual"]))
-    dx, dw, db, dg = ops.call_backward(ctx, row_norm_backward_op, _row_norm_backward_impl, dy, x, gate,
-                                       s.normalized_shape, weight, bias, None if s.rms else mean, rstd, s.eps, s.rms,
-                                       s.activation, mask, s.offset, s.casting, s.norm_before_gate, s.group_size)
+    fused = r_dtype is not None  # dh is added and dx cast for x and the residual in the backward op
+    dx, dw, db, dg, dr = ops.call_backward(
+        ctx, row_norm_backward_op, _row_norm_backward_impl, dy, x, gate, dh if fused else None, s.normalized_shape,
+        weight, bias, None if s.rms else mean, rstd, s.eps, s.rms, s.activation, mask, s.offset, s.casting,
+        s.norm_before_gate, s.group_size, x_dtype if fused else None, r_dtype if fused else None)
     dx = dx if mask[0] else None
-    if r_dtype is not None and dx is not None and dh is not None:
-        dx = dx + dh
-    return ops.input_grads(_row_norm_impl, x=_cast(dx, x_dtype, need["x"]), residual=_cast(dx, r_dtype, need["residual"]),
+    dr = dr if dx is not None and dr.shape == dx.shape and dr.dtype == r_dtype else dx  # absent: dx serves both
+    return ops.input_grads(_row_norm_impl, x=_cast(dx, x_dtype, need["x"]), residual=_cast(dr, r_dtype, need["residual"]),
                            weight=dw if mask[1] else None, bias=db if mask[2] else None, gate=dg if mask[3] else None)
 
 
@@ -189,8 +215,8 @@ def _cast(grad, dtype, needed):
 
 
 def _row_norm_backward_setup(ctx, inputs, output):
-    (dy, x, gate, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask, offset, casting,
-     norm_before_gate, group_size) = inputs
+    (dy, x, gate, dh, normalized_shape, weight, bias, mean, rstd, eps, rms, activation, output_mask, offset, casting,
+     norm_before_gate, group_size, dx_dtype, dresidual_dtype) = inputs
     ctx.spec = RowNormSpec(tuple(normalized_shape), eps, rms, activation, offset, casting, None, norm_before_gate,
                            group_size)
     ctx.save_for_backward(dy, x, weight, bias, gate)
@@ -217,7 +243,7 @@ def _composite(spec, x, weight, bias, gate):
 # AMP: under CUDA autocast, torch runs layer_norm in fp32 (everything under CPU autocast keeps the
 # input dtype); normops does the same.
 ops.register_autograd(row_norm_op, _row_norm_setup, _row_norm_bwd, row_norm_backward_op, _row_norm_backward_setup,
-                      _composite, autocast=torch.float32, inputs=("gate",))
+                      _composite, autocast=torch.float32, inputs=("gate",), added=("dh",))
 _RowNorm = ops.function("RowNorm", _run, _row_norm_setup, _row_norm_bwd)
 
 
