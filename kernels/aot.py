@@ -165,8 +165,11 @@ def _row_norm_launches(job):
         cfg, grads = (RowNormConfig.backward(64), job.config) if job.kernel == "param_grads" else (job.config, None)
         rstd = _meta(4, torch.float32)
         kw.pop("out_dtype", None)
+        # with a residual, as normops.ops runs it: dh added, dx for x and (another dtype) the residual
+        streams = dict(dh=inp, dx_dtype=dtype, dresidual_dtype=inp.dtype) if has_r else {}
         row_norm.row_norm_bwd(x, inp, (64,), w, b, None if rms else rstd, rstd, rms, act,
-                              (True, has_w, has_b, gate is not None), gate=gate, config=cfg, grads_config=grads, **kw)
+                              (True, has_w, has_b, gate is not None), gate=gate, config=cfg, grads_config=grads, **kw,
+                              **streams)
     return ("M", "inner", "eps"), ()
 
 
