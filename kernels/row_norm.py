@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from normops.core import casting_dtypes
+
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
 from .config import (ParamGradsConfig, RowNormConfig, programs_per_wave, row_norm_bwd_programs,
                      row_norm_fwd_programs)
@@ -624,17 +626,12 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def _variant(inp_dtype, weight, offset, casting, gate, norm_before_gate):
     """The variant constexprs: the weight offset, the dtype x_hat is rounded to before the weight
     (XHAT; the accumulation type: no rounding), the dtype x_hat * w is rounded to before a gate
-    after the norm (PROD), and the gate's flags. The casting modes: backends/__init__.py."""
+    after the norm (PROD), and the gate's flags. The casting modes: normops.core.casting_dtypes."""
     acc = acc_type(inp_dtype)
-    xhat = prod = acc
-    if casting == "llama":
-        xhat = _TL[inp_dtype]
-        if gate is not None and norm_before_gate:
-            prod = _TL[inp_dtype if weight is None else torch.promote_types(weight.dtype, inp_dtype)]
-    elif casting == "t5" and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
-        xhat = _TL[weight.dtype]
-    return dict(W_OFFSET=float(offset), XHAT=xhat, PROD=prod, HAS_GATE=gate is not None,
-                GATE_FIRST=gate is not None and not norm_before_gate)
+    xhat, prod = casting_dtypes(casting, inp_dtype, None if weight is None else weight.dtype)
+    gate_after = gate is not None and norm_before_gate
+    return dict(W_OFFSET=float(offset), XHAT=_TL[xhat] if xhat else acc, PROD=_TL[prod] if prod and gate_after else acc,
+                HAS_GATE=gate is not None, GATE_FIRST=gate is not None and not norm_before_gate)
 
 
 def _groups(normalized_shape, group_size):

@@ -112,6 +112,25 @@ def gated_group_size(n):
 
 # --- errors -------------------------------------------------------------------------------------
 
+# The row norms' casting modes: where x_hat is rounded before the weight multiply (the Hugging Face
+# families' arithmetic). "gemma" is "fp32" (everything in fp32, one rounding at the end).
+CASTINGS = ("fp32", "gemma", "llama", "t5")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def casting_dtypes(casting, inp_dtype, weight_dtype):
+    """(the dtype x_hat is rounded to before the weight multiply, the dtype x_hat * w is rounded to
+    before a gate after the norm), None where nothing is rounded: "fp32"/"gemma": neither; "llama":
+    x_hat to the input's dtype and x_hat * w to promote_types(w, input), as LlamaRMSNorm and
+    Qwen3NextRMSNormGated compute; "t5": x_hat to the weight's dtype when that is fp16/bf16
+    (T5LayerNorm). The one statement of the rule: every backend and the kernels' launcher ask it."""
+    if casting == "llama":
+        return inp_dtype, inp_dtype if weight_dtype is None else torch.promote_types(weight_dtype, inp_dtype)
+    if casting == "t5" and weight_dtype in _HALF:
+        return weight_dtype, None
+    return None, None
+
+
 _INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
            torch.float64: torch.int64}
 

@@ -35,7 +35,7 @@ from . import ops  # the route, the eager fast path, the torch.func routing
 from .ops import batch_norm as batch_ops
 from .ops import group_norm as group_ops
 from .ops import row_norm as row_ops
-from .core import DtypeError, ShapeError, activate, activation_name, stat_dtype
+from .core import CASTINGS, DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
@@ -134,9 +134,6 @@ def _grad_needed(*tensors):
 
 # --- LayerNorm / RMSNorm -----------------------------------------------------------------------
 
-CASTINGS = {"fp32": "fp32", "gemma": "fp32", "llama": "llama", "t5": "t5"}
-
-
 def _check_variant(input, weight, offset, casting, out_dtype):
     """The variant arguments: a real offset (with a weight to offset), a known casting mode, a
     floating out_dtype. Returns the casting mode's canonical name."""
@@ -144,11 +141,11 @@ def _check_variant(input, weight, offset, casting, out_dtype):
         raise TypeError(f"offset must be a float, got {type(offset).__name__}")
     if offset and weight is None:
         raise ValueError(f"offset={offset} offsets the weight (y = x_hat * (offset + weight)), but weight is None")
-    if casting not in CASTINGS:
+    if not isinstance(casting, str) or casting not in CASTINGS:
         raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, CASTINGS))}")
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
-    return CASTINGS[casting]
+    return "fp32" if casting == "gemma" else casting
 
 
 def _check_gate(input, gate, shape, bias, activation, group_size):
@@ -159,6 +156,12 @@ def _check_gate(input, gate, shape, bias, activation, group_size):
         raise ShapeError(f"expected gate of the input's shape {list(input.shape)}, got {list(gate.shape)}")
     if gate is not None and activation != "none":
         raise ValueError("a gated norm takes no activation: its gate is silu(gate)")
+    return _check_group_size(shape, group_size)
+
+
+def _check_group_size(shape, group_size):
+    """group_size None, or a positive int dividing the one normalized dim; returns it as the ops
+    take it (0: the whole row)."""
     if group_size is None:
         return 0
     if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
@@ -194,14 +197,15 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
         h = input + residual if residual is not None else None
         inp = input if h is None else h
 
+        rounding = casting_dtypes(casting, inp.dtype, None if weight is None else weight.dtype)
+
         def norm(x, w, b, g):
             if plain:
                 y = torch.rms_norm(x, shape, w, eps) if rms else torch.layer_norm(x, shape, w, b, eps)
                 return activate(y, act)
-            return row_ops._composite(spec, x, w, b, g)
+            return row_ops._composite(spec, x, w, b, g, (rounding[0], rounding[1] if g is not None else None))
 
-        y = ops.in_torch(norm, inp, weight, bias, gate)
-        return (y if out_dtype is None else y.to(out_dtype)), h, None, None
+        return ops.in_torch(norm, inp, weight, bias, gate, out_dtype=out_dtype), h, None, None
     tensors = (input, residual, weight, bias, gate)
     how = ops.route("row_norm", input, spec, tensors, aten=plain and not rms)
     if how.implementation == "aten":  # with the residual add composed by torch too: the op only adds overhead
@@ -287,11 +291,14 @@ def add_rms_norm_(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], 
         if not t.is_contiguous():
             raise ValueError(f"add_rms_norm_ writes {name} in place and needs it contiguous; pass "
                              f"{name}.contiguous() (and use the tensor you passed)")
-    # (traced, the storage is the compiler's: it sees aliased inputs itself)
-    if x.numel() and not torch.compiler.is_compiling() and \
-            x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
-        raise ValueError("add_rms_norm_: x and residual share storage; the in-place update needs two separate "
-                         "tensors")
+    if not torch.compiler.is_compiling():  # traced, storage and inference tensors are the compiler's
+        if x.numel() and x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+            raise ValueError("add_rms_norm_: x and residual share storage; the in-place update needs two separate "
+                             "tensors")
+        if not torch.is_inference_mode_enabled() and (x.is_inference() or residual.is_inference()):
+            raise RuntimeError("add_rms_norm_: x or residual is an inference tensor (made under "
+                               "torch.inference_mode()), which can be updated in place only inside "
+                               "torch.inference_mode(); call it there")
     if _grad_needed(x, residual, weight):
         raise RuntimeError("add_rms_norm_ updates x and residual in place, for inference: no gradient can flow "
                            "through it. Call it under torch.no_grad() / torch.inference_mode(), or use add_rms_norm, "

@@ -186,8 +186,8 @@ TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RM
 def candidates(module) -> Tuple[Convention, ...]:
     """The conventions module may follow, most likely first; () when it is not a norm of the registry."""
     cls = type(module)
-    if getattr(cls, "normops_convention", None) is not None:  # a twin already
-        return ()
+    if getattr(cls, "normops_convention", None) is not None or cls.__module__.split(".")[0] == "normops":
+        return ()  # a twin already, or normops' own module
     for base in cls.__mro__:
         if base.__name__ in KNOWN and cls.forward is base.forward:
             return (KNOWN[base.__name__],)
@@ -214,11 +214,26 @@ def _reduce_ex(self, protocol):
     return _rebuild, (type(self).__bases__[0], type(self).normops_convention), self.__getstate__()
 
 
+def _forward(cls, convention):
+    """The convention's forward, taking its arguments as cls's forward names them: a keyword call
+    (``norm(hidden_states=x)``, ``norm(x, gate=z)``) is bound to cls's signature first."""
+    signature, fn = inspect.signature(cls.forward), convention.forward
+
+    def forward(self, *args, **kwargs):
+        if kwargs:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            return fn(*bound.args)
+        return fn(self, *args)
+    forward.__doc__ = fn.__doc__
+    return forward
+
+
 @functools.lru_cache(maxsize=None)
 def twin_class(cls, convention: Convention):
     """The subclass of ``cls`` whose forward is ``convention``'s; one per (class, convention)."""
     return type(cls.__name__, (cls,), {
-        "forward": convention.forward, "normops_convention": convention.name, "__reduce_ex__": _reduce_ex,
+        "forward": _forward(cls, convention), "normops_convention": convention.name, "__reduce_ex__": _reduce_ex,
         "__module__": __name__, "__qualname__": cls.__qualname__,
         "__doc__": f"{cls.__module__}.{cls.__qualname__} computed by normops.functional ({convention.name} convention)"})
 
@@ -265,10 +280,26 @@ def _probe_copy(module, w_dtype, gen):
     return p
 
 
+def _arguments(fn):
+    """The parameters of a forward after self."""
+    return list(inspect.signature(fn).parameters.values())[1:]
+
+
+def _signature_check(module, convention):
+    """Why module's forward takes other arguments than the convention's (a twin would then fail on
+    the model's own calls), or None."""
+    own, conv = _arguments(type(module).forward), _arguments(convention.forward)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if len(own) != len(conv) or any(p.kind in variadic for p in own):
+        return (f"its forward takes ({', '.join(map(str, own))}), the {convention.name} convention's "
+                f"({', '.join(map(str, conv))})")
+    return None
+
+
 def probe(module, convention: Convention) -> Tuple[bool, int, str]:
     """(accepted, elements not bit-equal, why not): module's own forward against ``convention``'s on a
     copy with random weights, in the module's dtype and in bfloat16 (weights bfloat16, or float32)."""
-    why = convention.check(module)
+    why = convention.check(module) or _signature_check(module, convention)
     if why:
         return False, 0, why
     w = next(iter(module.parameters()), None)

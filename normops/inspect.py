@@ -141,7 +141,7 @@ class Report:
 
 
 def is_norm(module):
-    return isinstance(module, NORM_TYPES)
+    return isinstance(module, NORM_TYPES + (normops_nn.GatedRMSNorm,))
 
 
 def _family(m):
@@ -159,13 +159,16 @@ def _third_party(m):
     return bool(hf.candidates(m)) or hf.convention_of(m) is not None
 
 
+NORMOPS_MODULES = (normops_nn.FusedActivation, normops_nn.RowVariant)  # GatedRMSNorm has no fused activation
+
+
 def _is_normops(m):
-    return isinstance(m, normops_nn.FusedActivation) or hf.convention_of(m) is not None
+    return isinstance(m, NORMOPS_MODULES) or hf.convention_of(m) is not None
 
 
 def _type_name(m):
     cls = type(m)
-    if isinstance(m, normops_nn.FusedActivation) and getattr(normops_nn, cls.__name__, None) is cls:
+    if isinstance(m, NORMOPS_MODULES) and getattr(normops_nn, cls.__name__, None) is cls:
         return f"normops.nn.{cls.__name__}"
     if getattr(nn, cls.__name__, None) is cls:
         return f"torch.nn.{cls.__name__}"
@@ -211,7 +214,7 @@ def _backend(m, device, memo=None):
 
 def _triton_static(m):
     """What the triton backend does with layer m, as far as its configuration tells."""
-    if hf.convention_of(m) is not None:
+    if hf.convention_of(m) is not None or isinstance(m, normops_nn.GatedRMSNorm):
         return "kernel"
     if not isinstance(m, normops_nn.FusedActivation):
         return "-"

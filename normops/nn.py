@@ -64,7 +64,8 @@ def _fx_leaf(module, input):
 
 class RowVariant:
     """The row norms' variants (``normops.functional.rms_norm``): a weight ``offset`` (Gemma's
-    ``1 + weight``), the ``casting`` mode and the output dtype; shown by ``extra_repr`` when set."""
+    ``1 + weight``; the weight then starts at 0, so the scale starts at 1 as without one), the
+    ``casting`` mode and the output dtype; shown by ``extra_repr`` when set."""
 
     offset = 0.0        # class defaults, so converted modules have them too
     casting = "fp32"
@@ -73,6 +74,14 @@ class RowVariant:
     def _set_variant(self, offset, casting, out_dtype):
         F._check_variant(None, self.weight, offset, casting, out_dtype)
         self.offset, self.casting, self.out_dtype = float(offset), casting, out_dtype
+        if self.offset:
+            self.reset_parameters()  # the weight starts at 0: the identity scale, offset + 0
+
+    def reset_parameters(self):
+        """torch's init, but a weight with an offset starts at 0 (Gemma's init): the scale offset + 0."""
+        super().reset_parameters()
+        if self.offset and self.weight is not None:
+            nn.init.zeros_(self.weight)
 
     def _variant(self):
         return dict(offset=self.offset, casting=self.casting, out_dtype=self.out_dtype)
@@ -125,13 +134,13 @@ class GatedRMSNorm(RowVariant, nn.Module):
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps = eps
         self.group_size = group_size
-        self.norm_before_gate = norm_before_gate
-        fill = 0.0 if offset else 1.0
-        self.weight = nn.Parameter(torch.full(self.normalized_shape, fill, device=device, dtype=dtype))
+        F._check_group_size(self.normalized_shape, group_size)
+        self.norm_before_gate = bool(norm_before_gate)
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
         self._set_variant(offset, casting, out_dtype)
 
     def reset_parameters(self):
-        nn.init.constant_(self.weight, 0.0 if self.offset else 1.0)
+        nn.init.constant_(self.weight, 0.0 if self.offset else 1.0)  # the scale starts at 1 either way
 
     def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
         return F.gated_rms_norm(x, gate, self.normalized_shape, self.weight, self.eps,

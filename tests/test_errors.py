@@ -37,7 +37,12 @@ def _bn_stats():
      "expected weight on cpu.*meta"),
     (lambda: F.layer_norm(torch.randn(2, 6), [6], activation="tanh"), ValueError, "activation must be.*'tanh'"),
     (lambda: F.add_layer_norm(torch.randn(2, 6), torch.randn(2, 5), [6]), ValueError, "residual of the input's shape"),
-    (lambda: F.add_rms_norm(torch.randn(2, 6), torch.randn(2, 6).double(), [6]), TypeError, "residual of the input's dtype"),
+    # a residual of another floating dtype is an fp32 residual stream (tests/test_row_variants.py); not an int one
+    (lambda: F.add_rms_norm(torch.randn(2, 6), torch.ones(2, 6, dtype=torch.int32), [6]), TypeError,
+     "residual must be a floating-point tensor"),
+    (lambda: F.rms_norm(torch.randn(2, 6), [6], torch.ones(6), casting="bf16"), ValueError, "unknown casting 'bf16'"),
+    (lambda: F.gated_rms_norm(torch.randn(2, 6), torch.randn(2, 6), [6], group_size=4), normops.core.ShapeError,
+     "group_size=4 must divide"),
     (lambda: normops.nn.LayerNorm(4, activation="swish"), ValueError, "activation must be"),
     (lambda: normops.nn.BatchNorm2d(4)(torch.randn(2, 4)), ValueError, "expected 4D input"),
 ], ids=lambda v: v if isinstance(v, str) else None)

@@ -390,6 +390,10 @@ def test_modules():
     x, z = torch.randn(3, 8), torch.randn(3, 8)
     torch.testing.assert_close(g(x, z), reference(x, g.weight, z, norm_before_gate=False, group_size=4))
     torch.testing.assert_close(m(x), reference(x, m.weight, offset=1.0))
+    for module in (m, N.GatedRMSNorm(8, offset=1.0), N.LayerNorm(8, offset=1.0)):  # the scale starts at 1
+        assert torch.equal(module.weight, torch.zeros(8))
+        module.reset_parameters()
+        assert torch.equal(module.weight, torch.zeros(8))
 
 
 def test_compile_fullgraph():

@@ -1,7 +1,10 @@
 """An adversarial pass over the row-norm variants (VARIANTS.md) and the Hugging Face conversion, as a
-PyTorch user would hit them. Each ``xfail(strict=True)`` documents one bug found (its reason says
-what happens and what a user expects); the passing tests pin down edge cases that were found to
-work, against a plain torch float64 composition of the formula.
+PyTorch user would hit them: each test named for what a user expects pins down a bug that pass found
+(mixed parameter dtypes on an fp32 residual stream, a half-done in-place update on inference tensors,
+convert and inspect on normops' own GatedRMSNorm and on a forward with more arguments, the offset
+modules' init, group_size checked at construction, an unhashable casting, out_dtype and casting
+under torch.func transforms), now fixed; the others pin down edge cases found to work, against a
+plain torch float64 composition of the formula.
 """
 import importlib.util
 
@@ -40,10 +43,6 @@ def ref64(x, w=None, *, residual=None, bias=None, rms=True, gate=None, norm_befo
 
 # --- bugs -------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="add_layer_norm(bf16 x, fp32 residual, bf16 weight/bias) on the torch "
-                   "backend: ATen's 'mixed dtype (CPU): expect parameter to have scalar type of Float' from "
-                   "native_layer_norm (h is fp32, the parameters bf16); numpy and triton compute it. Expected: "
-                   "every backend computes it (or one clear normops error up front)")
 def test_add_layer_norm_fp32_residual_with_bf16_parameters_on_the_torch_backend():
     torch.manual_seed(0)
     x = torch.randn(4, 16, dtype=torch.bfloat16)
@@ -58,9 +57,6 @@ def test_add_layer_norm_fp32_residual_with_bf16_parameters_on_the_torch_backend(
     assert h.dtype == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="add_rms_norm_ on inference tensors outside inference_mode: the error "
-                   "comes from residual.copy_ after ATen already wrote it, so residual holds x + residual while x "
-                   "is unchanged (a retry adds x twice). Expected: the error before either tensor is written")
 def test_add_rms_norm_inplace_failed_call_on_inference_tensors_leaves_both_untouched():
     with torch.inference_mode():
         x, residual = torch.randn(4, 8), torch.randn(4, 8)
@@ -80,11 +76,6 @@ class _GatedBlock(torch.nn.Module):
         return self.norm(x, gate)
 
 
-@pytest.mark.xfail(strict=True, reason="normops.convert on a model holding normops.nn.GatedRMSNorm (eps given): "
-                   "hf.candidates takes it for a third-party '*RMSNorm', the probe (called without a gate) accepts "
-                   "the fp32 convention, and the twin's forward(self, hidden_states) then fails on the gate: "
-                   "TypeError '_fp32() takes 2 positional arguments but 3 were given'. Expected: normops' own "
-                   "modules left as they are")
 def test_convert_leaves_normops_own_gated_rms_norm():
     torch.manual_seed(0)
     model = _GatedBlock(eps=1e-6)
@@ -97,9 +88,6 @@ def test_convert_leaves_normops_own_gated_rms_norm():
     torch.testing.assert_close(model(x, gate), want, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="normops.inspect lists normops.nn.GatedRMSNorm as 'third-party (not "
-                   "normops; ...)' with a convert verdict (e.g. 'no number eps attribute'). Expected: a normops "
-                   "module, with its backend like normops.nn.RMSNorm's row")
 def test_inspect_knows_normops_own_gated_rms_norm():
     report = normops.inspect(_GatedBlock(group_size=4))
     (layer,) = [row for row in report.layers if row.name == "norm"]
@@ -130,10 +118,6 @@ class _Block(torch.nn.Module):
         return self.norm(x, residual)
 
 
-@pytest.mark.xfail(strict=True, reason="normops.convert swaps any class named '*RMSNorm' whose one-argument "
-                   "forward passes the probe, even when forward takes more arguments (here an optional residual): "
-                   "the twin's forward(self, hidden_states) then raises TypeError on the model's call. Expected: "
-                   "left, with the reason (its forward takes arguments the convention does not)")
 def test_convert_leaves_a_rms_norm_whose_forward_takes_more_arguments():
     torch.manual_seed(0)
     model = _Block()
@@ -143,10 +127,6 @@ def test_convert_leaves_a_rms_norm_whose_forward_takes_more_arguments():
     torch.testing.assert_close(model(x, residual), want, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="normops.nn.RMSNorm / LayerNorm(offset=1.0) keep torch's ones init, so "
-                   "the scale at init is 1 + 1 = 2; normops.nn.GatedRMSNorm(offset=1.0) initialises zeros (its "
-                   "docstring: 'the identity scale either way'), as Gemma does. Expected: the same rule for all "
-                   "three modules (zeros with an offset)")
 @pytest.mark.parametrize("cls", [N.RMSNorm, N.LayerNorm])
 def test_offset_modules_start_at_the_identity_scale(cls):
     torch.manual_seed(0)
@@ -156,26 +136,17 @@ def test_offset_modules_start_at_the_identity_scale(cls):
     torch.testing.assert_close(m(x), plain(x))
 
 
-@pytest.mark.xfail(strict=True, reason="normops.nn.GatedRMSNorm(8, group_size=3) and GatedRMSNorm((2, 8), "
-                   "group_size=4) construct, and fail only at the first forward; the module's other bad arguments "
-                   "(offset without weight, casting, out_dtype) raise at construction. Expected: the same there")
 @pytest.mark.parametrize("shape, group_size", [(8, 3), ((2, 8), 4)])
 def test_gated_module_rejects_a_bad_group_size_when_built(shape, group_size):
     with pytest.raises((ValueError, normops.core.ShapeError)):
         N.GatedRMSNorm(shape, group_size=group_size)
 
 
-@pytest.mark.xfail(strict=True, reason="casting=['llama'] (an unhashable value) raises the dict lookup's "
-                   "TypeError \"unhashable type: 'list'\", which names neither the argument nor the choices. "
-                   "Expected: the 'unknown casting ...; expected one of ...' error that casting=None gets")
 def test_unhashable_casting_gets_the_casting_error():
     with pytest.raises((TypeError, ValueError), match="casting"):
         F.rms_norm(torch.randn(2, 8), 8, torch.ones(8), casting=["llama"])
 
 
-@pytest.mark.xfail(strict=True, reason="under torch.func transforms (vmap, grad...) rms_norm(bf16 x, out_dtype="
-                   "torch.float32) is rounded through bf16 (ops.in_torch returns x's dtype, then out_dtype is "
-                   "applied): vmap(f)(x) differs from f(x) by up to a bf16 ulp. Expected: the same fp32 values")
 def test_out_dtype_wider_than_the_input_under_vmap():
     torch.manual_seed(0)
     x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8)
@@ -185,10 +156,6 @@ def test_out_dtype_wider_than_the_input_under_vmap():
     torch.testing.assert_close(torch.func.vmap(f)(x.unsqueeze(0))[0], f(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="under torch.func transforms the row norm is row_norm._composite, which "
-                   "leaves the casting modes' roundings out: rms_norm(bf16 x, bf16 w, casting='llama') under vmap "
-                   "gives the fp32 casting's values (270 of 1024 elements 1 ulp off here). Expected: the casting "
-                   "mode kept, as in eager")
 def test_llama_casting_under_vmap():
     torch.manual_seed(0)
     x, w = torch.randn(16, 64, dtype=torch.bfloat16), (1 + 0.5 * torch.randn(64)).bfloat16()

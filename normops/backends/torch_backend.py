@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..core import activate, channel_view, memory_format_of, stat_dtype
+from ..core import activate, casting_dtypes, channel_view, memory_format_of, stat_dtype
 
 aten = torch.ops.aten
 
@@ -40,10 +40,11 @@ def _native_stat_dtype(x, weight, bias):
 
 def _opmath(x, *params):
     """Reduced-precision inputs take ATen's mixed-type path (fp32 parameters): its statistics
-    are fp32, as the contract asks, and the affine transform runs in fp32."""
+    are fp32, as the contract asks, and the affine transform runs in fp32. Other inputs take
+    parameters of their own dtype (an fp32 residual stream's h with the bf16 x's parameters)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return [None if p is None else p.float() for p in params]
-    return list(params)
+    return [None if p is None else _to(p, x.dtype) for p in params]
 
 
 def _in_fp32(x):
@@ -168,13 +169,7 @@ def _variant_inputs(inp, weight, bias, offset, casting, gate, norm_before_gate):
     w = _f(weight, sd)
     if w is not None and offset:
         w = w + offset
-    xhat_dtype = prod_dtype = None
-    if casting == "llama":
-        xhat_dtype = inp.dtype
-        if gate is not None and norm_before_gate:
-            prod_dtype = inp.dtype if weight is None else torch.promote_types(weight.dtype, inp.dtype)
-    elif casting == "t5" and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
-        xhat_dtype = weight.dtype
+    xhat_dtype, prod_dtype = casting_dtypes(casting, inp.dtype, None if weight is None else weight.dtype)
     return u, sg, w, _f(bias, sd), xhat_dtype, prod_dtype
 
 

@@ -389,11 +389,11 @@ def transformed(*tensors):
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def in_torch(fn, x, *params, buffers=()):
+def in_torch(fn, x, *params, buffers=(), out_dtype=None):
     """fn(x, *params, *buffers) for a transformed call, returned in x's dtype. x and the
     parameters go in the statistics dtype (fp32 for fp16/bf16 input, as normops keeps its
     statistics; parameters of any dtype, which ATen's kernels refuse in some mixes). Running
-    statistics go as they are, as fn updates them in place (a cast copy of a captured tensor is a
+    statistics go as they are (``out_dtype``: the result's, when not x's), as fn updates them in place (a cast copy of a captured tensor is a
     new tensor under grad transforms, which may not write back); when they are in x's dtype (a
     model.half()), so are x and the parameters, and ATen accumulates in fp32 itself."""
     same = any(b is not None and b.dtype == x.dtype for b in buffers)
@@ -401,7 +401,7 @@ def in_torch(fn, x, *params, buffers=()):
     # .to() only where the dtype differs: under grad transforms, .to() of a captured tensor lifts it
     # into a new tensor even in its own dtype
     cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x,) + params]
-    return fn(*cast, *buffers).to(x.dtype)
+    return fn(*cast, *buffers).to(out_dtype or x.dtype)
 
 
 # --- running statistics (batch norm, and instance norm's) ----------------------------------------

@@ -222,9 +222,18 @@ def _row_norm_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(dy, x, weight, bias, gate)
 
 
-def _composite(spec, x, weight, bias, gate):
-    """The differentiable composition of the row norm (in the statistics dtype), for the double
-    backward; its casting-mode roundings are left out, as the backward treats them (straight-through)."""
+def _straight_through(t, dtype):
+    """t rounded to dtype (None: t), with the identity's gradient: the backward's convention."""
+    if dtype is None or dtype == t.dtype:
+        return t
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
+def _composite(spec, x, weight, bias, gate, rounding=(None, None)):
+    """The differentiable composition of the row norm (in the statistics dtype): the double
+    backward's, where its casting-mode roundings are left out (straight-through, as the backward
+    treats them), and the torch.func transforms' (normops.functional), where ``rounding`` is
+    ``normops.core.casting_dtypes``'s: their values rounded, their gradient the identity's."""
     u = x
     sg = None if gate is None else torch.nn.functional.silu(gate)
     if sg is not None and not spec.norm_before_gate:
@@ -232,11 +241,11 @@ def _composite(spec, x, weight, bias, gate):
     if spec.group_size:
         u = u.unflatten(-1, (-1, spec.group_size))
     dims = tuple(range(-(1 if spec.group_size else len(spec.normalized_shape)), 0))
-    x_hat = ops.normalize(u, dims, spec.eps, spec.rms).reshape(x.shape)
+    x_hat = _straight_through(ops.normalize(u, dims, spec.eps, spec.rms).reshape(x.shape), rounding[0])
     w = weight + spec.offset if weight is not None and spec.offset else weight
     z = ops.affine_act(x_hat, x, w, bias, "none" if sg is not None else spec.activation, None)
     if sg is not None and spec.norm_before_gate:
-        z = activate(z * sg, spec.activation)
+        z = activate(_straight_through(z, rounding[1]) * sg, spec.activation)
     return z
 
 

@@ -96,8 +96,7 @@ import torch
 
 from .common import (host, into, like, masked, moments, normalize_backward, normalize_forward, round_to, rstd_of,
                      silu, silu_grad, stats)
-
-CASTINGS = ("fp32", "gemma", "llama", "t5")
+from ...core import casting_dtypes
 
 
 def _row_axes(x, normalized_shape):
@@ -124,23 +123,12 @@ def _scale(weight, offset):
     return None if weight is None else offset + weight
 
 
-def rounding(casting, inp_dtype, weight_dtype):
-    """(x_hat's dtype, the gated output's dtype): what ``casting`` rounds them to; None: not rounded."""
-    if casting in ("fp32", "gemma"):
-        return None, None
-    if casting == "llama":
-        return inp_dtype, inp_dtype if weight_dtype is None else torch.promote_types(weight_dtype, inp_dtype)
-    if casting == "t5":
-        return (weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else None), None
-    raise ValueError(f"unknown casting {casting!r}; expected one of {CASTINGS}")
-
-
 def row_norm_forward(x, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0, gate=None,
                      norm_before_gate=True, group_size=0, x_hat_dtype=None, z_dtype=None):
     """LayerNorm (RMSNorm when ``rms``) of ndarray x -> (y, mean, rstd), y in float64 (not yet in
     out_dtype), stats of x.shape[:-k], or x.shape[:-1] + (G,) with groups (mean None for RMS).
 
-    ``x_hat_dtype``/``z_dtype``: the roundings of ``rounding``.
+    ``x_hat_dtype``/``z_dtype``: the roundings of ``normops.core.casting_dtypes``.
     """
     s = None if gate is None else silu(gate)
     u = x * s if gate is not None and not norm_before_gate else x
@@ -193,7 +181,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     # The residual add happens in torch, in promote_types(x, residual), so its rounding is torch's.
     h = None if residual is None else x + residual
     inp = x if h is None else h
-    x_hat_dtype, z_dtype = rounding(casting, inp.dtype, None if weight is None else weight.dtype)
+    x_hat_dtype, z_dtype = casting_dtypes(casting, inp.dtype, None if weight is None else weight.dtype)
     y, mean, rstd = row_norm_forward(host(inp), tuple(normalized_shape), host(weight), host(bias), eps, rms,
                                      activation, offset=offset, gate=host(gate), norm_before_gate=norm_before_gate,
                                      group_size=group_size, x_hat_dtype=x_hat_dtype, z_dtype=z_dtype)
@@ -206,7 +194,7 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *, offset=0.0,
                  casting="fp32", gate=None, norm_before_gate=True, group_size=0):
     """``output_mask`` [dx, dw, db, dgate]; a 3-entry mask (no dgate) gets the 3 gradients back."""
-    x_hat_dtype, z_dtype = rounding(casting, x.dtype, None if weight is None else weight.dtype)
+    x_hat_dtype, z_dtype = casting_dtypes(casting, x.dtype, None if weight is None else weight.dtype)
     dx, dw, db, dgate = row_norm_backward(host(dy), host(x), tuple(normalized_shape), None if rms else host(mean),
                                           host(rstd), host(weight), host(bias), activation, offset=offset,
                                           gate=host(gate), norm_before_gate=norm_before_gate,
