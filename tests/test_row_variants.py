@@ -451,3 +451,29 @@ def test_residual_stream_backward_is_one_kernel(monkeypatch):
     assert launches[0][1]["HAS_DH"] and launches[0][1]["STORE_DR"]
     assert x.grad.dtype == torch.bfloat16 and r.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad.float(), r.grad, atol=1e-2, rtol=1e-2)  # one gradient, rounded for x
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("variant", ["offset", "gate_after", "gate_first_groups_offset", "gate_after_llama"])
+def test_kernels_match_the_numpy_reference(variant):
+    """The Triton kernels' forward (y, statistics) and backward (dx, dw, dgate, with dh added for a
+    residual) against the float64 NumPy reference, called through the backend contract, in fp32."""
+    from normops.backends import numpy_backend, triton_backend
+    kw = dict(VARIANTS[variant])
+    gated = kw.pop("gate", False)
+    kw["group_size"] = kw.get("group_size") or 0
+    x, r = (make((3, 48), torch.float32, requires_grad=False, seed=s) for s in (0, 3))
+    w = params((48,), torch.float32)[0].detach()
+    gate = make((3, 48), torch.float32, requires_grad=False, seed=4) if gated else None
+    dy, dh = torch.randn(3, 48), torch.randn(3, 48)
+    mask = [True, True, False, gated]
+    outs = []
+    for module in (triton_backend, numpy_backend):
+        y, h, _, rstd = module.row_norm_fwd(x, r, (48,), w, None, 1e-6, True, "none", True, gate=gate, **kw)
+        grads = module.row_norm_bwd(dy, h, (48,), w, None, None, rstd, True, "none", mask, gate=gate, **kw)
+        dx = grads[0] + dh if module is numpy_backend else \
+            triton_backend.row_norm_bwd(dy, h, (48,), w, None, None, rstd, True, "none", mask, gate=gate, dh=dh,
+                                        **kw)[0]
+        outs.append([y, h, rstd, dx, *[g for g in grads[1:4] if g is not None]])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
