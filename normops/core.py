@@ -123,7 +123,10 @@ def casting_dtypes(casting, inp_dtype, weight_dtype):
     before a gate after the norm), None where nothing is rounded: "fp32"/"gemma": neither; "llama":
     x_hat to the input's dtype and x_hat * w to promote_types(w, input), as LlamaRMSNorm and
     Qwen3NextRMSNormGated compute; "t5": x_hat to the weight's dtype when that is fp16/bf16
-    (T5LayerNorm). The one statement of the rule: every backend and the kernels' launcher ask it."""
+    (T5LayerNorm). The one statement of the rule: every backend and the kernels' launcher ask it,
+    and normops.functional's validation (an unknown casting is a ValueError)."""
+    if not isinstance(casting, str) or casting not in CASTINGS:
+        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, CASTINGS))}")
     if casting == "llama":
         return inp_dtype, inp_dtype if weight_dtype is None else torch.promote_types(weight_dtype, inp_dtype)
     if casting == "t5" and weight_dtype in _HALF:

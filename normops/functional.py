@@ -35,7 +35,7 @@ from . import ops  # the route, the eager fast path, the torch.func routing
 from .ops import batch_norm as batch_ops
 from .ops import group_norm as group_ops
 from .ops import row_norm as row_ops
-from .core import CASTINGS, DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
+from .core import DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
@@ -141,8 +141,7 @@ def _check_variant(input, weight, offset, casting, out_dtype):
         raise TypeError(f"offset must be a float, got {type(offset).__name__}")
     if offset and weight is None:
         raise ValueError(f"offset={offset} offsets the weight (y = x_hat * (offset + weight)), but weight is None")
-    if not isinstance(casting, str) or casting not in CASTINGS:
-        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, CASTINGS))}")
+    casting_dtypes(casting, None, None)  # raises for an unknown casting
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
     return "fp32" if casting == "gemma" else casting
