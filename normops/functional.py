@@ -134,7 +134,7 @@ def _grad_needed(*tensors):
 
 # --- LayerNorm / RMSNorm -----------------------------------------------------------------------
 
-def _check_variant(input, weight, offset, casting, out_dtype):
+def _check_variant(weight, offset, casting, out_dtype):
     """The variant arguments: a real offset (with a weight to offset), a known casting mode, a
     floating out_dtype. Returns the casting mode's canonical name."""
     if not isinstance(offset, numbers.Real) or isinstance(offset, bool):
@@ -147,7 +147,7 @@ def _check_variant(input, weight, offset, casting, out_dtype):
     return "fp32" if casting == "gemma" else casting
 
 
-def _check_gate(input, gate, shape, bias, activation, group_size):
+def _check_gate(input, gate, shape, activation, group_size):
     """A gate of the input's shape (RMSNorm, no bias, no activation) and a group size dividing the
     one normalized dim. Returns the group size as the ops take it (0: the whole row)."""
     _check_tensors(input, gate=gate)
@@ -181,9 +181,9 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
         _check_param_dtypes(input, weight=weight, bias=bias)
     if residual is not None and residual.shape != input.shape:
         raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
-    casting = _check_variant(input, weight, offset, casting, out_dtype)
+    casting = _check_variant(weight, offset, casting, out_dtype)
     act = activation_name(activation)
-    group_size = _check_gate(input, gate, shape, bias, act, group_size)
+    group_size = _check_gate(input, gate, shape, act, group_size)
     inp_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     if out_dtype == inp_dtype:
         out_dtype = None
@@ -191,11 +191,12 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
         eps = torch.finfo(torch.float64 if inp_dtype == torch.float64 else torch.float32).eps
     spec = row_ops.RowNormSpec(shape, float(eps), rms, act, float(offset), casting, out_dtype,
                                bool(norm_before_gate), group_size)
-    plain = spec == row_ops.RowNormSpec(shape, float(eps), rms, act) and gate is None and inp_dtype == input.dtype
+    # no variant: the plain norm, which ATen's own norms compute too
+    plain = (not offset and casting == "fp32" and out_dtype is None and gate is None and not group_size
+             and norm_before_gate and inp_dtype == input.dtype)
     if ops.transformed(input, residual, weight, bias, gate):
         h = input + residual if residual is not None else None
         inp = input if h is None else h
-
         rounding = casting_dtypes(casting, inp.dtype, None if weight is None else weight.dtype)
 
         def norm(x, w, b, g):

@@ -72,7 +72,7 @@ class RowVariant:
     out_dtype = None
 
     def _set_variant(self, offset, casting, out_dtype):
-        F._check_variant(None, self.weight, offset, casting, out_dtype)
+        F._check_variant(self.weight, offset, casting, out_dtype)
         self.offset, self.casting, self.out_dtype = float(offset), casting, out_dtype
         if self.offset:
             self.reset_parameters()  # the weight starts at 0: the identity scale, offset + 0
