@@ -142,8 +142,12 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
 # the casting modes' roundings where the Hugging Face modules round (backends/__init__.py).
 
 def _is_variant(inp, weight, offset, casting, out_dtype, gate, group_size):
-    return bool(offset or gate is not None or group_size or casting not in ("fp32", "gemma")
-                or (out_dtype is not None and out_dtype != inp.dtype))
+    """Whether a call needs the variant path: the plain one (ATen's norm) serves a casting mode
+    whose roundings are to the statistics dtype (fp32 Llama or T5 with fp32 weights: no-ops)."""
+    if offset or gate is not None or group_size or (out_dtype is not None and out_dtype != inp.dtype):
+        return True
+    sd = stat_dtype(inp)
+    return any(d not in (None, sd) for d in casting_dtypes(casting, inp.dtype, None if weight is None else weight.dtype))
 
 
 def _grouped(t, normalized_shape, group_size):
