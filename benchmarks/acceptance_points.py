@@ -1,5 +1,5 @@
 """The performance points of the kernel issues (#3 row norms, #4 GroupNorm/InstanceNorm, #5
-BatchNorm) as checks on timed cases, and their verdicts: what benchmarks/acceptance.py measures.
+BatchNorm, #17 the language-model row-norm variants) as checks on timed cases, and their verdicts: what benchmarks/acceptance.py measures.
 
 A case is an op of normops.bench on a shape, layout and pass, by a provider (normops, torch,
 compile); a check compares one measured value with its bound; a point is the checks of one
@@ -7,12 +7,19 @@ sentence of an issue.
 """
 import dataclasses
 
+from normops.bench import OPS
+
 TOKENS = 4096  # the rows of every row-norm point (#3: "H100, bf16, 4096 rows")
 SD_UNET = [(2, 320, 64, 64), (2, 1280, 16, 16)]  # #4, 32 groups
 VIDEO = (1, 128, 8, 256, 256)  # #4, the small-batch video shape, 32 groups
 STYLE = [(1, 64, 256, 256), (4, 128, 128, 128), (4, 256, 64, 64)]  # #4, InstanceNorm2d
 RESNET50 = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7)]  # #5
 LAYOUTS = ("contiguous", "channels_last")
+# #17: the row-norm variants of normops.bench (Gemma, Llama, the fp32 residual stream, the gated
+# norms, the in-place add: forward only)
+LLM_VARIANTS = ("rms_norm_gemma", "rms_norm_llama", "add_rms_norm_fp32_residual", "gated_rms_norm",
+                "gated_rms_norm_grouped", "add_rms_norm_")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +71,7 @@ def _rows(op, widths, pas):
 
 
 def points(families):
-    """The performance sections of issues #3, #4 and #5, as checks on cases."""
+    """The performance sections of issues #3, #4, #5 and #17, as checks on cases."""
     out = []
     if "row_norm" in families:
         k = 1024
@@ -89,6 +96,10 @@ def points(families):
             Point(3, "add+RMSNorm costs at most 5% more per byte than RMSNorm (fwd, fwd+bwd, 1K-64K)",
                   tuple(Check("per_byte", c, 1 / 1.05, dataclasses.replace(c, op="rms_norm"))
                         for pas in ("fwd", "fwd+bwd") for c in _rows("add_rms_norm", fwd, pas))),
+            Point(17, "every language-model variant within 5% per byte of plain RMSNorm, fwd and bwd (1K, 8K, 64K)",
+                  tuple(Check("per_byte", c, 1 / 1.05, dataclasses.replace(c, op="rms_norm"))
+                        for op in LLM_VARIANTS for pas in ("fwd", "bwd") for c in _rows(op, [k, 8 * k, 64 * k], pas)
+                        if pas in OPS[op].passes)),  # an in-place op: its forward
         ]
     if "group_norm" in families:
         sd = [Case("group_norm", s, layout, "fwd+bwd") for layout in LAYOUTS for s in SD_UNET]

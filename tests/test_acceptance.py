@@ -22,8 +22,8 @@ def ap(acc):
 
 def test_points_name_real_cases(ap):
     pts = ap.points(["row_norm", "group_norm", "batch_norm"])
-    assert {p.issue for p in pts} == {3, 4, 5}
-    assert [sum(p.issue == i for p in pts) for i in (3, 4, 5)] == [7, 7, 5]
+    assert {p.issue for p in pts} == {3, 4, 5, 17}
+    assert [sum(p.issue == i for p in pts) for i in (3, 4, 5, 17)] == [7, 7, 5, 1]
     for case in ap.all_cases(pts):
         assert case.op in bench.OPS and case.pas in bench.PASSES and case.provider in bench.PROVIDERS
         assert case.layout in ap.LAYOUTS
@@ -32,6 +32,9 @@ def test_points_name_real_cases(ap):
     assert ap.Case("group_norm", (1, 128, 8, 256, 256), "contiguous", "fwd+bwd", "torch") in cases
     assert ap.Case("batch_norm_eval", (256, 2048, 7, 7), "channels_last", "fwd") in cases
     assert ap.Case("rms_norm", (4096, 262144), "contiguous", "fwd") in cases
+    assert ap.Case("gated_rms_norm_grouped", (4096, 65536), "contiguous", "bwd") in cases
+    assert ap.Case("add_rms_norm_", (4096, 8192), "contiguous", "fwd") in cases  # forward only
+    assert ap.Case("add_rms_norm_", (4096, 8192), "contiguous", "bwd") not in cases
     assert not any(c.provider == "compile" for c in ap.all_cases(pts, compile_=False))
 
 
