@@ -148,9 +148,8 @@ def _check_variant(weight, offset, casting, out_dtype):
 
 
 def _check_gate(input, gate, shape, activation, group_size):
-    """A gate of the input's shape (RMSNorm, no bias, no activation) and a group size dividing the
-    one normalized dim. Returns the group size as the ops take it (0: the whole row)."""
-    _check_tensors(input, gate=gate)
+    """A gate (checked floating, on input's device) of the input's shape, with no activation, and a
+    group size dividing the one normalized dim. Returns the group size as the ops take it (0: the whole row)."""
     if gate is not None and gate.shape != input.shape:
         raise ShapeError(f"expected gate of the input's shape {list(input.shape)}, got {list(gate.shape)}")
     if gate is not None and activation != "none":
@@ -173,7 +172,7 @@ def _check_group_size(shape, group_size):
 
 def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activation, gate=None, offset=0.0,
               casting="fp32", out_dtype=None, norm_before_gate=True, group_size=None):
-    _check_tensors(input, residual=residual, weight=weight, bias=bias)
+    _check_tensors(input, residual=residual, weight=weight, bias=bias, gate=gate)
     shape = _normalized_shape(input, normalized_shape)
     _check_shape("weight", weight, shape)
     _check_shape("bias", bias, shape)

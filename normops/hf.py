@@ -65,7 +65,8 @@ def agree(actual: torch.Tensor, expected: torch.Tensor, share: float = SHARE) ->
 # --- the conventions ------------------------------------------------------------------------------
 
 def _eps(m):
-    return m.variance_epsilon if hasattr(m, "variance_epsilon") else m.eps
+    """The module's epsilon: transformers names it ``variance_epsilon`` or ``eps`` (None: neither)."""
+    return getattr(m, "variance_epsilon", getattr(m, "eps", None))
 
 
 def _llama(self, hidden_states):
@@ -124,7 +125,7 @@ def _rms_weight(m):
     w = m._parameters.get("weight")
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
         return "no 1-D weight Parameter (weightless norms are not in the registry)"
-    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    eps = _eps(m)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         return "no number eps attribute (variance_epsilon or eps)"
     return None

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..core import activate, casting_dtypes, channel_view, memory_format_of, stat_dtype
+from ..core import activate, activation_backward, casting_dtypes, channel_view, memory_format_of, stat_dtype
 
 aten = torch.ops.aten
 
@@ -44,7 +44,7 @@ def _opmath(x, *params):
     parameters of their own dtype (an fp32 residual stream's h with the bf16 x's parameters)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return [None if p is None else p.float() for p in params]
-    return [None if p is None else _to(p, x.dtype) for p in params]
+    return [_to(p, x.dtype) for p in params]
 
 
 def _in_fp32(x):
@@ -65,7 +65,7 @@ def _cast(t, like):
 
 
 def _to(t, dtype):
-    return t if t.dtype == dtype else t.to(dtype)  # .to() itself costs a microsecond
+    return t if t is None or t.dtype == dtype else t.to(dtype)  # .to() itself costs a microsecond
 
 
 _IN_PLACE = {"relu": torch.relu_, "silu": lambda t: torch.nn.functional.silu(t, inplace=True), "gelu": aten.gelu_}
@@ -157,11 +157,6 @@ def _grouped(t, normalized_shape, group_size):
     return t.unflatten(-1, (-1, group_size)), [group_size]
 
 
-def _silu_grad(g):
-    s = torch.sigmoid(g)
-    return s * (1 + g * (1 - s))
-
-
 def _variant_inputs(inp, weight, bias, offset, casting, gate, norm_before_gate):
     """In the statistics dtype: u (the normalized input), silu(gate), offset + w, b, the dtypes
     x_hat and x_hat * w are rounded to (None: not rounded)."""
@@ -170,15 +165,11 @@ def _variant_inputs(inp, weight, bias, offset, casting, gate, norm_before_gate):
     sg = None if gate is None else torch.nn.functional.silu(gate.to(sd))
     if sg is not None and not norm_before_gate:
         u = u * sg
-    w = _f(weight, sd)
+    w = _to(weight, sd)
     if w is not None and offset:
         w = w + offset
     xhat_dtype, prod_dtype = casting_dtypes(casting, inp.dtype, None if weight is None else weight.dtype)
-    return u, sg, w, _f(bias, sd), xhat_dtype, prod_dtype
-
-
-def _f(t, dtype):
-    return None if t is None else _to(t, dtype)
+    return u, sg, w, _to(bias, sd), xhat_dtype, prod_dtype
 
 
 def _rounded(t, dtype):
@@ -227,7 +218,7 @@ def _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
         dz = _activation_backward(dz, z * sg if gate_after else z.clone(), activation)
     dgate = None
     if gate_after:
-        dgate = dz * z * _silu_grad(gate.to(u.dtype))
+        dgate = activation_backward(dz * z, gate.to(u.dtype), "silu")  # dz * z * silu'(gate)
         dz = dz * sg
     want_dg = len(output_mask) > 3 and output_mask[3] and gate is not None
     dx = None
@@ -241,7 +232,7 @@ def _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
                                                  [True, False, False])[0]
         du = du.reshape(u.shape)
         if sg is not None and not norm_before_gate:
-            dgate = du * x.to(u.dtype) * _silu_grad(gate.to(u.dtype))
+            dgate = activation_backward(du * x.to(u.dtype), gate.to(u.dtype), "silu")
             du = du * sg
         dx = du.to(x.dtype)
     lead = tuple(range(x.dim() - len(normalized_shape)))

@@ -369,6 +369,7 @@ def register_autograd(op, setup, backward, backward_op, backward_setup, composit
     if autocast is not None and hasattr(torch.library, "register_autocast"):
         torch.library.register_autocast(op.qualname, "cuda", autocast)
 
+
 # --- torch.func transforms and forward-mode AD ---------------------------------------------------
 # torch.library gives a custom op neither a forward-mode derivative (its tangent comes out zero or
 # None) nor functorch autograd (torch.func.grad refuses its generated autograd.Function). Under
@@ -390,10 +391,10 @@ def transformed(*tensors):
 
 
 def in_torch(fn, x, *params, buffers=(), out_dtype=None):
-    """fn(x, *params, *buffers) for a transformed call, returned in x's dtype. x and the
-    parameters go in the statistics dtype (fp32 for fp16/bf16 input, as normops keeps its
+    """fn(x, *params, *buffers) for a transformed call, returned in x's dtype (or ``out_dtype``).
+    x and the parameters go in the statistics dtype (fp32 for fp16/bf16 input, as normops keeps its
     statistics; parameters of any dtype, which ATen's kernels refuse in some mixes). Running
-    statistics go as they are (``out_dtype``: the result's, when not x's), as fn updates them in place (a cast copy of a captured tensor is a
+    statistics go as they are, as fn updates them in place (a cast copy of a captured tensor is a
     new tensor under grad transforms, which may not write back); when they are in x's dtype (a
     model.half()), so are x and the parameters, and ATen accumulates in fp32 itself."""
     same = any(b is not None and b.dtype == x.dtype for b in buffers)

@@ -31,11 +31,6 @@ class RowNormSpec:
     norm_before_gate: bool = True  # with a gate: y = norm(x) * silu(gate), else norm(x * silu(gate))
     group_size: int = 0      # > 0: each row normalized in groups of this many values
 
-    def variant(self):
-        """The backends' keyword arguments of the variant (out_dtype is the forward's own)."""
-        return dict(offset=self.offset, casting=self.casting, norm_before_gate=self.norm_before_gate,
-                    group_size=self.group_size)
-
     def args(self):
         """The ops' non-tensor arguments after need_stats, in schema order."""
         return (self.offset, self.casting, self.out_dtype, self.norm_before_gate, self.group_size)
