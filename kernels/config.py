@@ -504,3 +504,49 @@ class BatchNormConfig:
         split = -(-tiles // chunk)
         return cls(block_n, block_c, block_s, warps, False, split, chunk,
                    min(next_pow2(split), BN_FINALIZE_SPLIT), min(next_pow2(c), BN_FINALIZE_C))
+
+
+# --- adaLN modulation (kernels/ada_norm.py) -----------------------------------------------------
+# Whole rows in registers, forward and backward, as the row norms' one-pass kernels (same packing:
+# RowNormConfig's block_m/num_warps rule). The forward holds about what the row norm's does (x, h, y
+# plus per-sample scale/shift/gate rows), so the same 256 elements a warp. The backward holds five
+# per-program accumulators (dscale, dshift, dgate, dw, db) and the w, bias, gate, 1 + scale rows on
+# top of the row norm's working set: ADA_BWD_ONE_PASS_MAX is where python -m normops.kernels.aot
+# (sm_80/90) still shows no spills at 16 warps; wider rows run the torch backend (ada_norm.supported).
+ADA_ONE_PASS_MAX = 8192
+ADA_BWD_ONE_PASS_MAX = 8192
+# The backward's grid (P, B): P programs a sample, B * P about one wave (programs_per_wave), never
+# more than the sample has row blocks (every program writes its partial rows).
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaNormConfig:
+    """Launch settings of the adaLN kernels for rows of d: block_n = next_pow2(d) columns, block_m
+    rows a program (forward) or a loop iteration (backward), num_warps. programs: the backward's
+    programs a wave, None: programs_per_wave (the AOT compiler and tests may pin it)."""
+    block_n: int
+    block_m: int
+    num_warps: int
+    programs: int = None
+
+    @staticmethod
+    def fits(d):
+        return d <= min(ADA_ONE_PASS_MAX, ADA_BWD_ONE_PASS_MAX)
+
+    @classmethod
+    def forward(cls, d):
+        block_n = next_pow2(max(d, 1))
+        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, FWD_PACKED_ELEMENTS // block_n))
+        return cls(block_n, block_m, _warps(block_m * block_n, 256))
+
+    @classmethod
+    def backward(cls, d):
+        block_n = next_pow2(max(d, 1))
+        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, BWD_PACKED_ELEMENTS // block_n))
+        return cls(block_n, block_m, _warps(block_m * block_n, 256))
+
+
+def ada_norm_bwd_programs(cfg, b, t, programs):
+    """P, the backward's programs a sample: about `programs` in all, at most T's row blocks."""
+    blocks = max(1, -(-t // cfg.block_m))
+    return max(1, min(blocks, -(-programs // max(b, 1))))

@@ -12,6 +12,7 @@ import sys
 import torch
 
 try:
+    from normops.kernels import ada_norm as _ada_norm
     from normops.kernels import batch_norm as _batch_norm
     from normops.kernels import group_norm as _group_norm
     from normops.kernels import row_norm as _row_norm
@@ -19,7 +20,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
-from normops.kernels.config import GN_MAX_GROUP_CHANNELS  # noqa: E402
+from normops.kernels.config import ADA_BWD_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
 
 from . import torch_backend  # noqa: E402
 
@@ -55,6 +56,8 @@ def fallback(family, x, num_groups=None):
         if per_group > GN_MAX_GROUP_CHANNELS:
             return f"{per_group} channels a group > {GN_MAX_GROUP_CHANNELS}"
         return "over 2**31 elements a sample"
+    if family == "ada_norm" and not _ada_norm.supported(x):
+        return f"rows of {x.shape[-1]} > {ADA_BWD_ONE_PASS_MAX}: the adaLN kernels hold a whole row in registers"
     if family == "batch_norm" and not _batch_norm.supported(x):
         return "empty input" if x.numel() == 0 else "tile offsets past int32"
     return None
@@ -106,6 +109,16 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
                                       training, eps, activation, output_mask)
 
 
-# adaLN modulation (normops::ada_norm): the torch backend's composition until its kernels land
-ada_norm_fwd = torch_backend.ada_norm_fwd
-ada_norm_bwd = torch_backend.ada_norm_bwd
+# adaLN modulation (normops::ada_norm): rows wider than the kernels hold run the torch backend
+@_on_its_device
+def ada_norm_fwd(x, *args):
+    if fallback("ada_norm", x):
+        return torch_backend.ada_norm_fwd(x, *args)
+    return _ada_norm.ada_norm_fwd(x, *args)
+
+
+@_on_its_device
+def ada_norm_bwd(dy, dh, x, *args):
+    if fallback("ada_norm", x):
+        return torch_backend.ada_norm_bwd(dy, dh, x, *args)
+    return _ada_norm.ada_norm_bwd(dy, dh, x, *args)
