@@ -20,8 +20,8 @@ p, p + P, ...; each writes fp32 partial rows (deterministic, no atomics): [B, P,
 dshift), [B, P, 1, D] (dgate), [B * P, 2, D] (dw, db), summed in a fixed order by row_norm's
 ``_row_norm_param_grads_kernel`` (per sample with GROUPED, over all B * P for dw/db).
 
-Rows stay in registers (one pass): D <= ADA_ONE_PASS_MAX (config.py); wider rows run the torch
-backend (``supported``).
+Rows stay in registers (one pass): D <= ADA_ONE_PASS_MAX forward, ADA_BWD_ONE_PASS_MAX backward
+(config.py: the backward's accumulators spill past it); wider rows run the torch backend (``supported``).
 
 Bytes, for M = B*T rows of D elements of e bytes (scale/shift/gate: B*D*e each, negligible):
     forward     read x (+ r): M*D*e each; write y (+ h): M*D*e each; mean, rstd: 4*M each (training)
@@ -200,9 +200,10 @@ def _ada_norm_bwd_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def supported(x):
-    """Whether the kernels take x [B, T, D]: rows in registers up to config.ADA_ONE_PASS_MAX."""
-    return AdaNormConfig.fits(x.shape[-1])
+def supported(x, backward=False):
+    """Whether the (backward) kernels take x [B, T, D]: rows in registers up to config.ADA_ONE_PASS_MAX
+    (ADA_BWD_ONE_PASS_MAX)."""
+    return AdaNormConfig.fits(x.shape[-1], backward)
 
 
 def _last_contiguous(t):

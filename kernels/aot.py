@@ -35,9 +35,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import batch_norm, group_norm, row_norm  # noqa: E402
+from . import ada_norm, batch_norm, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
-from .config import (BatchNormConfig, GroupNormConfig, ParamGradsConfig, RowNormConfig, programs_per_sm,  # noqa: E402
+from .config import (AdaNormConfig, BatchNormConfig, GroupNormConfig, ParamGradsConfig, RowNormConfig, programs_per_sm,  # noqa: E402
                      row_norm_bwd_programs)
 
 # The widths the benchmarks run (transformer rows, narrow to 256K); the heuristics map them to
@@ -123,7 +123,7 @@ def _source(job):
     the integers `unaligned` names (they usually are not); and the integers `ones` names as the
     constant 1 (the JIT specializes an integer argument equal to 1). (ASTSource, num_warps)."""
     family = _gn_launches if job.kernel.startswith("gn_") else _bn_launches if job.kernel.startswith("bn_") \
-        else _row_norm_launches
+        else _ada_launches if job.kernel.startswith("ada_") else _row_norm_launches
     with record() as launches:
         unaligned, ones = family(job)
     pattern = re.compile(f"_{job.kernel.removeprefix('gn_').removeprefix('bn_')}(_looped)?_kernel$")
@@ -244,6 +244,9 @@ def _describe(job):
         unaligned = "" if s_aligned else " C%16" if c.block_s == 1 else " S%16"
         return (f"{'train' if training else 'eval '} tile={c.block_n}x{c.block_c}x{c.block_s}{unaligned} "
                 f"{'one_pass' if c.one_pass else 'looped'}")
+    if job.kernel.startswith("ada_"):
+        c = job.config
+        return f"rows={c.block_m} block_n={c.block_n}"
     if job.kernel.startswith("gn_"):
         c, channels_last = job.config
         if job.kernel == "gn_param_grads":
@@ -366,11 +369,46 @@ def batch_norm_jobs(targets, exhaustive=False):
             for cfg, training, aligned, variant, dtype in sorted(configs[kernel], key=order)]
 
 
+# --- adaLN modulation (kernels/ada_norm.py) ------------------------------------------------------
+# The diffusion transformers' widths (DiT-XL 1152, SD3 1536, Flux 3072) and the one-pass limits; the
+# heaviest flag sets in registers: LayerNorm with weight, bias, residual and gate, the "torch"
+# casting (its roundings), and RMSNorm alone. (name, IS_RMS, weight/bias, residual+gate, casting)
+ADA_WIDTHS = [64, 1152, 1536, 3072, 4096, 8192]
+ADA_VARIANTS = [("ada_layer_norm+residual+gate", False, True, True, "torch"),
+                ("ada_layer_norm", False, False, False, "fp32"), ("ada_rms_norm+residual+gate", True, True, True, "fp32")]
+
+
+def _ada_launches(job):
+    _, rms, affine, gated, casting = next(v for v in ADA_VARIANTS if v[0] == job.variant)
+    dtype = DTYPE[job.dtype]
+    d = job.config.block_n
+    x, row = _meta((2, 4, d), dtype), _meta((2, d), dtype)
+    w, b = (_meta(d, dtype), None if rms else _meta(d, dtype)) if affine else (None, None)
+    r, g = (x, row) if gated else (None, None)
+    if job.kernel == "ada_norm_fwd":
+        ada_norm.ada_norm_fwd(x, r, g, row, row, w, b, 1e-6, rms, casting, True, config=job.config)
+    else:
+        rstd = _meta((2, 4), torch.float32)
+        ada_norm.ada_norm_bwd(x, x if gated else None, x, x if gated else None, g, row, w, b,
+                              None if rms else rstd, rstd, rms, casting, [True] * 7, config=job.config)
+    return ("T", "stride_xt", "stride_rt"), ()
+
+
+def ada_norm_jobs(targets):
+    """The forward and backward configurations AdaNormConfig picks over ADA_WIDTHS, per variant."""
+    jobs = []
+    for target, (variant, *_), dtype, d in itertools.product(targets, ADA_VARIANTS, ("bf16", "fp32"), ADA_WIDTHS):
+        jobs.append(Job("ada_norm_fwd", variant, dtype, AdaNormConfig.forward(d), target))
+        jobs.append(Job("ada_norm_bwd", variant, dtype, dataclasses.replace(AdaNormConfig.backward(d), programs=4),
+                        target))
+    return jobs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--families", default="row_norm,group_norm,batch_norm", help="kernel families, comma-separated")
+    p.add_argument("--families", default="row_norm,group_norm,batch_norm", help="kernel families, comma-separated (also: ada_norm)")
     p.add_argument("--exhaustive", action="store_true",
                    help="GroupNorm and BatchNorm: every configuration over a full grid of shapes")
     args = p.parse_args(argv)
@@ -378,7 +416,8 @@ def main(argv=None):
     families = args.families.split(",")
     todo = (row_norm_jobs(targets) if "row_norm" in families else []) + \
         (group_norm_jobs(targets, args.exhaustive) if "group_norm" in families else []) + \
-        (batch_norm_jobs(targets, args.exhaustive) if "batch_norm" in families else [])
+        (batch_norm_jobs(targets, args.exhaustive) if "batch_norm" in families else []) + \
+        (ada_norm_jobs(targets) if "ada_norm" in families else [])
     print(f"triton {triton.__version__}: compiling {len(todo)} kernel x config x target combinations", flush=True)
     header = f"{'target':>6} {'kernel':11} {'variant':26} {'dtype':5} {'configuration':42} " \
              f"{'warps':>5} {'regs':>4} {'shared':>7} {'stack':>5} {'local':>5}  status"

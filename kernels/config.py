@@ -511,10 +511,13 @@ class BatchNormConfig:
 # RowNormConfig's block_m/num_warps rule). The forward holds about what the row norm's does (x, h, y
 # plus per-sample scale/shift/gate rows), so the same 256 elements a warp. The backward holds five
 # per-program accumulators (dscale, dshift, dgate, dw, db) and the w, bias, gate, 1 + scale rows on
-# top of the row norm's working set: ADA_BWD_ONE_PASS_MAX is where python -m normops.kernels.aot
-# (sm_80/90) still shows no spills at 16 warps; wider rows run the torch backend (ada_norm.supported).
+# top of the row norm's working set: python -m normops.kernels.aot --families ada_norm (sm_90, triton
+# 3.9) shows 116-128 registers at 8192 and 344-352 bytes of stack spills with residual + gate, none at
+# 4096 (118 registers). Wider rows: the forward runs its kernel to ADA_ONE_PASS_MAX (62-90 registers
+# at 8192), the backward the torch backend past ADA_BWD_ONE_PASS_MAX (ada_norm.supported), and both
+# past ADA_ONE_PASS_MAX. (Deriving db and dw from per-sample sums would free two accumulators.)
 ADA_ONE_PASS_MAX = 8192
-ADA_BWD_ONE_PASS_MAX = 8192
+ADA_BWD_ONE_PASS_MAX = 4096
 # The backward's grid (P, B): P programs a sample, B * P about one wave (programs_per_wave), never
 # more than the sample has row blocks (every program writes its partial rows).
 
@@ -530,8 +533,8 @@ class AdaNormConfig:
     programs: int = None
 
     @staticmethod
-    def fits(d):
-        return d <= min(ADA_ONE_PASS_MAX, ADA_BWD_ONE_PASS_MAX)
+    def fits(d, backward=False):
+        return d <= (ADA_BWD_ONE_PASS_MAX if backward else ADA_ONE_PASS_MAX)
 
     @classmethod
     def forward(cls, d):

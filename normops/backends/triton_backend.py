@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
-from normops.kernels.config import ADA_BWD_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
+from normops.kernels.config import ADA_BWD_ONE_PASS_MAX, ADA_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
 
 from . import torch_backend  # noqa: E402
 
@@ -57,7 +57,7 @@ def fallback(family, x, num_groups=None):
             return f"{per_group} channels a group > {GN_MAX_GROUP_CHANNELS}"
         return "over 2**31 elements a sample"
     if family == "ada_norm" and not _ada_norm.supported(x):
-        return f"rows of {x.shape[-1]} > {ADA_BWD_ONE_PASS_MAX}: the adaLN kernels hold a whole row in registers"
+        return f"rows of {x.shape[-1]} > {ADA_ONE_PASS_MAX}: the adaLN kernels hold a whole row in registers"
     if family == "batch_norm" and not _batch_norm.supported(x):
         return "empty input" if x.numel() == 0 else "tile offsets past int32"
     return None
@@ -119,6 +119,8 @@ def ada_norm_fwd(x, *args):
 
 @_on_its_device
 def ada_norm_bwd(dy, dh, x, *args):
-    if fallback("ada_norm", x):
+    # its accumulators spill past ADA_BWD_ONE_PASS_MAX (kernels/config.py): the torch backward there,
+    # from the kernels' statistics (the same [B, T] fp32 mean and rstd)
+    if fallback("ada_norm", x) or not _ada_norm.supported(x, backward=True):
         return torch_backend.ada_norm_bwd(dy, dh, x, *args)
     return _ada_norm.ada_norm_bwd(dy, dh, x, *args)
