@@ -92,15 +92,20 @@ def test_torch_casting_is_diffusers_bit_for_bit(rms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("casting", ["fp32", "torch"])
-def test_torch_casting_within_an_ulp(backend, casting):
-    """Every backend's "torch" casting is diffusers' bf16 composition to ~1 ulp of the values."""
+def test_torch_casting_within_an_ulp(backend):
+    """Every backend's "torch" casting is diffusers' bf16 composition to an ulp of its largest step:
+    an ulp of layer_norm's output (its statistics may differ in the last fp32 bit) becomes up to
+    |1 + scale| ulps of the product, which + shift may leave larger than an ulp of y."""
+    if backend == "triton" and not CUDA:  # seen: its fp32 -> bf16 casts are not round-to-nearest-even
+        pytest.skip("Triton's interpreter does not round fp32 to bf16 as the GPU (and torch) do")
     ins = [t.detach() for t in inputs((2, 9, 40), torch.bfloat16, True, True, True, True)]
     with normops.backend(backend):
         y, h = ours(False, True, True, True, True, "torch")(*ins)
     want_y, want_h = composition(False, True, True, True, True)(*ins)
-    ulp = 2.0 ** -7 * want_y.abs().double().clamp_min(1.0)
-    assert ((y.double() - want_y.double()).abs() <= 1.01 * ulp).all()
+    one_plus = (1 + ins[1].double().abs()).unsqueeze(1)
+    step = torch.maximum(want_y.double().abs(), (want_y.double() - ins[2].double().unsqueeze(1)).abs())
+    ulp = 2.0 ** -7 * (step + one_plus * 8)  # layer_norm's output: |n| < 8 here
+    assert ((y.double() - want_y.double()).abs() <= ulp).all()
     assert torch.equal(h, want_h)
 
 
