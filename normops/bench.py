@@ -631,3 +631,34 @@ def plot_speedups(results, providers, env, path):
     if len(series) > 1:
         ax.legend(fontsize=7)  # "best": where it covers the fewest bars
     save_figure(fig, path, dpi=120)
+
+
+# --- adaLN modulation (issue #18): shape (B, T, D), per-sample scale/shift/gate (B, D) ------------
+# Against diffusers' unfused composition (BasicTransformerBlock / DiT's adaLN-Zero step). Bytes: with
+# residual and gate, the forward reads x, r and writes y, h; the backward (of y) reads h, dy and x
+# (dgate), writes dx and dr. Alone: x -> y; backward reads x, dy, writes dx.
+def _ada_inputs(shape, dtype, device, residual=False):
+    b, d = shape[0], shape[-1]
+    t = {"x": torch.randn(shape, dtype=dtype, device=device),
+         "scale": 0.1 * torch.randn(b, d, dtype=dtype, device=device),
+         "shift": 0.1 * torch.randn(b, d, dtype=dtype, device=device)}
+    if residual:
+        t["r"] = torch.randn(shape, dtype=dtype, device=device)
+        t["g"] = torch.randn(b, d, dtype=dtype, device=device)
+    return t
+
+
+def _diffusers_ada(t):
+    h = t["g"][:, None] * t["x"] + t["r"] if "r" in t else t["x"]
+    y = TF.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + t["scale"][:, None]) + t["shift"][:, None]
+    return (y, h) if "r" in t else y
+
+
+OPS.update({op.name: op for op in [
+    Op("ada_layer_norm", "row_norm", _ada_inputs,
+       lambda t: F.ada_layer_norm(t["x"], t["scale"], t["shift"], 1e-6), _diffusers_ada, 1, 1, 2, 1),
+    Op("ada_layer_norm_gate_residual", "row_norm", functools.partial(_ada_inputs, residual=True),
+       lambda t: F.ada_layer_norm(t["x"], t["scale"], t["shift"], 1e-6, residual=t["r"], gate=t["g"]),
+       _diffusers_ada, 2, 2, 3, 2),
+]})
+_GRAD_INPUTS += ("scale", "shift")  # adaLN's per-sample modulation is trained too
