@@ -18,7 +18,7 @@ Grids. Forward: (row blocks of T, B): a program's rows are all of one sample, so
 shift, gate (and w, b) once. Backward: (P, B) programs, each looping over its sample's row blocks
 p, p + P, ...; each writes fp32 partial rows (deterministic, no atomics): [B, P, 2, D] (dscale,
 dshift), [B, P, 1, D] (dgate), [B * P, 2, D] (dw, db), summed in a fixed order by row_norm's
-``_row_norm_param_grads_kernel`` (per sample with GROUPED, over all B * P for dw/db).
+``row_norm_param_grads_kernel`` (per sample with GROUPED, over all B * P for dw/db).
 
 Rows stay in registers (one pass): D <= ADA_ONE_PASS_MAX forward, ADA_BWD_ONE_PASS_MAX backward
 (config.py: the backward's accumulators spill past it); wider rows run the torch backend (``supported``).
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .common import acc_type, dense, launch, stat_dtype
 from .config import AdaNormConfig, ParamGradsConfig, ada_norm_bwd_programs, programs_per_wave
-from .row_norm import _row_norm_param_grads_kernel, _row_offsets  # noqa: F401  (shared helpers)
+from .row_norm import row_norm_param_grads_kernel
 
 
 @triton.jit
@@ -239,7 +239,7 @@ def _sums(part, out_dtypes, groups, g, d, acc, device):
     kernel: one [groups, d] result per slot (groups = 1: [d])."""
     outs = [torch.empty((groups, d), dtype=dt, device=device) for dt in out_dtypes]
     pg = ParamGradsConfig.make(d, g)
-    launch(_row_norm_param_grads_kernel, (triton.cdiv(d, pg.block_n), groups), part, outs[0], outs[-1], g, d,
+    launch(row_norm_param_grads_kernel, (triton.cdiv(d, pg.block_n), groups), part, outs[0], outs[-1], g, d,
            num_warps=pg.num_warps, WANT_DW=True, WANT_DB=len(outs) == 2, GROUPED=groups > 1,
            BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
     return outs

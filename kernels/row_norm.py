@@ -738,3 +738,8 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
            db if want_db else dw, g, n, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db, GROUPED=groups > 1,
            BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
     return dx, dw, db, dg, dr
+
+
+# The fixed-order sum of [groups, programs, k, n] partials, shared with kernels/ada_norm.py (its
+# per-sample dscale/dshift/dgate sums, GROUPED by sample, and dw/db over every program).
+row_norm_param_grads_kernel = _row_norm_param_grads_kernel
