@@ -11,6 +11,7 @@ Math, per group (n, g):
                dmean = sum(d) / L      mean = x0 + dmean      var = sum((d - dmean)^2) / L
                rstd = 1 / sqrt(var + eps)        x_hat = (d - dmean) * rstd
                z = x_hat * w[c] + b[c]          y = act(z)
+               (PER_SAMPLE: w[n, c], b[n, c], ada_group_norm's modulation 1 + scale, shift)
                The pivot keeps the mean's rounding small at a large offset (sum(x) / L rounds at
                the sum's magnitude: x = -50 + 0.01 randn lost 3 digits) and exact for a constant
                group (mean == x, so x_hat == 0 and dw == 0 exactly, as torch's).
@@ -19,6 +20,7 @@ Math, per group (n, g):
                c1 = sum_c w[c] * a[n, c] / L                     c2 = sum_c w[c] * b[n, c] / L
                dx = rstd * (w[c] * dz - c2 - x_hat * c1)
                dw[c] = sum_n a[n, c]                             db[c] = sum_n b[n, c]
+               (PER_SAMPLE: dw[n, c] = a[n, c], db[n, c] = b[n, c], no sum over n)
 
 Three algorithms (GroupNormConfig, kernels/config.py, picks):
     one pass   a program's groups fit in one tile: the whole computation stays in registers.
@@ -105,10 +107,14 @@ def _sum2(t):
 
 
 @triton.jit
-def _affine(W, B, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel weight and bias as [BLOCK_G, BLOCK_CG, 1] (1 and 0 when absent)."""
+def _affine(W, B, n, C, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr,
+            ACC: tl.constexpr):
+    """Weight and bias of channels chan (of sample n when PER_SAMPLE: [N, C] parameters) as
+    [BLOCK_G, BLOCK_CG, 1] (1 and 0 when absent)."""
     w = 1.0
     b = 0.0
+    if PER_SAMPLE:
+        chan = n * C + chan  # N * C is a parameter tensor's size: int32
     if HAS_W:
         w = tl.load(W + chan, mask=cmask, other=0.0).to(ACC)[:, :, None]
     if HAS_B:
@@ -219,12 +225,12 @@ def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C,
 @triton.jit
 def _group_norm_fwd_kernel(
     X, Y,              # [N, C, *spatial] input, output, both in x's layout
-    W, B,              # [C] weight, bias
+    W, B,              # [C] weight, bias, or [N, C] when PER_SAMPLE
     MEAN, RSTD,        # [N, G] out: statistics, ACC dtype, written when STORE_STATS
     PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split > 1)
     G, Cg, S, C, n_gblocks, split, chunk, n_tasks, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, STORE_STATS: tl.constexpr,
-    INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
+    STORE_STATS: tl.constexpr, INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
@@ -257,7 +263,7 @@ def _group_norm_fwd_kernel(
             if sp == 0:
                 tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
                 tl.store(RSTD + n * G + gi, rstd, mask=gi < G)
-        w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+        w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
         scale = rstd[:, None, None] * w
         if ONE_PASS:
             tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
@@ -282,7 +288,7 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
 
 
 @triton.jit
-def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr,
            BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
     """What a backward task holds throughout: its groups' saved mean and rstd ([BLOCK_G]), its
     channels, and their weight and bias."""
@@ -290,7 +296,7 @@ def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.conste
     mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
     rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
     chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+    w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
     return mean, rstd, chan, cmask, w, b
 
 
@@ -314,17 +320,19 @@ def _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S,
 @triton.jit
 def _group_norm_bwd_sums_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
-    W, B,              # [C] weight, bias (read for the activation's input only)
+    W, B,              # [C] weight, bias, [N, C] when PER_SAMPLE (read for the activation's input only)
     MEAN, RSTD,        # [N, G] saved statistics
     PART,              # [N, 2, C, split] out: a and b of each (sample, channel, chunk), ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Split mode, pass 1 of the backward: the per-channel sums over one chunk (one program a task)."""
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     base = tl.cast(n, tl.int64) * C * S
-    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
+    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W, HAS_B, PER_SAMPLE, BLOCK_G,
+                                           BLOCK_CG, ACC)
     s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
     a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT,
                                CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
@@ -336,12 +344,12 @@ def _group_norm_bwd_sums_kernel(
 @triton.jit
 def _group_norm_bwd_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
-    W, B,              # [C] weight, bias
+    W, B,              # [C] weight, bias, or [N, C] when PER_SAMPLE
     MEAN, RSTD,        # [N, G] saved statistics
     PART,              # [N, 2, C, split] per-channel a and b: written (split 1), or read (the chunks')
     DX,                # [N, C, *spatial] out, x's layout
     G, Cg, S, C, n_gblocks, split, chunk, n_tasks,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -351,8 +359,8 @@ def _group_norm_bwd_kernel(
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)  # split: backwards, as the forward
         base = tl.cast(n, tl.int64) * C * S
-        mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG,
-                                               ACC)
+        mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W, HAS_B, PER_SAMPLE,
+                                               BLOCK_G, BLOCK_CG, ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         p = PART + (tl.cast(n, tl.int64) * 2 * C + chan) * split
         if ONE_PASS:
@@ -430,6 +438,11 @@ def supported(x, num_groups):
     return c // num_groups <= GN_MAX_GROUP_CHANNELS and c * math.prod(x.shape[2:]) < 2**31
 
 
+def _per_sample(weight, bias):
+    """Whether the parameters are [N, C], per (sample, channel) (ada_group_norm's), not [C]."""
+    return any(p is not None and p.dim() == 2 for p in (weight, bias))
+
+
 def _setup(x, num_groups, config, make):
     """(x in its dense layout, channels_last, (N, C, S, G), config, grid, the kernels' geometry
     arguments and tile constexprs)."""
@@ -464,7 +477,8 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
     launch(
         _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
-        *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
+        *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None,
+        PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation],
         STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, SPLIT=split,
         BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll, **tile)
     return y, mean, rstd
@@ -488,7 +502,9 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     split = not cfg.one_pass and cfg.split > 1
     # [N, 2, C, split]: per (sample, chunk) a and b of each channel (split 1 but in split mode)
     part = torch.empty((n, 2, c, cfg.split if split else 1), dtype=stat_dtype(x.dtype), device=x.device)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **tile)
+    per_sample = _per_sample(weight, bias)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, PER_SAMPLE=per_sample, ACT=ACTIVATIONS[activation],
+                 **tile)
     w_arg = weight if weight is not None else rstd
     b_arg = bias if bias is not None else rstd
     if split:
@@ -499,6 +515,9 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
                BLOCK_SPLIT=cfg.split_block, **flags)
     if not (want_dw or want_db):
         return dx, None, None
+    if per_sample:  # dw[n, c], db[n, c]: the partials summed over the chunks only (a fixed-order torch sum)
+        sums = part.sum(3)
+        return dx, sums[:, 0].to(weight.dtype) if want_dw else None, sums[:, 1].to(bias.dtype) if want_db else None
     dw = torch.empty_like(weight) if want_dw else None
     db = torch.empty_like(bias) if want_db else None
     launch(_group_norm_param_grads_kernel, (triton.cdiv(c, PARAM_GRADS_BLOCK_C),), part,

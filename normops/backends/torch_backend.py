@@ -451,13 +451,12 @@ def _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_ma
     n, c = x.shape[0], x.shape[1]
     sd = stat_dtype(x)
     view = (n, c) + (1,) * (x.dim() - 2)
-    spatial = tuple(range(2, x.dim()))
     per = (n, num_groups, c // num_groups)
     r = rstd.to(sd).unsqueeze(-1).expand(per).reshape(view)
     xc = x.to(sd) - mean.to(sd).unsqueeze(-1).expand(per).reshape(view)
     dzf = dz.to(sd)
-    a_sum = (dzf * xc).sum(spatial) * r.reshape(n, c)  # a[n, c]
-    b_sum = dzf.sum(spatial)                            # b[n, c]
+    a_sum = (dzf * xc).reshape(n, c, -1).sum(-1) * r.reshape(n, c)  # a[n, c]
+    b_sum = dzf.reshape(n, c, -1).sum(-1)                            # b[n, c]
     dx = None
     if output_mask[0]:
         wv = torch.ones((), dtype=sd, device=x.device) if w is None else w.to(sd).reshape(n, c)
