@@ -185,9 +185,9 @@ def _group_norm_stats_kernel(
 
 
 @triton.jit
-def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
-             BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr):
-    """(mean, rstd) of groups gi from their chunks' (mean, M2), of x - x0 (the mean is dmean):
+def _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+             ACC: tl.constexpr):
+    """(mean, M2) of groups gi from their chunks' (mean, M2), of x - x0 (the mean is dmean):
     Chan's formula for many parts,
     mean = sum(n_i mean_i) / L, then M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order,
     BLOCK_SPLIT chunks at a time."""
@@ -208,7 +208,25 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
         p = PART + (rows + sp[None, :]) * 2
         d = tl.load(p, mask=m, other=0.0) - mean[:, None]
         acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
-    return mean, inv_std(tl.sum(acc, 1) / total, eps, INSTANCE)
+    return mean, tl.sum(acc, 1)
+
+
+@triton.jit
+def _group_norm_stats_combine_kernel(
+    X,                 # [N, C, *spatial] input, NCHW or channels_last (its groups' pivots)
+    PART,              # [N, G, split, 2] (mean, M2) of each chunk, from _group_norm_stats_kernel
+    MEAN, M2,          # [N, G] out: each group's mean and sum of squared deviations, ACC dtype
+    G, Cg, S, C, n_gblocks, split, chunk,
+    CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+):
+    """group_norm_stats: the chunks of BLOCK_G groups of a sample combined (Chan's formula, as the
+    split forward combines them), the pivot added back to the mean."""
+    gb, n = tl.program_id(0) % n_gblocks, tl.program_id(0) // n_gblocks
+    gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+    x0 = _pivot(X, tl.cast(n, tl.int64) * C * S, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
+    dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC)
+    tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
+    tl.store(M2 + n * G + gi, m2, mask=gi < G)
 
 
 @triton.jit
@@ -226,11 +244,12 @@ def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C,
 def _group_norm_fwd_kernel(
     X, Y,              # [N, C, *spatial] input, output, both in x's layout
     W, B,              # [C] weight, bias, or [N, C] when PER_SAMPLE
-    MEAN, RSTD,        # [N, G] out: statistics, ACC dtype, written when STORE_STATS
+    MEAN, RSTD,        # [N, G] statistics, ACC dtype: out when STORE_STATS, in when STATS_IN
     PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split > 1)
     G, Cg, S, C, n_gblocks, split, chunk, n_tasks, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
-    STORE_STATS: tl.constexpr, INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
+    STORE_STATS: tl.constexpr, INSTANCE: tl.constexpr,
+    STATS_IN: tl.constexpr,  # group_norm_apply: normalize with the given MEAN, RSTD (ONE_PASS off)  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
@@ -247,14 +266,19 @@ def _group_norm_fwd_kernel(
         chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
         x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
-        if ONE_PASS:
+        if STATS_IN:  # the given mean is the shift itself (dmean 0), exactly; the pivot goes unused
+            x0 = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0).to(ACC)
+            dmean = tl.zeros([BLOCK_G], dtype=ACC)
+            rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0).to(ACC)
+        elif ONE_PASS:
             offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
             d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
             dmean = _sum2(d) / (Cg * S)
             xc = tl.where(mask, d - dmean[:, None, None], 0.0)
             rstd = inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
         elif SPLIT:
-            dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
+            dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC)
+            rstd = inv_std(m2 / (Cg * S), eps, INSTANCE)
         else:
             dmean, m2 = _chunk_stats(X, base, chan, cmask, x0, 0, n_tiles, S, C, CHANNELS_LAST,
                                      BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
@@ -265,7 +289,7 @@ def _group_norm_fwd_kernel(
                 tl.store(RSTD + n * G + gi, rstd, mask=gi < G)
         w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
         scale = rstd[:, None, None] * w
-        if ONE_PASS:
+        if ONE_PASS and not STATS_IN:
             tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
         else:
             shift = x0 + dmean
@@ -479,9 +503,43 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
         *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None,
         PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation],
-        STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, SPLIT=split,
+        STORE_STATS=need_stats, INSTANCE=instance, STATS_IN=False, ONE_PASS=cfg.one_pass, SPLIT=split,
         BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll, **tile)
     return y, mean, rstd
+
+
+def group_norm_stats(x, num_groups, config=None):
+    """(mean, m2) [N, G] of x's groups, m2 the sum of squared deviations from the mean (the count,
+    C / G * S, implied), in the statistics dtype (fp32, fp64 for fp64 x): the split forward's
+    statistics pass (x read once), its chunks combined in a fixed order. For combining the
+    statistics of a tensor's tiles (Chan's formula), then group_norm_apply."""
+    x, cfg, (n, c, s, g), _, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
+    sd = stat_dtype(x.dtype)
+    # any configuration's tiles and chunks serve (one pass: one chunk of one tile a group block)
+    part = torch.empty((n, g, cfg.split, 2), dtype=sd, device=x.device)
+    launch(_group_norm_stats_kernel, (tasks,), x, part, *geometry, UNROLL=cfg.unroll, **tile)
+    mean, m2 = torch.empty((n, g), dtype=sd, device=x.device), torch.empty((n, g), dtype=sd, device=x.device)
+    tile.pop("BLOCK_CG"), tile.pop("BLOCK_S")
+    launch(_group_norm_stats_combine_kernel, (n * geometry[4],), x, part, mean, m2, *geometry,
+           BLOCK_SPLIT=cfg.split_block, **tile)
+    return mean, m2
+
+
+def group_norm_apply(x, num_groups, mean, rstd, weight, bias, activation, config=None):
+    """y = act((x - mean) * rstd * w + b) with the given statistics mean, rstd [N, G] (any float
+    dtype, read as the statistics dtype): the forward's normalize pass alone. weight and bias: [C],
+    [N, C] (per sample) or None; activation: a name of ACTIVATIONS."""
+    x, cfg, (n, c, s, g), grid, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
+    weight, bias, mean, rstd = dense(weight), dense(bias), dense(mean), dense(rstd)
+    y = torch.empty_like(x)
+    split = not cfg.one_pass and cfg.split > 1
+    launch(
+        _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
+        mean, rstd, y, *geometry, tasks, 0.0, HAS_W=weight is not None, HAS_B=bias is not None,
+        PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation], STORE_STATS=False, INSTANCE=False,
+        STATS_IN=True, ONE_PASS=False, SPLIT=split, BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll,
+        NORM_UNROLL=cfg.normalize_unroll, **tile)
+    return y
 
 
 # The dw/db glue kernel: a program sums [N, K] partials for this many channels, K a chunk at a time.
