@@ -69,6 +69,17 @@ def _channels(g0, G, Cg, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
 
 
 @triton.jit
+def _wide(C, S, LARGE: tl.constexpr):
+    """C and S as int64 when a sample's offsets reach 2**31 (LARGE: every offset and count computed
+    from them then promotes to int64), else as they are: int32 arithmetic, fewer registers, where
+    it is safe. (The sample's base, n * C * S, is int64 always.)"""
+    if LARGE:
+        C = tl.cast(C, tl.int64)
+        S = tl.cast(S, tl.int64)
+    return C, S
+
+
+@triton.jit
 def _tile(chan, cmask, s0, S, C, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
     """Offsets (from the sample's start) and mask of the tile of channels `chan`, positions s0.."""
     si = s0 + tl.arange(0, BLOCK_S)
@@ -169,8 +180,10 @@ def _group_norm_stats_kernel(
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr, ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Split mode, pass 1: the statistics of one chunk (one program a task)."""
+    C, S = _wide(C, S, LARGE)
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     x_base = X + tl.cast(n, tl.int64) * C * S
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -218,9 +231,11 @@ def _group_norm_stats_combine_kernel(
     MEAN, M2,          # [N, G] out: each group's mean and sum of squared deviations, ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """group_norm_stats: the chunks of BLOCK_G groups of a sample combined (Chan's formula, as the
     split forward combines them), the pivot added back to the mean."""
+    C, S = _wide(C, S, LARGE)
     gb, n = tl.program_id(0) % n_gblocks, tl.program_id(0) // n_gblocks
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     x0 = _pivot(X, tl.cast(n, tl.int64) * C * S, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
@@ -254,10 +269,12 @@ def _group_norm_fwd_kernel(
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
     ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
     (ONE_PASS and SPLIT off: the group's statistics loop, then the normalize loop re-reading the
     group from L2), or split (the chunks' statistics combined, then this chunk normalized)."""
+    C, S = _wide(C, S, LARGE)
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         # split: backwards, the stats kernel just read the tensor's end, still in L2
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)
@@ -351,8 +368,10 @@ def _group_norm_bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Split mode, pass 1 of the backward: the per-channel sums over one chunk (one program a task)."""
+    C, S = _wide(C, S, LARGE)
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     base = tl.cast(n, tl.int64) * C * S
     mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W, HAS_B, PER_SAMPLE, BLOCK_G,
@@ -376,10 +395,12 @@ def _group_norm_bwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Tasks as _group_norm_fwd_kernel's: the per-channel sums from one tile (ONE_PASS), a loop
     over the group (then stored for dw/db), or the chunks' partials (SPLIT, totalled here in a
     fixed order); then dx."""
+    C, S = _wide(C, S, LARGE)
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)  # split: backwards, as the forward
         base = tl.cast(n, tl.int64) * C * S
@@ -455,11 +476,14 @@ def _group_norm_param_grads_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
+# A sample of this many elements or more takes int64 offsets within it (the LARGE flag, _wide).
+LARGE_OFFSETS = 2**31
+
+
 def supported(x, num_groups):
-    """Whether these kernels take x: the per-sample offsets are int32 and a group's channels must
-    fit in one tile row (kernels/config.py)."""
-    c = x.shape[1]
-    return c // num_groups <= GN_MAX_GROUP_CHANNELS and c * math.prod(x.shape[2:]) < 2**31
+    """Whether these kernels take x: a group's channels must fit in one tile row (kernels/config.py).
+    Any size: a sample's offsets past int32 take the LARGE flag."""
+    return x.shape[1] // num_groups <= GN_MAX_GROUP_CHANNELS
 
 
 def _per_sample(weight, bias):
@@ -479,8 +503,8 @@ def _setup(x, num_groups, config, make):
     tasks = n_gblocks * cfg.split * n
     grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
-    tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+    tile = dict(LARGE=c * s >= LARGE_OFFSETS, CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g,
+                BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s, ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     return x, cfg, (n, c, s, g), grid, tasks, geometry, tile
 
 

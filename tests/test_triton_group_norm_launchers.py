@@ -63,3 +63,36 @@ def test_apply_takes_given_statistics(path):
     ones = torch.ones(2, 3, device=DEVICE)
     y = kernels.group_norm_apply(x, 3, ones * 0, ones, w, b, "none")
     torch.testing.assert_close(y, x * w[:, None, None] + b[:, None, None])
+
+
+# --- offsets past int32 -----------------------------------------------------------------------
+# A sample of 2**31 elements or more takes the LARGE flag: C and S as int64 in the kernels, so every
+# offset and count computed from them is int64. A real one is 4 GiB in bf16 (its input, again its
+# output), past what the interpreter can run here: these run the LARGE code at small shapes (the
+# threshold lowered to 0), and the same results as the int32 code's, bit for bit, say the int64
+# arithmetic computes the same offsets. (The real size: the GPU run, and the torch backend's test
+# in test_ada_group_norm.py measures its memory.)
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_offsets_path(layout, path, monkeypatch):
+    import normops
+    from cases import F
+    x = _x((2, 8, 3, 2, 5), torch.float32, layout).requires_grad_()
+    w, b = (t.detach().to(DEVICE).requires_grad_() for t in params((8,), torch.float32))
+    results = []
+    for threshold in (2**31, 0):
+        monkeypatch.setattr(kernels, "LARGE_OFFSETS", threshold)
+        with normops.backend("triton"):
+            y = F.group_norm(x, 4, w, b, activation="silu")
+            grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+            stats = kernels.group_norm_stats(x.detach(), 4)
+        results.append((y,) + grads + stats)
+    for int32, int64 in zip(*results):
+        assert torch.equal(int32, int64)
+
+
+def test_large_samples_take_the_kernels():
+    """A sample past 2**31 elements is no longer sent to the torch fallback (meta tensor: no memory)."""
+    from normops.backends import triton_backend
+    x = torch.empty((1, 128, 16, 1024, 1024), dtype=torch.bfloat16, device="meta")
+    assert kernels.supported(x, 32) and triton_backend.fallback("group_norm", x, 32) is None
