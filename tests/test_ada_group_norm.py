@@ -161,3 +161,26 @@ def test_triton_gradcheck():
     with normops.backend("triton"):
         assert torch.autograd.gradcheck(lambda *a: F.ada_group_norm(a[0], 2, a[1], a[2], activation="silu"),
                                         (x, scale, shift))
+
+
+@pytest.mark.parametrize("chunk", [2**24, 200, 40], ids=["whole", "groups", "channels"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["group_norm", "ada"])
+def test_torch_backend_chunked_low_precision_path(chunk, per_sample, monkeypatch):
+    """The torch backend's path for fp16/bf16 off the CPU (statistics and the affine over pieces of
+    GN_CHUNK elements, no fp32 copy of x), run on the CPU: whole groups a piece, several groups, one
+    group's channels a piece. Peak memory of the real video shape: tests nothing here (a measurement,
+    see the report); this checks the values."""
+    from normops.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "_in_fp32", lambda x: x.dtype in LOW)
+    monkeypatch.setattr(torch_backend, "GN_CHUNK", chunk)
+    x = make((2, 8, 3, 2, 5), torch.bfloat16).detach().contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    if per_sample:
+        scale, shift = _modulation(x.shape, torch.bfloat16)
+        assert_close_to_reference(*_ada(4, "silu"), [x, scale, shift], "torch", torch.bfloat16)
+    else:
+        w = torch.linspace(0.5, 1.5, 8, dtype=torch.bfloat16).requires_grad_()
+        b = torch.linspace(-1, 1, 8, dtype=torch.bfloat16).requires_grad_()
+        assert_close_to_reference(lambda x, w, b: F.group_norm(x, 4, w, b, activation="silu"),
+                                  lambda x, w, b: TF.silu(TF.group_norm(x, 4, w, b)), [x, w, b], "torch",
+                                  torch.bfloat16)

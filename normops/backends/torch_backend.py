@@ -341,19 +341,32 @@ def _per_sample(weight, bias):
     return any(p is not None and p.dim() == 2 for p in (weight, bias))
 
 
-# Elements of x a statistics chunk converts to fp32 at once (64 MiB of fp32): bounded, and large
-# enough that the per-chunk launches cost nothing next to the chunk's own memory traffic.
-GN_STATS_CHUNK = 2**24
+# Elements of x converted to fp32 at once (64 MiB of fp32) where the whole would be a full-size
+# temporary: bounded, and large enough that the per-chunk launches cost nothing next to the chunk's
+# own memory traffic.
+GN_CHUNK = 2**24
+
+
+def _chunks(xg):
+    """Index tuples into xg [N, G, C/G, *spatial] of pieces of at most GN_CHUNK elements: whole
+    groups of one sample, or a group's channels when a group is larger (at least one channel)."""
+    n, groups, cg = xg.shape[:3]
+    plane = xg[0, 0, 0].numel()
+    g_step = max(1, GN_CHUNK // (cg * plane))
+    c_step = cg if g_step > 1 or cg * plane <= GN_CHUNK else max(1, GN_CHUNK // plane)
+    for i in range(n):
+        for g0 in range(0, groups, g_step):
+            for c0 in range(0, cg, c_step):
+                yield i, slice(g0, g0 + g_step), slice(c0, c0 + c_step)
 
 
 def _group_stats(x, num_groups, eps):
     """(mean, rstd) [N, G] in the statistics dtype, and an uninitialized buffer like x for y.
 
     On the CPU, ATen's kernel (fp32 parameters make it return fp32 statistics for fp16/bf16: its
-    mixed-type path). Elsewhere fp16/bf16 (``_in_fp32``): two passes, never E[x^2] - E[x]^2 and never
-    an fp32 copy of x: the sums of x accumulate in fp32 as the reduction reads x, then the squared
-    deviations from the exact mean are summed over chunks of at most GN_STATS_CHUNK elements
-    (groups, or a group's channels), each converted to fp32 on its own."""
+    mixed-type path). Elsewhere fp16/bf16 (``_in_fp32``): two passes over GN_CHUNK pieces (each
+    converted to fp32 on its own: never an fp32 copy of x), the sums, then the squared deviations
+    from the exact mean (never E[x^2] - E[x]^2)."""
     n, c = x.shape[0], x.shape[1]
     sd = stat_dtype(x)
     if not _in_fp32(x):
@@ -361,27 +374,16 @@ def _group_stats(x, num_groups, eps):
         y, mean, rstd = aten.native_group_norm(x, ones, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
         return _to(mean, sd), _to(rstd, sd), y
     xg = x.unflatten(1, (num_groups, c // num_groups))  # a view in either layout
-    dims = tuple(range(2, xg.dim()))
     count = x[0].numel() // num_groups
-    mean = xg.sum(dims, dtype=sd) / count
-    m2 = torch.empty_like(mean)
-    plane = math.prod(x.shape[2:])
-    per_group = count
-    g_step = max(1, GN_STATS_CHUNK // per_group)
-    c_step = max(1, GN_STATS_CHUNK // plane)  # within a group larger than a chunk: channels at a time
-    for i in range(n):
-        for g0 in range(0, num_groups, g_step):
-            groups = slice(g0, g0 + g_step)
-            mu = mean[i, groups].reshape((-1,) + (1,) * (len(dims)))
-            if g_step > 1 or per_group <= GN_STATS_CHUNK:
-                d = xg[i, groups].to(sd) - mu
-                m2[i, groups] = d.square_().sum(tuple(range(1, d.dim())))
-            else:
-                total = 0.0
-                for c0 in range(0, c // num_groups, c_step):
-                    d = xg[i, groups, c0:c0 + c_step].to(sd) - mu
-                    total = total + d.square_().sum(tuple(range(1, d.dim())))
-                m2[i, groups] = total
+    total = torch.zeros((n, num_groups), dtype=sd, device=x.device)
+    m2 = torch.zeros_like(total)
+    dims = tuple(range(1, xg.dim() - 1))  # a piece [groups, channels, *spatial]: all but the groups
+    for i, g, ch in _chunks(xg):
+        total[i, g] += xg[i, g, ch].to(sd).sum(dims)
+    mean = total / count
+    for i, g, ch in _chunks(xg):
+        d = xg[i, g, ch].to(sd) - mean[i, g].reshape((-1,) + (1,) * len(dims))
+        m2[i, g] += d.square_().sum(dims)
     return mean, torch.rsqrt(m2 / count + eps), torch.empty_like(x)
 
 
@@ -405,8 +407,13 @@ def _recompute_group(x, num_groups, weight, bias, mean, rstd, out=None):
     if bias is not None:
         shift = shift + bias.to(sd).reshape(-1, num_groups, c // num_groups)
     view = (n, c) + (1,) * (x.dim() - 2)
-    if out is not None:
-        return torch.addcmul(shift.reshape(view), x, scale.reshape(view), out=out)
+    if out is not None:  # piece by piece: the CPU's addcmul into a bf16 out makes an fp32 temporary of it
+        grouped = per_channel + (1,) * (x.dim() - 2)
+        scale, shift = scale.reshape(grouped), shift.reshape(grouped)
+        xg, yg = x.unflatten(1, per_channel[1:]), out.unflatten(1, per_channel[1:])
+        for piece in _chunks(xg):
+            torch.addcmul(shift[piece], xg[piece], scale[piece], out=yg[piece])
+        return out
     return _affine_recompute(x, scale.reshape(view), shift.reshape(view))
 
 
