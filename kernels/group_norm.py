@@ -263,8 +263,9 @@ def _group_norm_fwd_kernel(
     PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split > 1)
     G, Cg, S, C, n_gblocks, split, chunk, n_tasks, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
-    STORE_STATS: tl.constexpr, INSTANCE: tl.constexpr,
-    STATS_IN: tl.constexpr,  # group_norm_apply: normalize with the given MEAN, RSTD (ONE_PASS off)  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
+    STORE_STATS: tl.constexpr,
+    INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
+    STATS_IN: tl.constexpr,  # group_norm_apply: normalize with the given MEAN, RSTD (ONE_PASS off)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
