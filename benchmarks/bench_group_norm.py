@@ -12,6 +12,12 @@ UNET_SHAPES = [(2, 320, 64, 64), (2, 1280, 16, 16)]
 # 1x128x256x256 has the same 32 groups of 262,144 elements, each one contiguous block in NCHW,
 # so it would measure the same thing again.)
 VAE_SHAPES = [(1, 512, 128, 128)]
+# The whole SD VAE decoder's GroupNorm(+SiLU) shapes, 32 groups, bf16, batch 1: at 512x512 output
+# 512 ch at 64x64 (mid block) and 128x128, 256 at 256x256, 128 at 512x512; at 1024x1024 output each
+# of those at twice the side (the largest, 128 x 1024 x 1024, is 2**27 elements a sample). The
+# 512x512 decoder's (1, 512, 128, 128) is VAE_SHAPES'.
+VAE_DECODER_SHAPES = [(1, 512, 64, 64), (1, 256, 256, 256), (1, 128, 512, 512),
+                      (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 1024, 1024)]
 # Small-batch video, (N, C, D, H, W): 8 frames of 256x256 at 128 channels. Only N x 32 = 32
 # groups of 2M elements each: too few for one program per group to fill a GPU.
 VIDEO_SHAPES = [(1, 128, 8, 256, 256)]
@@ -26,7 +32,8 @@ CPU_SHAPES_5D = [(1, 32, 2, 8, 8)]
 # (ops, shapes, layouts) benchmarked on a GPU, and the smoke set without one.
 CUDA_SETS = [(GROUP_OPS, UNET_SHAPES, ("contiguous", "channels_last")),
              (GROUP_OPS, VAE_SHAPES + VIDEO_SHAPES, ("contiguous",)),
-             (("instance_norm",), STYLE_SHAPES, ("contiguous",))]
+             (("instance_norm",), STYLE_SHAPES, ("contiguous",)),
+             (GROUP_OPS, VAE_DECODER_SHAPES, ("contiguous",))]
 CPU_SETS = [(GROUP_OPS + ("instance_norm",), CPU_SHAPES, ("contiguous", "channels_last")),
             (GROUP_OPS, CPU_SHAPES_5D, ("contiguous",))]
 

@@ -11,6 +11,7 @@ Math, per group (n, g):
                dmean = sum(d) / L      mean = x0 + dmean      var = sum((d - dmean)^2) / L
                rstd = 1 / sqrt(var + eps)        x_hat = (d - dmean) * rstd
                z = x_hat * w[c] + b[c]          y = act(z)
+               (PER_SAMPLE: w[n, c], b[n, c], ada_group_norm's modulation 1 + scale, shift)
                The pivot keeps the mean's rounding small at a large offset (sum(x) / L rounds at
                the sum's magnitude: x = -50 + 0.01 randn lost 3 digits) and exact for a constant
                group (mean == x, so x_hat == 0 and dw == 0 exactly, as torch's).
@@ -19,6 +20,7 @@ Math, per group (n, g):
                c1 = sum_c w[c] * a[n, c] / L                     c2 = sum_c w[c] * b[n, c] / L
                dx = rstd * (w[c] * dz - c2 - x_hat * c1)
                dw[c] = sum_n a[n, c]                             db[c] = sum_n b[n, c]
+               (PER_SAMPLE: dw[n, c] = a[n, c], db[n, c] = b[n, c], no sum over n)
 
 Three algorithms (GroupNormConfig, kernels/config.py, picks):
     one pass   a program's groups fit in one tile: the whole computation stays in registers.
@@ -67,6 +69,17 @@ def _channels(g0, G, Cg, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
 
 
 @triton.jit
+def _wide(C, S, LARGE: tl.constexpr):
+    """C and S as int64 when a sample's offsets reach 2**31 (LARGE: every offset and count computed
+    from them then promotes to int64), else as they are: int32 arithmetic, fewer registers, where
+    it is safe. (The sample's base, n * C * S, is int64 always.)"""
+    if LARGE:
+        C = tl.cast(C, tl.int64)
+        S = tl.cast(S, tl.int64)
+    return C, S
+
+
+@triton.jit
 def _tile(chan, cmask, s0, S, C, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
     """Offsets (from the sample's start) and mask of the tile of channels `chan`, positions s0.."""
     si = s0 + tl.arange(0, BLOCK_S)
@@ -105,10 +118,14 @@ def _sum2(t):
 
 
 @triton.jit
-def _affine(W, B, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel weight and bias as [BLOCK_G, BLOCK_CG, 1] (1 and 0 when absent)."""
+def _affine(W, B, n, C, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr,
+            ACC: tl.constexpr):
+    """Weight and bias of channels chan (of sample n when PER_SAMPLE: [N, C] parameters) as
+    [BLOCK_G, BLOCK_CG, 1] (1 and 0 when absent)."""
     w = 1.0
     b = 0.0
+    if PER_SAMPLE:
+        chan = n * C + chan  # N * C is a parameter tensor's size: int32
     if HAS_W:
         w = tl.load(W + chan, mask=cmask, other=0.0).to(ACC)[:, :, None]
     if HAS_B:
@@ -163,8 +180,10 @@ def _group_norm_stats_kernel(
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr, ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Split mode, pass 1: the statistics of one chunk (one program a task)."""
+    C, S = _wide(C, S, LARGE)
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     x_base = X + tl.cast(n, tl.int64) * C * S
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -179,9 +198,9 @@ def _group_norm_stats_kernel(
 
 
 @triton.jit
-def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
-             BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr):
-    """(mean, rstd) of groups gi from their chunks' (mean, M2), of x - x0 (the mean is dmean):
+def _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+             ACC: tl.constexpr):
+    """(mean, M2) of groups gi from their chunks' (mean, M2), of x - x0 (the mean is dmean):
     Chan's formula for many parts,
     mean = sum(n_i mean_i) / L, then M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order,
     BLOCK_SPLIT chunks at a time."""
@@ -202,7 +221,27 @@ def _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE: tl.constexpr,
         p = PART + (rows + sp[None, :]) * 2
         d = tl.load(p, mask=m, other=0.0) - mean[:, None]
         acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
-    return mean, inv_std(tl.sum(acc, 1) / total, eps, INSTANCE)
+    return mean, tl.sum(acc, 1)
+
+
+@triton.jit
+def _group_norm_stats_combine_kernel(
+    X,                 # [N, C, *spatial] input, NCHW or channels_last (its groups' pivots)
+    PART,              # [N, G, split, 2] (mean, M2) of each chunk, from _group_norm_stats_kernel
+    MEAN, M2,          # [N, G] out: each group's mean and sum of squared deviations, ACC dtype
+    G, Cg, S, C, n_gblocks, split, chunk,
+    CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
+):
+    """group_norm_stats: the chunks of BLOCK_G groups of a sample combined (Chan's formula, as the
+    split forward combines them), the pivot added back to the mean."""
+    C, S = _wide(C, S, LARGE)
+    gb, n = tl.program_id(0) % n_gblocks, tl.program_id(0) // n_gblocks
+    gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+    x0 = _pivot(X, tl.cast(n, tl.int64) * C * S, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
+    dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC)
+    tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
+    tl.store(M2 + n * G + gi, m2, mask=gi < G)
 
 
 @triton.jit
@@ -219,20 +258,24 @@ def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C,
 @triton.jit
 def _group_norm_fwd_kernel(
     X, Y,              # [N, C, *spatial] input, output, both in x's layout
-    W, B,              # [C] weight, bias
-    MEAN, RSTD,        # [N, G] out: statistics, ACC dtype, written when STORE_STATS
+    W, B,              # [C] weight, bias, or [N, C] when PER_SAMPLE
+    MEAN, RSTD,        # [N, G] statistics, ACC dtype: out when STORE_STATS, in when STATS_IN
     PART,              # [N, G, split, 2] chunk statistics from _group_norm_stats_kernel (split > 1)
     G, Cg, S, C, n_gblocks, split, chunk, n_tasks, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, STORE_STATS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
+    STORE_STATS: tl.constexpr,
     INSTANCE: tl.constexpr,  # instance_norm's call: a constant channel with eps = 0 takes rstd 0 (inv_std)
+    STATS_IN: tl.constexpr,  # group_norm_apply: normalize with the given MEAN, RSTD (ONE_PASS off)
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
     ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
     (ONE_PASS and SPLIT off: the group's statistics loop, then the normalize loop re-reading the
     group from L2), or split (the chunks' statistics combined, then this chunk normalized)."""
+    C, S = _wide(C, S, LARGE)
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         # split: backwards, the stats kernel just read the tensor's end, still in L2
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)
@@ -241,14 +284,19 @@ def _group_norm_fwd_kernel(
         chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
         x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
-        if ONE_PASS:
+        if STATS_IN:  # the given mean is the shift itself (dmean 0), exactly; the pivot goes unused
+            x0 = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0).to(ACC)
+            dmean = tl.zeros([BLOCK_G], dtype=ACC)
+            rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0).to(ACC)
+        elif ONE_PASS:
             offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
             d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
             dmean = _sum2(d) / (Cg * S)
             xc = tl.where(mask, d - dmean[:, None, None], 0.0)
             rstd = inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
         elif SPLIT:
-            dmean, rstd = _combine(PART, n, gi, G, Cg, S, split, chunk, eps, INSTANCE, BLOCK_G, BLOCK_SPLIT, ACC)
+            dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC)
+            rstd = inv_std(m2 / (Cg * S), eps, INSTANCE)
         else:
             dmean, m2 = _chunk_stats(X, base, chan, cmask, x0, 0, n_tiles, S, C, CHANNELS_LAST,
                                      BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
@@ -257,9 +305,9 @@ def _group_norm_fwd_kernel(
             if sp == 0:
                 tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
                 tl.store(RSTD + n * G + gi, rstd, mask=gi < G)
-        w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+        w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
         scale = rstd[:, None, None] * w
-        if ONE_PASS:
+        if ONE_PASS and not STATS_IN:
             tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
         else:
             shift = x0 + dmean
@@ -282,7 +330,7 @@ def _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT: tl.constexpr, ACC
 
 
 @triton.jit
-def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr,
            BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, ACC: tl.constexpr):
     """What a backward task holds throughout: its groups' saved mean and rstd ([BLOCK_G]), its
     channels, and their weight and bias."""
@@ -290,7 +338,7 @@ def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W: tl.constexpr, HAS_B: tl.conste
     mean = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0)
     rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0)
     chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    w, b = _affine(W, B, chan, cmask, HAS_W, HAS_B, ACC)
+    w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
     return mean, rstd, chan, cmask, w, b
 
 
@@ -314,17 +362,21 @@ def _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S,
 @triton.jit
 def _group_norm_bwd_sums_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
-    W, B,              # [C] weight, bias (read for the activation's input only)
+    W, B,              # [C] weight, bias, [N, C] when PER_SAMPLE (read for the activation's input only)
     MEAN, RSTD,        # [N, G] saved statistics
     PART,              # [N, 2, C, split] out: a and b of each (sample, channel, chunk), ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Split mode, pass 1 of the backward: the per-channel sums over one chunk (one program a task)."""
+    C, S = _wide(C, S, LARGE)
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     base = tl.cast(n, tl.int64) * C * S
-    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG, ACC)
+    mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W, HAS_B, PER_SAMPLE, BLOCK_G,
+                                           BLOCK_CG, ACC)
     s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
     a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT,
                                CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
@@ -336,23 +388,25 @@ def _group_norm_bwd_sums_kernel(
 @triton.jit
 def _group_norm_bwd_kernel(
     DY, X,             # [N, C, *spatial] output gradient, input, both in x's layout
-    W, B,              # [C] weight, bias
+    W, B,              # [C] weight, bias, or [N, C] when PER_SAMPLE
     MEAN, RSTD,        # [N, G] saved statistics
     PART,              # [N, 2, C, split] per-channel a and b: written (split 1), or read (the chunks')
     DX,                # [N, C, *spatial] out, x's layout
     G, Cg, S, C, n_gblocks, split, chunk, n_tasks,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
+    LARGE: tl.constexpr,  # offsets past int32 (_wide)
 ):
     """Tasks as _group_norm_fwd_kernel's: the per-channel sums from one tile (ONE_PASS), a loop
     over the group (then stored for dw/db), or the chunks' partials (SPLIT, totalled here in a
     fixed order); then dx."""
+    C, S = _wide(C, S, LARGE)
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)  # split: backwards, as the forward
         base = tl.cast(n, tl.int64) * C * S
-        mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, HAS_W, HAS_B, BLOCK_G, BLOCK_CG,
-                                               ACC)
+        mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W, HAS_B, PER_SAMPLE,
+                                               BLOCK_G, BLOCK_CG, ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         p = PART + (tl.cast(n, tl.int64) * 2 * C + chan) * split
         if ONE_PASS:
@@ -423,11 +477,19 @@ def _group_norm_param_grads_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
+# A sample of this many elements or more takes int64 offsets within it (the LARGE flag, _wide).
+LARGE_OFFSETS = 2**31
+
+
 def supported(x, num_groups):
-    """Whether these kernels take x: the per-sample offsets are int32 and a group's channels must
-    fit in one tile row (kernels/config.py)."""
-    c = x.shape[1]
-    return c // num_groups <= GN_MAX_GROUP_CHANNELS and c * math.prod(x.shape[2:]) < 2**31
+    """Whether these kernels take x: a group's channels must fit in one tile row (kernels/config.py).
+    Any size: a sample's offsets past int32 take the LARGE flag."""
+    return x.shape[1] // num_groups <= GN_MAX_GROUP_CHANNELS
+
+
+def _per_sample(weight, bias):
+    """Whether the parameters are [N, C], per (sample, channel) (ada_group_norm's), not [C]."""
+    return any(p is not None and p.dim() == 2 for p in (weight, bias))
 
 
 def _setup(x, num_groups, config, make):
@@ -442,8 +504,8 @@ def _setup(x, num_groups, config, make):
     tasks = n_gblocks * cfg.split * n
     grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
-    tile = dict(CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g, BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s,
-                ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
+    tile = dict(LARGE=c * s >= LARGE_OFFSETS, CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g,
+                BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s, ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     return x, cfg, (n, c, s, g), grid, tasks, geometry, tile
 
 
@@ -464,10 +526,45 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
     launch(
         _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
         mean if mean is not None else y, rstd if rstd is not None else y, part if part is not None else y,
-        *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation],
-        STORE_STATS=need_stats, INSTANCE=instance, ONE_PASS=cfg.one_pass, SPLIT=split,
+        *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None,
+        PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation],
+        STORE_STATS=need_stats, INSTANCE=instance, STATS_IN=False, ONE_PASS=cfg.one_pass, SPLIT=split,
         BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll, **tile)
     return y, mean, rstd
+
+
+def group_norm_stats(x, num_groups, config=None):
+    """(mean, m2) [N, G] of x's groups, m2 the sum of squared deviations from the mean (the count,
+    C / G * S, implied), in the statistics dtype (fp32, fp64 for fp64 x): the split forward's
+    statistics pass (x read once), its chunks combined in a fixed order. For combining the
+    statistics of a tensor's tiles (Chan's formula), then group_norm_apply."""
+    x, cfg, (n, c, s, g), _, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
+    sd = stat_dtype(x.dtype)
+    # any configuration's tiles and chunks serve (one pass: one chunk of one tile a group block)
+    part = torch.empty((n, g, cfg.split, 2), dtype=sd, device=x.device)
+    launch(_group_norm_stats_kernel, (tasks,), x, part, *geometry, UNROLL=cfg.unroll, **tile)
+    mean, m2 = torch.empty((n, g), dtype=sd, device=x.device), torch.empty((n, g), dtype=sd, device=x.device)
+    tile.pop("BLOCK_CG"), tile.pop("BLOCK_S")
+    launch(_group_norm_stats_combine_kernel, (n * geometry[4],), x, part, mean, m2, *geometry,
+           BLOCK_SPLIT=cfg.split_block, **tile)
+    return mean, m2
+
+
+def group_norm_apply(x, num_groups, mean, rstd, weight, bias, activation, config=None):
+    """y = act((x - mean) * rstd * w + b) with the given statistics mean, rstd [N, G] (any float
+    dtype, read as the statistics dtype): the forward's normalize pass alone. weight and bias: [C],
+    [N, C] (per sample) or None; activation: a name of ACTIVATIONS."""
+    x, cfg, (n, c, s, g), grid, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
+    weight, bias, mean, rstd = dense(weight), dense(bias), dense(mean), dense(rstd)
+    y = torch.empty_like(x)
+    split = not cfg.one_pass and cfg.split > 1
+    launch(
+        _group_norm_fwd_kernel, grid, x, y, weight if weight is not None else y, bias if bias is not None else y,
+        mean, rstd, y, *geometry, tasks, 0.0, HAS_W=weight is not None, HAS_B=bias is not None,
+        PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation], STORE_STATS=False, INSTANCE=False,
+        STATS_IN=True, ONE_PASS=False, SPLIT=split, BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll,
+        NORM_UNROLL=cfg.normalize_unroll, **tile)
+    return y
 
 
 # The dw/db glue kernel: a program sums [N, K] partials for this many channels, K a chunk at a time.
@@ -488,7 +585,9 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     split = not cfg.one_pass and cfg.split > 1
     # [N, 2, C, split]: per (sample, chunk) a and b of each channel (split 1 but in split mode)
     part = torch.empty((n, 2, c, cfg.split if split else 1), dtype=stat_dtype(x.dtype), device=x.device)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **tile)
+    per_sample = _per_sample(weight, bias)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, PER_SAMPLE=per_sample, ACT=ACTIVATIONS[activation],
+                 **tile)
     w_arg = weight if weight is not None else rstd
     b_arg = bias if bias is not None else rstd
     if split:
@@ -499,6 +598,9 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
                BLOCK_SPLIT=cfg.split_block, **flags)
     if not (want_dw or want_db):
         return dx, None, None
+    if per_sample:  # dw[n, c], db[n, c]: the partials summed over the chunks only (a fixed-order torch sum)
+        sums = part.sum(3)
+        return dx, sums[:, 0].to(weight.dtype) if want_dw else None, sums[:, 1].to(bias.dtype) if want_db else None
     dw = torch.empty_like(weight) if want_dw else None
     db = torch.empty_like(bias) if want_db else None
     launch(_group_norm_param_grads_kernel, (triton.cdiv(c, PARAM_GRADS_BLOCK_C),), part,

@@ -468,7 +468,9 @@ BENCH_SHAPES = {
     "cuda": {
         "row_norm": [(4096, 1024), (4096, 8192)],   # 4096 tokens at BERT-large and Llama-70B widths
         "group_norm": [(2, 320, 64, 64),            # SD U-Net first block, 512 px, batch 2 (CFG)
-                       (1, 512, 128, 128)],         # SD VAE decoder, 512 px
+                       (1, 512, 128, 128),          # SD VAE decoder, 512 px
+                       (1, 128, 512, 512),          # SD VAE decoder's last block, 512 px (32 groups of 1M)
+                       (1, 128, 8, 256, 256)],      # video VAE: 8 frames of 256x256 (32 groups of 2M)
         "instance_norm": [(16, 64, 128, 128)],      # style-transfer generator's 64-channel layer, 256 px
         "batch_norm": [(256, 256, 56, 56),          # ResNet-50 at batch 256: stage 1 (large H*W) ...
                        (256, 2048, 7, 7)],          # ... and the last stage (many channels, small H*W)

@@ -52,10 +52,7 @@ def fallback(family, x, num_groups=None):
     """Why the kernels of ``family`` do not take x (the torch backend's code then runs), or None.
     The one place that decides it: this backend's functions and ``normops.ops.route`` ask it."""
     if family == "group_norm" and not _group_norm.supported(x, num_groups):
-        per_group = x.shape[1] // num_groups
-        if per_group > GN_MAX_GROUP_CHANNELS:
-            return f"{per_group} channels a group > {GN_MAX_GROUP_CHANNELS}"
-        return "over 2**31 elements a sample"
+        return f"{x.shape[1] // num_groups} channels a group > {GN_MAX_GROUP_CHANNELS}"
     if family == "ada_norm" and not _ada_norm.supported(x):
         return f"rows of {x.shape[-1]} > {ADA_ONE_PASS_MAX}: the adaLN kernels hold a whole row in registers"
     if family == "batch_norm" and not _batch_norm.supported(x):
