@@ -13,6 +13,7 @@ import torch
 
 try:
     from normops.kernels import batch_norm as _batch_norm
+    from normops.kernels import channels_first as _channels_first
     from normops.kernels import group_norm as _group_norm
     from normops.kernels import row_norm as _row_norm
 except ImportError as e:  # pragma: no cover - depends on the installation
@@ -57,6 +58,8 @@ def fallback(family, x, num_groups=None):
         return "over 2**31 elements a sample"
     if family == "batch_norm" and not _batch_norm.supported(x):
         return "empty input" if x.numel() == 0 else "tile offsets past int32"
+    if family == "channels_first" and not _channels_first.supported(x):
+        return "over 2**31 elements a sample"
     return None
 
 
@@ -104,3 +107,17 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
                                             training, eps, activation, output_mask)
     return _batch_norm.batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
                                       training, eps, activation, output_mask)
+
+
+@_on_its_device
+def layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats):
+    if fallback("channels_first", x):
+        return torch_backend.layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats)
+    return _channels_first.layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats)
+
+
+@_on_its_device
+def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask):
+    if fallback("channels_first", x):
+        return torch_backend.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask)
+    return _channels_first.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask)
