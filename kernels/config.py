@@ -514,8 +514,10 @@ class BatchNormConfig:
 # backward (x, dy, x_hat, g a value: twice the live values). Wider C loops over channel blocks.
 CF_FWD_TILE = 4096
 CF_BWD_TILE = 2048
-# Values a thread: 512 elements a warp (16 a thread), so 8 warps forward and 4 backward.
-CF_ELEMENTS_PER_WARP = 512
+# Elements a warp: 512 forward (16 a thread, 8 warps at 4K); 256 backward (8 a thread, 8 warps at
+# 2K): at 512 (4 warps) the 2K backward tiles spilled 8-464 bytes (sm_90, triton 3.9, 128 registers).
+CF_FWD_ELEMENTS_PER_WARP = 512
+CF_BWD_ELEMENTS_PER_WARP = 256
 # NCHW: positions are the contiguous axis, so a block of at least 16 (32 bytes at bf16, a DRAM
 # sector) unless S is smaller; channels_last: channels are contiguous and a tile takes every
 # channel it can (any block_s: each row of the tile is C contiguous values).
@@ -536,16 +538,16 @@ class ChannelsFirstConfig:
 
     @classmethod
     def forward(cls, c, s, channels_last):
-        return cls._make(c, s, channels_last, CF_FWD_TILE)
+        return cls._make(c, s, channels_last, CF_FWD_TILE, CF_FWD_ELEMENTS_PER_WARP)
 
     @classmethod
     def backward(cls, c, s, channels_last):
-        return cls._make(c, s, channels_last, CF_BWD_TILE)
+        return cls._make(c, s, channels_last, CF_BWD_TILE, CF_BWD_ELEMENTS_PER_WARP)
 
     @classmethod
-    def _make(cls, c, s, channels_last, tile):
+    def _make(cls, c, s, channels_last, tile, per_warp):
         min_s = 1 if channels_last else min(next_pow2(s), CF_MIN_BLOCK_S_NCHW)
         block_c = min(next_pow2(c), tile // min_s)
         block_s = max(1, min(next_pow2(s), tile // block_c))
-        warps = max(1, min(16, block_c * block_s // CF_ELEMENTS_PER_WARP))
+        warps = max(1, min(16, block_c * block_s // per_warp))
         return cls(block_c, block_s, warps, block_c >= c)
