@@ -514,10 +514,11 @@ class BatchNormConfig:
 # backward (x, dy, x_hat, g a value: twice the live values). Wider C loops over channel blocks.
 CF_FWD_TILE = 4096
 CF_BWD_TILE = 2048
-# Elements a warp: 512 forward (16 a thread, 8 warps at 4K); 128 backward (4 a thread, 16 warps at
+# Elements a warp: 256 forward (8 a thread, 16 warps at 4K); 128 backward (4 a thread, 16 warps at
 # 2K): at 512 (4 warps) the 2K backward tiles spilled 8-464 bytes, at 256 (8 warps) the NCHW 128x16
-# gelu backward still spilled 8 (sm_90, triton 3.9, 128 registers).
-CF_FWD_ELEMENTS_PER_WARP = 512
+# gelu backward still spilled 8 (sm_90, triton 3.9, 128 registers); at 512 (8 warps) the channels_last
+# 128x32 gelu forward (ConvNeXt's 96 channels) spilled 40-48 bytes under triton 3.6 (sm_80, sm_90).
+CF_FWD_ELEMENTS_PER_WARP = 256
 CF_BWD_ELEMENTS_PER_WARP = 128
 # NCHW: positions are the contiguous axis, so a block of at least 16 (32 bytes at bf16, a DRAM
 # sector) unless S is smaller; channels_last: channels are contiguous and a tile takes every
