@@ -2,7 +2,7 @@
 sm_90, without a GPU, and report registers, shared memory and spills (LOCAL) per kernel.
 
     python -m normops.kernels.aot [--targets 80,90] [--jobs N]
-                                  [--families row_norm,group_norm,batch_norm] [--exhaustive]
+                                  [--families row_norm,group_norm,batch_norm,channels_first] [--exhaustive]
 
 Row norms: the configurations picked over the benchmark widths (they cover every one the heuristic
 has). GroupNorm: the ones picked for the benchmark shapes and a set of extremes (no spatial dims,
@@ -35,10 +35,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import ada_norm, batch_norm, group_norm, row_norm  # noqa: E402
+from . import ada_norm, batch_norm, channels_first, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
 from .config import (AdaNormConfig, BatchNormConfig, GroupNormConfig, ParamGradsConfig, RowNormConfig, programs_per_sm,  # noqa: E402
                      row_norm_bwd_programs)
+from .config import ChannelsFirstConfig  # noqa: E402
 
 # The widths the benchmarks run (transformer rows, narrow to 256K); the heuristics map them to
 # the distinct configurations compiled here.
@@ -88,6 +89,14 @@ BN_SMS = 132  # an H100's SMs: programs_per_wave(device, 16), the `sms` of Batch
 BN_VARIANTS = [("batch_norm", True, True, "none"), ("batch_norm+gelu", True, True, "gelu")]
 
 
+# Channels-first LayerNorm (C, S = positions a sample): ConvNeXt's stages (T/S/B/L/XL: 96..2048
+# channels, 56x56..7x7), its stem, and extremes: one channel, a wide C with one position.
+CF_SHAPES = [(96, 3136), (192, 784), (384, 196), (768, 49), (128, 3136), (1536, 49), (2048, 49), (3, 50176),
+             (1, 16), (4096, 1), (8192, 1)]
+# (name, HAS_W, HAS_B, ACT)
+CF_VARIANTS = [("layer_norm_cf", True, True, "none"), ("layer_norm_cf+gelu", True, True, "gelu")]
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     kernel: str
@@ -123,7 +132,8 @@ def _source(job):
     the integers `unaligned` names (they usually are not); and the integers `ones` names as the
     constant 1 (the JIT specializes an integer argument equal to 1). (ASTSource, num_warps)."""
     family = _gn_launches if job.kernel.startswith("gn_") else _bn_launches if job.kernel.startswith("bn_") \
-        else _ada_launches if job.kernel.startswith("ada_") else _row_norm_launches
+        else _ada_launches if job.kernel.startswith("ada_") else _cf_launches if job.kernel.startswith("cf_") \
+        else _row_norm_launches
     with record() as launches:
         unaligned, ones = family(job)
     pattern = re.compile(f"_{job.kernel.removeprefix('gn_').removeprefix('bn_')}(_looped)?_kernel$")
@@ -212,6 +222,22 @@ def _bn_launches(job):
     return unaligned, ("S", "s_tiles") if cfg.block_s == 1 else ()
 
 
+def _cf_launches(job):
+    cfg, channels_last = job.config
+    _, has_w, has_b, act = next(v for v in CF_VARIANTS if v[0] == job.variant.split("/")[0])
+    dtype, w, b = _params(job, 32)
+    w, b = (w if has_w else None), (b if has_b else None)
+    x = _meta((2, 32, 4, 4), dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    stats = _meta((2, 4, 4), torch.float32)
+    if job.kernel == "cf_fwd":
+        channels_first.layer_norm_cf_fwd(x, w, b, 1e-6, act, True, config=cfg)
+    else:
+        channels_first.layer_norm_cf_bwd(x, x, w, b, stats, stats, act, (True, has_w, has_b), config=cfg)
+    # C and S are any (7x7 positions, C = 3 at the stem); the unit stride is specialized to 1
+    ones = ("sx_c", "sdy_c") if channels_last else ("sx_s", "sdy_s")
+    return ("C", "S", "s_blocks", "tiles", "sx_n", "sdy_n", "sx_c", "sdy_c", "sx_s", "sdy_s", "eps"), ones
+
+
 def _cuobjdump():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -247,6 +273,10 @@ def _describe(job):
     if job.kernel.startswith("ada_"):
         c = job.config
         return f"rows={c.block_m} block_n={c.block_n}"
+    if job.kernel.startswith("cf_"):
+        c, channels_last = job.config
+        return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_c}x{c.block_s} "
+                f"{'one_pass' if c.one_pass else 'looped'}")
     if job.kernel.startswith("gn_"):
         c, channels_last = job.config
         if job.kernel == "gn_param_grads":
@@ -258,6 +288,18 @@ def _describe(job):
     if job.kernel == "param_grads":
         return f"programs={c.block_g} block_n={c.block_n}"
     return f"rows={c.block_m} block_n={c.block_n} {'one_pass' if c.one_pass else 'looped'}"
+
+
+def channels_first_jobs(targets):
+    """Every (kernel, configuration) the heuristic picks over CF_SHAPES, both layouts."""
+    configs = set()
+    for (c, s), channels_last in itertools.product(CF_SHAPES, (False, True)):
+        configs.add(("cf_fwd", ChannelsFirstConfig.forward(c, s, channels_last), channels_last))
+        configs.add(("cf_bwd", ChannelsFirstConfig.backward(c, s, channels_last), channels_last))
+    # fp16 compiles as bf16 does; gelu (erf and exp) is the heaviest in registers
+    variants = [("layer_norm_cf", "fp32"), ("layer_norm_cf+gelu", "bf16"), ("layer_norm_cf+gelu/w32", "bf16")]
+    return [Job(kernel, variant, dtype, (cfg, cl), target) for target in targets
+            for kernel, cfg, cl in sorted(configs, key=str) for variant, dtype in variants]
 
 
 def row_norm_jobs(targets):
@@ -409,7 +451,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--families", default="row_norm,group_norm,batch_norm", help="kernel families, comma-separated (also: ada_norm)")
+    p.add_argument("--families", default="row_norm,group_norm,batch_norm,ada_norm,channels_first",
+                   help="kernel families, comma-separated")
     p.add_argument("--exhaustive", action="store_true",
                    help="GroupNorm and BatchNorm: every configuration over a full grid of shapes")
     args = p.parse_args(argv)
@@ -418,7 +461,8 @@ def main(argv=None):
     todo = (row_norm_jobs(targets) if "row_norm" in families else []) + \
         (group_norm_jobs(targets, args.exhaustive) if "group_norm" in families else []) + \
         (batch_norm_jobs(targets, args.exhaustive) if "batch_norm" in families else []) + \
-        (ada_norm_jobs(targets) if "ada_norm" in families else [])
+        (ada_norm_jobs(targets) if "ada_norm" in families else []) + \
+        (channels_first_jobs(targets) if "channels_first" in families else [])
     print(f"triton {triton.__version__}: compiling {len(todo)} kernel x config x target combinations", flush=True)
     header = f"{'target':>6} {'kernel':11} {'variant':26} {'dtype':5} {'configuration':42} " \
              f"{'warps':>5} {'regs':>4} {'shared':>7} {'stack':>5} {'local':>5}  status"

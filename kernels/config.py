@@ -553,3 +553,52 @@ def ada_norm_bwd_programs(cfg, b, t, programs):
     """P, the backward's programs a sample: about `programs` in all, at most T's row blocks."""
     blocks = max(1, -(-t // cfg.block_m))
     return max(1, min(blocks, -(-programs // max(b, 1))))
+
+
+# --- Channels-first LayerNorm (ConvNeXt's, kernels/channels_first.py) ---------------------------
+
+# A program's tile is [block_c channels, block_s positions] of one sample's (C, S) view; it reduces
+# over the channels. Tile budgets: 4K elements forward (16 fp32 values a thread at 8 warps: x, the
+# centred x and the affine output live at once, as in the row norms' 8K-at-16-warps forward), 2K
+# backward (x, dy, x_hat, g a value: twice the live values). Wider C loops over channel blocks.
+CF_FWD_TILE = 4096
+CF_BWD_TILE = 2048
+# Elements a warp: 256 forward (8 a thread, 16 warps at 4K); 128 backward (4 a thread, 16 warps at
+# 2K): at 512 (4 warps) the 2K backward tiles spilled 8-464 bytes, at 256 (8 warps) the NCHW 128x16
+# gelu backward still spilled 8 (sm_90, triton 3.9, 128 registers); at 512 (8 warps) the channels_last
+# 128x32 gelu forward (ConvNeXt's 96 channels) spilled 40-48 bytes under triton 3.6 (sm_80, sm_90).
+CF_FWD_ELEMENTS_PER_WARP = 256
+CF_BWD_ELEMENTS_PER_WARP = 128
+# NCHW: positions are the contiguous axis, so a block of at least 16 (32 bytes at bf16, a DRAM
+# sector) unless S is smaller; channels_last: channels are contiguous and a tile takes every
+# channel it can (any block_s: each row of the tile is C contiguous values).
+CF_MIN_BLOCK_S_NCHW = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelsFirstConfig:
+    """Launch settings of the channels-first LayerNorm kernels for C channels and S positions a sample.
+
+    block_c x block_s: the tile; one_pass: every channel is in the tile (block_c >= C), so a column's
+    statistics and dx come from one read; else the kernels loop over channel blocks (two reads, the
+    second from L2). num_warps: warps per program."""
+    block_c: int
+    block_s: int
+    num_warps: int
+    one_pass: bool
+
+    @classmethod
+    def forward(cls, c, s, channels_last):
+        return cls._make(c, s, channels_last, CF_FWD_TILE, CF_FWD_ELEMENTS_PER_WARP)
+
+    @classmethod
+    def backward(cls, c, s, channels_last):
+        return cls._make(c, s, channels_last, CF_BWD_TILE, CF_BWD_ELEMENTS_PER_WARP)
+
+    @classmethod
+    def _make(cls, c, s, channels_last, tile, per_warp):
+        min_s = 1 if channels_last else min(next_pow2(s), CF_MIN_BLOCK_S_NCHW)
+        block_c = min(next_pow2(c), tile // min_s)
+        block_s = max(1, min(next_pow2(s), tile // block_c))
+        warps = max(1, min(16, block_c * block_s // per_warp))
+        return cls(block_c, block_s, warps, block_c >= c)

@@ -190,6 +190,12 @@ OPS = {op.name: op for op in [
     Op("batch_norm_eval", "batch_norm", _bn_inputs,
        lambda t: F.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], False),
        lambda t: TF.batch_norm(t["x"], t["rm"], t["rv"], t["w"], t["b"], False), 1, 1, 2, 1),
+    # ConvNeXt's channels-first LayerNorm (dim 1), against the permute composition ConvNeXt and timm
+    # run (its permuted copies are the cost normops saves; the minimum bytes are one read and write)
+    Op("layer_norm_channels_first", "channels_first", _channel_inputs,
+       lambda t: F.layer_norm_channels_first(t["x"], t["w"], t["b"], 1e-6),
+       lambda t: TF.layer_norm(t["x"].permute(0, 2, 3, 1), t["x"].shape[1:2], t["w"], t["b"], 1e-6).permute(0, 3, 1, 2),
+       1, 1, 2, 1),
 ]}
 
 
@@ -464,6 +470,7 @@ BENCH_SHAPES = {
         "group_norm": [(8, 256, 32, 32)],           # a U-Net block at low resolution, 32 groups
         "instance_norm": [(8, 64, 64, 64)],         # a style-transfer layer
         "batch_norm": [(32, 64, 56, 56)],           # ResNet stage 1 at batch 32
+        "channels_first": [(8, 96, 56, 56)],        # ConvNeXt-T stage 1 at batch 8
     },
     "cuda": {
         "row_norm": [(4096, 1024), (4096, 8192)],   # 4096 tokens at BERT-large and Llama-70B widths
@@ -474,11 +481,13 @@ BENCH_SHAPES = {
         "instance_norm": [(16, 64, 128, 128)],      # style-transfer generator's 64-channel layer, 256 px
         "batch_norm": [(256, 256, 56, 56),          # ResNet-50 at batch 256: stage 1 (large H*W) ...
                        (256, 2048, 7, 7)],          # ... and the last stage (many channels, small H*W)
+        "channels_first": [(32, 96, 56, 56),        # ConvNeXt-T at batch 32: stage 1 (96 channels) ...
+                           (32, 768, 7, 7)],        # ... and stage 4 (768 channels at 7x7)
     },
 }
 # --quick: one small shape per op, a smoke test of the whole path (for tests and CI), not a measurement
 BENCH_QUICK_SHAPES = {"row_norm": [(256, 512)], "group_norm": [(2, 64, 16, 16)], "instance_norm": [(2, 32, 16, 16)],
-                      "batch_norm": [(8, 32, 16, 16)]}
+                      "batch_norm": [(8, 32, 16, 16)], "channels_first": [(2, 96, 8, 8)]}
 BENCH_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what each device's models run in
 BENCH_WARMUP, BENCH_REPS = 3, 20
 BENCH_QUICK_WARMUP, BENCH_QUICK_REPS = 1, 5  # 5: the fewest for which time_runner gives real p20/p80

@@ -33,6 +33,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops  # the route, the eager fast path, the torch.func routing
 from .ops import batch_norm as batch_ops
+from .ops import channels_first as cf_ops
 from .ops import group_norm as group_ops
 from .ops import row_norm as row_ops
 from .ops import ada_norm as ada_ops
@@ -42,6 +43,7 @@ __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm"
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
 __all__ += ["ada_layer_norm", "ada_rms_norm"]
 __all__ += ["ada_group_norm"]
+__all__ += ["layer_norm_channels_first"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -231,6 +233,27 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
                                      activation=activation, offset=offset, casting=casting, out_dtype=out_dtype)
     return _row_norm(input, None, normalized_shape, weight, bias, eps, False, activation, None, offset, casting,
                      out_dtype)[0]
+
+
+def layer_norm_channels_first(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                              eps: float = 1e-6, *, activation: Optional[str] = None) -> Tensor:
+    """LayerNorm over dim 1 (the C channels) of an (N, C, *) tensor, ConvNeXt's channels_first
+    LayerNorm (timm's LayerNorm2d): ``layer_norm(x.movedim(1, -1), (C,), weight, bias,
+    eps).movedim(-1, 1)`` without the permuted copies: NCHW and channels_last input are read in
+    place, and the output keeps the input's memory format, as a convolution's does."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(layer_norm_channels_first, (input, weight, bias), input, weight, bias, eps,
+                                     activation=activation)
+    _check_tensors(input, weight=weight, bias=bias)
+    c = _channels(input, "layer_norm_channels_first")
+    _check_shape("weight", weight, (c,))
+    _check_shape("bias", bias, (c,))
+    _check_param_dtypes(input, weight=weight, bias=bias)
+    spec = cf_ops.ChannelsFirstSpec(float(eps), activation_name(activation))
+    if ops.transformed(input, weight, bias):
+        return ops.in_torch(lambda x, w, b: cf_ops.composite(spec, x, w, b), input, weight, bias)
+    how = ops.route("channels_first", input, spec, (input, weight, bias))
+    return cf_ops.layer_norm_channels_first(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,

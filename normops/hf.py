@@ -113,11 +113,22 @@ def _norm_first(self, hidden_states, gate=None):
 
 
 def _convnext(self, features):
-    """ConvNextLayerNorm: LayerNorm over the last dim (channels_last) or over dim 1 (channels_first)."""
+    """ConvNextLayerNorm: LayerNorm over the last dim (channels_last) or over dim 1 (channels_first,
+    read in place: no permuted copies)."""
     if self.data_format == "channels_first":
-        out = F.layer_norm(features.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return out.permute(0, 3, 1, 2)
+        return F.layer_norm_channels_first(features, self.weight, self.bias, self.eps)
     return F.layer_norm(features, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _layer_norm_2d(self, x):
+    """timm's LayerNorm2d (an nn.LayerNorm over the channels whose forward permutes them last and back)."""
+    return F.layer_norm_channels_first(x, self.weight, self.bias, self.eps)
+
+
+def _layer_norm_2d_check(m):
+    if not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) != 1:
+        return "not a LayerNorm over one dimension"
+    return None
 
 
 def _rms_weight(m):
@@ -168,7 +179,8 @@ GATE_FIRST = Convention("mamba2-gated", _gate_first,
                         lambda m: _gated_check(m) or _group_check(m), gated=True)
 NORM_FIRST = Convention("qwen3next-gated", _norm_first, _gated_check, gated=True)
 CONVNEXT = Convention("convnext", _convnext, _convnext_check)
-CONVENTIONS = (LLAMA, GEMMA, FP32, T5, GATE_FIRST, NORM_FIRST, CONVNEXT)
+LAYERNORM2D = Convention("layernorm2d", _layer_norm_2d, _layer_norm_2d_check)
+CONVENTIONS = (LLAMA, GEMMA, FP32, T5, GATE_FIRST, NORM_FIRST, CONVNEXT, LAYERNORM2D)
 
 # The classes whose convention is known (VARIANTS.md: transformers 5.25), and their subclasses that keep their forward.
 KNOWN = {
@@ -178,6 +190,7 @@ KNOWN = {
     "T5LayerNorm": T5,
     "Mamba2RMSNormGated": GATE_FIRST, "Qwen3NextRMSNormGated": NORM_FIRST,
     "ConvNextLayerNorm": CONVNEXT,
+    "LayerNorm2d": LAYERNORM2D,  # timm's (and its copies'): channels-first, the forward permutes
 }
 
 
@@ -256,8 +269,9 @@ def _probe_inputs(module, convention, x_dtype, gen):
 
     def rand(*shape):
         return (0.5 + 2.0 * torch.randn(shape, generator=gen)).to(device=device, dtype=x_dtype)
-    if convention is CONVNEXT:
-        x = rand(2, n, 3, 3) if module.data_format == "channels_first" else rand(2, 3, 3, n)
+    if convention is CONVNEXT or convention is LAYERNORM2D:
+        channels_first = convention is LAYERNORM2D or module.data_format == "channels_first"
+        x = rand(2, n, 3, 3) if channels_first else rand(2, 3, 3, n)
         return [(x,)]
     x = rand(PROBE_ROWS, n)
     if not convention.gated:

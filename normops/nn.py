@@ -24,6 +24,7 @@ from .sync_batch_norm import sync_batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GatedRMSNorm", "GroupNorm", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm"]
+__all__ += ["LayerNorm2d"]
 
 
 class FusedActivation:
@@ -150,6 +151,20 @@ class GatedRMSNorm(RowVariant, nn.Module):
         s = f"{self.normalized_shape}, eps={self.eps}, group_size={self.group_size}, " \
             f"norm_before_gate={self.norm_before_gate}"
         return ", ".join(p for p in (s, super().extra_repr()) if p)
+
+
+class LayerNorm2d(FusedActivation, nn.LayerNorm):
+    """LayerNorm over the channels (dim 1) of an (N, C, *) tensor: timm's LayerNorm2d, ConvNeXt's
+    ``data_format="channels_first"``. A ``torch.nn.LayerNorm`` over ``num_channels`` (parameters
+    ``weight`` and ``bias`` of shape [C], timm's state-dict keys), computed in place for NCHW and
+    channels_last input (``normops.functional.layer_norm_channels_first``), output in the input's layout."""
+
+    def __init__(self, num_channels, eps=1e-6, affine=True, device=None, dtype=None, *, activation=None):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
+        self._set_activation(activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm_channels_first(input, self.weight, self.bias, self.eps, activation=self.activation)
 
 
 class GroupNorm(FusedActivation, nn.GroupNorm):

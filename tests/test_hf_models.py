@@ -345,3 +345,71 @@ def test_on_the_triton_kernels(name, monkeypatch):
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         if "norm" in n.lower() and q.grad is not None:
             assert_close(p.grad, q.grad, rtol=GRAD_RTOL, atol=GRAD_ATOL * float(q.grad.abs().max()), msg=n)
+
+
+# --- channels-first LayerNorm: ConvNext, and a timm-style LayerNorm2d ----------------------------------
+
+def _layer_norms_with_biases(model):
+    """model with every LayerNorm's weight and bias moved off init (ones, zeros), in place."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.add_(0.3 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.add_(0.3 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_convnext_model_channels_first_outputs_and_gradients_match(train):
+    """ConvNextModel: every ConvNextLayerNorm converted (channels_first ones by
+    layer_norm_channels_first, no permute), outputs and parameter gradients as the unconverted model's."""
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24], depths=[1, 2, 1], num_stages=3,
+                                         image_size=32)
+    torch.manual_seed(0)
+    base = _layer_norms_with_biases(transformers.ConvNextModel(config)).train(train)
+    model, report = normops.convert(copy.deepcopy(base), report=True)
+    cls = hf_class("convnext", "ConvNextLayerNorm")
+    left = [n for n, m in model.named_modules() if isinstance(m, cls) and hf.convention_of(m) is None]
+    assert not left and not report.left, str(report)
+    assert any(getattr(m, "data_format", None) == "channels_first" for m in model.modules()
+               if hf.convention_of(m) == "convnext")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out, want = model(x).last_hidden_state, base(x).last_hidden_state
+    assert_close(out, want, **FP32)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * weights).sum().backward()
+    (want * weights).sum().backward()
+    twins = {f"{n}.{k}" for n, m in model.named_modules() if hf.convention_of(m) == "convnext" for k in ("weight", "bias")}
+    compared = set()
+    for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+        if q.grad is None:  # the pooler's norm: last_hidden_state does not reach it
+            assert p.grad is None, n
+            continue
+        atol = GRAD_ATOL * float(q.grad.abs().max())
+        assert_close(p.grad, q.grad, rtol=GRAD_RTOL, atol=atol, msg=lambda m, n=n: f"{n}.grad: {m}")
+        compared.add(n)
+    assert twins and twins <= compared  # every converted norm's weight and bias gradient
+
+
+class LayerNorm2d(torch.nn.LayerNorm):
+    """timm.layers.LayerNorm2d as timm writes it (timm is not a dependency)."""
+
+    def __init__(self, num_channels, eps=1e-6, affine=True):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def test_timm_layer_norm_2d_is_converted():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), LayerNorm2d(8), torch.nn.GELU(), torch.nn.Conv2d(8, 4, 1))
+    _layer_norms_with_biases(model)
+    converted, report = normops.convert(copy.deepcopy(model), report=True)
+    assert hf.convention_of(converted[1]) == "layernorm2d" and not report.left, str(report)
+    assert sorted(converted[1].state_dict()) == ["bias", "weight"]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 9, 9).contiguous(memory_format=fmt)
+        assert_close(converted(x), model(x), **FP32)

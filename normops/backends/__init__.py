@@ -35,6 +35,10 @@ The contract every backend module implements (tensors in, tensors out, ``None`` 
         -> (y, save_mean, save_rstd, batch_var)
     batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
                    training, eps, activation, output_mask) -> (dx, dweight, dbias)
+    layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats) -> (y, mean, rstd)
+    layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask) -> (dx, dweight, dbias)
+        (channels-first LayerNorm: dim 1 of (N, C, *) normalized, statistics [N, *S], y and dx in x's
+        layout, NCHW or channels_last, read in place)
 
 Shapes and dtypes:
 - Statistics (mean, rstd, save_*, batch_var) are float32, or float64 when x is float64.

@@ -14,6 +14,7 @@ import torch
 try:
     from normops.kernels import ada_norm as _ada_norm
     from normops.kernels import batch_norm as _batch_norm
+    from normops.kernels import channels_first as _channels_first
     from normops.kernels import group_norm as _group_norm
     from normops.kernels import row_norm as _row_norm
 except ImportError as e:  # pragma: no cover - depends on the installation
@@ -57,6 +58,8 @@ def fallback(family, x, num_groups=None):
         return f"rows of {x.shape[-1]} > {ADA_ONE_PASS_MAX}: the adaLN kernels hold a whole row in registers"
     if family == "batch_norm" and not _batch_norm.supported(x):
         return "empty input" if x.numel() == 0 else "tile offsets past int32"
+    if family == "channels_first" and not _channels_first.supported(x):
+        return "over 2**31 elements a sample"
     return None
 
 
@@ -121,3 +124,17 @@ def ada_norm_bwd(dy, dh, x, *args):
     if fallback("ada_norm", x) or not _ada_norm.supported(x, backward=True):
         return torch_backend.ada_norm_bwd(dy, dh, x, *args)
     return _ada_norm.ada_norm_bwd(dy, dh, x, *args)
+
+
+@_on_its_device
+def layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats):
+    if fallback("channels_first", x):
+        return torch_backend.layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats)
+    return _channels_first.layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats)
+
+
+@_on_its_device
+def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask):
+    if fallback("channels_first", x):
+        return torch_backend.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask)
+    return _channels_first.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask)
