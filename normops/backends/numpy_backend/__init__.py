@@ -34,6 +34,8 @@ This package is what ``normops.backends.load("numpy")`` returns: it holds the ba
 """
 from .batch_norm import batch_norm_bwd, batch_norm_fwd
 from .group_norm import group_norm_bwd, group_norm_fwd
+from .group_stats import combine_group_stats, group_norm_apply, group_norm_stats
 from .row_norm import row_norm_bwd, row_norm_fwd
 
 __all__ = ["batch_norm_bwd", "batch_norm_fwd", "group_norm_bwd", "group_norm_fwd", "row_norm_bwd", "row_norm_fwd"]
+__all__ += ["combine_group_stats", "group_norm_apply", "group_norm_stats"]  # GroupNorm over chunks
