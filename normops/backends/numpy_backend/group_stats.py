@@ -13,11 +13,18 @@ so var = M2 / n of the whole, whatever the split; an empty piece (n = 0, mean 0,
 nothing. Then each piece is normalized with the whole's statistics: GroupNorm's forward
 (group_norm.py) with mean and rstd = 1 / sqrt(M2 / n + eps) given instead of computed.
 """
+import math
+
 import numpy as np
 import torch
 
 from .common import host, into, normalize_forward, per_channel, rstd_of, stats
-from .group_norm import _grouped
+
+
+def _grouped(x, num_groups):
+    """[N, C, *S] -> [N, G, C/G, S], as group_norm.py views it (its helper is private there)."""
+    n, c = x.shape[:2]
+    return x.reshape(n, num_groups, c // num_groups, math.prod(x.shape[2:]))
 
 
 def group_stats_forward(x, num_groups):
