@@ -32,18 +32,20 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops  # the route, the eager fast path, the torch.func routing
+from .ops import ada_norm as ada_ops
 from .ops import batch_norm as batch_ops
 from .ops import channels_first as cf_ops
 from .ops import group_norm as group_ops
+from .ops import group_stats as group_stats_ops
+from .ops.group_stats import GroupStats
 from .ops import row_norm as row_ops
-from .ops import ada_norm as ada_ops
 from .core import DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
-__all__ += ["ada_layer_norm", "ada_rms_norm"]
-__all__ += ["ada_group_norm"]
-__all__ += ["layer_norm_channels_first"]
+# issue #18: diffusion and vision norms
+__all__ += ["ada_layer_norm", "ada_rms_norm", "ada_group_norm", "layer_norm_channels_first", "GroupStats",
+            "group_norm_stats", "combine_group_stats", "group_norm_apply"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -637,3 +639,105 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training and running_mean is not None and input.numel() and not fused:
         ops.update_running_stats(running_mean, running_var, mean, var, float(momentum))
     return y
+
+
+# --- GroupNorm over chunks: statistics, their combination, apply --------------------------------
+
+def _num_groups(input, num_groups, what):
+    """num_groups an int (as torch's group_norm takes it) dividing input's C. Returns it as an int."""
+    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
+        raise TypeError(f"{what}(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)
+    c = _channels(input, what)
+    if num_groups <= 0 or c % num_groups:
+        raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
+                         f"of shape {list(input.shape)} and num_groups={num_groups}")
+    return num_groups
+
+
+def _group_stats(stats, what, index=None):
+    """stats as a GroupStats: three tensors on one device, int64 counts and floating mean and M2 of
+    one dtype, each [N, G]."""
+    where = "" if index is None else f" (stats[{index}])"
+    if not isinstance(stats, tuple) or len(stats) != 3 or not all(isinstance(t, Tensor) for t in stats):
+        raise TypeError(f"{what}(): expected a GroupStats (count, mean, m2), as group_norm_stats returns it{where}, "
+                        f"got {type(stats).__name__}")
+    count, mean, m2 = stats
+    if count.dtype != torch.int64 or not mean.is_floating_point() or m2.dtype != mean.dtype:
+        raise DtypeError(f"{what}(): expected GroupStats with int64 count and floating mean and m2 of one dtype"
+                         f"{where}, got {count.dtype}, {mean.dtype}, {m2.dtype}")
+    if mean.dim() != 2 or count.shape != mean.shape or m2.shape != mean.shape:
+        raise ShapeError(f"{what}(): expected GroupStats of shape [N, num_groups] each{where}, got count "
+                         f"{list(count.shape)}, mean {list(mean.shape)}, m2 {list(m2.shape)}")
+    if count.device != mean.device or m2.device != mean.device:
+        raise RuntimeError(f"{what}(): expected count, mean and m2 on one device{where}, got {count.device}, "
+                           f"{mean.device}, {m2.device}")
+    return GroupStats(count, mean, m2)
+
+
+def group_norm_stats(input: Tensor, num_groups: int) -> GroupStats:
+    """The GroupNorm statistics of ``input`` (N, C, *), a piece of a larger tensor (a tile, some
+    frames), per (sample, group): ``GroupStats(count, mean, m2)``, each (N, num_groups): the number
+    of values (int64), their mean and their sum of squared deviations from it (fp32; fp64 for fp64
+    input). A piece with no values gives count 0, mean 0, m2 0. Combine the pieces' statistics with
+    ``combine_group_stats``, normalize each piece with ``group_norm_apply``: the result is
+    ``group_norm`` of the whole, however it was split along its spatial dims."""
+    if has_torch_function_variadic(input):
+        return handle_torch_function(group_norm_stats, (input,), input, num_groups)
+    _check_tensors(input)
+    num_groups = _num_groups(input, num_groups, "group_norm_stats")
+    return group_stats_ops.group_norm_stats(input, num_groups, _grad_needed(input))
+
+
+def combine_group_stats(stats: Sequence[GroupStats]) -> GroupStats:
+    """The statistics of the union of pieces, from each piece's ``GroupStats`` (Chan's parallel
+    formula, exact up to rounding, as a balanced tree): the whole's GroupStats."""
+    if isinstance(stats, Tensor) or not isinstance(stats, Sequence) or (stats and not isinstance(stats[0], tuple)):
+        raise TypeError(f"combine_group_stats(): expected a sequence of GroupStats, got {type(stats).__name__}"
+                        f"{'' if not isinstance(stats, Sequence) or not stats else ' of ' + type(stats[0]).__name__}")
+    if not stats:
+        raise ValueError("combine_group_stats(): expected at least one GroupStats, got an empty sequence")
+    checked = [_group_stats(s, "combine_group_stats", i) for i, s in enumerate(stats)]
+    first = checked[0]
+    for i, s in enumerate(checked[1:], 1):
+        if s.mean.shape != first.mean.shape or s.mean.dtype != first.mean.dtype or s.mean.device != first.mean.device:
+            raise ShapeError(f"combine_group_stats(): stats[{i}] is {list(s.mean.shape)} {s.mean.dtype} on "
+                             f"{s.mean.device}, stats[0] {list(first.mean.shape)} {first.mean.dtype} on "
+                             f"{first.mean.device}: pieces of one tensor have one shape [N, num_groups], dtype "
+                             f"and device")
+    if len(checked) == 1:
+        return first
+    grad = _grad_needed(*(t for s in checked for t in (s.mean, s.m2)))
+    return group_stats_ops.combine_group_stats(checked, grad)
+
+
+def group_norm_apply(input: Tensor, stats: GroupStats, num_groups: int, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, eps: float = 1e-5, *, activation: Optional[str] = None) -> Tensor:
+    """``group_norm`` of ``input`` (N, C, *) with the given statistics (from ``group_norm_stats``
+    of the whole, or ``combine_group_stats`` of its pieces'): y = act((x - mean) * rstd * weight +
+    bias), rstd = 1 / sqrt(m2 / count + eps), in input's dtype and memory format."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(group_norm_apply, (input, weight, bias), input, stats, num_groups, weight, bias,
+                                     eps, activation=activation)
+    _check_tensors(input, weight=weight, bias=bias)
+    num_groups = _num_groups(input, num_groups, "group_norm_apply")
+    stats = _group_stats(stats, "group_norm_apply")
+    c = input.shape[1]
+    _check_shape("weight", weight, (c,))
+    _check_shape("bias", bias, (c,))
+    _check_param_dtypes(input, weight=weight, bias=bias)
+    if tuple(stats.mean.shape) != (input.shape[0], num_groups):
+        raise ShapeError(f"group_norm_apply(): expected stats of shape [N, num_groups] = "
+                         f"{[input.shape[0], num_groups]} for input {list(input.shape)} with num_groups={num_groups}, "
+                         f"got {list(stats.mean.shape)}")
+    if stats.mean.dtype != stat_dtype(input):
+        raise DtypeError(f"group_norm_apply(): expected stats in {stat_dtype(input)} for {input.dtype} input (as "
+                         f"group_norm_stats computes them), got {stats.mean.dtype}")
+    if stats.mean.device != input.device:
+        raise RuntimeError(f"group_norm_apply(): expected stats on {input.device} like input, got {stats.mean.device}")
+    if not torch.compiler.is_compiling() and input.numel() and not bool((stats.count > 0).all()):
+        raise ValueError("group_norm_apply(): stats with count 0 (the statistics of no values) cannot normalize: "
+                         "combine the statistics of every piece first (combine_group_stats)")
+    act = activation_name(activation)
+    grad = _grad_needed(input, weight, bias, stats.mean, stats.m2)
+    return group_stats_ops.group_norm_apply(input, num_groups, stats, weight, bias, float(eps), act, grad)

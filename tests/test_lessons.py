@@ -30,7 +30,8 @@ def run(name, tmp_path, **kw):
 
 
 def test_registry():
-    assert list(lessons.LESSONS) == ["batchnorm", "with-without", "batch-size", "sequences", "style", "mistakes"]
+    assert list(lessons.LESSONS) == ["batchnorm", "with-without", "batch-size", "sequences", "style", "mistakes",
+                                     "tiled-vae"]
     for desc, fn in lessons.LESSONS.values():
         assert isinstance(desc, str) and desc and "\n" not in desc
         assert callable(fn)
@@ -159,6 +160,25 @@ def test_mistakes(tmp_path):
     # 3. InstanceNorm blind to the class held in the exposure: chance (36.9%) vs BatchNorm (99.3%)
     assert inst["accuracy"]["instance"] < 0.5 and inst["accuracy"]["batch"] > 0.9
     assert inst["instance_same_answer"] == 1.0
+
+
+def test_tiled_vae(tmp_path):
+    pytest.importorskip("diffusers")
+    from normops.lessons import tiled_vae
+
+    r = run("tiled-vae", tmp_path)
+    # the exact walk: fp32 rounding through ~20 layers (measured 3.8e-6 on outputs up to 2.2), and
+    # summation order only in float64 (6.9e-15); diffusers' tiles change every GroupNorm's statistics (1.2)
+    assert r["exact_err"] < 1e-4 and r["exact_err_float64"] < 1e-12
+    assert r["diffusers_tiled_err"] > 1000 * r["exact_err"]
+    assert min(r["peak_whole"], r["peak_exact"], r["peak_diffusers_tiled"]) > 0
+    # independently: another, uneven tiling (5 + 5 + 5 + 1: a tile one pixel wide) against the
+    # whole decode of diffusers' module
+    vae = tiled_vae.tiny_vae(1)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+    assert (tiled_vae.exact_tiled_decode(vae, z, 5) - ref).abs().max() < 1e-4
 
 
 # --- the command line --------------------------------------------------------------------------

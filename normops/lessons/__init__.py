@@ -11,12 +11,13 @@ Each lesson prints what it shows with the numbers it measured (nothing canned), 
 | sequences      | ``sequences``    | LayerNorm vs BatchNorm on padded variable-length sequences, batch 1      |
 | style          | ``style``        | InstanceNorm removes per-image contrast and brightness                   |
 | mistakes       | ``mistakes``     | no model.eval(), BatchNorm at batch 1, InstanceNorm for classification   |
+| tiled-vae      | ``tiled_vae``    | a VAE decoded in tiles, GroupNorm over all tiles: exact vs diffusers'    |
 
 ``run(name, out_dir=".", quick=False, *, seed=0, norm="normops")`` runs one lesson; ``norm`` picks
 normops' modules or torch's. ``quick`` shrinks the training lessons to a few seconds (the effects
 stay visible; the numbers are rougher). A lesson runs on one thread and leaves torch's global RNG
 and thread count as it found them (``_common.lesson``). The digits lessons need scikit-learn, the
-plots matplotlib; both are imported on first use only.
+plots matplotlib, tiled-vae diffusers; they are imported on first use only.
 
 ``add_parser(subparsers)`` registers ``normops demo`` on the ``normops`` command line.
 """
@@ -25,14 +26,15 @@ import importlib
 import sys
 import traceback
 
-from . import batch_norm, batch_size, mistakes, sequences, style, with_without
+from . import batch_norm, batch_size, mistakes, sequences, style, tiled_vae, with_without
 from ..cliutil import writable_folder
 from ._common import NORMS
 
 __all__ = ["LESSONS", "add_parser", "run", "run_cli"]
 
 # name -> (one-line description, lesson function), in teaching order
-LESSONS = {m.NAME: (m.DESCRIPTION, m.run) for m in (batch_norm, with_without, batch_size, sequences, style, mistakes)}
+LESSONS = {m.NAME: (m.DESCRIPTION, m.run) for m in (batch_norm, with_without, batch_size, sequences, style, mistakes,
+                                                  tiled_vae)}
 
 
 def _unknown(name):

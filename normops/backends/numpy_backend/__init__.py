@@ -32,12 +32,13 @@ their derivatives, and the copies between torch and NumPy.
 This package is what ``normops.backends.load("numpy")`` returns: it holds the backend contract
 (``normops.backends``' docstring), one module per family.
 """
+from .ada_norm import ada_norm_bwd, ada_norm_fwd
 from .batch_norm import batch_norm_bwd, batch_norm_fwd
 from .channels_first import layer_norm_cf_bwd, layer_norm_cf_fwd
 from .group_norm import group_norm_bwd, group_norm_fwd
+from .group_stats import combine_group_stats, group_norm_apply, group_norm_stats
 from .row_norm import row_norm_bwd, row_norm_fwd
 
-__all__ = ["batch_norm_bwd", "batch_norm_fwd", "layer_norm_cf_bwd", "layer_norm_cf_fwd", "group_norm_bwd", "group_norm_fwd", "row_norm_bwd", "row_norm_fwd"]
-from .ada_norm import ada_norm_bwd, ada_norm_fwd  # noqa: E402  (issue #18: adaLN modulation)
-
-__all__ += ["ada_norm_bwd", "ada_norm_fwd"]
+__all__ = ["ada_norm_bwd", "ada_norm_fwd", "batch_norm_bwd", "batch_norm_fwd", "combine_group_stats",
+           "group_norm_apply", "group_norm_bwd", "group_norm_fwd", "group_norm_stats", "layer_norm_cf_bwd",
+           "layer_norm_cf_fwd", "row_norm_bwd", "row_norm_fwd"]
