@@ -39,6 +39,7 @@ from .core import DtypeError, ShapeError, activate, activation_name, casting_dty
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
+__all__ += ["ada_group_norm"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -334,20 +335,10 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight, bias, eps,
                                      activation=activation)
     _check_tensors(input, weight=weight, bias=bias)
-    # an int, or an integer numpy value or 0-d tensor, as torch takes; not a bool or a float
-    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
-        raise TypeError(f"group_norm(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
-    num_groups = operator.index(num_groups)
-    c = _channels(input, "group_norm")
-    if num_groups <= 0 or c % num_groups:
-        raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
-                         f"of shape {list(input.shape)} and num_groups={num_groups}")
+    num_groups, c = _check_groups(input, num_groups, "group_norm")
     _check_shape("weight", weight, (c,))
     _check_shape("bias", bias, (c,))
     _check_param_dtypes(input, weight=weight, bias=bias)
-    if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
-        raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
-                         f"with num_groups={num_groups}")
     act = activation_name(activation)
     if ops.transformed(input, weight, bias):
         def norm(x, w, b):
@@ -362,6 +353,63 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                     aten=(weight is not None or bias is None) and (input.requires_grad or input.is_contiguous()))
     if how.implementation == "aten":
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    return group_ops.group_norm(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
+
+
+def _check_groups(input, num_groups, what):
+    """(num_groups as an int, C) of a group norm's call, checked as torch checks them."""
+    # an int, or an integer numpy value or 0-d tensor, as torch takes; not a bool or a float
+    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
+        raise TypeError(f"{what}(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)
+    c = _channels(input, what)
+    if num_groups <= 0 or c % num_groups:
+        raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
+                         f"of shape {list(input.shape)} and num_groups={num_groups}")
+    if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
+        raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
+                         f"with num_groups={num_groups}")
+    return num_groups, c
+
+
+def _modulation(name, t, input):
+    """An (N, C) per-(sample, channel) modulation of input (N, C, *), also taken as (N, C, 1, ...),
+    the way diffusers' AdaGroupNorm makes it (``emb[:, :, None, None].chunk(2, 1)``): as (N, C)."""
+    if t is None:
+        raise TypeError(f"ada_group_norm(): {name} must be a Tensor, got None")
+    nc = tuple(input.shape[:2])
+    if t.dim() < 2 or t.dim() > input.dim() or tuple(t.shape[:2]) != nc or any(d != 1 for d in t.shape[2:]):
+        raise ShapeError(f"expected {name} of shape {list(nc)} (or {list(nc)} followed by 1s, at most "
+                         f"{input.dim()} dims in all) for input of shape {list(input.shape)}, got {list(t.shape)}")
+    return t.reshape(nc)
+
+
+def ada_group_norm(input: Tensor, num_groups: int, scale: Tensor, shift: Tensor, eps: float = 1e-5, *,
+                   activation: Optional[str] = None) -> Tensor:
+    """GroupNorm modulated per sample, diffusers' AdaGroupNorm (and ResnetBlock2D's "scale_shift" time
+    embedding): ``act(group_norm(input, num_groups, eps=eps) * (1 + scale) + shift)``, with scale and
+    shift per (sample, channel), of shape (N, C) or (N, C, 1, ...). One pass: the GroupNorm op with
+    [N, C] parameters weight = 1 + scale, bias = shift (computed in the statistics dtype)."""
+    if has_torch_function_variadic(input, scale, shift):
+        return handle_torch_function(ada_group_norm, (input, scale, shift), input, num_groups, scale, shift, eps,
+                                     activation=activation)
+    _check_tensors(input, scale=scale, shift=shift)
+    num_groups, _ = _check_groups(input, num_groups, "ada_group_norm")
+    scale, shift = _modulation("scale", scale, input), _modulation("shift", shift, input)
+    _check_param_dtypes(input, scale=scale, shift=shift)
+    act = activation_name(activation)
+    if ops.transformed(input, scale, shift):
+        view = input.shape[:2] + (1,) * (input.dim() - 2)
+
+        def norm(x, s, t):
+            y = torch.group_norm(x, num_groups, None, None, eps, torch.backends.cudnn.enabled)
+            return activate(y * (1 + s.reshape(view)) + t.reshape(view), act)
+
+        return ops.in_torch(norm, input, scale, shift)
+    sd = stat_dtype(input)
+    weight, bias = scale.to(sd) + 1, shift.to(sd)
+    spec = group_ops.GroupNormSpec(num_groups, float(eps), act)
+    how = ops.route("group_norm", input, spec, (input, weight, bias))
     return group_ops.group_norm(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
 
 

@@ -319,17 +319,70 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
     if instance:
         y, mean, rstd = _instance_norm_fwd(x, weight, bias, eps, activation)
         return (y, mean, rstd) if need_stats else (y, None, None)
-    if _in_fp32(x):
-        y, mean, rstd = group_norm_fwd(x.float(), num_groups, _f32(weight), _f32(bias), eps, activation, need_stats)
-        return y.to(x.dtype), mean, rstd
     x = x.contiguous(memory_format=memory_format_of(x))  # ATen's kernel wants a dense layout
     weight, bias = _opmath(x, weight, bias)
-    y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
+    if _in_fp32(x) or _per_sample(weight, bias):
+        # statistics first, then y = x * scale + shift with scale, shift per (sample, channel), written
+        # straight into y in x's dtype: no full-size temporary (an fp32 copy of a bf16 input is twice
+        # its size; a > 2**31-element video tensor lands here, the kernels' fallback), one rounding
+        mean, rstd, y = _group_stats(x, num_groups, eps)
+        y = _recompute_group(x, num_groups, weight, bias, mean, rstd, out=y)
+    else:
+        y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, num_groups, eps)
     y = _activate(y, activation)
     if not need_stats:
         return y, None, None
     sd = stat_dtype(x)
     return y, _to(mean, sd), _to(rstd, sd)
+
+
+def _per_sample(weight, bias):
+    """Whether the affine parameters are per (sample, channel), [N, C] (ada_group_norm's), not [C]."""
+    return any(p is not None and p.dim() == 2 for p in (weight, bias))
+
+
+# Elements of x a statistics chunk converts to fp32 at once (64 MiB of fp32): bounded, and large
+# enough that the per-chunk launches cost nothing next to the chunk's own memory traffic.
+GN_STATS_CHUNK = 2**24
+
+
+def _group_stats(x, num_groups, eps):
+    """(mean, rstd) [N, G] in the statistics dtype, and an uninitialized buffer like x for y.
+
+    On the CPU, ATen's kernel (fp32 parameters make it return fp32 statistics for fp16/bf16: its
+    mixed-type path). Elsewhere fp16/bf16 (``_in_fp32``): two passes, never E[x^2] - E[x]^2 and never
+    an fp32 copy of x: the sums of x accumulate in fp32 as the reduction reads x, then the squared
+    deviations from the exact mean are summed over chunks of at most GN_STATS_CHUNK elements
+    (groups, or a group's channels), each converted to fp32 on its own."""
+    n, c = x.shape[0], x.shape[1]
+    sd = stat_dtype(x)
+    if not _in_fp32(x):
+        ones = torch.ones(c, dtype=sd, device=x.device)
+        y, mean, rstd = aten.native_group_norm(x, ones, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
+        return _to(mean, sd), _to(rstd, sd), y
+    xg = x.unflatten(1, (num_groups, c // num_groups))  # a view in either layout
+    dims = tuple(range(2, xg.dim()))
+    count = x[0].numel() // num_groups
+    mean = xg.sum(dims, dtype=sd) / count
+    m2 = torch.empty_like(mean)
+    plane = math.prod(x.shape[2:])
+    per_group = count
+    g_step = max(1, GN_STATS_CHUNK // per_group)
+    c_step = max(1, GN_STATS_CHUNK // plane)  # within a group larger than a chunk: channels at a time
+    for i in range(n):
+        for g0 in range(0, num_groups, g_step):
+            groups = slice(g0, g0 + g_step)
+            mu = mean[i, groups].reshape((-1,) + (1,) * (len(dims)))
+            if g_step > 1 or per_group <= GN_STATS_CHUNK:
+                d = xg[i, groups].to(sd) - mu
+                m2[i, groups] = d.square_().sum(tuple(range(1, d.dim())))
+            else:
+                total = 0.0
+                for c0 in range(0, c // num_groups, c_step):
+                    d = xg[i, groups, c0:c0 + c_step].to(sd) - mu
+                    total = total + d.square_().sum(tuple(range(1, d.dim())))
+                m2[i, groups] = total
+    return mean, torch.rsqrt(m2 / count + eps), torch.empty_like(x)
 
 
 def _affine_recompute(x, scale, shift):
@@ -338,26 +391,31 @@ def _affine_recompute(x, scale, shift):
     return torch.addcmul(shift, x, scale).to(x.dtype)
 
 
-def _recompute_group(x, num_groups, weight, bias, mean, rstd):
-    # z = (x - mean) * rstd * w + b = x * scale + shift, scale and shift per (sample, channel)
+def _recompute_group(x, num_groups, weight, bias, mean, rstd, out=None):
+    """z = (x - mean) * rstd * w + b = x * scale + shift, scale and shift per (sample, channel);
+    weight and bias [C] or [N, C] (per sample). Into ``out`` (x's dtype) when given."""
     n, c = x.shape[0], x.shape[1]
     sd = stat_dtype(x)
     per_channel = (n, num_groups, c // num_groups)
     scale = rstd.to(sd).unsqueeze(-1).expand(per_channel)
     shift = -mean.to(sd).unsqueeze(-1) * scale
     if weight is not None:
-        scale = scale * weight.to(sd).reshape(1, num_groups, -1)
-        shift = shift * weight.to(sd).reshape(1, num_groups, -1)
+        scale = scale * weight.to(sd).reshape(-1, num_groups, c // num_groups)
+        shift = shift * weight.to(sd).reshape(-1, num_groups, c // num_groups)
     if bias is not None:
-        shift = shift + bias.to(sd).reshape(1, num_groups, -1)
+        shift = shift + bias.to(sd).reshape(-1, num_groups, c // num_groups)
     view = (n, c) + (1,) * (x.dim() - 2)
+    if out is not None:
+        return torch.addcmul(shift.reshape(view), x, scale.reshape(view), out=out)
     return _affine_recompute(x, scale.reshape(view), shift.reshape(view))
 
 
 def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask):
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
-    if num_groups != c and _in_fp32(x):  # InstanceNorm runs batch norm's kernels, which take fp32 parameters
+    per_sample = _per_sample(weight, bias)  # [N, C] parameters: _per_sample_bwd computes in fp32 itself
+    # InstanceNorm runs batch norm's kernels, which take fp32 parameters
+    if num_groups != c and _in_fp32(x) and not per_sample:
         dx, dw, db = group_norm_bwd(dy.float(), x.float(), num_groups, _f32(weight), _f32(bias), mean, rstd,
                                     activation, output_mask)
         return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
@@ -368,6 +426,8 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     if activation != "none":
         z = _recompute_group(x, num_groups, w, b, mean, rstd)
         dz = _activation_backward(dy, z, activation).contiguous(memory_format=fmt)  # into z
+    if per_sample:
+        return _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_mask)
     if num_groups == c:
         return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
     nd = _native_stat_dtype(x, w, b)
@@ -381,6 +441,33 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     if want_db and w is None:
         db = dz.transpose(0, 1).reshape(c, -1).sum(1)
     return dx, _cast(dw if want_dw else None, weight), _cast(db if want_db else None, bias)
+
+
+def _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_mask):
+    """The backward with [N, C] parameters (kernels/group_norm.py's math, in the statistics dtype):
+    a[n, c] = sum_s dz * x_hat and b[n, c] = sum_s dz are dw and db themselves (no sum over N), and
+    dx = rstd * (w * dz - c2 - x_hat * c1). The fp32 temporaries are x-sized: this is the CPU path
+    and the kernels' fallback, and dx (x - mean, not x) keeps no cancellation at a large offset."""
+    n, c = x.shape[0], x.shape[1]
+    sd = stat_dtype(x)
+    view = (n, c) + (1,) * (x.dim() - 2)
+    spatial = tuple(range(2, x.dim()))
+    per = (n, num_groups, c // num_groups)
+    r = rstd.to(sd).unsqueeze(-1).expand(per).reshape(view)
+    xc = x.to(sd) - mean.to(sd).unsqueeze(-1).expand(per).reshape(view)
+    dzf = dz.to(sd)
+    a_sum = (dzf * xc).sum(spatial) * r.reshape(n, c)  # a[n, c]
+    b_sum = dzf.sum(spatial)                            # b[n, c]
+    dx = None
+    if output_mask[0]:
+        wv = torch.ones((), dtype=sd, device=x.device) if w is None else w.to(sd).reshape(n, c)
+        count = x[0].numel() // num_groups
+        c1 = (wv * a_sum).reshape(per).sum(-1, keepdim=True).expand(per).reshape(view) / count
+        c2 = (wv * b_sum).reshape(per).sum(-1, keepdim=True).expand(per).reshape(view) / count
+        dx = (r * (dzf * wv.reshape(view) if w is not None else dzf) - r * c2 - xc * (r * r * c1)).to(x.dtype)
+    dw = _cast(a_sum, weight) if output_mask[1] and w is not None else None
+    db = _cast(b_sum, bias) if output_mask[2] and b is not None else None
+    return dx, dw, db
 
 
 def _instance_view(x, *per_channel):

@@ -1,5 +1,7 @@
 """The group norms: GroupNorm over (C/G, *spatial) per sample, and InstanceNorm (G == C,
 ``instance``), with a fused activation: ``normops::group_norm`` and its backward.
+weight and bias are [C], or [N, C]: per (sample, channel), AdaGroupNorm's modulation
+(``normops.functional.ada_group_norm``), whose gradients are then [N, C] too.
 
 A new group-norm variant is a field of ``GroupNormSpec`` (its flag), a parameter of the two ops
 (the schema is the implementations' annotations), the backends' and kernel's flag, and its
@@ -114,6 +116,10 @@ def _group_norm_backward_setup(ctx, inputs, output):
 
 def _composite(spec, x, weight, bias):
     x_hat = ops.normalize(x.reshape(x.shape[0], spec.num_groups, -1), (2,), spec.eps).reshape(x.shape)
+    if any(p is not None and p.dim() == 2 for p in (weight, bias)):  # per (sample, channel): [N, C]
+        view = x.shape[:2] + (1,) * (x.dim() - 2)
+        weight, bias = (None if p is None else p.reshape(view) for p in (weight, bias))
+        return ops.affine_act(x_hat, x, weight, bias, spec.activation, None)
     return ops.affine_act(x_hat, x, weight, bias, spec.activation, 1)
 
 

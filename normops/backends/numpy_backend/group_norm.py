@@ -3,7 +3,9 @@
 x has shape [N, C, *S] (S: any spatial dims, possibly none) and its C channels split into G groups
 of C/G consecutive channels. Each (sample, group) pair is normalized on its own, over its C/G
 channels and all of S: n = C/G * |S| values. w and b have shape [C]: one per channel, applied
-after normalization, so channels of one group share statistics but not their affine.
+after normalization, so channels of one group share statistics but not their affine; or shape
+[N, C], one per (sample, channel) (AdaGroupNorm's modulation, ``ada_group_norm``), and then
+dw, db are [N, C] too (the sums below without the sum over N).
 InstanceNorm is GroupNorm with G == C (every channel its own group).
 
 Forward, per (sample, group), i running over its n values:
@@ -39,11 +41,19 @@ def _grouped(x, num_groups):
     return x.reshape(n, num_groups, c // num_groups, math.prod(x.shape[2:]))
 
 
+def _param_shape(xg, weight, bias):
+    """[G, C/G, 1] for per-channel parameters (broadcast over N and S), [N, G, C/G, 1] for
+    per-sample ones ([N, C])."""
+    per_sample = any(p is not None and p.ndim == 2 for p in (weight, bias))
+    return xg.shape[int(not per_sample):3] + (1,)
+
+
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none", instance=False):
     """GroupNorm of x [N, C, *S] -> (y, mean, rstd), stats [N, G]; ``instance``: InstanceNorm's
-    call (G == C), whose statistics differ from GroupNorm's only where var = eps = 0."""
+    call (G == C), whose statistics differ from GroupNorm's only where var = eps = 0. weight and
+    bias: [C], or [N, C] per sample."""
     xg = _grouped(x, num_groups)
-    wshape = xg.shape[1:3] + (1,)  # [G, C/G, 1]: per channel, broadcast over N and S
+    wshape = _param_shape(xg, weight, bias)
     mean, var = moments(xg, (2, 3))
     rstd = rstd_of(var, eps)
     if instance and eps == 0:  # instance norm: torch's (batch-norm) statistics give a constant
@@ -55,15 +65,16 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activati
 
 def group_norm_backward(dy, x, num_groups, mean, rstd, weight=None, bias=None,
                         activation="none"):
-    """-> (dx, dweight, dbias) for ``group_norm_forward``; dweight/dbias are [C]."""
+    """-> (dx, dweight, dbias) for ``group_norm_forward``; dweight/dbias have weight's/bias's
+    shape, [C] or [N, C]."""
     xg = _grouped(x, num_groups)
-    wshape = xg.shape[1:3] + (1,)
+    wshape = _param_shape(xg, weight, bias)
     keep = xg.shape[:2] + (1, 1)
     dx, dw, db = normalize_backward(_grouped(dy, num_groups), xg, (2, 3), mean.reshape(keep),
                                     rstd.reshape(keep), per_channel(weight, wshape),
                                     per_channel(bias, wshape), activation)
-    return (dx.reshape(x.shape), None if dw is None else dw.reshape(-1),
-            None if db is None else db.reshape(-1))
+    return (dx.reshape(x.shape), None if dw is None else dw.reshape(weight.shape),
+            None if db is None else db.reshape(bias.shape))
 
 
 # --------------------------------------------------------------------------- backend contract
