@@ -35,11 +35,13 @@ from . import ops  # the route, the eager fast path, the torch.func routing
 from .ops import batch_norm as batch_ops
 from .ops import group_norm as group_ops
 from .ops import row_norm as row_ops
+from .ops import ada_norm as ada_ops
 from .core import DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
 __all__ += ["ada_group_norm"]
+__all__ += ["ada_layer_norm", "ada_rms_norm"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -324,6 +326,89 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], normalized_shape: Sequ
     return _row_norm(input, None, normalized_shape, weight, None, eps, True, None, gate, offset, casting, out_dtype,
                      norm_before_gate, group_size)[0]
 
+
+
+# --- adaLN modulation (DiT, SD3, Flux) -----------------------------------------------------------
+
+_ADA_CASTINGS = ("fp32", "torch")
+
+
+def _per_sample(name, t, b, d):
+    """scale, shift or gate: (B, D), or diffusers' (B, 1, D) (``scale[:, None]``), as (B, D)."""
+    if t is None:
+        return None
+    if tuple(t.shape) not in ((b, d), (b, 1, d)):
+        raise ShapeError(f"expected {name} of shape [{b}, {d}] (or [{b}, 1, {d}]), one row per sample of the "
+                         f"input [B, *, D] = {[b, '*', d]}; got {list(t.shape)}")
+    return t.reshape(b, d)
+
+
+def _ada_norm(input, scale, shift, eps, weight, bias, residual, gate, casting, rms):
+    _check_tensors(input, scale=scale, shift=shift, residual=residual, gate=gate, weight=weight, bias=bias)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            raise TypeError(f"{name} must be a Tensor of shape (B, D), got None")
+    if input.dim() < 2:
+        raise ShapeError(f"expected input of shape (B, *, D), at least 2-D, got a {input.dim()}-D input of size "
+                         f"{list(input.shape)}")
+    b, d = input.shape[0], input.shape[-1]
+    scale, shift, gate = (_per_sample(n, t, b, d) for n, t in (("scale", scale), ("shift", shift), ("gate", gate)))
+    _check_shape("weight", weight, (d,))
+    _check_shape("bias", bias, (d,))
+    if not rms:
+        _check_param_dtypes(input, weight=weight, bias=bias)
+    if residual is not None and residual.shape != input.shape:
+        raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
+    if gate is not None and residual is None:
+        raise ValueError("gate multiplies the input before the residual add (h = residual + gate * input): "
+                         "it needs a residual")
+    if casting not in _ADA_CASTINGS:
+        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, _ADA_CASTINGS))}")
+    hd = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+    if eps is None:  # torch's rms_norm default: the epsilon of the dtype it computes in
+        eps = torch.finfo(torch.float64 if hd == torch.float64 else torch.float32).eps
+    spec = ada_ops.AdaNormSpec(float(eps), rms, casting)
+    x3 = input.reshape(b, math.prod(input.shape[1:-1]), d)
+    r3 = None if residual is None else residual.reshape(x3.shape)
+    if ops.transformed(input, residual, gate, scale, shift, weight, bias):
+        y, h = ada_ops.composite(spec, x3, r3, gate, scale, shift, weight, bias)
+    else:
+        tensors = (x3, r3, gate, scale, shift, weight, bias)
+        how = ops.route("ada_norm", x3, spec, tensors)
+        y, h, _, _ = ada_ops.ada_norm(spec, x3, r3, gate, scale, shift, weight, bias, _grad_needed(*tensors), how)
+    y = y.reshape(input.shape)
+    return y if residual is None else (y, h.reshape(input.shape))
+
+
+def ada_layer_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, *, residual: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                   casting: str = "fp32"):
+    """adaLN modulation, fused (DiT's adaLN-Zero block step, diffusers' AdaLayerNorm*): input (B, *, D)
+    normalized over D, then modulated per sample, scale and shift (B, D) (or (B, 1, D)) broadcast
+    over the middle dims:
+
+        h = input, or with a residual  h = residual + gate[:, None] * input   (gate None: residual + input)
+        y = layer_norm(h, (D,), weight, bias, eps) * (1 + scale[:, None]) + shift[:, None]
+
+    Returns y, or (y, h) with a residual (h: the next block's residual stream). ``casting``: "fp32"
+    (every step in fp32, fp64 for fp64, one rounding to h's dtype at the end) or "torch" (each step
+    rounded to h's dtype as diffusers' torch composition rounds it: bit for bit on the torch backend,
+    within an ulp on the kernels). Differentiable in every tensor."""
+    if has_torch_function_variadic(input, scale, shift, weight, bias, residual, gate):
+        return handle_torch_function(ada_layer_norm, (input, scale, shift, weight, bias, residual, gate), input,
+                                     scale, shift, eps, weight, bias, residual=residual, gate=gate, casting=casting)
+    return _ada_norm(input, scale, shift, eps, weight, bias, residual, gate, casting, False)
+
+
+def ada_rms_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: Optional[float] = None,
+                 weight: Optional[Tensor] = None, *, residual: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                 casting: str = "fp32"):
+    """``ada_layer_norm`` with RMSNorm (no centering, no bias): y = rms_norm(h, (D,), weight, eps) *
+    (1 + scale[:, None]) + shift[:, None]; eps None: torch's rms_norm default."""
+    if has_torch_function_variadic(input, scale, shift, weight, residual, gate):
+        return handle_torch_function(ada_rms_norm, (input, scale, shift, weight, residual, gate), input, scale,
+                                     shift, eps, weight, residual=residual, gate=gate, casting=casting)
+    return _ada_norm(input, scale, shift, eps, weight, None, residual, gate, casting, True)
 
 # --- GroupNorm / InstanceNorm ------------------------------------------------------------------
 

@@ -539,3 +539,89 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
     return (dx if output_mask[0] else None,
             _cast(dw, weight) if output_mask[1] else None,
             _cast(db, bias) if output_mask[2] else None)
+
+
+# --- adaLN modulation (normops::ada_norm): DiT's adaLN-Zero block step ------------------------------
+# x [B, T, D]; gate, scale, shift [B, D]. h = residual + gate[b] * x (with a residual), y = norm(h) *
+# (1 + scale[b]) + shift[b]. A composition of torch ops in the statistics dtype, so the casting "torch"
+# is diffusers' own composition, op for op, in h's dtype (bit for bit). The math and the rounding rule:
+# normops/backends/numpy_backend/ada_norm.py.
+
+def _ada_h(x, residual, gate, casting):
+    """h (rounded to its dtype), or None without a residual."""
+    if residual is None:
+        return None
+    hd = torch.promote_types(x.dtype, residual.dtype)
+    if casting == "torch":  # diffusers: gate.unsqueeze(1) * x + residual, each op in h's dtype
+        gx = x.to(hd) if gate is None else gate.to(hd).unsqueeze(1) * x.to(hd)
+        return gx + residual.to(hd)
+    sd = stat_dtype(x if hd == x.dtype else residual)
+    gx = x.to(sd) if gate is None else gate.to(sd).unsqueeze(1) * x.to(sd)
+    return (gx + residual.to(sd)).to(hd)
+
+
+def _ada_stats(h, eps, rms):
+    """(mean or None, rstd), [B, T], in the statistics dtype."""
+    hs = h.to(stat_dtype(h))
+    if rms:
+        return None, torch.rsqrt(hs.square().mean(-1) + eps)
+    var, mean = torch.var_mean(hs, -1, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _ada_n(h, weight, bias, mean, rstd):
+    """n = norm(h) * w + b in the statistics dtype, and x_hat."""
+    hs = h.to(stat_dtype(h))
+    x_hat = (hs if mean is None else hs - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    n = x_hat if weight is None else x_hat * weight.to(hs.dtype)
+    return (n if bias is None else n + bias.to(hs.dtype)), x_hat
+
+
+def ada_norm_fwd(x, residual, gate, scale, shift, weight, bias, eps, rms, casting, need_stats):
+    h = _ada_h(x, residual, gate, casting)
+    inp = x if h is None else h
+    mean, rstd = _ada_stats(inp, eps, rms)
+    if casting == "torch":  # torch's own norm in h's dtype, then each op rounded as diffusers' are
+        D = inp.shape[-1]
+        if inp.device.type == "cpu" or all(t is None or t.dtype == inp.dtype for t in (weight, bias)):
+            n = torch.rms_norm(inp, (D,), weight, eps) if rms else torch.layer_norm(inp, (D,), weight, bias, eps)
+            n = n.to(inp.dtype)  # fp32 parameters may promote it
+        else:
+            n = _ada_n(inp, weight, bias, mean, rstd)[0].to(inp.dtype)
+        y = n * (1 + scale.to(inp.dtype).unsqueeze(1)) + shift.to(inp.dtype).unsqueeze(1)
+    else:
+        n = _ada_n(inp, weight, bias, mean, rstd)[0]
+        y = (n * (1 + scale.to(n.dtype).unsqueeze(1)) + shift.to(n.dtype).unsqueeze(1)).to(inp.dtype)
+    if not need_stats:
+        return y, h, None, None
+    return y, h, mean, rstd
+
+
+def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casting, output_mask, eps=None):
+    """(dx, dresidual, dgate, dscale, dshift, dweight, dbias) in the statistics dtype, None where
+    ``output_mask`` says no. h: the saved residual stream (None: x was normalized). A composition of
+    differentiable torch ops: with ``eps`` given, the statistics are recomputed from h (the double
+    backward differentiates it so, see normops.ops.ada_norm)."""
+    inp = x if h is None else h
+    sd = stat_dtype(inp)
+    if eps is not None:
+        mean, rstd = _ada_stats(inp, eps, rms)
+    n, x_hat = _ada_n(inp, weight, bias, mean, rstd)
+    dyf = dy.to(sd)
+    one_plus = 1 + scale.to(sd).unsqueeze(1)
+    if casting == "torch":  # the factors as the forward rounded them (straight-through otherwise)
+        n, one_plus = _rounded(n, inp.dtype), _rounded(one_plus, inp.dtype)
+    dn = dyf * one_plus
+    g = dn if weight is None else dn * weight.to(sd)
+    gx = (g * x_hat).mean(-1, keepdim=True)
+    dht = rstd.unsqueeze(-1) * (g - x_hat * gx if rms else g - g.mean(-1, keepdim=True) - x_hat * gx)
+    if dh is not None:
+        dht = dht + dh.to(sd)
+    with_gate = gate is not None and h is not None
+    grads = (dht * gate.to(sd).unsqueeze(1) if with_gate else dht,
+             None if h is None else dht,
+             (dht * x.to(sd)).sum(1) if with_gate else None,
+             (dyf * n).sum(1), dyf.sum(1),
+             None if weight is None else (dn * x_hat).sum((0, 1)),
+             None if bias is None else dn.sum((0, 1)))
+    return tuple(g_ if want else None for g_, want in zip(grads, output_mask))

@@ -104,3 +104,8 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
                                             training, eps, activation, output_mask)
     return _batch_norm.batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, save_rstd,
                                       training, eps, activation, output_mask)
+
+
+# adaLN modulation (normops::ada_norm): the torch backend's composition until its kernels land
+ada_norm_fwd = torch_backend.ada_norm_fwd
+ada_norm_bwd = torch_backend.ada_norm_bwd

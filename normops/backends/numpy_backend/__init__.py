@@ -37,3 +37,6 @@ from .group_norm import group_norm_bwd, group_norm_fwd
 from .row_norm import row_norm_bwd, row_norm_fwd
 
 __all__ = ["batch_norm_bwd", "batch_norm_fwd", "group_norm_bwd", "group_norm_fwd", "row_norm_bwd", "row_norm_fwd"]
+from .ada_norm import ada_norm_bwd, ada_norm_fwd  # noqa: E402  (issue #18: adaLN modulation)
+
+__all__ += ["ada_norm_bwd", "ada_norm_fwd"]
