@@ -122,9 +122,11 @@ def convert(model: tnn.Module, report: bool = False):
             rows.append(Conversion(path, _qualname(type(child)), text if cls else "", "" if cls else text))
         return twin
 
-    if not any(True for _ in model.children()):
+    leaf = not any(True for _ in model.children())
+    if leaf or hf.candidates(model) or hf.not_a_norm(model):  # the model is a norm (an adaLN module has children)
         out = visit("(model)", model)
-        return (out, ConvertReport(rows)) if report else out
+        if leaf or out is not model:  # a twin: an adaLN twin's children stay as they are
+            return (out, ConvertReport(rows)) if report else out
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     owned = []  # the paths of adaLN twins: their norm is computed by the twin, their children stay as they are
     for prefix, parent in list(model.named_modules()):
