@@ -1,5 +1,7 @@
 """The third-party norms ``normops.convert`` reaches: Hugging Face transformers' RMSNorm family, T5LayerNorm,
-ConvNextLayerNorm and the gated RMSNorms (Mamba2RMSNormGated, Qwen3NextRMSNormGated).
+ConvNextLayerNorm and the gated RMSNorms (Mamba2RMSNormGated, Qwen3NextRMSNormGated); diffusers' RMSNorm,
+FP32LayerNorm and adaLN modules (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous,
+AdaLayerNorm, AdaGroupNorm).
 
 transformers copies a norm into every model that uses it (LlamaRMSNorm has some 140 copies named
 ``<Model>RMSNorm``), so a class is matched by its name, never imported: this module needs no
@@ -15,6 +17,12 @@ whatever is loaded later) in the module's dtype and in bfloat16 (a model convert
 afterwards: fp32 does not tell the roundings apart), and keeps the module, with the reason, when the
 outputs differ beyond ``agree``. Of the conventions the probe accepts, the one with the fewest
 elements not bit-equal wins (the 1-ulp rule admits a double rounding in place of a single one).
+
+diffusers' classes are known by qualified name (its RMSNorm is named like torch.nn.RMSNorm). Its adaLN
+modules have submodules (a Linear, embeddings, the norm): the twin keeps them all, computes the modulation
+with them as diffusers does and fuses norm + modulation (``ada_layer_norm`` / ``ada_group_norm``); the probe
+runs on a deep copy with random weights, feeds the conditioning in the Linear's dtype and compares every
+output of the forward's tuple. AdaLayerNormSingle has no norm inside: it is reported, not converted.
 
 The twin's class is a subclass of the module's own class overriding ``forward`` only, with the same
 name: ``isinstance`` and transformers' ``_init_weights`` (which tests ``"RMSNorm" in
