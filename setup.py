@@ -20,7 +20,7 @@ setup(
     install_requires=["torch>=2.5", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "transformers", "triton", "pytest-benchmark", "matplotlib", "scikit-learn"],
+        "test": ["pytest", "hypothesis", "transformers", "diffusers", "triton", "pytest-benchmark", "matplotlib", "scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib"],
         # the practical models and the lessons (normops models, normops demo): the digits dataset, plots
         "models": ["scikit-learn", "matplotlib"],

@@ -1,7 +1,8 @@
 """``normops.convert(model)``: swap the norms of an existing model for normops ones: the ``torch.nn``
 norms for their ``normops.nn`` twins, and the third-party norms of ``normops.hf`` (Hugging Face
-transformers' RMSNorm family, T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms) for subclasses of
-their own class computed by ``normops.functional``, each after a probe (see ``normops.hf``)."""
+transformers' RMSNorm family, T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms; diffusers' RMSNorm,
+FP32LayerNorm and adaLN modules) for subclasses of their own class computed by ``normops.functional``,
+each after a probe (see ``normops.hf``)."""
 import dataclasses
 from typing import List
 
@@ -94,9 +95,12 @@ def convert(model: tnn.Module, report: bool = False):
       are left alone: they may override forward;
     - the Hugging Face transformers norms of ``normops.hf`` (the ``*RMSNorm`` classes of Llama,
       Gemma, Qwen, Mistral..., T5LayerNorm, ConvNextLayerNorm, Mamba2RMSNormGated,
-      Qwen3NextRMSNormGated) by a subclass of their own class whose forward calls
-      ``normops.functional``, when a probe on a random weight finds it computes what the module
-      does; the others are left, with the reason.
+      Qwen3NextRMSNormGated) and diffusers' norms (RMSNorm, FP32LayerNorm, AdaLayerNormZero,
+      AdaLayerNormZeroSingle, AdaLayerNormContinuous, AdaLayerNorm, AdaGroupNorm) by a subclass of
+      their own class whose forward calls ``normops.functional``, when a probe on random weights
+      finds it computes what the module does; the others are left, with the reason. An adaLN twin
+      keeps its Linear and embeddings (it computes the modulation with them) and fuses its norm
+      with the modulation: its children are left as they are.
 
     The twins share the Parameter and buffer objects of the modules they replace, so an optimizer
     built before the call keeps working; device, dtype, training mode, attributes, hooks and
@@ -118,15 +122,23 @@ def convert(model: tnn.Module, report: bool = False):
             rows.append(Conversion(path, _qualname(type(child)), text if cls else "", "" if cls else text))
         return twin
 
-    if not any(True for _ in model.children()):
+    leaf = not any(True for _ in model.children())
+    if leaf or hf.candidates(model) or hf.not_a_norm(model):  # the model is a norm (an adaLN module has children)
         out = visit("(model)", model)
-        return (out, ConvertReport(rows)) if report else out
+        if leaf or out is not model:  # a twin: an adaLN twin's children stay as they are
+            return (out, ConvertReport(rows)) if report else out
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    owned = []  # the paths of adaLN twins: their norm is computed by the twin, their children stay as they are
     for prefix, parent in list(model.named_modules()):
+        if any(prefix == p or prefix.startswith(p + ".") for p in owned):
+            continue
         for name, child in list(parent._modules.items()):
             if child is not None:
-                twin = visit(f"{prefix}.{name}" if prefix else name, child)
+                path = f"{prefix}.{name}" if prefix else name
+                twin = visit(path, child)
                 if twin is not child:
                     setattr(parent, name, twin)
+                if hf.owns_children(twin):
+                    owned.append(path)
     rows.sort(key=lambda r: order.get(r.path, len(order)))
     return (model, ConvertReport(rows)) if report else model

@@ -13,7 +13,8 @@ and what the triton backend would do with it: its kernel, or the torch backend w
 do not take the configuration (``normops.ops.route`` with the triton backend).
 
 Third-party norms of ``normops.hf``'s registry (Hugging Face transformers' ``*RMSNorm`` classes,
-T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms) are listed too: unconverted, with what
+T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms; diffusers' RMSNorm, FP32LayerNorm and adaLN
+modules, whose own inner norm is then not listed) are listed too: unconverted, with what
 ``normops.convert`` would do with each (swap it, and by which convention, or leave it and why:
 the registry's probe runs on a copy of the layer); converted, with their backend.
 
@@ -443,7 +444,8 @@ def _restored(model):
 
 
 def _run_example(model, example_input, layers, findings):
-    by_module = {id(m): (name, m, layers[name]) for name, m in _norm_modules(model)}
+    named = ((name or MODEL, m) for name, m in model.named_modules())
+    by_module = {id(m): (name, m, layers[name]) for name, m in named if name in layers}
     entered = []       # names of the norm layers whose forward is running
     no_grad_train = []  # train/eval-dependent norms that ran in training mode under no_grad
     predicted = {}     # name -> its one-value-per-channel finding
@@ -543,8 +545,18 @@ def _describe(example_input):
 
 # --- entry points -------------------------------------------------------------------------------
 
-def _norm_modules(model):
-    return [(name or MODEL, m) for name, m in model.named_modules() if is_norm(m) or _third_party(m)]
+def _norm_modules(model, memo=None):
+    """The norm layers, less those inside an adaLN module that normops computes (a twin, or one that
+    convert would swap): its own norm is not called, convert leaves it."""
+    out, owned = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in owned):
+            continue
+        if is_norm(m) or _third_party(m):
+            out.append((name or MODEL, m))
+        if hf.owns_children(m) or (m._modules and hf.candidates(m) and hf.plan(m, memo)[0] is not None):
+            owned.append(name)
+    return out
 
 
 def inspect(model: nn.Module, example_input=None) -> Report:
@@ -558,7 +570,7 @@ def inspect(model: nn.Module, example_input=None) -> Report:
     fallback = next((t.device for t in model.parameters()), None) or next((t.device for t in model.buffers()), None)
     fallback = fallback or torch.device("cpu")
     layers, memo = {}, {}
-    for name, m in _norm_modules(model):
+    for name, m in _norm_modules(model, memo):
         device = _device(m, fallback)
         activation = getattr(m, "activation", None) if isinstance(m, normops_nn.FusedActivation) else None
         layers[name] = NormLayer(name, _type_name(m), _shape(m), activation, m.training,
