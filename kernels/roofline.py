@@ -75,7 +75,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from normops.core import case_id, gated_group_size  # noqa: E402
 
-from . import anchors, batch_norm, group_norm, row_norm  # noqa: E402
+from . import ada_norm, anchors, batch_norm, channels_first, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
 from .config import planning_for  # noqa: E402
 
@@ -130,6 +130,10 @@ REREADS = {
     # looped (neither one-pass nor split): statistics (sums) loop, then the normalize (dx) loop
     "_group_norm_fwd_kernel": (lambda c: () if c["ONE_PASS"] or c["SPLIT"] else ("X",), "group"),
     "_group_norm_bwd_kernel": (lambda c: () if c["ONE_PASS"] or c["SPLIT"] else ("X", "DY"), "group"),
+    # channels-first LayerNorm over more channels than a tile holds: the statistics loop over the
+    # channel blocks, then the normalize (dx) loop re-reading them; span: a [C, BLOCK_S] tile
+    "_layer_norm_cf_fwd_kernel": (lambda c: () if c["ONE_PASS"] else ("X",), "tile"),
+    "_layer_norm_cf_bwd_kernel": (lambda c: ("X", "DY") if c["WANT_DX"] and not c["ONE_PASS"] else (), "tile"),
 }
 
 # (reads, writes) of activation-sized tensors, forward and backward: normops.bench's bytes model
@@ -143,6 +147,13 @@ IDEAL = {
     "rms_norm_gemma": ((1, 1), (2, 1)), "rms_norm_llama": ((1, 1), (2, 1)),
     "add_rms_norm_fp32_residual": ((2, 2), (2, 1)), "gated_rms_norm": ((2, 1), (3, 2)),
     "gated_rms_norm_grouped": ((2, 1), (3, 2)), "add_rms_norm_": ((2, 2), None),
+    # adaLN (issue #18): scale, shift, gate are (B, D), uncounted (bench.bytes_moved: a rounding
+    # error at B*D of B*T*D). Alone: x -> y, backward x, dy -> dx. With the gated residual: x, r ->
+    # y, h; backward (of y: h's gradient from later layers absent) reads h, dy and x (dgate),
+    # writes dx and dresidual.
+    "ada_layer_norm": ((1, 1), (2, 1)), "ada_layer_norm_gate_residual": ((2, 2), (3, 2)),
+    # ConvNeXt's LayerNorm over dim 1, read in place in either layout: LayerNorm's bytes
+    "layer_norm_channels_first": ((1, 1), (2, 1)),
 }
 # Of those, how many (fwd reads, writes, bwd reads, writes) are the fp32 residual stream:
 # promote_types(dtype, float32) bytes an element (r and h forward, h backward; dx is x's dtype).
@@ -171,6 +182,8 @@ VARIANT_BASE = "rms_norm"
 VARIANT_SHARE = 0.95
 
 ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm") + tuple(ROW_VARIANTS)
+ADA_NORMS = ("ada_layer_norm", "ada_layer_norm_gate_residual")  # kernels/ada_norm.py, (B, T, D)
+CHANNELS_FIRST = ("layer_norm_channels_first",)  # kernels/channels_first.py, (N, C, *S) over C
 GROUP_NORMS = ("group_norm", "group_norm+silu", "instance_norm")
 BATCH_NORMS = ("batch_norm", "batch_norm+relu", "batch_norm_eval")
 
@@ -178,10 +191,11 @@ BATCH_NORMS = ("batch_norm", "batch_norm+relu", "batch_norm_eval")
 def target(case):
     """The issue's absolute target for a case, % of peak (None: no target, reported only)."""
     op, shape, pas = case.op, case.shape, case.pas
-    if op in ROW_NORMS:
+    if op in ROW_NORMS + ADA_NORMS + CHANNELS_FIRST:  # the normalized width: C for channels-first
+        width = shape[1] if op in CHANNELS_FIRST else shape[-1]
         if pas == "bwd":
-            return 70.0 if shape[-1] <= 65536 else None
-        return 85.0 if shape[-1] <= 65536 else 70.0
+            return 70.0 if width <= 65536 else None
+        return 85.0 if width <= 65536 else 70.0
     if op in GROUP_NORMS:
         return 75.0 if pas == "fwd" else 65.0
     if op == "batch_norm_eval":
@@ -294,13 +308,21 @@ def run_case(case, gpu):
     """(launches, glue ops) of a case's launcher on meta tensors, planned for `gpu`."""
     x = _meta(case.shape, case.dtype, case.layout)
     other = _meta(case.shape, case.dtype, case.layout)  # dy, or the residual: a tensor of its own
-    c = case.shape[-1] if case.op in ROW_NORMS else case.shape[1]
+    c = case.shape[-1] if case.op in ROW_NORMS + ADA_NORMS else case.shape[1]
     w, b = _meta(c, case.dtype), _meta(c, case.dtype)
     stats = lambda *s: _meta(s, torch.float32)  # noqa: E731
     glue = _Glue()
     with planning_for(gpu.sms), record() as launches, glue:
         if case.op in ROW_NORMS:
             _run_row_norm(case, x, other, w, b)
+        elif case.op in ADA_NORMS:
+            _run_ada_norm(case, x, other)
+        elif case.op in CHANNELS_FIRST:
+            mean, rstd = (_meta((case.shape[0],) + case.shape[2:], torch.float32) for _ in "mr")
+            if case.pas == "fwd":
+                channels_first.layer_norm_cf_fwd(x, w, b, 1e-6, "none", True)
+            else:  # dy in y's layout (y is x's): as the next layer hands it back
+                channels_first.layer_norm_cf_bwd(other, x, w, b, mean, rstd, "none", [True, True, True])
         elif case.op in GROUP_NORMS:
             groups = c if case.op == "instance_norm" else 32
             act = "silu" if case.op == "group_norm+silu" else "none"
@@ -354,6 +376,26 @@ def _run_row_norm(case, x, other, w, b):
                               (True, True, bias is not None, gate is not None), gate=gate, **v, **streams)
 
 
+def _run_ada_norm(case, x, other):
+    """The launches of an adaLN case as the benchmark calls it (normops.bench): DiT's LayerNorm
+    without weight or bias, eps 1e-6, "fp32" casting; scale, shift (and gate) [B, D] in x's dtype.
+    With the gated residual, other is r forward; backward it is dy, and every gradient
+    bench.bytes_moved counts is asked for (dx, dresidual, dgate, dscale, dshift), h's own absent."""
+    b, t, d = case.shape
+    gated = case.op == "ada_layer_norm_gate_residual"
+    scale, shift = _meta((b, d), case.dtype), _meta((b, d), case.dtype)
+    gate = _meta((b, d), case.dtype) if gated else None
+    if not ada_norm.supported(x, backward=case.pas == "bwd"):
+        raise ValueError(f"D = {d}: the triton backend runs the torch backend's code here, not the kernels")
+    if case.pas == "fwd":
+        ada_norm.ada_norm_fwd(x, other if gated else None, gate, scale, shift, None, None, 1e-6, False, "fp32", True)
+    else:
+        mean, rstd = _meta((b, t), torch.float32), _meta((b, t), torch.float32)
+        h = _meta(case.shape, case.dtype) if gated else None
+        ada_norm.ada_norm_bwd(other, None, x, h, gate, scale, None, None, mean, rstd, False, "fp32",
+                              [True, gated, gated, True, True, False, False])
+
+
 # --- compiling a launch and reading its facts ------------------------------------------------
 
 # fp16 is compiled as bf16: the same widths, loads and reductions (the AOT tables of
@@ -391,7 +433,8 @@ def source_key(launch):
             tuple(sorted(options.items())))
 
 
-_KERNELS = {k.fn.__name__: k for m in (row_norm, group_norm, batch_norm, anchors) for k in vars(m).values()
+_KERNELS = {k.fn.__name__: k for m in (row_norm, group_norm, batch_norm, ada_norm, channels_first, anchors)
+            for k in vars(m).values()
             if isinstance(k, triton.runtime.JITFunction)}
 
 
@@ -540,6 +583,8 @@ def _units(case, span, launch):
     """How many spans of `span` kind x holds (a row of G groups: G spans, program_id(1) the group)."""
     if span == "row":
         return math.prod(case.shape[:-1]) * (launch.grid[1] if len(launch.grid) > 1 else 1)
+    if span == "tile":  # channels-first: [C, BLOCK_S] tiles of each sample's positions
+        return case.shape[0] * -(-math.prod(case.shape[2:]) // launch.constexprs["BLOCK_S"])
     return case.shape[0] * (case.shape[1] if case.op == "instance_norm" else 32)
 
 
