@@ -1,5 +1,5 @@
 """The performance points of the kernel issues (#3 row norms, #4 GroupNorm/InstanceNorm, #5
-BatchNorm), measured in one bounded call on a GPU, with a verdict for each point.
+BatchNorm, #17 the language-model row-norm variants, #18 adaLN), measured in one bounded call on a GPU, with a verdict for each point.
 
     python benchmarks/acceptance.py [--out DIR] [--mirror DIR] [--budget SECONDS] [--tests]
                                     [--families row_norm,group_norm,batch_norm] [--dtype bfloat16]

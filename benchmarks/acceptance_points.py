@@ -1,5 +1,7 @@
 """The performance points of the kernel issues (#3 row norms, #4 GroupNorm/InstanceNorm, #5
-BatchNorm, #17 the language-model row-norm variants) as checks on timed cases, and their verdicts: what benchmarks/acceptance.py measures.
+BatchNorm, #17 the language-model row-norm variants, #18 adaLN) as checks on timed cases, and their
+verdicts: what benchmarks/acceptance.py measures. (#18's VAE-decoder GroupNorm shapes and ConvNeXt's
+channels-first LayerNorm are benchmarks without a point: the issue names no bound for them.)
 
 A case is an op of normops.bench on a shape, layout and pass, by a provider (normops, torch,
 compile); a check compares one measured value with its bound; a point is the checks of one
@@ -19,6 +21,9 @@ LAYOUTS = ("contiguous", "channels_last")
 # norms, the in-place add: forward only)
 LLM_VARIANTS = ("rms_norm_gemma", "rms_norm_llama", "add_rms_norm_fp32_residual", "gated_rms_norm",
                 "gated_rms_norm_grouped", "add_rms_norm_")
+# #18: DiT-XL/2's adaLN-Zero step at batch 8, 1024 tokens (256 px) and 4096 (512 px), hidden 1152
+DIT_XL = [(8, 1024, 1152), (8, 4096, 1152)]
+ADA_OPS = ("ada_layer_norm", "ada_layer_norm_gate_residual")
 
 
 
@@ -71,7 +76,7 @@ def _rows(op, widths, pas):
 
 
 def points(families):
-    """The performance sections of issues #3, #4, #5 and #17, as checks on cases."""
+    """The performance sections of issues #3, #4, #5, #17 and #18, as checks on cases."""
     out = []
     if "row_norm" in families:
         k = 1024
@@ -100,6 +105,10 @@ def points(families):
                   tuple(Check("per_byte", c, 1 / 1.05, dataclasses.replace(c, op="rms_norm"))
                         for op in LLM_VARIANTS for pas in ("fwd", "bwd") for c in _rows(op, [k, 8 * k, 64 * k], pas)
                         if pas in OPS[op].passes)),  # an in-place op: its forward
+            # the torch provider of the adaLN ops is diffusers' unfused composition (normops.bench)
+            Point(18, "adaLN + gate + residual fwd+bwd >= 2x diffusers' torch.nn composition, DiT-XL sizes, bf16",
+                  tuple(Check("speedup", Case("ada_layer_norm_gate_residual", s, "contiguous", "fwd+bwd",
+                                              dtype="bfloat16"), 2.0, "torch") for s in DIT_XL)),
         ]
     if "group_norm" in families:
         sd = [Case("group_norm", s, layout, "fwd+bwd") for layout in LAYOUTS for s in SD_UNET]
@@ -150,6 +159,7 @@ def smoke_points(families):
     """points() on tiny shapes: every dim at most 4 (rows: 8 x width / 1024)."""
     def small(case):
         shape = (8, max(1, case.shape[1] // 1024)) if case.op in ("layer_norm", "rms_norm", "add_rms_norm") else \
+            (2, 4, 4) if case.op in ADA_OPS else \
             (min(case.shape[0], 2), 32) + tuple(min(d, 4) for d in case.shape[2:])
         return dataclasses.replace(case, shape=shape, dtype=None)
 

@@ -22,8 +22,8 @@ def ap(acc):
 
 def test_points_name_real_cases(ap):
     pts = ap.points(["row_norm", "group_norm", "batch_norm"])
-    assert {p.issue for p in pts} == {3, 4, 5, 17}
-    assert [sum(p.issue == i for p in pts) for i in (3, 4, 5, 17)] == [7, 7, 5, 1]
+    assert {p.issue for p in pts} == {3, 4, 5, 17, 18}
+    assert [sum(p.issue == i for p in pts) for i in (3, 4, 5, 17, 18)] == [7, 7, 5, 1, 1]
     for case in ap.all_cases(pts):
         assert case.op in bench.OPS and case.pas in bench.PASSES and case.provider in bench.PROVIDERS
         assert case.layout in ap.LAYOUTS
@@ -35,6 +35,9 @@ def test_points_name_real_cases(ap):
     assert ap.Case("gated_rms_norm_grouped", (4096, 65536), "contiguous", "bwd") in cases
     assert ap.Case("add_rms_norm_", (4096, 8192), "contiguous", "fwd") in cases  # forward only
     assert ap.Case("add_rms_norm_", (4096, 8192), "contiguous", "bwd") not in cases
+    # #18: DiT-XL's adaLN-Zero step against diffusers' composition (the ops' torch provider), bf16
+    assert ap.Case("ada_layer_norm_gate_residual", (8, 4096, 1152), "contiguous", "fwd+bwd", "torch",
+                   "bfloat16") in cases
     assert not any(c.provider == "compile" for c in ap.all_cases(pts, compile_=False))
 
 
