@@ -574,9 +574,35 @@ class Prediction:
         return self.per_byte is not None and self.per_byte < VARIANT_SHARE - 1e-9
 
     @property
+    def failures(self):
+        """Why the case fails the check: ERROR, BELOW (its target), GLUE (more than one glue
+        launch), SLOW (a variant, per byte); empty when it passes."""
+        if self.error is not None:
+            return ["ERROR"]
+        return ([] if self.target is None or self.pct >= self.target - 1e-9 else ["BELOW"]) + \
+            (["GLUE"] if self.glue > 1 else []) + (["SLOW"] if self.slow else [])
+
+    @property
     def ok(self):
-        return (self.error is None and self.glue <= 1 and (self.target is None or self.pct >= self.target - 1e-9)
-                and not self.slow)
+        return not self.failures
+
+
+def limits(p, gpu):
+    """What holds a case's predicted time up, from its launch records: the launches bound by
+    Little's law below EFFICIENCY x peak, the bytes re-read from L2, spills, the launches and glue."""
+    out, peak = [], EFFICIENCY * gpu.dram_tbps
+    for r in p.launches:
+        if r.get("latency_tbps") is not None and r["latency_tbps"] < peak:
+            out.append(f"{r['kernel'].strip('_')} latency-bound at {r['latency_tbps']:.2f} TB/s "
+                       f"({r['in_flight']} programs in flight, {r['resident']} an SM, {r['regs']} regs)")
+        if r.get("l2_mb"):
+            out.append(f"{r['kernel'].strip('_')} re-reads {r['l2_mb']:.1f} MB from L2")
+        if r.get("spill"):
+            out.append(f"{r['kernel'].strip('_')} spills {r['spill']} bytes a thread")
+    extra = sum(r["us"] for r in p.launches[1:])
+    if len(p.launches) > 1:
+        out.append(f"{len(p.launches)} launches ({p.glue} glue): {extra:.1f} of {p.time_us:.1f} us after the first")
+    return "; ".join(out) or "bandwidth"
 
 
 def _units(case, span, launch):
@@ -776,11 +802,10 @@ ANCHOR_MISSES_ALLOWED = 1
 def _fmt_case(p):
     c = p.case
     kernels = "+".join(r["kernel"].removeprefix("_").removesuffix("_kernel") for r in p.launches)
-    verdict = ("ERROR" if p.error else "ok" if p.ok else "GLUE" if p.glue > 1 else "SLOW" if p.slow and (
-        p.target is None or p.pct >= p.target - 1e-9) else "BELOW")
+    verdict = "+".join(p.failures) or "ok"
     target = f"{p.target:5.1f}" if p.target is not None else "    -"
     per_byte = f"{p.per_byte:5.2f}" if p.per_byte is not None else "    -"
-    return (f"{c.id:60} {p.pct:6.1f} {target} {per_byte} {len(p.launches):>3} {p.glue:>4}  {verdict:5}  "
+    return (f"{c.id:60} {p.pct:6.1f} {target} {per_byte} {len(p.launches):>3} {p.glue:>4}  {verdict:10}  "
             f"{p.error or kernels}")
 
 
@@ -815,12 +840,17 @@ def main(argv=None):
     cases = [c for c in benchmark_cases(args.acceptance) if args.select in c.id]
     cases = list(dict.fromkeys(cases + [c.base for c in cases if c.base]))  # a variant's plain case too
     preds = predict(cases, gpu, args.jobs)
-    print(f"\n{'case':60} {'pred %':>6} {'target':>5} {'/byte':>5} {'lch':>3} {'glue':>4}  {'':5}  kernels")
+    print(f"\n{'case':60} {'pred %':>6} {'target':>5} {'/byte':>5} {'lch':>3} {'glue':>4}  {'':10}  kernels")
     for pred in preds:
         print(_fmt_case(pred))
     below = [pred for pred in preds if not pred.ok]
     print(f"/byte: a row-norm variant's bandwidth per byte over plain {VARIANT_BASE}'s (same shape, dtype, pass); "
           f"target {VARIANT_SHARE}")
+    if below:
+        print(f"\nfailing ({len(below)}): case, predicted % / target, why, what limits it")
+        for q in below:
+            target = f"{q.target:.1f}" if q.target is not None else "-"
+            print(f"  {q.case.id}: {q.pct:.1f} / {target} {'+'.join(q.failures)}: {q.error or limits(q, gpu)}")
     print(f"{len(preds) - len(below)} of {len(preds)} cases at or above target")
     if args.json:
         with open(args.json, "w") as f:
