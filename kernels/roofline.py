@@ -32,7 +32,18 @@ The model, per op (times add up; GPU numbers in GPUS):
   equally: bandwidth = their harmonic mean. The code around inner loops (once a row or group: its
   statistics' reductions) is not charged: an optimism where rows or groups are short.
 - % of peak = the op's ideal bytes (IDEAL: what normops.bench.bytes_moved counts: read x, write y;
-  x, dy, dx backward; BatchNorm training's two reads) / predicted time / peak.
+  x, dy, dx backward; BatchNorm training's two reads; adaLN with the gated residual: x, r -> y, h,
+  backward h, dy, x (dgate) -> dx, dresidual; adaLN's (B, D) scale, shift and gate uncounted, as
+  there) / predicted time / peak.
+
+The launchers run as the benchmarks call them: adaLN (kernels/ada_norm.py) as DiT's LayerNorm,
+no weight or bias, grid (row blocks, B) forward, (P, B) programs backward then the glue that sums
+their partials (however many launches the launcher makes: read from record(), not assumed);
+channels-first LayerNorm (kernels/channels_first.py) on [C, BLOCK_S] tiles of the input in its
+own layout (NCHW or channels_last: each compiles to its own variant), whose looped kernels (C
+wider than a tile) re-read x (and dy) tile by tile (REREADS, span "tile"). GroupNorm's LARGE flag
+(int64 offsets past 2**31 elements a sample) is a constexpr, compiled as the JIT would; no
+benchmark case sets it (the largest VAE decoder shape is 2**27 elements a sample).
 
 Targets (issue #20): TARGETS per op and pass, as % of peak, for calls moving >= 512 MB. A smaller
 call cannot reach an absolute figure through its fixed launch cost, so there the target is scaled
@@ -43,10 +54,19 @@ past L2 (the video case; the VAE's backward) cannot avoid a second read: its tar
 TWO_READ_SHARE of that two-read ceiling. The row-norm variants (issue #17, ROW_VARIANTS: weight
 offset, casting, fp32 residual stream, gates, groups, in place) have their plain op's target, and
 per byte (ideal bytes / predicted time, column "/byte") at least VARIANT_SHARE of plain RMSNorm's at
-the same shape, dtype and pass ("SLOW" otherwise). Every op: at most one glue launch (a torch
-operation, or a Triton launch with no activation-sized tensor).
+the same shape, dtype and pass ("SLOW" otherwise). Issue #18's ops: adaLN (ADA_NORMS) has the row
+norms' targets by its width D (85% forward, 70% backward): a LayerNorm of rows whose (B, D)
+modulation is read once a program, no more bytes a row than add+RMSNorm's; channels-first
+LayerNorm (CHANNELS_FIRST) has LayerNorm's by its channel count C: the same reduction over a
+strided axis, one read and one write in either layout (the permute copies are what it saves).
+Both: one forward launch, the backward kernel and one glue launch (IDEAL_LAUNCHES). The VAE
+decoder's GroupNorm shapes (batch 1, 32 groups) are GroupNorm cases under the rules above (the
+two-read ceiling where x is past L2); the issue names no bound of its own for them. Every op: at
+most one glue launch (a torch operation, or a Triton launch with no activation-sized tensor).
 ``--check`` exits 1 on a case below its target, slow or with more glue, and on an anchor the model misses
 by more than ANCHOR_TOLERANCE: a model that does not reproduce the published points judges nothing.
+A failing case is listed at the end with its reasons (BELOW, GLUE, SLOW, ERROR) and what limits
+it (``limits``: latency-bound launches, L2 re-reads, spills, the launches after the first).
 """
 import os
 
