@@ -55,8 +55,8 @@ TWO_READ_SHARE of that two-read ceiling. The row-norm variants (issue #17, ROW_V
 offset, casting, fp32 residual stream, gates, groups, in place) have their plain op's target, and
 per byte (ideal bytes / predicted time, column "/byte") at least VARIANT_SHARE of plain RMSNorm's at
 the same shape, dtype and pass ("SLOW" otherwise). Issue #18's ops: adaLN (ADA_NORMS) has the row
-norms' targets by its width D (85% forward, 70% backward): a LayerNorm of rows whose (B, D)
-modulation is read once a program, no more bytes a row than add+RMSNorm's; channels-first
+norms' targets by its width D (85% forward, 70% backward): a LayerNorm of rows, its (B, D)
+modulation read once a program, a pass of streamed rows like add+RMSNorm's; channels-first
 LayerNorm (CHANNELS_FIRST) has LayerNorm's by its channel count C: the same reduction over a
 strided axis, one read and one write in either layout (the permute copies are what it saves).
 Both: one forward launch, the backward kernel and one glue launch (IDEAL_LAUNCHES). The VAE
