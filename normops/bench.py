@@ -63,6 +63,7 @@ class Op:
     wide: Tuple[int, int, int, int] = (0, 0, 0, 0)
     stream_grad: bool = False
     forward_only: bool = False
+    trains_residual: bool = False  # the residual is differentiated too (its gradient differs from x's)
 
     @property
     def passes(self):
@@ -238,9 +239,9 @@ _GRAD_INPUTS = ("x", "w", "b", "g")  # what a backward differentiates (the resid
 
 
 def _clear_grads(inputs):
-    for k in _GRAD_INPUTS:
-        if k in inputs:
-            inputs[k].grad = None
+    for t in inputs.values():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.grad = None
 
 
 def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torch.contiguous_format, sync=True,
@@ -266,7 +267,7 @@ def make_runner(op_name, shape, dtype, device, provider, pas, memory_format=torc
         for k in ("x", "r", "g"):
             if k in t:
                 t[k] = t[k].contiguous(memory_format=memory_format)
-        for k in _GRAD_INPUTS:
+        for k in _GRAD_INPUTS + (("r",) if op.trains_residual else ()):
             if k in t:
                 t[k].requires_grad_(grad)
         inputs.append(t)
@@ -471,6 +472,8 @@ BENCH_SHAPES = {
         "instance_norm": [(8, 64, 64, 64)],         # a style-transfer layer
         "batch_norm": [(32, 64, 56, 56)],           # ResNet stage 1 at batch 32
         "channels_first": [(8, 96, 56, 56)],        # ConvNeXt-T stage 1 at batch 8
+        "ada_layer_norm": [(8, 256, 1152)],         # DiT-XL's width, 256 tokens (256 px, patch 2)
+        "ada_layer_norm_gate_residual": [(8, 256, 1152)],
     },
     "cuda": {
         "row_norm": [(4096, 1024), (4096, 8192)],   # 4096 tokens at BERT-large and Llama-70B widths
@@ -483,11 +486,14 @@ BENCH_SHAPES = {
                        (256, 2048, 7, 7)],          # ... and the last stage (many channels, small H*W)
         "channels_first": [(32, 96, 56, 56),        # ConvNeXt-T at batch 32: stage 1 (96 channels) ...
                            (32, 768, 7, 7)],        # ... and stage 4 (768 channels at 7x7)
+        "ada_layer_norm": [(8, 1024, 1152), (8, 4096, 1152)],  # DiT-XL at 512 px and 1024 px, batch 8
+        "ada_layer_norm_gate_residual": [(8, 1024, 1152), (8, 4096, 1152)],
     },
 }
 # --quick: one small shape per op, a smoke test of the whole path (for tests and CI), not a measurement
 BENCH_QUICK_SHAPES = {"row_norm": [(256, 512)], "group_norm": [(2, 64, 16, 16)], "instance_norm": [(2, 32, 16, 16)],
-                      "batch_norm": [(8, 32, 16, 16)], "channels_first": [(2, 96, 8, 8)]}
+                      "batch_norm": [(8, 32, 16, 16)], "channels_first": [(2, 96, 8, 8)],
+                      "ada_layer_norm": [(2, 16, 64)], "ada_layer_norm_gate_residual": [(2, 16, 64)]}
 BENCH_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what each device's models run in
 BENCH_WARMUP, BENCH_REPS = 3, 20
 BENCH_QUICK_WARMUP, BENCH_QUICK_REPS = 1, 5  # 5: the fewest for which time_runner gives real p20/p80
@@ -670,6 +676,6 @@ OPS.update({op.name: op for op in [
        lambda t: F.ada_layer_norm(t["x"], t["scale"], t["shift"], 1e-6), _diffusers_ada, 1, 1, 2, 1),
     Op("ada_layer_norm_gate_residual", "row_norm", functools.partial(_ada_inputs, residual=True),
        lambda t: F.ada_layer_norm(t["x"], t["scale"], t["shift"], 1e-6, residual=t["r"], gate=t["g"]),
-       _diffusers_ada, 2, 2, 3, 2),
+       _diffusers_ada, 2, 2, 3, 2, trains_residual=True),  # DiT: h is the next block's residual stream
 ]})
 _GRAD_INPUTS += ("scale", "shift")  # adaLN's per-sample modulation is trained too
