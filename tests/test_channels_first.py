@@ -213,3 +213,44 @@ def test_triton_convnext_shapes(shape, channels_last):
     inputs[0] = _layout(inputs[0].detach(), channels_last).requires_grad_()
     assert_close_to_reference(lambda x, w, b: F.layer_norm_channels_first(x, w, b), torch_cf, inputs, "triton",
                               torch.bfloat16)
+
+
+def test_inspect_knows_the_channels_first_norms():
+    """normops.inspect: LayerNorm2d and a ConvNext's channels_first ConvNextLayerNorm (before and
+    after convert) show their channels and the channels-first kernel's route; the fusion advice
+    builds a LayerNorm2d with the channel count, not a normalized shape."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                         image_size=32)
+    model = transformers.ConvNextModel(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    first = {"embeddings.layernorm", "encoder.stages.1.downsampling_layer.0"}
+    for converted in (False, True):
+        if converted:
+            normops.convert(model)
+        layers = {layer.name: layer for layer in normops.inspect(model, x).layers}
+        for name, layer in layers.items():
+            assert (layer.shape.startswith("C=") and "channels first" in layer.shape) == (name in first), layer
+        assert all(layers[n].backend == "torch" if converted else "would swap it: convnext" in layers[n].backend
+                   for n in first)
+        assert all(layers[n].triton == ("kernel" if converted else "-") for n in first)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GELU(), normops.nn.LayerNorm2d(8))
+    report = normops.inspect(seq, x)
+    assert [(layer.shape, layer.triton) for layer in report.layers] == [("C=8, channels first (dim 1)", "kernel")]
+    assert 'normops.nn.LayerNorm2d(8, activation="gelu")' in report.findings[0].advice
+
+
+def test_cli_check_covers_the_op(capsys, monkeypatch):
+    """``normops check --op layer_norm_channels_first`` compares it with torch's permute composition on
+    each backend, and fails a backend whose output is off."""
+    from normops import cli
+    from normops.backends import torch_backend
+    assert cli.main(["check", "--quick", "--op", "layer_norm_channels_first", "--backend", "torch", "--backend",
+                     "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "layer_norm_channels_first  torch" in out and "layer_norm_channels_first  numpy" in out
+    assert "4 passed, 0 failed" in out
+    fwd = torch_backend.layer_norm_cf_fwd
+    monkeypatch.setattr(torch_backend, "layer_norm_cf_fwd", lambda x, *a: (lambda y, m, r: (y * 1.01, m, r))(*fwd(x, *a)))
+    assert cli.main(["check", "--quick", "--op", "layer_norm_channels_first", "--backend", "torch"]) == 1
+    assert "0 passed, 2 failed" in capsys.readouterr().out
