@@ -254,3 +254,19 @@ def test_cli_check_covers_the_op(capsys, monkeypatch):
     monkeypatch.setattr(torch_backend, "layer_norm_cf_fwd", lambda x, *a: (lambda y, m, r: (y * 1.01, m, r))(*fwd(x, *a)))
     assert cli.main(["check", "--quick", "--op", "layer_norm_channels_first", "--backend", "torch"]) == 1
     assert "0 passed, 2 failed" in capsys.readouterr().out
+
+
+def test_converted_convnext_norms_keep_the_originals_layout():
+    """A converted ConvNextLayerNorm(channels_first) and timm's LayerNorm2d return what the originals'
+    permute composition returns, channels_last, whatever the input's layout: the convolutions after
+    them run as before the conversion (hf._permuted_layout)."""
+    transformers = pytest.importorskip("transformers")
+    from normops import hf
+    original = transformers.models.convnext.modeling_convnext.ConvNextLayerNorm(6, data_format="channels_first")
+    converted = normops.convert(torch.nn.Sequential(original))[0]
+    assert hf.convention_of(converted) == "convnext"
+    for channels_last in (False, True):
+        x = _layout(make((2, 6, 5, 4), torch.float32, requires_grad=False), channels_last)
+        y, want = converted(x), original(x)
+        torch.testing.assert_close(y, want)
+        assert y.stride() == want.stride() and y.is_contiguous(memory_format=torch.channels_last)
