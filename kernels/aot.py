@@ -294,6 +294,9 @@ def channels_first_jobs(targets):
     """Every (kernel, configuration) the heuristic picks over CF_SHAPES, both layouts."""
     configs = set()
     for (c, s), channels_last in itertools.product(CF_SHAPES, (False, True)):
+        # the layout the launchers see (channels_last when C has stride 1 and C > 1): S = 1 is
+        # channels_last in either memory format, C = 1 is NCHW; one compile each, not two
+        channels_last = (channels_last or s == 1) and c > 1
         configs.add(("cf_fwd", ChannelsFirstConfig.forward(c, s, channels_last), channels_last))
         configs.add(("cf_bwd", ChannelsFirstConfig.backward(c, s, channels_last), channels_last))
     # fp16 compiles as bf16 does; gelu (erf and exp) is the heaviest in registers

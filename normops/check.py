@@ -130,6 +130,11 @@ OPS = [
     CheckOp("batch_norm:eval", (5, 7, 3, 5), (3, 2, 3), "channel", True, False, "eval", ("y",),
             ours=lambda t: NF.batch_norm(t["x"], *_running(t), t["weight"], t["bias"], False),
             ref=lambda t, dtype: TF.batch_norm(t["x"], *_running(t), t["weight"], t["bias"], False)),
+    # ConvNeXt's LayerNorm over dim 1, against torch's permute composition
+    CheckOp("layer_norm_channels_first", (3, 7, 5, 6), (2, 3, 2), "channel", True, False, "", ("y",),
+            ours=lambda t: NF.layer_norm_channels_first(t["x"], t["weight"], t["bias"], ROW_EPS),
+            ref=lambda t, dtype: TF.layer_norm(t["x"].movedim(1, -1), t["x"].shape[1:2], t["weight"], t["bias"],
+                                               ROW_EPS).movedim(-1, 1)),
 ]
 OP_NAMES = [op.name for op in OPS]
 DIFFERENTIABLE = ("x", "residual", "weight", "bias")

@@ -241,8 +241,9 @@ def layer_norm_channels_first(input: Tensor, weight: Optional[Tensor] = None, bi
                               eps: float = 1e-6, *, activation: Optional[str] = None) -> Tensor:
     """LayerNorm over dim 1 (the C channels) of an (N, C, *) tensor, ConvNeXt's channels_first
     LayerNorm (timm's LayerNorm2d): ``layer_norm(x.movedim(1, -1), (C,), weight, bias,
-    eps).movedim(-1, 1)`` without the permuted copies: NCHW and channels_last input are read in
-    place, and the output keeps the input's memory format, as a convolution's does."""
+    eps).movedim(-1, 1)``, the output in the input's memory format, as a convolution's. The Triton
+    kernels read NCHW and channels_last input in place, without the permuted copies; on the CPU (the
+    torch backend) channels_last input is read in place and NCHW input is copied channels-last."""
     if has_torch_function_variadic(input, weight, bias):
         return handle_torch_function(layer_norm_channels_first, (input, weight, bias), input, weight, bias, eps,
                                      activation=activation)

@@ -6,14 +6,14 @@ Only with the normops/ folder itself on sys.path would it shadow the standard li
 refuses to load, with the reason.)
 
 For each norm layer (torch.nn's and normops' BatchNorm, SyncBatchNorm, InstanceNorm, GroupNorm,
-LayerNorm, RMSNorm) the report lists its qualified name, type, channels or normalized shape,
+LayerNorm, RMSNorm; normops' LayerNorm2d, a LayerNorm over the channels, dim 1) the report lists its qualified name, type, channels or normalized shape,
 fused activation, training mode, the backend a call would use (``normops.current_backend`` of
 its device; for a torch.nn norm, that it is not normops and ``normops.convert`` would swap it)
 and what the triton backend would do with it: its kernel, or the torch backend where the kernels
 do not take the configuration (``normops.ops.route`` with the triton backend).
 
 Third-party norms of ``normops.hf``'s registry (Hugging Face transformers' ``*RMSNorm`` classes,
-T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms; diffusers' RMSNorm, FP32LayerNorm and adaLN
+T5LayerNorm, ConvNextLayerNorm, the gated RMSNorms, timm's LayerNorm2d; diffusers' RMSNorm, FP32LayerNorm and adaLN
 modules, whose own inner norm is then not listed) are listed too: unconverted, with what
 ``normops.convert`` would do with each (swap it, and by which convention, or leave it and why:
 the registry's probe runs on a copy of the layer); converted, with their backend.
@@ -68,6 +68,7 @@ from normops.convert import TWINS
 from normops.core import ACTIVATIONS as NORMOPS_ACTIVATIONS
 from normops.ops import route
 from normops.ops.batch_norm import BatchNormSpec
+from normops.ops.channels_first import ChannelsFirstSpec
 from normops.ops.group_norm import GroupNormSpec
 
 NORM_TYPES = hf.TORCH_NORMS
@@ -152,7 +153,17 @@ def _family(m):
         return "instance"
     if isinstance(m, nn.GroupNorm):
         return "group"
+    if _channels_first(m):
+        return "channels_first"
     return "row"  # LayerNorm, RMSNorm
+
+
+def _channels_first(m):
+    """A LayerNorm over dim 1 of (N, C, *): normops' LayerNorm2d, timm's LayerNorm2d and a
+    ConvNextLayerNorm(data_format="channels_first"), converted or not."""
+    if isinstance(m, normops_nn.LayerNorm2d) or getattr(m, "data_format", None) == "channels_first":
+        return True
+    return hf.convention_of(m) == hf.LAYERNORM2D.name or hf.LAYERNORM2D in hf.candidates(m)
 
 
 def _third_party(m):
@@ -184,6 +195,8 @@ def _shape(m):
         return f"G={m.num_groups}, C={m.num_channels} ({m.num_channels // m.num_groups} per group)"
     if family == "row":
         return f"shape={tuple(m.normalized_shape)}"
+    if family == "channels_first":
+        return f"C={m.normalized_shape[0]}, channels first (dim 1)"
     stats = m.track_running_stats
     if family == "batch":
         return f"C={m.num_features}" + ("" if stats else ", no running stats")
@@ -257,7 +270,9 @@ def _triton_dynamic(m, x):
     family = _family(m)
     if family == "row":
         return None
-    if family == "group":
+    if family == "channels_first":
+        op, spec = "channels_first", ChannelsFirstSpec(m.eps, m.activation or "none")
+    elif family == "group":
         op, spec = "group_norm", GroupNormSpec(m.num_groups, m.eps)
     elif family == "instance" and (m.training or not m.track_running_stats):
         op, spec = "group_norm", GroupNormSpec(x.shape[1], m.eps, instance=True)
@@ -323,6 +338,8 @@ def _constructor(m, activation):
         args = f"{m.num_groups}, {m.num_channels}"
     elif family == "row":
         args = f"{list(m.normalized_shape)}"
+    elif family == "channels_first":
+        args = f"{m.normalized_shape[0]}"
     else:
         args = f"{m.num_features}"
     return f'normops.nn.{name}({args}, activation="{activation}")'

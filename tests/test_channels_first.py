@@ -68,6 +68,7 @@ def test_agrees_with_the_numpy_reference(shape, activation):
     torch.testing.assert_close(y, torch_cf(x, w, b, activation=activation))
     torch.testing.assert_close(rstd, trstd)
     dy = torch.randn(shape, dtype=torch.float64)
+    w, b = w.detach(), b.detach()
     ours = numpy_backend.layer_norm_cf_bwd(dy, x, w, b, mean, rstd, activation or "none", [True, True, True])
     theirs = normops.backends.load("torch").layer_norm_cf_bwd(dy, x, w, b, mean, rstd, activation or "none",
                                                               [True, True, True])
@@ -95,7 +96,7 @@ def test_no_weight_no_bias_and_no_grad():
 
 
 def test_constant_channels_give_exactly_the_bias():
-    """A position whose channels are all equal has x_hat = 0 exactly (var_mean's Welford; the
+    """A position whose channels are all equal has x_hat = 0 exactly (ATen LayerNorm's Welford; the
     kernels' pivot), so y = b, at any offset."""
     x = torch.full((2, 5, 3, 3), 1234.5678)
     w, b = params(5, torch.float32)
@@ -103,19 +104,20 @@ def test_constant_channels_give_exactly_the_bias():
     assert torch.equal(y, b.detach().reshape(1, 5, 1, 1).expand_as(y))
 
 
-def test_torch_backend_makes_no_permuted_copy(monkeypatch):
-    """The torch backend reduces over dim 1 in place: no permute, no movedim, no layout copy."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a permuted view was made")
-    for name in ("permute", "movedim", "transpose"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    for channels_last in (False, True):
-        x = _layout(make((2, 6, 4, 5), torch.float32, requires_grad=False), channels_last).requires_grad_()
-        w, b = params(6, torch.float32)
-        with layout_copies() as copies, normops.backend("torch"):
-            y = F.layer_norm_channels_first(x, w, b)
-            y.backward(torch.ones_like(y))
-        assert copies == []
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_backend_copies_only_nchw(channels_last):
+    """The torch backend runs ATen's LayerNorm on the channels-last view (torch_backend.py says
+    why): a channels_last input is read in place, no copy each way; an NCHW one is copied: x in and
+    y out in the forward, dy and x in and dx out in the backward."""
+    x = _layout(make((2, 6, 4, 5), torch.float32, requires_grad=False), channels_last).requires_grad_()
+    w, b = params(6, torch.float32)
+    dy = torch.ones_like(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, normops.backend("torch"):
+        y = F.layer_norm_channels_first(x, w, b)
+        y.backward(dy)
+    copies = [e.name for e in prof.events()].count("aten::copy_")
+    assert copies == (0 if channels_last else 5)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_bad_input_gets_a_clear_error():
@@ -211,3 +213,60 @@ def test_triton_convnext_shapes(shape, channels_last):
     inputs[0] = _layout(inputs[0].detach(), channels_last).requires_grad_()
     assert_close_to_reference(lambda x, w, b: F.layer_norm_channels_first(x, w, b), torch_cf, inputs, "triton",
                               torch.bfloat16)
+
+
+def test_inspect_knows_the_channels_first_norms():
+    """normops.inspect: LayerNorm2d and a ConvNext's channels_first ConvNextLayerNorm (before and
+    after convert) show their channels and the channels-first kernel's route; the fusion advice
+    builds a LayerNorm2d with the channel count, not a normalized shape."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                         image_size=32)
+    model = transformers.ConvNextModel(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    first = {"embeddings.layernorm", "encoder.stages.1.downsampling_layer.0"}
+    for converted in (False, True):
+        if converted:
+            normops.convert(model)
+        layers = {layer.name: layer for layer in normops.inspect(model, x).layers}
+        for name, layer in layers.items():
+            assert (layer.shape.startswith("C=") and "channels first" in layer.shape) == (name in first), layer
+        assert all(layers[n].backend == "torch" if converted else "would swap it: convnext" in layers[n].backend
+                   for n in first)
+        assert all(layers[n].triton == ("kernel" if converted else "-") for n in first)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GELU(), normops.nn.LayerNorm2d(8))
+    report = normops.inspect(seq, x)
+    assert [(layer.shape, layer.triton) for layer in report.layers] == [("C=8, channels first (dim 1)", "kernel")]
+    assert 'normops.nn.LayerNorm2d(8, activation="gelu")' in report.findings[0].advice
+
+
+def test_cli_check_covers_the_op(capsys, monkeypatch):
+    """``normops check --op layer_norm_channels_first`` compares it with torch's permute composition on
+    each backend, and fails a backend whose output is off."""
+    from normops import cli
+    from normops.backends import torch_backend
+    assert cli.main(["check", "--quick", "--op", "layer_norm_channels_first", "--backend", "torch", "--backend",
+                     "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "layer_norm_channels_first  torch" in out and "layer_norm_channels_first  numpy" in out
+    assert "4 passed, 0 failed" in out
+    fwd = torch_backend.layer_norm_cf_fwd
+    monkeypatch.setattr(torch_backend, "layer_norm_cf_fwd", lambda x, *a: (lambda y, m, r: (y * 1.01, m, r))(*fwd(x, *a)))
+    assert cli.main(["check", "--quick", "--op", "layer_norm_channels_first", "--backend", "torch"]) == 1
+    assert "0 passed, 2 failed" in capsys.readouterr().out
+
+
+def test_converted_convnext_norms_keep_the_originals_layout():
+    """A converted ConvNextLayerNorm(channels_first) and timm's LayerNorm2d return what the originals'
+    permute composition returns, channels_last, whatever the input's layout: the convolutions after
+    them run as before the conversion (hf._permuted_layout)."""
+    transformers = pytest.importorskip("transformers")
+    from normops import hf
+    original = transformers.models.convnext.modeling_convnext.ConvNextLayerNorm(6, data_format="channels_first")
+    converted = normops.convert(torch.nn.Sequential(original))[0]
+    assert hf.convention_of(converted) == "convnext"
+    for channels_last in (False, True):
+        x = _layout(make((2, 6, 5, 4), torch.float32, requires_grad=False), channels_last)
+        y, want = converted(x), original(x)
+        torch.testing.assert_close(y, want)
+        assert y.stride() == want.stride() and y.is_contiguous(memory_format=torch.channels_last)

@@ -312,53 +312,26 @@ def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
 
 
 # --- channels-first LayerNorm (ConvNeXt's): dim 1 of (N, C, *) ----------------------------------
-# ATen has no norm over dim 1 but batch and group norm's, whose statistics span other dims, and
-# native_layer_norm needs C last (a permuted copy each way). So: var_mean over dim 1 in the
-# statistics dtype (Welford: a constant column gives var 0 exactly) and elementwise ops, which keep
-# x's layout (NCHW or channels_last) without a copy.
-
-def _cf_x_hat(x, mean, rstd):
-    """(x in the statistics dtype, x_hat); mean, rstd [N, *S] (saved) or keepdim [N, 1, *S]."""
-    xf = _to(x, stat_dtype(x))
-    return xf, (xf - mean.reshape(xf[:, :1].shape)) * rstd.reshape(xf[:, :1].shape)
-
+# The row norm above on x.movedim(1, -1), the channels last: ATen's LayerNorm, fp32 statistics
+# (Welford: a constant position gives x_hat = 0 exactly) and results bitwise torch's permute
+# composition's. channels_last input (and S = 1) is then a dense (N, *S, C) view: read in place, no
+# copy. NCHW input is copied channels-last by ATen on the way in (x, and dy and x in the backward),
+# and y and dx are copied back to NCHW (normops.ops.channels_first: the output keeps x's layout).
+# Those copies are still faster on the CPU than reducing over dim 1 in place: var_mean over the
+# strided dim 1 and the elementwise passes ran 3x torch's composition (8x96x56x56 fp32, fwd+bwd);
+# a per-sample loop (batch_norm of (C, S): not exact, its sums are sequential) or transposes chunked
+# over N stayed within the noise of these copies. "No permute copies" is the Triton kernels' promise.
 
 def layer_norm_cf_fwd(x, weight, bias, eps, activation, need_stats):
-    xf = _to(x, stat_dtype(x))
-    var, mean = torch.var_mean(xf, dim=1, keepdim=True, correction=0)
-    rstd = torch.rsqrt(var + eps)
-    _, z = _cf_x_hat(x, mean, rstd)
-    if weight is not None:
-        z = z * channel_view(_to(weight, xf.dtype), x)
-    if bias is not None:
-        z = z + channel_view(_to(bias, xf.dtype), x)
-    y = _activate(z, activation).to(x.dtype)
-    if not need_stats:
-        return y, None, None
-    return y, mean.squeeze(1), rstd.squeeze(1)
+    y, _, mean, rstd = row_norm_fwd(x.movedim(1, -1), None, x.shape[1:2], weight, bias, eps, False, activation,
+                                    need_stats)
+    return y.movedim(-1, 1), mean, rstd
 
 
 def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask):
-    xf, x_hat = _cf_x_hat(x, mean, rstd)
-    w = None if weight is None else channel_view(_to(weight, xf.dtype), x)
-    dz = _to(dy, xf.dtype)
-    if activation != "none":
-        z = x_hat if w is None else x_hat * w
-        if bias is not None:
-            z = z + channel_view(_to(bias, xf.dtype), x)
-        dz = activation_backward(dz, z, activation)
-    dims = [0] + list(range(2, x.dim()))
-    dx = dw = db = None
-    if output_mask[0]:
-        g = dz if w is None else dz * w
-        c1 = (g * x_hat).mean(1, keepdim=True)
-        c2 = g.mean(1, keepdim=True)
-        dx = ((g - c2 - x_hat * c1) * rstd.reshape(c1.shape)).to(x.dtype)
-    if output_mask[1] and weight is not None:
-        dw = (dz * x_hat).sum(dims).to(weight.dtype)
-    if output_mask[2] and bias is not None:
-        db = dz.sum(dims).to(bias.dtype)
-    return dx, dw, db
+    dx, dw, db, _ = row_norm_bwd(dy.movedim(1, -1), x.movedim(1, -1), x.shape[1:2], weight, bias, mean, rstd,
+                                 False, activation, output_mask)
+    return None if dx is None else dx.movedim(-1, 1), dw, db
 
 
 # --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------

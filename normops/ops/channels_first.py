@@ -1,7 +1,9 @@
 """The channels-first LayerNorm (ConvNeXt's ``LayerNorm(data_format="channels_first")``, timm's
 LayerNorm2d): dim 1 (C) of an (N, C, *) tensor normalized, with a per-channel weight and bias and a
-fused activation, in x's layout (NCHW or channels_last, read in place: no permuted copy):
-``normops::layer_norm_channels_first`` and its backward. Statistics are [N, *S].
+fused activation, the output in x's layout (NCHW or channels_last): ``normops::layer_norm_channels_first``
+and its backward. Statistics are [N, *S]. The Triton kernels read either layout in place (no permuted
+copy); the torch backend runs ATen's LayerNorm on the channels-last view, in place for channels_last
+input, through permuted copies for NCHW (faster on the CPU than reducing over dim 1: torch_backend.py).
 
 Registered as the row and group norms are (``normops.ops``): the eager fast path through a plain
 autograd.Function, the op for anything traced, a double backward through the composition.
