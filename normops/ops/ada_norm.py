@@ -181,6 +181,11 @@ def _ada_norm_double_backward(ctx, *cotangents):
 
 ada_norm_op.register_autograd(_ada_norm_bwd, setup_context=_ada_norm_setup)
 ada_norm_backward_op.register_autograd(_ada_norm_double_backward, setup_context=_ada_norm_backward_setup)
+# AMP: under CUDA autocast torch runs layer_norm in fp32, so diffusers' composition modulates in fp32;
+# normops does the same, as for its row norms (ops.register_autograd). Under CPU autocast torch's norms
+# keep the input dtype: no CPU registration.
+if hasattr(torch.library, "register_autocast"):
+    torch.library.register_autocast(ada_norm_op.qualname, "cuda", torch.float32)
 _AdaNorm = ops.function("AdaNorm", _run, _ada_norm_setup, _ada_norm_bwd)
 
 
