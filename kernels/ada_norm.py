@@ -28,7 +28,8 @@ sum dy * n, sum dy, sum dh_total * x (dgate wanted), S (dw wanted). The glue ker
 dshift[b], dgate[b], and dw, db in the same pass: the backward's one glue launch (roofline.py).
 
 Rows stay in registers (one pass): D <= ADA_ONE_PASS_MAX forward, ADA_BWD_ONE_PASS_MAX backward
-(config.py); wider rows run the torch backend (``supported``).
+(ADA_BWD_HALF_ONE_PASS_MAX for 16-bit h without dgate's sum, config.py); wider rows run the torch
+backend (``supported``).
 
 Bytes, for M = B*T rows of D elements of e bytes (scale/shift/gate: B*D*e each, negligible):
     forward     read x (+ r): M*D*e each; write y (+ h): M*D*e each; mean, rstd: 4*M each (training)
@@ -44,7 +45,7 @@ import triton.language as tl
 from normops.core import casting_dtypes
 
 from .common import acc_type, dense, launch, stat_dtype
-from .config import AdaNormConfig, ParamGradsConfig, ada_norm_bwd_programs, programs_per_wave
+from .config import AdaNormConfig, ada_norm_bwd_programs, programs_per_wave
 from .row_norm import _TL, _add2
 
 
@@ -287,10 +288,11 @@ def _ada_norm_param_grads_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def supported(x, backward=False):
-    """Whether the (backward) kernels take x [B, T, D]: rows in registers up to config.ADA_ONE_PASS_MAX
-    (ADA_BWD_ONE_PASS_MAX)."""
-    return AdaNormConfig.fits(x.shape[-1], backward)
+def supported(x, backward=False, gated=False, h=None):
+    """Whether the (backward) kernels take x [B, T, D] (h: the saved residual stream, or None): rows
+    in registers up to config.ADA_ONE_PASS_MAX (backward: ADA_BWD_ONE_PASS_MAX, or
+    ADA_BWD_HALF_ONE_PASS_MAX for 16-bit h when dgate is not wanted (``gated``): three sums, not four)."""
+    return AdaNormConfig.fits(x.shape[-1], backward, gated, (x if h is None else h).element_size())
 
 
 def _last_contiguous(t):
@@ -334,7 +336,7 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     """The triton backend's ada_norm backward: (dx, dresidual, dgate, dscale, dshift, dweight,
     dbias), None where ``output_mask`` says no; dshift in scale's dtype (the op casts it). Two
     launches: the backward kernel (dx, dresidual, per-program partial rows), then the glue kernel
-    (``grads_config``: a ParamGradsConfig, else its heuristic's) that sums them."""
+    (``grads_config``: a ParamGradsConfig, else AdaNormConfig.glue's) that sums them."""
     dy, x = dy.contiguous(), x.contiguous()
     hn = x if h is None else h.contiguous()
     dh = None if dh is None or h is None else dh.contiguous()
@@ -362,7 +364,7 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     dgate = torch.empty((B, D), dtype=gate.dtype, device=x.device) if want_dg else None
     dw = torch.empty((D,), dtype=weight.dtype, device=x.device) if want_dw else None
     db = torch.empty((D,), dtype=bias.dtype, device=x.device) if want_db else None
-    pg = grads_config or ParamGradsConfig.make(D, p)
+    pg = grads_config or AdaNormConfig.glue(D, p)
     launch(_ada_norm_param_grads_kernel, (triton.cdiv(D, pg.block_n),), part, scale, dscale, dshift,
            dgate if dgate is not None else dscale, dw if dw is not None else dscale, db if db is not None else dscale,
            B, p, D, num_warps=pg.num_warps, HD=_TL[hn.dtype], TORCH_CASTING=flags["TORCH_CASTING"],
