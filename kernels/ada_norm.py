@@ -46,7 +46,7 @@ from normops.core import casting_dtypes
 
 from .common import acc_type, dense, launch, stat_dtype
 from .config import AdaNormConfig, ada_norm_bwd_programs, programs_per_wave
-from .row_norm import _TL, _add2
+from .row_norm import TL_DTYPES, add_pair
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def _ada_norm_bwd_kernel(
                 if HAS_W:
                     g0 = g0 * tl.load(W).to(ACC)
                 g = tl.where(mask, g - g0[:, None], 0.0)
-                c1, c2 = tl.reduce((g * x_hat, g), 1, _add2)
+                c1, c2 = tl.reduce((g * x_hat, g), 1, add_pair)
                 dht = (g - c2[:, None] / D - x_hat * (c1[:, None] / D)) * rstd[:, None]
             if HAS_DH:
                 dht += tl.load(DH + offs, mask=mask, other=0.0).to(ACC)
@@ -304,7 +304,7 @@ def _casting(casting, hd, weight):
     and XHAT, the dtype x_hat is rounded to before the weight ("t5": a half weight's, by
     normops.core.casting_dtypes; else the accumulation type: no rounding)."""
     xhat = casting_dtypes("t5", hd, None if weight is None else weight.dtype)[0] if casting == "t5" else None
-    return dict(TORCH_CASTING=casting in ("torch", "t5"), XHAT=_TL[xhat] if xhat else acc_type(hd))
+    return dict(TORCH_CASTING=casting in ("torch", "t5"), XHAT=TL_DTYPES[xhat] if xhat else acc_type(hd))
 
 
 def ada_norm_fwd(x, residual, gate, scale, shift, weight, bias, eps, rms, casting, need_stats, *, config=None):
@@ -367,7 +367,7 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     pg = grads_config or AdaNormConfig.glue(D, p)
     launch(_ada_norm_param_grads_kernel, (triton.cdiv(D, pg.block_n),), part, scale, dscale, dshift,
            dgate if dgate is not None else dscale, dw if dw is not None else dscale, db if db is not None else dscale,
-           B, p, D, num_warps=pg.num_warps, HD=_TL[hn.dtype], TORCH_CASTING=flags["TORCH_CASTING"],
+           B, p, D, num_warps=pg.num_warps, HD=TL_DTYPES[hn.dtype], TORCH_CASTING=flags["TORCH_CASTING"],
            WANT_DG=want_dg, WANT_DW=want_dw, WANT_DB=want_db, BLOCK_P=pg.block_g, BLOCK_N=pg.block_n, ACC=acc)
     grads = (dx, dr, dgate, dscale, dshift, dw, db)
     return tuple(g if want else None for g, want in zip(grads, output_mask))
