@@ -270,6 +270,10 @@ def _describe(job):
         unaligned = "" if s_aligned else " C%16" if c.block_s == 1 else " S%16"
         return (f"{'train' if training else 'eval '} tile={c.block_n}x{c.block_c}x{c.block_s}{unaligned} "
                 f"{'one_pass' if c.one_pass else 'looped'}")
+    if job.kernel == "ada_norm_param_grads":
+        c = job.config
+        pg = _ada_glue_config(c.block_n)
+        return f"sum [B, P, K, {c.block_n}]: {pg.block_g}x{pg.block_n} tiles"
     if job.kernel.startswith("ada_"):
         c = job.config
         return f"rows={c.block_m} block_n={c.block_n}"
@@ -420,7 +424,13 @@ def batch_norm_jobs(targets, exhaustive=False):
 # casting (its roundings), and RMSNorm alone. (name, IS_RMS, weight/bias, residual+gate, casting)
 ADA_WIDTHS = [64, 1152, 1536, 3072, 4096, 8192]
 ADA_VARIANTS = [("ada_layer_norm+residual+gate", False, True, True, "torch"),
-                ("ada_layer_norm", False, False, False, "fp32"), ("ada_rms_norm+residual+gate", True, True, True, "fp32")]
+                ("ada_layer_norm", False, False, False, "fp32"), ("ada_rms_norm+residual+gate", True, True, True, "fp32"),
+                ("ada_layer_norm+affine", False, True, False, "torch"), ("ada_rms_norm+weight", True, True, False, "t5")]
+
+
+def _ada_glue_config(d):
+    """The glue kernel's largest tile at width d (ParamGradsConfig at many programs): its most registers."""
+    return AdaNormConfig.glue(d, 2 ** 20)
 
 
 def _ada_launches(job):
@@ -435,7 +445,8 @@ def _ada_launches(job):
     else:
         rstd = _meta((2, 4), torch.float32)
         ada_norm.ada_norm_bwd(x, x if gated else None, x, x if gated else None, g, row, w, b,
-                              None if rms else rstd, rstd, rms, casting, [True] * 7, config=job.config)
+                              None if rms else rstd, rstd, rms, casting, [True] * 7, config=job.config,
+                              grads_config=_ada_glue_config(d))
     return ("T", "stride_xt", "stride_rt"), ()
 
 
@@ -444,9 +455,11 @@ def ada_norm_jobs(targets):
     jobs = []
     for target, (variant, *_), dtype, d in itertools.product(targets, ADA_VARIANTS, ("bf16", "fp32"), ADA_WIDTHS):
         jobs.append(Job("ada_norm_fwd", variant, dtype, AdaNormConfig.forward(d), target))
-        if AdaNormConfig.fits(d, backward=True):  # wider: the torch backward runs (config.ADA_BWD_ONE_PASS_MAX)
-            jobs.append(Job("ada_norm_bwd", variant, dtype,
-                            dataclasses.replace(AdaNormConfig.backward(d), programs=4), target))
+        gated = next(v for v in ADA_VARIANTS if v[0] == variant)[3]
+        if AdaNormConfig.fits(d, True, gated, DTYPE[dtype].itemsize):  # wider: the torch backward (config.py)
+            bwd = dataclasses.replace(AdaNormConfig.backward(d), programs=4)
+            jobs.append(Job("ada_norm_bwd", variant, dtype, bwd, target))
+            jobs.append(Job("ada_norm_param_grads", variant, dtype, bwd, target))
     return jobs
 
 

@@ -509,17 +509,25 @@ class BatchNormConfig:
 # --- adaLN modulation (kernels/ada_norm.py) -----------------------------------------------------
 # Whole rows in registers, forward and backward, as the row norms' one-pass kernels (same packing:
 # RowNormConfig's block_m/num_warps rule). The forward holds about what the row norm's does (x, h, y
-# plus per-sample scale/shift/gate rows), so the same 256 elements a warp. The backward holds five
-# per-program accumulators (dscale, dshift, dgate, dw, db) and the w, bias, gate, 1 + scale rows on
-# top of the row norm's working set: python -m normops.kernels.aot --families ada_norm (sm_90, triton
-# 3.9) shows 116-128 registers at 8192 and 344-352 bytes of stack spills with residual + gate, none at
-# 4096 (118 registers). Wider rows: the forward runs its kernel to ADA_ONE_PASS_MAX (62-90 registers
-# at 8192), the backward the torch backend past ADA_BWD_ONE_PASS_MAX (ada_norm.supported), and both
-# past ADA_ONE_PASS_MAX. (Deriving db and dw from per-sample sums would free two accumulators.)
+# plus per-sample scale/shift/gate rows), so the same 256 elements a warp: 32-88 registers to 8192
+# (python -m normops.kernels.aot --families ada_norm, sm_90, triton 3.9). The backward holds up to
+# four per-program column sums (dscale's, dshift's, dw's S and, with a gate, dgate's; dw and db come
+# from per-sample sums in the glue) on top of the row norm's working set: at 4096, 76-109 registers
+# whatever the flags; at 8192 (16 values a thread a row) three sums fit with 16-bit h (124 registers,
+# no spills: LayerNorm with weight and bias, "torch" casting, bf16), not with fp32 h (8-16 bytes of
+# spills) nor with dgate's fourth (112-288 bytes with residual + gate). So the backward runs its
+# kernel to ADA_BWD_ONE_PASS_MAX, to ADA_BWD_HALF_ONE_PASS_MAX for fp16/bf16 h without a dgate
+# (diffusers' adaLN twins, normops.hf, call it without a gate), the torch backend past them
+# (ada_norm.supported); both past ADA_ONE_PASS_MAX.
 ADA_ONE_PASS_MAX = 8192
 ADA_BWD_ONE_PASS_MAX = 4096
+ADA_BWD_HALF_ONE_PASS_MAX = 8192
 # The backward's grid (P, B): P programs a sample, B * P about one wave (programs_per_wave), never
 # more than the sample has row blocks (every program writes its partial rows).
+# The glue (its one launch) sums up to four [P, block_n] arrays at once, not the row norms' two:
+# tiles of 1024 (8 values a thread an array at 4 warps); ParamGradsConfig's 2048 took 128 registers
+# and spilled 8 bytes at 8192 (sm_90).
+ADA_GLUE_TILE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,8 +541,17 @@ class AdaNormConfig:
     programs: int = None
 
     @staticmethod
-    def fits(d, backward=False):
-        return d <= (ADA_BWD_ONE_PASS_MAX if backward else ADA_ONE_PASS_MAX)
+    def fits(d, backward=False, gated=False, itemsize=4):
+        """Whether rows of d fit the (backward) kernel; backward: with a dgate wanted (gated), h of itemsize bytes."""
+        if not backward:
+            return d <= ADA_ONE_PASS_MAX
+        return d <= (ADA_BWD_HALF_ONE_PASS_MAX if itemsize <= 2 and not gated else ADA_BWD_ONE_PASS_MAX)
+
+    @staticmethod
+    def glue(d, programs):
+        """The glue kernel's ParamGradsConfig: ParamGradsConfig's columns, ADA_GLUE_TILE tiles."""
+        pg = ParamGradsConfig.make(d, programs)
+        return ParamGradsConfig(max(1, min(pg.block_g, ADA_GLUE_TILE // pg.block_n)), pg.block_n, pg.num_warps)
 
     @classmethod
     def forward(cls, d):

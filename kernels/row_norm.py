@@ -740,6 +740,7 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     return dx, dw, db, dg, dr
 
 
-# The fixed-order sum of [groups, programs, k, n] partials, shared with kernels/ada_norm.py (its
-# per-sample dscale/dshift/dgate sums, GROUPED by sample, and dw/db over every program).
-row_norm_param_grads_kernel = _row_norm_param_grads_kernel
+# Shared with kernels/ada_norm.py: the torch -> Triton dtypes, and the pair sum of its two row
+# reductions taken together (LayerNorm's dx).
+TL_DTYPES = _TL
+add_pair = _add2

@@ -356,7 +356,7 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], normalized_shape: Sequ
 
 # --- adaLN modulation (DiT, SD3, Flux) -----------------------------------------------------------
 
-_ADA_CASTINGS = ("fp32", "torch")
+_ADA_CASTINGS = ("fp32", "torch", "t5")  # "t5": ada_rms_norm's only (diffusers' RMSNorm)
 
 
 def _per_sample(name, t, b, d):
@@ -388,8 +388,10 @@ def _ada_norm(input, scale, shift, eps, weight, bias, residual, gate, casting, r
     if gate is not None and residual is None:
         raise ValueError("gate multiplies the input before the residual add (h = residual + gate * input): "
                          "it needs a residual")
-    if casting not in _ADA_CASTINGS:
-        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, _ADA_CASTINGS))}")
+    castings = _ADA_CASTINGS if rms else _ADA_CASTINGS[:2]
+    if casting not in castings:
+        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, castings))}"
+                         + ("" if casting != "t5" else " (\"t5\" is RMSNorm's: ada_rms_norm)"))
     hd = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     if eps is None:  # torch's rms_norm default: the epsilon of the dtype it computes in
         eps = torch.finfo(torch.float64 if hd == torch.float64 else torch.float32).eps
@@ -430,7 +432,11 @@ def ada_rms_norm(input: Tensor, scale: Tensor, shift: Tensor, eps: Optional[floa
                  weight: Optional[Tensor] = None, *, residual: Optional[Tensor] = None, gate: Optional[Tensor] = None,
                  casting: str = "fp32"):
     """``ada_layer_norm`` with RMSNorm (no centering, no bias): y = rms_norm(h, (D,), weight, eps) *
-    (1 + scale[:, None]) + shift[:, None]; eps None: torch's rms_norm default."""
+    (1 + scale[:, None]) + shift[:, None]; eps None: torch's rms_norm default. One more casting,
+    "t5": "torch"'s roundings with diffusers' RMSNorm for the norm (T5LayerNorm's rounding: x_hat
+    rounded to a float16/bfloat16 weight's dtype before the weight multiply; no weight: to h's
+    dtype), i.e. diffusers' ``RMSNorm(x) * (1 + scale)[:, None] + shift[:, None]`` (its
+    AdaLayerNormContinuous with norm_type="rms_norm") when the weight, if any, is in h's dtype."""
     if has_torch_function_variadic(input, scale, shift, weight, residual, gate):
         return handle_torch_function(ada_rms_norm, (input, scale, shift, weight, residual, gate), input, scale,
                                      shift, eps, weight, residual=residual, gate=gate, casting=casting)

@@ -168,9 +168,15 @@ def _fp32_layer_norm(self, inputs):
 # (an fp32 Linear on bf16 activations, autocast: torch promotes the product) the twin runs that composition.
 
 def _modulate(norm, x, scale, shift):
-    """``norm(x) * (1 + scale[:, None]) + shift[:, None]`` for scale, shift (B, D), x (B, *, D), norm a LayerNorm."""
-    if scale.dtype != x.dtype or shift.dtype != x.dtype or x.dim() < 2 or scale.dim() != 2:
+    """``norm(x) * (1 + scale[:, None]) + shift[:, None]`` for scale, shift (B, D), x (B, *, D), norm a LayerNorm
+    or diffusers' RMSNorm (no bias; ada_rms_norm's casting "t5" is its rounding). A weight in another dtype
+    than x makes diffusers' RMSNorm round to the weight's dtype (half) or return fp32: the composition then."""
+    rms = not isinstance(norm, nn.LayerNorm)
+    mixed = rms and norm.weight is not None and norm.weight.dtype != x.dtype
+    if scale.dtype != x.dtype or shift.dtype != x.dtype or x.dim() < 2 or scale.dim() != 2 or mixed:
         return norm(x) * (1 + scale[:, None]) + shift[:, None]
+    if rms:
+        return F.ada_rms_norm(x, scale, shift, norm.eps, norm.weight, casting="t5")
     return F.ada_layer_norm(x, scale, shift, norm.eps, norm.weight, norm.bias, casting="torch")
 
 
@@ -191,7 +197,8 @@ def _ada_zero_single(self, x, emb=None):
 
 
 def _ada_continuous(self, x, conditioning_embedding):
-    """AdaLayerNormContinuous (SD3's and Flux's output norm) with a LayerNorm."""
+    """AdaLayerNormContinuous (SD3's and Flux's output norm) with a LayerNorm or (norm_type="rms_norm")
+    diffusers' RMSNorm."""
     emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
     scale, shift = torch.chunk(emb, 2, dim=1)
     return _modulate(self.norm, x, scale, shift)
@@ -279,10 +286,9 @@ def _inner_norm_check(m):
         return f"its norm fuses an activation ({norm.activation!r})"
     if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
         return None
-    if norm is not None and DIFFUSERS_RMS in candidates(norm):
-        # ada_rms_norm's casting="torch" rounds the norm's output once; diffusers' RMSNorm rounds x_hat to a
-        # half weight's dtype, then the product: >1 ulp apart in bf16. Its RMSNorm is converted on its own.
-        return "its norm is diffusers' RMSNorm, whose double rounding ada_rms_norm does not reproduce"
+    if norm is not None and DIFFUSERS_RMS in candidates(norm):  # _modulate: ada_rms_norm's casting "t5"
+        why = _diffusers_rms_check(norm) or ("its RMSNorm has a bias" if norm.bias is not None else None)
+        return None if why is None else f"its norm is diffusers' RMSNorm: {why}"
     return f"its norm is a {type(norm).__name__}, not a LayerNorm over one dimension"
 
 

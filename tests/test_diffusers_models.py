@@ -105,6 +105,13 @@ CLASSES = {
     "ada-continuous-no-affine": (lambda: dn.AdaLayerNormContinuous(D, E, elementwise_affine=False, eps=1e-6),
                                  "ada-continuous", "ada_layer_norm",
                                  lambda dt: (_x(2, 8, D, dtype=dt), _x(2, E, dtype=dt, seed=4))),
+    # norm_type="rms_norm": diffusers' RMSNorm, fused by ada_rms_norm's casting "t5"
+    "ada-continuous-rms": (lambda: dn.AdaLayerNormContinuous(D, E, norm_type="rms_norm"), "ada-continuous",
+                           "ada_rms_norm", lambda dt: (_x(2, 8, D, dtype=dt), _x(2, E, dtype=dt, seed=4))),
+    "ada-continuous-rms-no-affine": (lambda: dn.AdaLayerNormContinuous(D, E, elementwise_affine=False, eps=1e-6,
+                                                                       norm_type="rms_norm"),
+                                     "ada-continuous", "ada_rms_norm",
+                                     lambda dt: (_x(2, 8, D, dtype=dt), _x(2, E, dtype=dt, seed=4))),
     "ada-one-embedding": (lambda: dn.AdaLayerNorm(D, num_embeddings=10), "ada", "ada_layer_norm",
                           lambda dt: (_x(2, 8, D, dtype=dt), torch.tensor(5))),
     "ada-per-sample": (lambda: dn.AdaLayerNorm(E, output_dim=2 * D, chunk_dim=1), "ada", "ada_layer_norm",
@@ -189,20 +196,13 @@ def test_left_with_the_reason():
     _, report = normops.convert(nn.ModuleDict({"adaln": single}), report=True)
     assert [(r.path, r.twin) for r in report.rows] == [("adaln", "")]
     assert "no norm inside" in report.rows[0].reason
-    # diffusers' RMSNorm in AdaLayerNormContinuous: the adaLN module is left, its RMSNorm converted alone
-    cont = perturbed(dn.AdaLayerNormContinuous(D, E, norm_type="rms_norm"))
-    converted, report = normops.convert(nn.ModuleDict({"out": copy.deepcopy(cont)}), report=True)
-    assert [(r.path, bool(r.twin)) for r in report.rows] == [("out", False), ("out.norm", True)]
-    assert "RMSNorm" in report.rows[0].reason
-    x = (_x(2, 8, D), _x(2, E, seed=4))
-    assert_close(converted["out"](*x), cont(*x), **FP32)
 
 
 def test_inspect_lists_adaln_modules_not_their_inner_norm():
     model = nn.ModuleDict({"a": dn.AdaLayerNormZero(D), "b": dn.AdaLayerNormContinuous(D, E, norm_type="rms_norm")})
     for m in (model, normops.convert(copy.deepcopy(model))):
         layers = {layer.name: layer for layer in normops.inspect(m).layers}
-        assert sorted(layers) == ["a", "b", "b.norm"]  # b is left by convert: its RMSNorm is a norm of its own
+        assert sorted(layers) == ["a", "b"]  # b's RMSNorm is b's: ada_rms_norm fuses it (casting "t5")
         assert "emb=" in layers["a"].shape
 
 

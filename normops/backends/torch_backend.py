@@ -572,8 +572,9 @@ def batch_norm_bwd(dy, x, weight, bias, running_mean, running_var, save_mean, sa
 
 # --- adaLN modulation (normops::ada_norm): DiT's adaLN-Zero block step ------------------------------
 # x [B, T, D]; gate, scale, shift [B, D]. h = residual + gate[b] * x (with a residual), y = norm(h) *
-# (1 + scale[b]) + shift[b]. A composition of torch ops in the statistics dtype, so the casting "torch"
-# is diffusers' own composition, op for op, in h's dtype (bit for bit). The math and the rounding rule:
+# (1 + scale[b]) + shift[b]. A composition of torch ops in the statistics dtype; the casting "torch"
+# is diffusers' own composition, op for op, in h's dtype (bit for bit), "t5" the same with diffusers'
+# RMSNorm (x_hat rounded to a half weight's dtype before the weight). The math and the rounding rule:
 # normops/backends/numpy_backend/ada_norm.py.
 
 def _ada_h(x, residual, gate, casting):
@@ -581,7 +582,7 @@ def _ada_h(x, residual, gate, casting):
     if residual is None:
         return None
     hd = torch.promote_types(x.dtype, residual.dtype)
-    if casting == "torch":  # diffusers: gate.unsqueeze(1) * x + residual, each op in h's dtype
+    if casting in ("torch", "t5"):  # diffusers: gate.unsqueeze(1) * x + residual, each op in h's dtype
         gx = x.to(hd) if gate is None else gate.to(hd).unsqueeze(1) * x.to(hd)
         return gx + residual.to(hd)
     sd = stat_dtype(x if hd == x.dtype else residual)
@@ -590,33 +591,42 @@ def _ada_h(x, residual, gate, casting):
 
 
 def _ada_stats(h, eps, rms):
-    """(mean or None, rstd), [B, T], in the statistics dtype."""
+    """(mean or None, rstd), [B, T], in the statistics dtype. LayerNorm's about each row's first h
+    (kernels/row_norm.py's pivot): a constant row's mean is exact, so its x_hat is 0 exactly."""
     hs = h.to(stat_dtype(h))
     if rms:
         return None, torch.rsqrt(hs.square().mean(-1) + eps)
-    var, mean = torch.var_mean(hs, -1, correction=0)
-    return mean, torch.rsqrt(var + eps)
+    pivot = hs[..., :1]
+    var, mean = torch.var_mean(hs - pivot, -1, correction=0)
+    return mean + pivot.squeeze(-1), torch.rsqrt(var + eps)
 
 
-def _ada_n(h, weight, bias, mean, rstd):
-    """n = norm(h) * w + b in the statistics dtype, and x_hat."""
+def _ada_xhat_dtype(casting, dtype, weight):
+    """The dtype x_hat is rounded to before the weight: "t5"'s (a half weight's, core.casting_dtypes), else None."""
+    return casting_dtypes("t5", dtype, None if weight is None else weight.dtype)[0] if casting == "t5" else None
+
+
+def _ada_n(h, weight, bias, mean, rstd, xhat_dtype=None):
+    """(n = norm(h) * w + b, x_hat, x_hat as rounded to xhat_dtype before the weight) in the statistics dtype."""
     hs = h.to(stat_dtype(h))
     x_hat = (hs if mean is None else hs - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    n = x_hat if weight is None else x_hat * weight.to(hs.dtype)
-    return (n if bias is None else n + bias.to(hs.dtype)), x_hat
+    x_r = _rounded(x_hat, xhat_dtype)
+    n = x_r if weight is None else x_r * weight.to(hs.dtype)
+    return (n if bias is None else n + bias.to(hs.dtype)), x_hat, x_r
 
 
 def ada_norm_fwd(x, residual, gate, scale, shift, weight, bias, eps, rms, casting, need_stats):
     h = _ada_h(x, residual, gate, casting)
     inp = x if h is None else h
     mean, rstd = _ada_stats(inp, eps, rms)
-    if casting == "torch":  # torch's own norm in h's dtype, then each op rounded as diffusers' are
+    if casting in ("torch", "t5"):  # the norm in h's dtype as torch's (or diffusers' RMSNorm), then each op rounded
         D = inp.shape[-1]
-        if inp.device.type == "cpu" or all(t is None or t.dtype == inp.dtype for t in (weight, bias)):
+        if casting == "torch" and (inp.device.type == "cpu" or all(t is None or t.dtype == inp.dtype
+                                                                   for t in (weight, bias))):
             n = torch.rms_norm(inp, (D,), weight, eps) if rms else torch.layer_norm(inp, (D,), weight, bias, eps)
             n = n.to(inp.dtype)  # fp32 parameters may promote it
         else:
-            n = _ada_n(inp, weight, bias, mean, rstd)[0].to(inp.dtype)
+            n = _ada_n(inp, weight, bias, mean, rstd, _ada_xhat_dtype(casting, inp.dtype, weight))[0].to(inp.dtype)
         y = n * (1 + scale.to(inp.dtype).unsqueeze(1)) + shift.to(inp.dtype).unsqueeze(1)
     else:
         n = _ada_n(inp, weight, bias, mean, rstd)[0]
@@ -635,15 +645,19 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     sd = stat_dtype(inp)
     if eps is not None:
         mean, rstd = _ada_stats(inp, eps, rms)
-    n, x_hat = _ada_n(inp, weight, bias, mean, rstd)
+    n, x_hat, x_r = _ada_n(inp, weight, bias, mean, rstd, _ada_xhat_dtype(casting, inp.dtype, weight))
     dyf = dy.to(sd)
     one_plus = 1 + scale.to(sd).unsqueeze(1)
-    if casting == "torch":  # the factors as the forward rounded them (straight-through otherwise)
+    if casting in ("torch", "t5"):  # the factors as the forward rounded them (straight-through otherwise)
         n, one_plus = _rounded(n, inp.dtype), _rounded(one_plus, inp.dtype)
     dn = dyf * one_plus
     g = dn if weight is None else dn * weight.to(sd)
     gx = (g * x_hat).mean(-1, keepdim=True)
-    dht = rstd.unsqueeze(-1) * (g - x_hat * gx if rms else g - g.mean(-1, keepdim=True) - x_hat * gx)
+    if rms:
+        dht = rstd.unsqueeze(-1) * (g - x_hat * gx)
+    else:  # mean(g) about each row's first g (the kernels' g0): a constant g gives exactly 0
+        gc = g - g[..., :1]
+        dht = rstd.unsqueeze(-1) * (gc - gc.mean(-1, keepdim=True) - x_hat * gx)
     if dh is not None:
         dht = dht + dh.to(sd)
     with_gate = gate is not None and h is not None
@@ -651,6 +665,6 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
              None if h is None else dht,
              (dht * x.to(sd)).sum(1) if with_gate else None,
              (dyf * n).sum(1), dyf.sum(1),
-             None if weight is None else (dn * x_hat).sum((0, 1)),
+             None if weight is None else (dn * x_r).sum((0, 1)),
              None if bias is None else dn.sum((0, 1)))
     return tuple(g_ if want else None for g_, want in zip(grads, output_mask))

@@ -119,9 +119,11 @@ def ada_norm_fwd(x, *args):
 
 @_on_its_device
 def ada_norm_bwd(dy, dh, x, *args):
-    # its accumulators spill past ADA_BWD_ONE_PASS_MAX (kernels/config.py): the torch backward there,
-    # from the kernels' statistics (the same [B, T] fp32 mean and rstd)
-    if fallback("ada_norm", x) or not _ada_norm.supported(x, backward=True):
+    # its accumulators spill past ADA_BWD_ONE_PASS_MAX (ADA_BWD_HALF_ONE_PASS_MAX for 16-bit h without
+    # dgate's, kernels/config.py): the torch backward there, from the kernels' statistics (the same
+    # [B, T] fp32 mean and rstd). args: h, gate, ..., output_mask
+    h, gated = args[0], args[0] is not None and args[1] is not None and args[-1][2]
+    if fallback("ada_norm", x) or not _ada_norm.supported(x, backward=True, gated=gated, h=h):
         return torch_backend.ada_norm_bwd(dy, dh, x, *args)
     return _ada_norm.ada_norm_bwd(dy, dh, x, *args)
 

@@ -6,8 +6,8 @@ and its backward ``normops::ada_norm_backward``.
     y = norm(h; w, b, eps) * (1 + scale[b]) + shift[b]        LayerNorm, or RMSNorm (``rms``)
 
 returns (y, h or absent, mean or absent, rstd or absent). ``casting``: "fp32" (every step in the
-statistics dtype, one rounding at the end) or "torch" (each step rounded to h's dtype as diffusers'
-torch composition rounds it); the math and the rounding rule: ``normops/backends/numpy_backend/ada_norm.py``.
+statistics dtype, one rounding at the end), "torch" (each step rounded to h's dtype as diffusers'
+torch composition rounds it) or "t5" ("torch" with diffusers' RMSNorm's x_hat rounding); the math and the rounding rule: ``normops/backends/numpy_backend/ada_norm.py``.
 ``normops.functional.ada_layer_norm`` / ``ada_rms_norm`` flatten the input's middle dims into T.
 
 The backward op returns (dx, dresidual, dgate, dscale, dshift, dweight, dbias): dx in x's dtype,
@@ -35,7 +35,7 @@ class AdaNormSpec:
     """The non-tensor arguments of an ada norm."""
     eps: float
     rms: bool = False
-    casting: str = "fp32"  # "fp32" (one rounding, at the end) or "torch" (diffusers' roundings)
+    casting: str = "fp32"  # "fp32" (one rounding, at the end), "torch" (diffusers' roundings) or "t5"
 
 
 def _h_dtype(x, residual):
@@ -181,6 +181,11 @@ def _ada_norm_double_backward(ctx, *cotangents):
 
 ada_norm_op.register_autograd(_ada_norm_bwd, setup_context=_ada_norm_setup)
 ada_norm_backward_op.register_autograd(_ada_norm_double_backward, setup_context=_ada_norm_backward_setup)
+# AMP: under CUDA autocast torch runs layer_norm in fp32, so diffusers' composition modulates in fp32;
+# normops does the same, as for its row norms (ops.register_autograd). Under CPU autocast torch's norms
+# keep the input dtype: no CPU registration.
+if hasattr(torch.library, "register_autocast"):
+    torch.library.register_autocast(ada_norm_op.qualname, "cuda", torch.float32)
 _AdaNorm = ops.function("AdaNorm", _run, _ada_norm_setup, _ada_norm_bwd)
 
 
