@@ -66,8 +66,8 @@ def test_apply_takes_given_statistics(path):
 
 
 # --- offsets past int32 -----------------------------------------------------------------------
-# A sample of 2**31 elements or more takes the LARGE flag: C and S as int64 in the kernels, so every
-# offset and count computed from them is int64. A real one is 4 GiB in bf16 (its input, again its
+# A sample of 2**31 elements or more takes the LARGE flag: int64 row starts (a channel's, NCHW; a
+# position's, channels_last) and int32 offsets within them, and an int64 group size. A real one is 4 GiB in bf16 (its input, again its
 # output), past what the interpreter can run here: these run the LARGE code at small shapes (the
 # threshold lowered to 0), and the same results as the int32 code's, bit for bit, say the int64
 # arithmetic computes the same offsets. (The real size: the GPU run, and the torch backend's test
