@@ -11,7 +11,9 @@ Math, per group (n, g):
                dmean = sum(d) / L      mean = x0 + dmean      var = sum((d - dmean)^2) / L
                rstd = 1 / sqrt(var + eps)        x_hat = (d - dmean) * rstd
                z = x_hat * w[c] + b[c]          y = act(z)
-               (PER_SAMPLE: w[n, c], b[n, c], ada_group_norm's modulation 1 + scale, shift)
+               (PER_SAMPLE: w[n, c], b[n, c], ada_group_norm's modulation 1 + scale, shift;
+               TORCH_CASTING: x_hat, x_hat * w and z rounded to y's dtype in turn, diffusers'
+               AdaGroupNorm's steps; the backward is the same, the roundings straight-through)
                The pivot keeps the mean's rounding small at a large offset (sum(x) / L rounds at
                the sum's magnitude: x = -50 + 0.01 randn lost 3 digits) and exact for a constant
                group (mean == x, so x_hat == 0 and dw == 0 exactly, as torch's).
@@ -256,13 +258,27 @@ def _group_norm_stats_combine_kernel(
 
 
 @triton.jit
-def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C, ACT: tl.constexpr,
-                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, LARGE: tl.constexpr):
-    """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin)."""
+def _torch_steps(x_hat, w, b, DT: tl.constexpr):
+    """z = x_hat * w + b rounded as diffusers' AdaGroupNorm rounds it in dtype DT (the "torch"
+    casting): group_norm's output, then the product with w (1 + scale, rounded by the caller),
+    then the sum; each rounded to DT and back."""
+    p = (x_hat.to(DT).to(x_hat.dtype) * w).to(DT).to(x_hat.dtype)
+    return (p + b).to(DT).to(x_hat.dtype)
+
+
+@triton.jit
+def _normalize_tile(X, Y, base, chan, cmask, shift, scale, rstd, w, b, s0, s_begin, S, C, ACT: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, LARGE: tl.constexpr,
+                    TORCH_CASTING: tl.constexpr):
+    """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin); scale is
+    rstd * w (TORCH_CASTING: the steps rounded, _torch_steps)."""
     tbase, offs, mask = _tile(chan, cmask, base, s0, S, C, CHANNELS_LAST, BLOCK_S, LARGE)
     mask = mask & (s0 + tl.arange(0, BLOCK_S) >= s_begin)[None, None, :]
     x = tl.load(X + tbase + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-    z = (x - shift[:, None, None]) * scale + b
+    if TORCH_CASTING:
+        z = _torch_steps((x - shift[:, None, None]) * rstd[:, None, None], w, b, Y.dtype.element_ty)
+    else:
+        z = (x - shift[:, None, None]) * scale + b
     tl.store(Y + tbase + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -282,6 +298,7 @@ def _group_norm_fwd_kernel(
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
     ACC: tl.constexpr,
     LARGE: tl.constexpr,  # a sample of 2**31 elements or more (_tile)
+    TORCH_CASTING: tl.constexpr,  # ada_group_norm's casting "torch": each step rounded (_torch_steps)
 ):
     """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
     (ONE_PASS and SPLIT off: the group's statistics loop, then the normalize loop re-reading the
@@ -318,14 +335,18 @@ def _group_norm_fwd_kernel(
         w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
         scale = rstd[:, None, None] * w
         if ONE_PASS and not STATS_IN:
-            tl.store(Y + tbase + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
+            if TORCH_CASTING:
+                z = _torch_steps(xc * rstd[:, None, None], w, b, Y.dtype.element_ty)
+            else:
+                z = xc * scale + b
+            tl.store(Y + tbase + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
         else:
             shift = x0 + dmean
             for i in range(0, n_tiles, NORM_UNROLL):  # backwards: the last tiles read are the likeliest in L2
                 for u in tl.static_range(NORM_UNROLL):  # all masked before the chunk's start
-                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, b,
+                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, rstd, w, b,
                                     s_begin + (n_tiles - 1 - i - u) * BLOCK_S, s_begin, S, C, ACT, CHANNELS_LAST,
-                                    BLOCK_S, ACC, LARGE)
+                                    BLOCK_S, ACC, LARGE, TORCH_CASTING)
 
 
 @triton.jit
@@ -517,7 +538,8 @@ def _setup(x, num_groups, config, make):
     return x, cfg, (n, c, s, g), grid, tasks, geometry, tile
 
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, config=None):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, config=None,
+                   casting="fp32"):
     """The triton backend's group_norm forward (contract: normops/backends/__init__.py).
     `config` overrides the heuristic (tests use it to force the split path at small shapes)."""
     x, cfg, (n, c, s, g), grid, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
@@ -537,7 +559,8 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
         *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None,
         PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation],
         STORE_STATS=need_stats, INSTANCE=instance, STATS_IN=False, ONE_PASS=cfg.one_pass, SPLIT=split,
-        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll, **tile)
+        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll,
+        TORCH_CASTING=casting == "torch", **tile)
     return y, mean, rstd
 
 
@@ -571,7 +594,7 @@ def group_norm_apply(x, num_groups, mean, rstd, weight, bias, activation, config
         mean, rstd, y, *geometry, tasks, 0.0, HAS_W=weight is not None, HAS_B=bias is not None,
         PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation], STORE_STATS=False, INSTANCE=False,
         STATS_IN=True, ONE_PASS=False, SPLIT=split, BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll,
-        NORM_UNROLL=cfg.normalize_unroll, **tile)
+        NORM_UNROLL=cfg.normalize_unroll, TORCH_CASTING=False, **tile)
     return y
 
 

@@ -73,10 +73,12 @@ row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 
 
 @_on_its_device
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, casting="fp32"):
     if fallback("group_norm", x, num_groups):
-        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
-    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
+        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance,
+                                            casting)
+    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance,
+                                      casting=casting)
 
 
 @_on_its_device
