@@ -528,12 +528,14 @@ def _setup(x, num_groups, config, make):
     channels_last = fmt != torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     n, c, s, g = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
-    cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size())
+    large = c * s >= LARGE_OFFSETS
+    cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size(),
+                         large)
     n_gblocks = triton.cdiv(g, cfg.block_g)
     tasks = n_gblocks * cfg.split * n
     grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
-    tile = dict(LARGE=c * s >= LARGE_OFFSETS, CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g,
+    tile = dict(LARGE=large, CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g,
                 BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s, ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     return x, cfg, (n, c, s, g), grid, tasks, geometry, tile
 
