@@ -374,12 +374,12 @@ def group_norm_jobs(targets, exhaustive=False):
     # The same configurations with the LARGE flag (a sample of 2**31 elements or more: int64 row
     # starts, kernels/group_norm.py's _tile), for the two variants that spilled first when it cast
     # every offset: fp32 (the widest Welford state) and gelu over fp32 parameters.
-    # (GroupNormConfig.forward(large=True) gives channels_last no looped forward: those are left out.)
+    # (GroupNormConfig gives such a sample no looped kernels: those are left out.)
     large = [("group_norm", "fp32"), ("group_norm+gelu/w32", "bf16")]
-    looped_cl_fwd = lambda k, c: k == "gn_fwd" and c[1] and not c[0].one_pass and c[0].split == 1  # noqa: E731
+    looped = lambda c: not c[0].one_pass and c[0].split == 1  # noqa: E731
     jobs += [Job(kernel, variant, dtype, (*cfg[:2], True), target) for target in targets
              for kernel in ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd") for cfg in sorted(configs[kernel], key=order)
-             if not looped_cl_fwd(kernel, cfg) for variant, dtype in (large[:1] if kernel == "gn_stats" else large)]
+             if not looped(cfg) for variant, dtype in (large[:1] if kernel == "gn_stats" else large)]
     return jobs
 
 

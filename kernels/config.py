@@ -271,10 +271,12 @@ GN_MAX_SPLIT = 256
 # split_block] at a time (at 1024 a 16x64 combine spilled 8 bytes in the channels_last forward at
 # 4 warps).
 GN_COMBINE_TILE = 256
-# A sample of 2**31 elements or more (kernels/group_norm.py's LARGE flag: int64 row starts) in
-# channels_last takes the split forward, never the looped one: with LARGE the looped 4x8x128 tile
-# spilled 8-24 bytes on sm_80 (triton 3.9; sm_90 none), the split kernels none. Such a sample has
-# few groups to a batch anyway, where split is the pick.
+# A sample of 2**31 elements or more (kernels/group_norm.py's LARGE flag: int64 row starts) takes
+# the split kernels, never the looped ones: with LARGE the looped channels_last 4x8x128 forward
+# spilled 8-24 bytes on sm_80 (triton 3.9), and under triton 3.6 the NCHW 1x16x512 and 1x8x1024
+# fp32 forwards 8 bytes (sm_90), the channels_last 16x1x256 gelu backward 56-72 (sm_80, sm_90); the
+# split kernels none (python -m normops.kernels.aot). Such a sample has few groups to a batch
+# anyway, where split is the pick.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,10 +308,10 @@ class GroupNormConfig:
     def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):
         """sms: programs_per_wave(device, GN_LOOP_WARPS), one 16-warp program an SM (the SM count
         on a GPU); elem_bytes: the size of an element of x; large: a sample of 2**31 elements or
-        more (channels_last: no looped forward, see above)."""
+        more (not looped, see above)."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
-                         2, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else 2, large and channels_last)
+                         2, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else 2, large)
 
     @classmethod
     def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):
@@ -319,7 +321,7 @@ class GroupNormConfig:
         # 10 (triton 3.9) and 33 (3.6) one-pass tiles of the exhaustive grid; at 256, none.
         # Looped: x and dy are both re-read, twice the group's bytes in L2.
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256 if channels_last else 512,
-                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1)
+                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1, large)
 
     @classmethod
     def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll,
@@ -369,7 +371,8 @@ class GroupNormConfig:
         tasks = n * -(-groups // block_g)
         # programs a wave: sms x GN_SPLIT_PROGRAMS_PER_SM of 8 warps (of 4 warps, twice as many)
         programs = GN_SPLIT_PROGRAMS_PER_SM * LOOP_WARPS // warps * sms
-        split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // tasks)))
+        # no_loop: two chunks at least (one would be the looped kernels, at one program a task)
+        split = max(1, min(n_tiles, GN_MAX_SPLIT, max(-(-programs // tasks), 2 if no_loop else 1)))
         chunk = -(-n_tiles // split) * block_s
         split = -(-s // chunk)
         split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // (block_g * block_cg)))
