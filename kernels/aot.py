@@ -6,7 +6,8 @@ sm_90, without a GPU, and report registers, shared memory and spills (LOCAL) per
 
 Row norms: the configurations picked over the benchmark widths (they cover every one the heuristic
 has). GroupNorm: the ones picked for the benchmark shapes and a set of extremes (no spatial dims,
-1024 channels a group, a 1M-pixel instance plane...), in both layouts; --exhaustive takes every
+1024 channels a group, a 1M-pixel instance plane...), in both layouts, and each of them again with
+the LARGE flag (a sample of 2**31 elements or more), fp32 and gelu/w32; --exhaustive takes every
 configuration the heuristic picks over a grid of every power-of-two channels-per-group (1..1024),
 positions (1..4M) and group count (1..64), both layouts, batch 1 and 64 (about 1,500 a target).
 BatchNorm: the ones picked for the ResNet-50 benchmark shapes and a set of extremes, both layouts,
@@ -184,7 +185,7 @@ def _row_norm_launches(job):
 
 
 def _gn_launches(job):
-    cfg, channels_last = job.config
+    cfg, channels_last, large = job.config
     # placeholders: split (1, looped; 2, split) and chunk are runtime arguments
     cfg = dataclasses.replace(cfg, chunk=16)
     _, has_w, has_b, act = next(v for v in GN_VARIANTS if v[0] == job.variant.split("/")[0])
@@ -193,11 +194,16 @@ def _gn_launches(job):
     x = _meta((2, w.shape[0], 4, 4), dtype,
               memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     w, b = (w if has_w else None), (b if has_b else None)
-    if job.kernel in ("gn_stats", "gn_fwd"):
-        group_norm.group_norm_fwd(x, 2, w, b, 1e-5, act, True, instance=instance, config=cfg)
-    else:
-        stats = _meta((2, 2), torch.float32)
-        group_norm.group_norm_bwd(x, x, 2, w, b, stats, stats, act, (True, True, True), config=cfg)
+    threshold = group_norm.LARGE_OFFSETS
+    group_norm.LARGE_OFFSETS = 0 if large else threshold  # the placeholder sample takes LARGE when asked
+    try:
+        if job.kernel in ("gn_stats", "gn_fwd"):
+            group_norm.group_norm_fwd(x, 2, w, b, 1e-5, act, True, instance=instance, config=cfg)
+        else:
+            stats = _meta((2, 2), torch.float32)
+            group_norm.group_norm_bwd(x, x, 2, w, b, stats, stats, act, (True, True, True), config=cfg)
+    finally:
+        group_norm.LARGE_OFFSETS = threshold
     # InstanceNorm's Cg is 1
     return ("G", "Cg", "n_gblocks", "split", "n_tasks", "eps", "N", "K"), ("Cg",) if instance else ()
 
@@ -282,12 +288,12 @@ def _describe(job):
         return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_c}x{c.block_s} "
                 f"{'one_pass' if c.one_pass else 'looped'}")
     if job.kernel.startswith("gn_"):
-        c, channels_last = job.config
+        c, channels_last, large = job.config
         if job.kernel == "gn_param_grads":
             return "sum [N, 2, C, K] partials"
         split = f" split_block={c.split_block}" if job.kernel in ("gn_fwd", "gn_bwd") and c.split > 1 else ""
         return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_g}x{c.block_cg}x{c.block_s} "
-                f"{'one_pass' if c.one_pass else 'looped' if c.split == 1 else 'split'}{split}")
+                f"{'one_pass' if c.one_pass else 'looped' if c.split == 1 else 'split'}{split}{' LARGE' if large else ''}")
     c = job.config
     if job.kernel == "param_grads":
         return f"programs={c.block_g} block_n={c.block_n}"
@@ -352,10 +358,12 @@ def group_norm_jobs(targets, exhaustive=False):
         # and whether split is 1, the looped kernels, are not)
         for kernel, cfg in (("gn_fwd", fwd), ("gn_bwd", bwd)):
             configs[kernel].add((dataclasses.replace(cfg, split=min(cfg.split, 2), chunk=0, programs=0),
-                                 channels_last))
+                                 channels_last, False))
     split = lambda c: not c.one_pass and c.split > 1  # noqa: E731
-    configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl) for c, cl in configs["gn_fwd"] if split(c)}
-    configs["gn_bwd_sums"] = {(dataclasses.replace(c, split_block=1), cl) for c, cl in configs["gn_bwd"] if split(c)}
+    configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl, lg) for c, cl, lg in configs["gn_fwd"]
+                           if split(c)}
+    configs["gn_bwd_sums"] = {(dataclasses.replace(c, split_block=1), cl, lg) for c, cl, lg in configs["gn_bwd"]
+                              if split(c)}
     # the dw/db glue kernel compiles the same whatever the tile: one placeholder configuration
     configs["gn_param_grads"] = {min(configs["gn_bwd"], key=str)}
     if exhaustive:  # the heaviest variant only, bf16 activations with fp32 parameters
@@ -366,10 +374,20 @@ def group_norm_jobs(targets, exhaustive=False):
                     ("group_norm+gelu/w32", "bf16")]
     order = lambda k: (not k[0].one_pass, k[0].split, k[1], k[0].block_g * k[0].block_cg * k[0].block_s,  # noqa: E731
                        str(k))
-    return [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel in
+    jobs = [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel in
             ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd", "gn_param_grads")
             for cfg in sorted(configs[kernel], key=order)
             for variant, dtype in (variants[:2] if kernel in ("gn_stats", "gn_param_grads") else variants)]
+    # The same configurations with the LARGE flag (a sample of 2**31 elements or more: int64 row
+    # starts, kernels/group_norm.py's _tile), for the two variants that spilled first when it cast
+    # every offset: fp32 (the widest Welford state) and gelu over fp32 parameters.
+    # (GroupNormConfig gives such a sample no looped kernels: those are left out.)
+    large = [("group_norm", "fp32"), ("group_norm+gelu/w32", "bf16")]
+    looped = lambda c: not c[0].one_pass and c[0].split == 1  # noqa: E731
+    jobs += [Job(kernel, variant, dtype, (*cfg[:2], True), target) for target in targets
+             for kernel in ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd") for cfg in sorted(configs[kernel], key=order)
+             if not looped(cfg) for variant, dtype in (large[:1] if kernel == "gn_stats" else large)]
+    return jobs
 
 
 def _bn_grid():

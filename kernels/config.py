@@ -271,6 +271,12 @@ GN_MAX_SPLIT = 256
 # split_block] at a time (at 1024 a 16x64 combine spilled 8 bytes in the channels_last forward at
 # 4 warps).
 GN_COMBINE_TILE = 256
+# A sample of 2**31 elements or more (kernels/group_norm.py's LARGE flag: int64 row starts) takes
+# the split kernels, never the looped ones: with LARGE the looped channels_last 4x8x128 forward
+# spilled 8-24 bytes on sm_80 (triton 3.9), and under triton 3.6 the NCHW 1x16x512 and 1x8x1024
+# fp32 forwards 8 bytes (sm_90), the channels_last 16x1x256 gelu backward 56-72 (sm_80, sm_90); the
+# split kernels none (python -m normops.kernels.aot). Such a sample has few groups to a batch
+# anyway, where split is the pick.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,28 +305,30 @@ class GroupNormConfig:
     normalize_unroll: int = 1
 
     @classmethod
-    def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
+    def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):
         """sms: programs_per_wave(device, GN_LOOP_WARPS), one 16-warp program an SM (the SM count
-        on a GPU); elem_bytes: the size of an element of x."""
+        on a GPU); elem_bytes: the size of an element of x; large: a sample of 2**31 elements or
+        more (not looped, see above)."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
-                         2, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else 2)
+                         2, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else 2, large)
 
     @classmethod
-    def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2):
+    def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):
         one_pass_max = GN_BWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_BWD_ONE_PASS_MAX
         # channels_last: one warp per 256 elements (8 values a thread). At 512, under the
         # 128-register launch budget, the gelu backward with fp32 parameters spilled 8-24 bytes in
         # 10 (triton 3.9) and 33 (3.6) one-pass tiles of the exhaustive grid; at 256, none.
         # Looped: x and dy are both re-read, twice the group's bytes in L2.
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256 if channels_last else 512,
-                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1)
+                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1, large)
 
     @classmethod
     def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll,
-              loop_tile_channels_last, normalize_unroll):
+              loop_tile_channels_last, normalize_unroll, no_loop=False):
         """group_bytes: the bytes of an element of the tensors the loops read (x; x and dy); unroll,
-        normalize_unroll: tiles an iteration of the looped statistics and normalize (dx) loops."""
+        normalize_unroll: tiles an iteration of the looped statistics and normalize (dx) loops;
+        no_loop: split rather than looped."""
         cg = c // groups
         block_cg = next_pow2(cg)
         block_s = next_pow2(s)
@@ -351,7 +359,7 @@ class GroupNormConfig:
         while loop_g > 1 and not looped(loop_g)[1]:
             loop_g //= 2  # channels_last: rows of fewer groups, for more programs
         grid, wins = looped(loop_g)
-        if wins:
+        if wins and not no_loop:
             block_s = max(1, min(block_s, loop_tile // (loop_g * block_cg)))
             return cls(loop_g, block_cg, block_s, GN_LOOP_WARPS, False, 1, -(-s // block_s) * block_s, 1,
                        grid, unroll, normalize_unroll)
@@ -363,7 +371,8 @@ class GroupNormConfig:
         tasks = n * -(-groups // block_g)
         # programs a wave: sms x GN_SPLIT_PROGRAMS_PER_SM of 8 warps (of 4 warps, twice as many)
         programs = GN_SPLIT_PROGRAMS_PER_SM * LOOP_WARPS // warps * sms
-        split = max(1, min(n_tiles, GN_MAX_SPLIT, -(-programs // tasks)))
+        # no_loop: two chunks at least (one would be the looped kernels, at one program a task)
+        split = max(1, min(n_tiles, GN_MAX_SPLIT, max(-(-programs // tasks), 2 if no_loop else 1)))
         chunk = -(-n_tiles // split) * block_s
         split = -(-s // chunk)
         split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // (block_g * block_cg)))

@@ -11,7 +11,9 @@ Math, per group (n, g):
                dmean = sum(d) / L      mean = x0 + dmean      var = sum((d - dmean)^2) / L
                rstd = 1 / sqrt(var + eps)        x_hat = (d - dmean) * rstd
                z = x_hat * w[c] + b[c]          y = act(z)
-               (PER_SAMPLE: w[n, c], b[n, c], ada_group_norm's modulation 1 + scale, shift)
+               (PER_SAMPLE: w[n, c], b[n, c], ada_group_norm's modulation 1 + scale, shift;
+               TORCH_CASTING: x_hat, x_hat * w and z rounded to y's dtype in turn, diffusers'
+               AdaGroupNorm's steps; the backward is the same, the roundings straight-through)
                The pivot keeps the mean's rounding small at a large offset (sum(x) / L rounds at
                the sum's magnitude: x = -50 + 0.01 randn lost 3 digits) and exact for a constant
                group (mean == x, so x_hat == 0 and dw == 0 exactly, as torch's).
@@ -69,25 +71,38 @@ def _channels(g0, G, Cg, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
 
 
 @triton.jit
-def _wide(C, S, LARGE: tl.constexpr):
-    """C and S as int64 when a sample's offsets reach 2**31 (LARGE: every offset and count computed
-    from them then promotes to int64), else as they are: int32 arithmetic, fewer registers, where
-    it is safe. (The sample's base, n * C * S, is int64 always.)"""
+def _group_size(Cg, S, LARGE: tl.constexpr):
+    """Cg * S: a group's element count (int64 when LARGE: one group can pass 2**31 elements)."""
     if LARGE:
-        C = tl.cast(C, tl.int64)
-        S = tl.cast(S, tl.int64)
-    return C, S
+        Cg = tl.cast(Cg, tl.int64)
+    return Cg * S
 
 
 @triton.jit
-def _tile(chan, cmask, s0, S, C, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets (from the sample's start) and mask of the tile of channels `chan`, positions s0.."""
+def _tile(chan, cmask, base, s0, S, C, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, LARGE: tl.constexpr):
+    """(tbase, offs, mask) of the tile of channels `chan`, positions s0..: its elements are at
+    P + tbase + offs of a tensor P, tbase the sample's base (int64), offs int32.
+
+    LARGE (a sample of 2**31 elements or more): the int64 part of an offset is a row's start, in
+    tbase, and the lanes keep int32 offsets within their row: channels_last, each position's row
+    (s * C, [1, 1, BLOCK_S]; the lanes, channels); NCHW, each channel's (c * S, [BLOCK_G,
+    BLOCK_CG, 1]; the lanes, positions). Positions, masks and counts stay int32. Casting C and S
+    to int64 instead made all of those int64, and 10 of the 86 configurations spilled on sm_90
+    (up to 344 bytes, the channels_last looped forward); one int64 start a tile for channels_last
+    (s0 * C, lanes chan + j * C) still spilled 8 bytes there (its lane offsets are loop-invariant,
+    held in registers across the loops), and needs C * BLOCK_S < 2**31."""
     si = s0 + tl.arange(0, BLOCK_S)
-    if CHANNELS_LAST:
+    if LARGE and CHANNELS_LAST:
+        base = base + (tl.cast(si, tl.int64) * C)[None, None, :]
+        offs = chan[:, :, None]
+    elif LARGE:
+        base = base + tl.cast(chan, tl.int64)[:, :, None] * S
+        offs = si[None, None, :]
+    elif CHANNELS_LAST:
         offs = chan[:, :, None] + si[None, None, :] * C
     else:
         offs = chan[:, :, None] * S + si[None, None, :]
-    return offs, cmask[:, :, None] & (si < S)[None, None, :]
+    return base, offs, cmask[:, :, None] & (si < S)[None, None, :]
 
 
 @triton.jit
@@ -105,9 +120,9 @@ def _chunk(sp, chunk, S, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST: tl.constexpr):
+def _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST: tl.constexpr, LARGE: tl.constexpr):
     """[BLOCK_G] first element (channel gi * Cg, position 0) of each group: the shift x0."""
-    first = gi * Cg if CHANNELS_LAST else gi * Cg * S
+    first = gi * Cg if CHANNELS_LAST else _group_size(gi * Cg, S, LARGE)
     return tl.load(X + base + first, mask=gi < G, other=0.0)
 
 
@@ -135,12 +150,12 @@ def _affine(W, B, n, C, chan, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, P
 
 @triton.jit
 def _welford_tile(X, base, chan, cmask, x0, mean, m2, s0, s_end, count, S, C, CHANNELS_LAST: tl.constexpr,
-                  BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+                  BLOCK_S: tl.constexpr, ACC: tl.constexpr, LARGE: tl.constexpr):
     """One tile (positions s0.., below s_end) into the lanes' running (mean, M2); `count`: a valid
     lane's count with this tile."""
-    offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+    tbase, offs, mask = _tile(chan, cmask, base, s0, S, C, CHANNELS_LAST, BLOCK_S, LARGE)
     mask = mask & (s0 + tl.arange(0, BLOCK_S) < s_end)[None, None, :]
-    x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+    x = tl.load(X + tbase + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
     delta = tl.where(mask, x - x0[:, None, None] - mean, 0.0)
     mean += delta * (tl.full([], 1.0, ACC) / count)
     m2 += delta * tl.where(mask, x - x0[:, None, None] - mean, 0.0)
@@ -150,7 +165,7 @@ def _welford_tile(X, base, chan, cmask, x0, mean, m2, s0, s_end, count, S, C, CH
 @triton.jit
 def _chunk_stats(X, base, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST: tl.constexpr,
                  BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, UNROLL: tl.constexpr,
-                 ACC: tl.constexpr):
+                 ACC: tl.constexpr, LARGE: tl.constexpr):
     """(mean, M2) per group of x - x0 over n_tiles tiles from position s_begin.
 
     Welford per lane: every lane keeps the running mean and M2 of the values it loads, so the loop
@@ -164,8 +179,8 @@ def _chunk_stats(X, base, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST
     for i in range(0, n_tiles, UNROLL):
         for u in tl.static_range(UNROLL):  # tiles past the chunk's end are all masked
             mean, m2 = _welford_tile(X, base, chan, cmask, x0, mean, m2, s_begin + (i + u) * BLOCK_S, s_end,
-                                     i + u + 1, S, C, CHANNELS_LAST, BLOCK_S, ACC)
-    _, last = _tile(chan, cmask, s_begin + (n_tiles - 1) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
+                                     i + u + 1, S, C, CHANNELS_LAST, BLOCK_S, ACC, LARGE)
+    _, _, last = _tile(chan, cmask, 0, s_begin + (n_tiles - 1) * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S, False)
     count = tl.where(cmask[:, :, None], n_tiles - 1, 0).to(ACC) + last.to(ACC)
     total = _sum2(count)
     group_mean = _sum2(count * mean) / total
@@ -180,18 +195,17 @@ def _group_norm_stats_kernel(
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr, ACC: tl.constexpr,
-    LARGE: tl.constexpr,  # offsets past int32 (_wide)
+    LARGE: tl.constexpr,  # a sample of 2**31 elements or more (_tile)
 ):
     """Split mode, pass 1: the statistics of one chunk (one program a task)."""
-    C, S = _wide(C, S, LARGE)
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     x_base = X + tl.cast(n, tl.int64) * C * S
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
     chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-    x0 = _pivot(x_base, 0, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
+    x0 = _pivot(x_base, 0, gi, G, Cg, S, CHANNELS_LAST, LARGE).to(ACC)
     s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
     mean, m2 = _chunk_stats(x_base, 0, chan, cmask, x0, s_begin, n_tiles, S, C, CHANNELS_LAST,
-                            BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
+                            BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC, LARGE)
     p = PART + ((tl.cast(n, tl.int64) * G + gi) * split + sp) * 2
     tl.store(p, mean, mask=gi < G)
     tl.store(p + 1, m2, mask=gi < G)
@@ -199,25 +213,25 @@ def _group_norm_stats_kernel(
 
 @triton.jit
 def _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-             ACC: tl.constexpr):
+             ACC: tl.constexpr, LARGE: tl.constexpr):
     """(mean, M2) of groups gi from their chunks' (mean, M2), of x - x0 (the mean is dmean):
     Chan's formula for many parts,
     mean = sum(n_i mean_i) / L, then M2 = sum(M2_i + n_i (mean_i - mean)^2), in a fixed order,
     BLOCK_SPLIT chunks at a time."""
     rows = (tl.cast(n, tl.int64) * G + gi)[:, None] * split
-    total = Cg * S
+    total = _group_size(Cg, S, LARGE)
     acc = tl.zeros([BLOCK_G, BLOCK_SPLIT], dtype=ACC)
     for start in range(0, split, BLOCK_SPLIT):
         sp = start + tl.arange(0, BLOCK_SPLIT)
         m = (gi < G)[:, None] & (sp < split)[None, :]
-        n_i = tl.where(sp < split, Cg * tl.minimum(chunk, S - sp * chunk), 0).to(ACC)[None, :]
+        n_i = tl.where(sp < split, _group_size(Cg, tl.minimum(chunk, S - sp * chunk), LARGE), 0).to(ACC)[None, :]
         acc += n_i * tl.load(PART + (rows + sp[None, :]) * 2, mask=m, other=0.0)
     mean = tl.sum(acc, 1) / total
     acc = tl.zeros([BLOCK_G, BLOCK_SPLIT], dtype=ACC)
     for start in range(0, split, BLOCK_SPLIT):
         sp = start + tl.arange(0, BLOCK_SPLIT)
         m = (gi < G)[:, None] & (sp < split)[None, :]
-        n_i = tl.where(sp < split, Cg * tl.minimum(chunk, S - sp * chunk), 0).to(ACC)[None, :]
+        n_i = tl.where(sp < split, _group_size(Cg, tl.minimum(chunk, S - sp * chunk), LARGE), 0).to(ACC)[None, :]
         p = PART + (rows + sp[None, :]) * 2
         d = tl.load(p, mask=m, other=0.0) - mean[:, None]
         acc += tl.where(m, tl.load(p + 1, mask=m, other=0.0) + n_i * d * d, 0.0)
@@ -231,28 +245,41 @@ def _group_norm_stats_combine_kernel(
     MEAN, M2,          # [N, G] out: each group's mean and sum of squared deviations, ACC dtype
     G, Cg, S, C, n_gblocks, split, chunk,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
-    LARGE: tl.constexpr,  # offsets past int32 (_wide)
+    LARGE: tl.constexpr,  # a sample of 2**31 elements or more (_tile)
 ):
     """group_norm_stats: the chunks of BLOCK_G groups of a sample combined (Chan's formula, as the
     split forward combines them), the pivot added back to the mean."""
-    C, S = _wide(C, S, LARGE)
     gb, n = tl.program_id(0) % n_gblocks, tl.program_id(0) // n_gblocks
     gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
-    x0 = _pivot(X, tl.cast(n, tl.int64) * C * S, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
-    dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC)
+    x0 = _pivot(X, tl.cast(n, tl.int64) * C * S, gi, G, Cg, S, CHANNELS_LAST, LARGE).to(ACC)
+    dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC, LARGE)
     tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
     tl.store(M2 + n * G + gi, m2, mask=gi < G)
 
 
 @triton.jit
-def _normalize_tile(X, Y, base, chan, cmask, shift, scale, b, s0, s_begin, S, C, ACT: tl.constexpr,
-                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin)."""
-    offs, mask = _tile(chan, cmask, s0, S, C, CHANNELS_LAST, BLOCK_S)
+def _torch_steps(x_hat, w, b, DT: tl.constexpr):
+    """z = x_hat * w + b rounded as diffusers' AdaGroupNorm rounds it in dtype DT (the "torch"
+    casting): group_norm's output, then the product with w (1 + scale, rounded by the caller),
+    then the sum; each rounded to DT and back."""
+    p = (x_hat.to(DT).to(x_hat.dtype) * w).to(DT).to(x_hat.dtype)
+    return (p + b).to(DT).to(x_hat.dtype)
+
+
+@triton.jit
+def _normalize_tile(X, Y, base, chan, cmask, shift, scale, rstd, w, b, s0, s_begin, S, C, ACT: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, LARGE: tl.constexpr,
+                    TORCH_CASTING: tl.constexpr):
+    """y = act((x - shift) * scale + b) for the tile at s0 (nothing where s0 < s_begin); scale is
+    rstd * w (TORCH_CASTING: the steps rounded, _torch_steps)."""
+    tbase, offs, mask = _tile(chan, cmask, base, s0, S, C, CHANNELS_LAST, BLOCK_S, LARGE)
     mask = mask & (s0 + tl.arange(0, BLOCK_S) >= s_begin)[None, None, :]
-    x = tl.load(X + base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-    z = (x - shift[:, None, None]) * scale + b
-    tl.store(Y + base + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+    x = tl.load(X + tbase + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    if TORCH_CASTING:
+        z = _torch_steps((x - shift[:, None, None]) * rstd[:, None, None], w, b, Y.dtype.element_ty)
+    else:
+        z = (x - shift[:, None, None]) * scale + b
+    tl.store(Y + tbase + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -270,37 +297,37 @@ def _group_norm_fwd_kernel(
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, UNROLL: tl.constexpr,
     NORM_UNROLL: tl.constexpr,  # tiles an iteration of the normalize loop (UNROLL: of the statistics loop)
     ACC: tl.constexpr,
-    LARGE: tl.constexpr,  # offsets past int32 (_wide)
+    LARGE: tl.constexpr,  # a sample of 2**31 elements or more (_tile)
+    TORCH_CASTING: tl.constexpr,  # ada_group_norm's casting "torch": each step rounded (_torch_steps)
 ):
     """Tasks t = program_id, program_id + programs, ...: one pass (the tile in registers), looped
     (ONE_PASS and SPLIT off: the group's statistics loop, then the normalize loop re-reading the
     group from L2), or split (the chunks' statistics combined, then this chunk normalized)."""
-    C, S = _wide(C, S, LARGE)
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         # split: backwards, the stats kernel just read the tensor's end, still in L2
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)
         base = tl.cast(n, tl.int64) * C * S
         gi = gb * BLOCK_G + tl.arange(0, BLOCK_G)
         chan, cmask = _channels(gb * BLOCK_G, G, Cg, BLOCK_G, BLOCK_CG)
-        x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST).to(ACC)
+        x0 = _pivot(X, base, gi, G, Cg, S, CHANNELS_LAST, LARGE).to(ACC)
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         if STATS_IN:  # the given mean is the shift itself (dmean 0), exactly; the pivot goes unused
             x0 = tl.load(MEAN + n * G + gi, mask=gi < G, other=0.0).to(ACC)
             dmean = tl.zeros([BLOCK_G], dtype=ACC)
             rstd = tl.load(RSTD + n * G + gi, mask=gi < G, other=0.0).to(ACC)
         elif ONE_PASS:
-            offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
-            d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
+            tbase, offs, mask = _tile(chan, cmask, base, 0, S, C, CHANNELS_LAST, BLOCK_S, LARGE)
+            d = tl.where(mask, tl.load(X + tbase + offs, mask=mask, other=0.0).to(ACC) - x0[:, None, None], 0.0)
             dmean = _sum2(d) / (Cg * S)
             xc = tl.where(mask, d - dmean[:, None, None], 0.0)
             rstd = inv_std(_sum2(xc * xc) / (Cg * S), eps, INSTANCE)
         elif SPLIT:
-            dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC)
-            rstd = inv_std(m2 / (Cg * S), eps, INSTANCE)
+            dmean, m2 = _combine(PART, n, gi, G, Cg, S, split, chunk, BLOCK_G, BLOCK_SPLIT, ACC, LARGE)
+            rstd = inv_std(m2 / _group_size(Cg, S, LARGE), eps, INSTANCE)
         else:
             dmean, m2 = _chunk_stats(X, base, chan, cmask, x0, 0, n_tiles, S, C, CHANNELS_LAST,
-                                     BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC)
-            rstd = inv_std(m2 / (Cg * S), eps, INSTANCE)
+                                     BLOCK_G, BLOCK_CG, BLOCK_S, UNROLL, ACC, LARGE)
+            rstd = inv_std(m2 / _group_size(Cg, S, LARGE), eps, INSTANCE)
         if STORE_STATS:
             if sp == 0:
                 tl.store(MEAN + n * G + gi, x0 + dmean, mask=gi < G)
@@ -308,14 +335,18 @@ def _group_norm_fwd_kernel(
         w, b = _affine(W, B, n, C, chan, cmask, HAS_W, HAS_B, PER_SAMPLE, ACC)
         scale = rstd[:, None, None] * w
         if ONE_PASS and not STATS_IN:
-            tl.store(Y + base + offs, act(xc * scale + b, ACT).to(Y.dtype.element_ty), mask=mask)
+            if TORCH_CASTING:
+                z = _torch_steps(xc * rstd[:, None, None], w, b, Y.dtype.element_ty)
+            else:
+                z = xc * scale + b
+            tl.store(Y + tbase + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
         else:
             shift = x0 + dmean
             for i in range(0, n_tiles, NORM_UNROLL):  # backwards: the last tiles read are the likeliest in L2
                 for u in tl.static_range(NORM_UNROLL):  # all masked before the chunk's start
-                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, b,
+                    _normalize_tile(X, Y, base, chan, cmask, shift, scale, rstd, w, b,
                                     s_begin + (n_tiles - 1 - i - u) * BLOCK_S, s_begin, S, C, ACT, CHANNELS_LAST,
-                                    BLOCK_S, ACC)
+                                    BLOCK_S, ACC, LARGE, TORCH_CASTING)
 
 
 @triton.jit
@@ -345,15 +376,15 @@ def _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W: tl.constexpr, HAS_B: tl.con
 @triton.jit
 def _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT: tl.constexpr,
                 CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
-                BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+                BLOCK_S: tl.constexpr, ACC: tl.constexpr, LARGE: tl.constexpr):
     """Per channel, a = sum dz * x_hat and b = sum dz over n_tiles tiles from s_begin
     ([BLOCK_G, BLOCK_CG] each), summed per lane in the loop (no barrier there) and over the
     positions once after it."""
     a_acc = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
     b_acc = tl.zeros([BLOCK_G, BLOCK_CG, BLOCK_S], dtype=ACC)
     for i in range(0, n_tiles):
-        offs, mask = _tile(chan, cmask, s_begin + i * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S)
-        x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+        tbase, offs, mask = _tile(chan, cmask, base, s_begin + i * BLOCK_S, S, C, CHANNELS_LAST, BLOCK_S, LARGE)
+        x_hat, dz = _grad_tile(X, DY, tbase, offs, mask, mean, rstd, w, b, ACT, ACC)
         a_acc += dz * x_hat
         b_acc += dz
     return tl.sum(a_acc, 2), tl.sum(b_acc, 2)
@@ -369,17 +400,16 @@ def _group_norm_bwd_sums_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
     ACC: tl.constexpr,
-    LARGE: tl.constexpr,  # offsets past int32 (_wide)
+    LARGE: tl.constexpr,  # a sample of 2**31 elements or more (_tile)
 ):
     """Split mode, pass 1 of the backward: the per-channel sums over one chunk (one program a task)."""
-    C, S = _wide(C, S, LARGE)
     gb, sp, n = _task(tl.program_id(0), n_gblocks, split)
     base = tl.cast(n, tl.int64) * C * S
     mean, rstd, chan, cmask, w, b = _saved(MEAN, RSTD, W, B, n, gb, G, Cg, C, HAS_W, HAS_B, PER_SAMPLE, BLOCK_G,
                                            BLOCK_CG, ACC)
     s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
     a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, s_begin, n_tiles, S, C, ACT,
-                               CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+                               CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC, LARGE)
     p = PART + ((tl.cast(n, tl.int64) * 2 * C + chan) * split + sp)
     tl.store(p, a_sum, mask=cmask)
     tl.store(p + C * split, b_sum, mask=cmask)
@@ -396,12 +426,11 @@ def _group_norm_bwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_SAMPLE: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, ACC: tl.constexpr,
-    LARGE: tl.constexpr,  # offsets past int32 (_wide)
+    LARGE: tl.constexpr,  # a sample of 2**31 elements or more (_tile)
 ):
     """Tasks as _group_norm_fwd_kernel's: the per-channel sums from one tile (ONE_PASS), a loop
     over the group (then stored for dw/db), or the chunks' partials (SPLIT, totalled here in a
     fixed order); then dx."""
-    C, S = _wide(C, S, LARGE)
     for t in range(tl.program_id(0), n_tasks, tl.num_programs(0)):
         gb, sp, n = _task(n_tasks - 1 - t if SPLIT else t, n_gblocks, split)  # split: backwards, as the forward
         base = tl.cast(n, tl.int64) * C * S
@@ -410,8 +439,8 @@ def _group_norm_bwd_kernel(
         s_begin, n_tiles = _chunk(sp, chunk, S, BLOCK_S)
         p = PART + (tl.cast(n, tl.int64) * 2 * C + chan) * split
         if ONE_PASS:
-            offs, mask = _tile(chan, cmask, 0, S, C, CHANNELS_LAST, BLOCK_S)
-            x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+            tbase, offs, mask = _tile(chan, cmask, base, 0, S, C, CHANNELS_LAST, BLOCK_S, LARGE)
+            x_hat, dz = _grad_tile(X, DY, tbase, offs, mask, mean, rstd, w, b, ACT, ACC)
             a_sum = tl.sum(dz * x_hat, 2)
             b_sum = tl.sum(dz, 2)
         elif SPLIT:
@@ -424,7 +453,7 @@ def _group_norm_bwd_kernel(
                 b_sum += tl.sum(tl.load(p[:, :, None] + C * split + sp_i[None, None, :], mask=m, other=0.0), 2)
         else:
             a_sum, b_sum = _chunk_sums(X, DY, base, chan, cmask, mean, rstd, w, b, 0, n_tiles, S, C, ACT,
-                                       CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC)
+                                       CHANNELS_LAST, BLOCK_G, BLOCK_CG, BLOCK_S, ACC, LARGE)
         if not SPLIT:
             tl.store(p, a_sum, mask=cmask)
             tl.store(p + C, b_sum, mask=cmask)
@@ -432,19 +461,19 @@ def _group_norm_bwd_kernel(
             if HAS_W:
                 a_sum = a_sum * tl.sum(w, 2)  # w[c] * a[n, c]: w is [BLOCK_G, BLOCK_CG, 1]
                 b_sum = b_sum * tl.sum(w, 2)
-            c1 = tl.sum(a_sum, 1)[:, None, None] / (Cg * S)
-            c2 = tl.sum(b_sum, 1)[:, None, None] / (Cg * S)
+            c1 = tl.sum(a_sum, 1)[:, None, None] / _group_size(Cg, S, LARGE)
+            c2 = tl.sum(b_sum, 1)[:, None, None] / _group_size(Cg, S, LARGE)
             r = rstd[:, None, None]
             if ONE_PASS:
                 dx = r * (w * dz - c2 - x_hat * c1)
-                tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(DX + tbase + offs, dx.to(DX.dtype.element_ty), mask=mask)
             else:
                 for i in range(0, n_tiles):  # backwards: the last tiles read are the likeliest in L2
-                    offs, mask = _tile(chan, cmask, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C, CHANNELS_LAST,
-                                       BLOCK_S)
-                    x_hat, dz = _grad_tile(X, DY, base, offs, mask, mean, rstd, w, b, ACT, ACC)
+                    tbase, offs, mask = _tile(chan, cmask, base, s_begin + (n_tiles - 1 - i) * BLOCK_S, S, C,
+                                              CHANNELS_LAST, BLOCK_S, LARGE)
+                    x_hat, dz = _grad_tile(X, DY, tbase, offs, mask, mean, rstd, w, b, ACT, ACC)
                     dx = r * (w * dz - c2 - x_hat * c1)
-                    tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                    tl.store(DX + tbase + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -477,7 +506,7 @@ def _group_norm_param_grads_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
-# A sample of this many elements or more takes int64 offsets within it (the LARGE flag, _wide).
+# A sample of this many elements or more takes int64 offsets within it (the LARGE flag, _tile).
 LARGE_OFFSETS = 2**31
 
 
@@ -499,17 +528,20 @@ def _setup(x, num_groups, config, make):
     channels_last = fmt != torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     n, c, s, g = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
-    cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size())
+    large = c * s >= LARGE_OFFSETS
+    cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size(),
+                         large)
     n_gblocks = triton.cdiv(g, cfg.block_g)
     tasks = n_gblocks * cfg.split * n
     grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)
     geometry = (g, c // g, s, c, n_gblocks, cfg.split, cfg.chunk)
-    tile = dict(LARGE=c * s >= LARGE_OFFSETS, CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g,
+    tile = dict(LARGE=large, CHANNELS_LAST=channels_last, BLOCK_G=cfg.block_g,
                 BLOCK_CG=cfg.block_cg, BLOCK_S=cfg.block_s, ACC=acc_type(x.dtype), num_warps=cfg.num_warps)
     return x, cfg, (n, c, s, g), grid, tasks, geometry, tile
 
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, config=None):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, config=None,
+                   casting="fp32"):
     """The triton backend's group_norm forward (contract: normops/backends/__init__.py).
     `config` overrides the heuristic (tests use it to force the split path at small shapes)."""
     x, cfg, (n, c, s, g), grid, tasks, geometry, tile = _setup(x, num_groups, config, GroupNormConfig.forward)
@@ -529,7 +561,8 @@ def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, ins
         *geometry, tasks, eps, HAS_W=weight is not None, HAS_B=bias is not None,
         PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation],
         STORE_STATS=need_stats, INSTANCE=instance, STATS_IN=False, ONE_PASS=cfg.one_pass, SPLIT=split,
-        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll, **tile)
+        BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll, NORM_UNROLL=cfg.normalize_unroll,
+        TORCH_CASTING=casting == "torch", **tile)
     return y, mean, rstd
 
 
@@ -563,7 +596,7 @@ def group_norm_apply(x, num_groups, mean, rstd, weight, bias, activation, config
         mean, rstd, y, *geometry, tasks, 0.0, HAS_W=weight is not None, HAS_B=bias is not None,
         PER_SAMPLE=_per_sample(weight, bias), ACT=ACTIVATIONS[activation], STORE_STATS=False, INSTANCE=False,
         STATS_IN=True, ONE_PASS=False, SPLIT=split, BLOCK_SPLIT=cfg.split_block, UNROLL=cfg.unroll,
-        NORM_UNROLL=cfg.normalize_unroll, **tile)
+        NORM_UNROLL=cfg.normalize_unroll, TORCH_CASTING=False, **tile)
     return y
 
 

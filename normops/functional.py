@@ -502,14 +502,19 @@ def _modulation(name, t, input):
 
 
 def ada_group_norm(input: Tensor, num_groups: int, scale: Tensor, shift: Tensor, eps: float = 1e-5, *,
-                   activation: Optional[str] = None) -> Tensor:
+                   activation: Optional[str] = None, casting: str = "fp32") -> Tensor:
     """GroupNorm modulated per sample, diffusers' AdaGroupNorm (and ResnetBlock2D's "scale_shift" time
     embedding): ``act(group_norm(input, num_groups, eps=eps) * (1 + scale) + shift)``, with scale and
     shift per (sample, channel), of shape (N, C) or (N, C, 1, ...). One pass: the GroupNorm op with
-    [N, C] parameters weight = 1 + scale, bias = shift (computed in the statistics dtype)."""
+    [N, C] parameters weight = 1 + scale, bias = shift (computed in the statistics dtype).
+    ``casting``: "fp32" (every step in fp32, fp64 for fp64, one rounding at the end) or "torch"
+    (group_norm's output, 1 + scale, the product and the sum each rounded to the input's dtype, as
+    diffusers' AdaGroupNorm rounds them; the backward is the same, the roundings straight-through)."""
     if has_torch_function_variadic(input, scale, shift):
         return handle_torch_function(ada_group_norm, (input, scale, shift), input, num_groups, scale, shift, eps,
-                                     activation=activation)
+                                     activation=activation, casting=casting)
+    if casting not in _ADA_CASTINGS:
+        raise ValueError(f"unknown casting {casting!r}; expected one of {', '.join(map(repr, _ADA_CASTINGS))}")
     _check_tensors(input, scale=scale, shift=shift)
     num_groups, _ = _check_groups(input, num_groups, "ada_group_norm")
     scale, shift = _modulation("scale", scale, input), _modulation("shift", shift, input)
@@ -524,8 +529,10 @@ def ada_group_norm(input: Tensor, num_groups: int, scale: Tensor, shift: Tensor,
 
         return ops.in_torch(norm, input, scale, shift)
     sd = stat_dtype(input)
-    weight, bias = scale.to(sd) + 1, shift.to(sd)
-    spec = group_ops.GroupNormSpec(num_groups, float(eps), act)
+    # "torch": 1 + scale rounded to the input's dtype (exact in sd), as the other steps
+    weight = (scale.to(input.dtype) + 1).to(sd) if casting == "torch" else scale.to(sd) + 1
+    bias = shift.to(sd)
+    spec = group_ops.GroupNormSpec(num_groups, float(eps), act, casting=casting)
     how = ops.route("group_norm", input, spec, (input, weight, bias))
     return group_ops.group_norm(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
 

@@ -124,6 +124,58 @@ def test_diffusers_ada_group_norm_module():
     torch.testing.assert_close(F.ada_group_norm(x, 4, scale, shift, module.eps), module(x, emb))
 
 
+# --- casting "torch": diffusers' roundings, step by step ---------------------------------------
+# diffusers' AdaGroupNorm in fp16/bf16 rounds group_norm's output, 1 + scale, the product and the
+# sum to the dtype in turn; casting="fp32" rounds once, 7-11% of the elements > 1 ulp from it.
+# casting="torch" takes those roundings: bit for bit where x_hat rounds as ATen's does (the
+# reference backends; the kernels' x_hat differs from ATen's in its last fp32 bits, so a bf16/fp16
+# rounding of it can land an ulp apart, and the interpreter's fp32->bf16 cast is not round-to-
+# nearest: the kernels are compared in fp16 there, within an ulp of the largest step).
+
+def _torch_steps(x, groups, scale, shift, activation):
+    y = TF.group_norm(x, groups, eps=1e-5) * (1 + scale) + shift
+    return TF.silu(y) if activation == "silu" else y
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 3), 3), ((2, 8, 2, 3, 3), 4)], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_torch_casting_matches_diffusers_bit_for_bit(backend, shape, groups, dtype, activation):
+    x = make(shape, dtype, requires_grad=False)
+    scale, shift = (t.detach() for t in _modulation(shape, dtype))
+    expected = _torch_steps(x, groups, scale, shift, activation)
+    with normops.backend(backend):
+        once = F.ada_group_norm(x, groups, scale, shift, activation=activation)
+        y = F.ada_group_norm(x, groups, scale, shift, activation=activation, casting="torch")
+    assert torch.equal(y, expected)
+    assert not torch.equal(once, expected)  # the default rounds once: these shapes show it
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_torch_casting_grads_straight_through(backend):
+    """The backward is casting "fp32"'s (the roundings are the identity in it) at the weight the
+    forward used, 1 + scale rounded to bf16: casting "fp32" given that weight (an fp32 scale of
+    round(1 + scale) - 1, exact; shift in fp32, exact) has the same gradients, bit for bit once in bf16."""
+    x = make((2, 6, 5, 3), torch.bfloat16)
+    scale, shift = _modulation(x.shape, torch.bfloat16)
+    rounded = ((1 + scale.detach()).float() - 1).requires_grad_()
+    shift32 = shift.detach().float().requires_grad_()
+    with normops.backend(backend):
+        y = F.ada_group_norm(x, 3, scale, shift, activation="silu", casting="torch")
+        grads = torch.autograd.grad(y, (x, scale, shift), torch.ones_like(y))
+        y = F.ada_group_norm(x, 3, rounded, shift32, activation="silu")
+        expected = torch.autograd.grad(y, (x, rounded, shift32), torch.ones_like(y))
+    for a, e in zip(grads, expected):
+        assert torch.equal(a, e.to(a.dtype))
+
+
+def test_torch_casting_unknown():
+    x = make((2, 4, 3), torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="unknown casting 'llama'"):
+        F.ada_group_norm(x, 2, x[:, :, 0], x[:, :, 0], casting="llama")
+
+
 # --- the Triton kernels ([N, C] parameters under the PER_SAMPLE flag) ----------------------------
 
 triton_tests = pytest.importorskip("test_triton_group_norm")  # needs triton; its `path` fixture
@@ -184,3 +236,28 @@ def test_torch_backend_chunked_low_precision_path(chunk, per_sample, monkeypatch
         assert_close_to_reference(lambda x, w, b: F.group_norm(x, 4, w, b, activation="silu"),
                                   lambda x, w, b: TF.silu(TF.group_norm(x, 4, w, b)), [x, w, b], "torch",
                                   torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_torch_casting(layout, path):
+    """The kernels' casting "torch" (TORCH_CASTING) on the one-pass and the looped/split normalize
+    pass: within an ulp of the largest step of diffusers' fp16 composition (see above), which the
+    default misses by more; the same gradients as the reference backend's."""
+    from cases import CUDA
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter rounds bf16 otherwise
+    shape = (2, 8, 2, 3, 3)
+    x = on_device(make(shape, dtype), CHANNELS_LAST[len(shape)] if layout == "channels_last" else None)
+    scale, shift = _modulation(shape, dtype, device=DEVICE)
+    expected = _torch_steps(x.detach(), 4, scale.detach(), shift.detach(), "silu")
+    ulp = torch.finfo(dtype).eps * (expected.detach().abs().float() + 1 + shift.detach().abs().float()).max()
+    with normops.backend("triton"):
+        y = F.ada_group_norm(x, 4, scale, shift, activation="silu", casting="torch")
+        once = F.ada_group_norm(x, 4, scale, shift, activation="silu")
+        grads = torch.autograd.grad(y, (x, scale, shift), torch.ones_like(y))
+    assert (y.float() - expected.float()).abs().max() <= ulp
+    assert (y == expected).float().mean() > (once == expected).float().mean()
+    with normops.backend("torch"):
+        y_ref = F.ada_group_norm(x, 4, scale, shift, activation="silu", casting="torch")
+        ref = torch.autograd.grad(y_ref, (x, scale, shift), torch.ones_like(y_ref))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)

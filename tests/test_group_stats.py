@@ -212,3 +212,66 @@ def test_errors():
         nf.combine_group_stats([s, nf.group_norm_stats(x, 2)])
     with pytest.raises(ValueError, match=r"stats\[1\]"):
         nf.combine_group_stats([s, nf.group_norm_stats(x.double(), 3)])
+
+
+# --- the triton backend: the kernels without a gradient, the torch ops with one -------------------
+def _spied(monkeypatch):
+    """Counts of the GroupNorm stats/apply launcher calls (normops.kernels.group_norm), spied on."""
+    from normops.kernels import group_norm as kernels
+    calls = {"group_norm_stats": 0, "group_norm_apply": 0}
+    for name in calls:
+        real = getattr(kernels, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", SPLITS, ids=SPLIT_IDS)
+def test_triton_kernels_launched(case, layout, dtype, monkeypatch):
+    """Without a gradient the triton backend's stats and apply launch the kernels (a stats launch a
+    non-empty piece, an apply launch a piece), count int64 from the shape; the pieces' GroupNorm is
+    within the tolerance rule of torch's of the whole, and their statistics agree with the torch
+    ops' (mean to fp32 rounding at the data's offset 3, M2 to 1e-5 relative: two fp32 summation
+    orders)."""
+    from cases import CUDA, on_device
+    shape, g, split = case
+    if layout == "channels_last" and len(shape) not in CHANNELS_LAST:
+        pytest.skip("no channels_last layout for a 3-D input")
+    fmt = CHANNELS_LAST[len(shape)] if layout == "channels_last" else None
+    x = on_device(make(shape, dtype), fmt).detach()
+    w, b = (on_device(t, None).detach() for t in params(shape[1], torch.float32))
+    pieces = leaves(tiles(x, split))
+    calls = _spied(monkeypatch)
+    with torch.no_grad(), normops.backend("triton"):
+        y = chunked(x, split, g, w, b, activation="silu")
+        stats = [nf.group_norm_stats(p, g) for p in pieces]
+    non_empty = sum(p.numel() > 0 for p in pieces)
+    assert calls == {"group_norm_stats": 2 * non_empty, "group_norm_apply": non_empty}, calls
+    with torch.no_grad(), normops.backend("torch"):
+        expected = [nf.group_norm_stats(p, g) for p in pieces]
+    for s, e in zip(stats, expected):
+        assert s.count.dtype == torch.int64 and torch.equal(s.count, e.count)
+        torch.testing.assert_close(s.mean, e.mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s.m2, e.m2, rtol=1e-5, atol=1e-5)
+    same = torch_group_norm(x, g, w.to(dtype), b.to(dtype), activation="silu")
+    ref = torch_group_norm(x.double(), g, w.double(), b.double(), activation="silu")
+    assert y.dtype == dtype and y.shape == x.shape
+    from cases import tolerance
+    assert err(y, ref) <= tolerance(same, ref, dtype)
+
+
+def test_triton_gradient_takes_the_torch_ops(monkeypatch):
+    """With a gradient the triton backend runs the differentiable torch ops (no kernel launch), and
+    the pieces' gradients are GroupNorm's of the whole."""
+    shape, g, split = SPLITS[1]
+    x = make(shape, torch.float32)
+    w, b = params(shape[1], torch.float32)
+    calls = _spied(monkeypatch)
+    assert_close_to_reference(lambda x, w, b: chunked(x, split, g, w, b), lambda x, w, b: torch_group_norm(x, g, w, b),
+                              [x, w, b], "triton", torch.float32)
+    assert calls == {"group_norm_stats": 0, "group_norm_apply": 0}

@@ -3,6 +3,8 @@ tensor's tiles: the tiles' statistics combined, then each tile normalized with t
 each of the kernels' paths (test_triton_group_norm.py's `path` fixture), under the interpreter
 without a GPU: against torch's float64 var_mean and group_norm.
 """
+import types
+
 import pytest
 import torch
 
@@ -66,8 +68,8 @@ def test_apply_takes_given_statistics(path):
 
 
 # --- offsets past int32 -----------------------------------------------------------------------
-# A sample of 2**31 elements or more takes the LARGE flag: C and S as int64 in the kernels, so every
-# offset and count computed from them is int64. A real one is 4 GiB in bf16 (its input, again its
+# A sample of 2**31 elements or more takes the LARGE flag: int64 row starts (a channel's, NCHW; a
+# position's, channels_last) and int32 offsets within them, and an int64 group size. A real one is 4 GiB in bf16 (its input, again its
 # output), past what the interpreter can run here: these run the LARGE code at small shapes (the
 # threshold lowered to 0), and the same results as the int32 code's, bit for bit, say the int64
 # arithmetic computes the same offsets. (The real size: the GPU run, and the torch backend's test
@@ -79,6 +81,11 @@ def test_large_offsets_path(layout, path, monkeypatch):
     from cases import F
     x = _x((2, 8, 3, 2, 5), torch.float32, layout).requires_grad_()
     w, b = (t.detach().to(DEVICE).requires_grad_() for t in params((8,), torch.float32))
+    # both runs on the configurations a LARGE sample gets (no looped kernels), where path gives none
+    real = kernels.GroupNormConfig
+    as_large = types.SimpleNamespace(forward=lambda *a: real.forward(*a[:-1], large=True),
+                                     backward=lambda *a: real.backward(*a[:-1], large=True))
+    monkeypatch.setattr(kernels, "GroupNormConfig", as_large)
     results = []
     for threshold in (2**31, 0):
         monkeypatch.setattr(kernels, "LARGE_OFFSETS", threshold)
@@ -96,3 +103,16 @@ def test_large_samples_take_the_kernels():
     from normops.backends import triton_backend
     x = torch.empty((1, 128, 16, 1024, 1024), dtype=torch.bfloat16, device="meta")
     assert kernels.supported(x, 32) and triton_backend.fallback("group_norm", x, 32) is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_large_samples_take_no_looped_kernels(channels_last):
+    """A sample of 2**31 elements or more gets no looped configuration (kernels/config.py: the LARGE
+    looped kernels spilled), even where the looped ones are the pick below 2**31 (batch 64)."""
+    from normops.kernels.config import GroupNormConfig
+    for n, c, s, g in [(64, 1280, 2**21, 32), (1, 128, 2**24, 32), (2, 1024, 2**21, 1), (64, 256, 2**23, 32)]:
+        for make in (GroupNormConfig.forward, GroupNormConfig.backward):
+            cfg = make(n, c, s, g, channels_last, 132, 2, large=True)
+            assert cfg.one_pass or cfg.split > 1, (n, c, s, g, make.__name__, cfg)
+    small = GroupNormConfig.forward(2, 320, 4096, 32, channels_last, 132, 2)
+    assert not small.one_pass and small.split == 1  # the looped pick this guards against

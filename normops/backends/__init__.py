@@ -28,7 +28,8 @@ The contract every backend module implements (tensors in, tensors out, ``None`` 
     row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *,
                  offset=0.0, casting="fp32", gate=None, norm_before_gate=True, group_size=0)
         -> (dx, dweight, dbias, dgate)
-    group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False) -> (y, mean, rstd)
+    group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, casting="fp32")
+        -> (y, mean, rstd)
     group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
         -> (dx, dweight, dbias)
     batch_norm_fwd(x, weight, bias, running_mean, running_var, training, eps, activation)

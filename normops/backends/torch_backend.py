@@ -336,7 +336,15 @@ def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask):
 
 # --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------
 
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, casting="fp32"):
+    if casting == "torch":  # diffusers' AdaGroupNorm: group_norm's output, * w, + b, each rounded to x's dtype
+        # a weight of ones in the statistics dtype: ATen's CPU kernel then keeps fp32 statistics
+        ones = torch.ones(x.shape[1], dtype=stat_dtype(x), device=x.device)
+        y, mean, rstd = group_norm_fwd(x, num_groups, ones, None, eps, "none", need_stats)
+        for p, step in ((weight, y.mul_), (bias, y.add_)):
+            if p is not None:  # [C] or [N, C]: broadcast over the positions
+                step(p.to(x.dtype).reshape(p.shape + (1,) * (x.dim() - 2)))
+        return _activate(y, activation), mean, rstd
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
     if instance:

@@ -73,10 +73,12 @@ row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 
 
 @_on_its_device
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, casting="fp32"):
     if fallback("group_norm", x, num_groups):
-        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
-    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
+        return torch_backend.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance,
+                                            casting)
+    return _group_norm.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance,
+                                      casting=casting)
 
 
 @_on_its_device
@@ -84,6 +86,23 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
     if fallback("group_norm", x, num_groups):
         return torch_backend.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
     return _group_norm.group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, output_mask)
+
+
+# GroupNorm over chunks (normops/ops/group_stats.py): the statistics and the normalize pass of the
+# kernels, without autograd (the ops take the differentiable torch ops when a gradient is needed,
+# or when fallback() says the kernels do not take x; combining pieces is torch's, on [N, G] tensors).
+@_on_its_device
+def group_norm_stats(x, num_groups):
+    """(count, mean, m2) [N, G]: count int64, from the shape on the host; mean and m2 the kernels'."""
+    mean, m2 = _group_norm.group_norm_stats(x, num_groups)
+    count = x.shape[1] // num_groups * x.shape[2:].numel()
+    return torch.full(mean.shape, count, dtype=torch.int64, device=x.device), mean, m2
+
+
+@_on_its_device
+def group_norm_apply(x, num_groups, mean, m2, count, weight, bias, eps, activation):
+    rstd = torch.rsqrt(m2 / count.to(m2.dtype) + eps)  # [N, G], as the torch ops compute it
+    return _group_norm.group_norm_apply(x, num_groups, mean, rstd, weight, bias, activation)
 
 
 @_on_its_device

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..core import stat_dtype, suggested_format
+from ..core import activate, stat_dtype, suggested_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,24 +24,27 @@ class GroupNormSpec:
     eps: float
     activation: str = "none"  # a name of normops.core.ACTIVATIONS
     instance: bool = False    # instance_norm's call: a constant channel with eps = 0 gives rstd 0, not NaN
+    casting: str = "fp32"     # "torch": x_hat, x_hat * w, + b each rounded to x's dtype (ada_group_norm's)
 
 
-def _run(module, x, weight, bias, num_groups, eps, activation, instance, need_stats):
+def _run(module, x, weight, bias, num_groups, eps, activation, instance, casting, need_stats):
     if x.numel() == 0:
-        return ops.zero_filled(_group_norm_fake(x, weight, bias, num_groups, eps, activation, instance, need_stats))
+        return ops.zero_filled(_group_norm_fake(x, weight, bias, num_groups, eps, activation, instance, casting,
+                                                need_stats))
     weight, bias = ops.dense(weight, bias)
-    y, mean, rstd = module.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance)
+    y, mean, rstd = module.group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance, casting)
     sd = stat_dtype(x)
     return y.contiguous(memory_format=suggested_format(x)), ops.or_absent(mean, x, sd), ops.or_absent(rstd, x, sd)
 
 
 def _group_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
-                     activation: str, instance: bool, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     activation: str, instance: bool, casting: str, need_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(norm(x) * w + b), statistics per (sample, group of C/G channels). (y, mean, rstd).
     ``instance``: instance_norm's call (num_groups == C), whose constant channel with eps = 0 gives
-    rstd 0 (torch's batch-norm statistics), where group_norm's gives NaN, even with G == C."""
+    rstd 0 (torch's batch-norm statistics), where group_norm's gives NaN, even with G == C.
+    ``casting``: GroupNormSpec's."""
     how = _route(x, num_groups, eps, activation, instance)
-    return _run(how.module, x, weight, bias, num_groups, eps, activation, instance, need_stats)
+    return _run(how.module, x, weight, bias, num_groups, eps, activation, instance, casting, need_stats)
 
 
 def _route(x, num_groups, eps, activation, instance=False):
@@ -54,7 +57,7 @@ group_norm_op = ops.register("group_norm", _group_norm_impl,
 
 
 @group_norm_op.register_fake
-def _group_norm_fake(x, weight, bias, num_groups, eps, activation, instance, need_stats):
+def _group_norm_fake(x, weight, bias, num_groups, eps, activation, instance, casting, need_stats):
     sd = stat_dtype(x)
     stats = (x.shape[0], num_groups) if need_stats else (0,)
     return (torch.empty_like(x, memory_format=suggested_format(x)),
@@ -84,10 +87,10 @@ def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, 
 
 
 def _group_norm_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, activation, instance, need_stats = inputs
+    x, weight, bias, num_groups, eps, activation, instance, casting, need_stats = inputs
     _, mean, rstd = output
     ops.no_grad_outputs(ctx, mean, rstd)
-    ctx.spec = GroupNormSpec(num_groups, eps, activation, instance)
+    ctx.spec = GroupNormSpec(num_groups, eps, activation, instance, casting)
     ctx.saved_stats = need_stats
     if need_stats:
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -116,6 +119,13 @@ def _group_norm_backward_setup(ctx, inputs, output):
 
 def _composite(spec, x, weight, bias):
     x_hat = ops.normalize(x.reshape(x.shape[0], spec.num_groups, -1), (2,), spec.eps).reshape(x.shape)
+    if spec.casting == "torch":  # each step in x's dtype, as diffusers' AdaGroupNorm (weight, bias [C] or [N, C])
+        y = x_hat.to(x.dtype)
+        for p in (weight, bias):
+            if p is not None:
+                p = p.to(x.dtype).reshape(p.shape + (1,) * (x.dim() - 2))
+                y = y * p if p is weight else y + p
+        return activate(y, spec.activation)
     if any(p is not None and p.dim() == 2 for p in (weight, bias)):  # per (sample, channel): [N, C]
         view = x.shape[:2] + (1,) * (x.dim() - 2)
         weight, bias = (None if p is None else p.reshape(view) for p in (weight, bias))
@@ -133,5 +143,5 @@ _GroupNorm = ops.function("GroupNorm", _run, _group_norm_setup, _group_norm_bwd)
 def group_norm(spec, x, weight, bias, need_stats, how=None):
     """normops::group_norm on route ``how`` (``ops.route``'s, asked here when not given): (y, mean,
     rstd), each absent one an empty tensor. ``need_stats``: a gradient is needed."""
-    args = (x, weight, bias, spec.num_groups, spec.eps, spec.activation, spec.instance, need_stats)
+    args = (x, weight, bias, spec.num_groups, spec.eps, spec.activation, spec.instance, spec.casting, need_stats)
     return ops.call(group_norm_op, _GroupNorm, _run, args, need_stats, how or ops.route("group_norm", x, spec, args))

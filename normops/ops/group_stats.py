@@ -17,8 +17,11 @@ combine as a balanced tree (error growth log2(pieces), not linear). An empty pie
 rstd = 1 / sqrt(M2 / n + eps): y = act((x - mean) * rstd * w + b).
 
 Backends, from ``normops.backends.current_backend``:
-- "torch" (and "triton" until its kernels take this: see ``_kernels``): plain differentiable torch
-  ops, so a backward through stats -> combine -> apply is GroupNorm's backward of the whole (up to
+- "triton": without a gradient, stats and apply launch the GroupNorm kernels
+  (``normops.kernels.group_norm``: the split forward's statistics pass and a fixed-order combine
+  of its chunks, and its normalize pass; the count from the shape, on the host); with one, or
+  where the kernels do not take x (``fallback``), and for combine, the torch ops below.
+- "torch": plain differentiable torch ops, so a backward through stats -> combine -> apply is GroupNorm's backward of the whole (up to
   rounding). The statistics' passes read the input in pieces of at most ``BLOCK`` values along its
   largest non-channel dim: ATen's CPU reductions cast a bf16/fp16 input to the fp32 accumulation
   dtype as a whole copy first, which the pieces bound to BLOCK values. apply makes one fp32
@@ -50,25 +53,22 @@ class GroupStats(NamedTuple):
     m2: Tensor     # sum of squared deviations from mean; var = m2 / count
 
 
-def _backend(x, grad):
+def _backend(x, grad, num_groups=None):
     """The backend module for a call on x, None for the torch ops; an error when a gradient is
-    needed and that backend has none."""
+    needed and that backend has none. The triton backend's kernels take stats and apply
+    (``num_groups`` given) without a gradient, when its ``fallback`` takes x; anything else there
+    runs the torch ops (differentiable; combine works on [N, G] tensors, no kernel's business)."""
     name = backends.current_backend(x.device)
     if name == "torch":
         return None
     module = backends.resolve(x, name)
     if name == "triton":
-        module = _kernels(module)
-    if module is not None and grad:
+        return None if grad or num_groups is None or module.fallback("group_norm", x, num_groups) else module
+    if grad:
         raise RuntimeError(f"normops' group-norm statistics on the {name} backend have no autograd, and this call "
                            f"needs a gradient: use normops.backend('torch') (plain differentiable torch ops), or "
                            f"call it under torch.no_grad()")
     return module
-
-
-def _kernels(module):
-    """The triton backend when its kernels compute the chunk statistics, else None (the torch ops)."""
-    return module if hasattr(module, "group_norm_stats") else None
 
 
 def _pieces(xg):
@@ -97,7 +97,7 @@ def _torch_stats(x, num_groups):
 
 def group_norm_stats(x, num_groups, grad):
     """GroupStats of x [N, C, *S] (checked by the caller); ``grad``: a gradient is needed."""
-    module = _backend(x, grad) if x.numel() else None
+    module = _backend(x, grad, num_groups) if x.numel() else None
     if module is None:
         return _torch_stats(x, num_groups)
     return GroupStats(*module.group_norm_stats(x, num_groups))
@@ -146,7 +146,7 @@ def _torch_apply(x, num_groups, stats, weight, bias, eps, activation):
 def group_norm_apply(x, num_groups, stats: GroupStats, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      activation: str, grad) -> Tensor:
     """GroupNorm of x with the given statistics (checked by the caller)."""
-    module = _backend(x, grad) if x.numel() else None
+    module = _backend(x, grad, num_groups) if x.numel() else None
     if module is None:
         return _torch_apply(x, num_groups, stats, weight, bias, eps, activation)
     return module.group_norm_apply(x, num_groups, stats.mean, stats.m2, stats.count, weight, bias, eps, activation)

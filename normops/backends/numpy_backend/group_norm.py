@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .common import (host, into, like, masked, moments, normalize_backward, normalize_forward, per_channel, rstd_of,
-                     stats)
+                     round_to, stats)
 
 
 def _grouped(x, num_groups):
@@ -48,18 +48,26 @@ def _param_shape(xg, weight, bias):
     return xg.shape[int(not per_sample):3] + (1,)
 
 
-def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none", instance=False):
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none", instance=False,
+                       step_dtype=None):
     """GroupNorm of x [N, C, *S] -> (y, mean, rstd), stats [N, G]; ``instance``: InstanceNorm's
     call (G == C), whose statistics differ from GroupNorm's only where var = eps = 0. weight and
-    bias: [C], or [N, C] per sample."""
+    bias: [C], or [N, C] per sample. ``step_dtype`` (the "torch" casting): x_hat, x_hat * w and
+    x_hat * w + b each rounded to it (``round_to``), as diffusers' AdaGroupNorm rounds them."""
     xg = _grouped(x, num_groups)
     wshape = _param_shape(xg, weight, bias)
     mean, var = moments(xg, (2, 3))
     rstd = rstd_of(var, eps)
     if instance and eps == 0:  # instance norm: torch's (batch-norm) statistics give a constant
         rstd = np.where(var == 0, 0.0, rstd)  # channel rstd 0 with eps = 0, so a zero output, not NaN
-    y = normalize_forward(xg, (2, 3), mean, rstd, per_channel(weight, wshape),
-                          per_channel(bias, wshape), activation)
+    if step_dtype is None:
+        y = normalize_forward(xg, (2, 3), mean, rstd, per_channel(weight, wshape),
+                              per_channel(bias, wshape), activation)
+    else:  # round(x_hat), then round(. * w), round(. + b), then the activation (rstd 1: the identity)
+        z = normalize_forward(xg, (2, 3), mean, rstd, x_hat_dtype=step_dtype)
+        z = round_to(normalize_forward(z, (2, 3), None, 1.0, per_channel(weight, wshape)), step_dtype)
+        z = round_to(normalize_forward(z, (2, 3), None, 1.0, None, per_channel(bias, wshape)), step_dtype)
+        y = normalize_forward(z, (2, 3), None, 1.0, activation=activation)
     return y.reshape(x.shape), mean.reshape(xg.shape[:2]), rstd.reshape(xg.shape[:2])
 
 
@@ -78,9 +86,9 @@ def group_norm_backward(dy, x, num_groups, mean, rstd, weight=None, bias=None,
 
 
 # --------------------------------------------------------------------------- backend contract
-def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False):
+def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, casting="fp32"):
     y, mean, rstd = group_norm_forward(host(x), num_groups, host(weight), host(bias), eps,
-                                       activation, instance)
+                                       activation, instance, x.dtype if casting == "torch" else None)
     y = into(y, torch.empty_like(x))
     if not need_stats:
         return y, None, None
