@@ -623,9 +623,21 @@ def _ada_n(h, weight, bias, mean, rstd, xhat_dtype=None):
     return (n if bias is None else n + bias.to(hs.dtype)), x_hat, x_r
 
 
+def _ada_plain(inp, weight, bias, casting):
+    """Whether the plain row norm (ATen's LayerNorm / RMSNorm, above) computes norm(h): in the
+    statistics dtype every casting's rounding is a no-op, except "t5"'s of a half weight, and
+    ATen's fused kernels then beat the composition below (three passes and their temporaries)."""
+    return (inp.dtype == stat_dtype(inp) and _ada_xhat_dtype(casting, inp.dtype, weight) is None
+            and all(t is None or t.dtype == inp.dtype for t in (weight, bias)))
+
+
 def ada_norm_fwd(x, residual, gate, scale, shift, weight, bias, eps, rms, casting, need_stats):
     h = _ada_h(x, residual, gate, casting)
     inp = x if h is None else h
+    if _ada_plain(inp, weight, bias, casting):
+        n, _, mean, rstd = row_norm_fwd(inp, None, inp.shape[-1:], weight, bias, eps, rms, "none", need_stats)
+        y = torch.addcmul(shift.to(inp.dtype).unsqueeze(1), n, 1 + scale.to(inp.dtype).unsqueeze(1))
+        return y, h, mean, rstd
     mean, rstd = _ada_stats(inp, eps, rms)
     if casting in ("torch", "t5"):  # the norm in h's dtype as torch's (or diffusers' RMSNorm), then each op rounded
         D = inp.shape[-1]
@@ -651,6 +663,8 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     backward differentiates it so, see normops.ops.ada_norm)."""
     inp = x if h is None else h
     sd = stat_dtype(inp)
+    if eps is None and _ada_plain(inp, weight, bias, casting):
+        return _ada_plain_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, output_mask)
     if eps is not None:
         mean, rstd = _ada_stats(inp, eps, rms)
     n, x_hat, x_r = _ada_n(inp, weight, bias, mean, rstd, _ada_xhat_dtype(casting, inp.dtype, weight))
@@ -676,3 +690,24 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
              None if weight is None else (dn * x_r).sum((0, 1)),
              None if bias is None else dn.sum((0, 1)))
     return tuple(g_ if want else None for g_, want in zip(grads, output_mask))
+
+
+def _ada_plain_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, output_mask):
+    """ada_norm_bwd where _ada_plain holds: the modulation's gradients around ATen's norm backward
+    (dn = dy * (1 + scale) is the gradient reaching the norm's output)."""
+    inp = x if h is None else h
+    d = inp.shape[-1:]
+    want_dh = any(output_mask[:3])
+    dn = dy * (1 + scale.to(inp.dtype).unsqueeze(1))
+    dscale = (dy * _recompute_row(inp, d, weight, bias, mean, rstd, rms)).sum(1) if output_mask[3] else None
+    dshift = dy.sum(1) if output_mask[4] else None
+    dht, dw, db, _ = row_norm_bwd(dn, inp, d, weight, bias, mean, rstd, rms, "none",
+                                  [want_dh, output_mask[5], output_mask[6]])
+    if dht is not None and dh is not None:
+        dht = dht + dh
+    with_gate = gate is not None and h is not None
+    grads = (dht * gate.unsqueeze(1) if with_gate and output_mask[0] else dht,
+             None if h is None else dht,
+             (dht * x).sum(1) if with_gate and output_mask[2] else None,
+             dscale, dshift, dw, db)
+    return tuple(g if want else None for g, want in zip(grads, output_mask))

@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
-from normops.kernels.config import ADA_BWD_ONE_PASS_MAX, ADA_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
+from normops.kernels.config import ADA_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
 
 from . import torch_backend  # noqa: E402
 
