@@ -353,7 +353,6 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], normalized_shape: Sequ
                      norm_before_gate, group_size)[0]
 
 
-
 # --- adaLN modulation (DiT, SD3, Flux) -----------------------------------------------------------
 
 _ADA_CASTINGS = ("fp32", "torch", "t5")  # "t5": ada_rms_norm's only (diffusers' RMSNorm)
@@ -473,9 +472,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     return group_ops.group_norm(spec, input, weight, bias, _grad_needed(input, weight, bias), how)[0]
 
 
-def _check_groups(input, num_groups, what):
-    """(num_groups as an int, C) of a group norm's call, checked as torch checks them."""
-    # an int, or an integer numpy value or 0-d tensor, as torch takes; not a bool or a float
+def _num_groups(input, num_groups, what):
+    """num_groups an int (as torch's group_norm takes it) dividing input's C. Returns it as an int."""
     if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
         raise TypeError(f"{what}(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
     num_groups = operator.index(num_groups)
@@ -483,6 +481,13 @@ def _check_groups(input, num_groups, what):
     if num_groups <= 0 or c % num_groups:
         raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
                          f"of shape {list(input.shape)} and num_groups={num_groups}")
+    return num_groups
+
+
+def _check_groups(input, num_groups, what):
+    """(num_groups as an int, C) of a group norm's call, checked as torch checks them."""
+    num_groups = _num_groups(input, num_groups, what)
+    c = input.shape[1]
     if input.shape[0] * (c // num_groups) * math.prod(input.shape[2:]) == 1:  # as torch refuses it
         raise ShapeError(f"Expected more than 1 value per group, got input of size {list(input.shape)} "
                          f"with num_groups={num_groups}")
@@ -656,18 +661,6 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 
 # --- GroupNorm over chunks: statistics, their combination, apply --------------------------------
-
-def _num_groups(input, num_groups, what):
-    """num_groups an int (as torch's group_norm takes it) dividing input's C. Returns it as an int."""
-    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
-        raise TypeError(f"{what}(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
-    num_groups = operator.index(num_groups)
-    c = _channels(input, what)
-    if num_groups <= 0 or c % num_groups:
-        raise ShapeError(f"Expected number of channels in input to be divisible by num_groups, but got input "
-                         f"of shape {list(input.shape)} and num_groups={num_groups}")
-    return num_groups
-
 
 def _group_stats(stats, what, index=None):
     """stats as a GroupStats: three tensors on one device, int64 counts and floating mean and M2 of
