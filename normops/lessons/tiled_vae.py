@@ -29,6 +29,9 @@ The model is a tiny AutoencoderKL at random initialization (nothing downloaded):
 192x192; ``python benchmarks/tiled_vae.py --latent 128`` for bigger.
 """
 import argparse
+import contextlib
+import os
+import sys
 
 import torch
 from torch.nn import functional as F
@@ -170,6 +173,21 @@ def diffusers_decode(vae, z, tiling):
         vae.disable_tiling()
 
 
+@contextlib.contextmanager
+def _quiet_fd2():
+    """File descriptor 2 to /dev/null: the profiler's C++ side writes a line there at each start and
+    stop ("USDT: ... profiler_start"), past sys.stderr. An exception still reaches the caller."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def peak_bytes(fn):
     """(fn(), the peak of tensor memory allocated during fn above what was allocated before it):
     torch.cuda's peak statistics on CUDA; on the CPU, the profiler's record of every allocation and
@@ -183,7 +201,7 @@ def peak_bytes(fn):
         return out, torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]")
