@@ -347,37 +347,41 @@ def _gn_grid():
 
 
 def group_norm_jobs(targets, exhaustive=False):
+    """Every (kernel, configuration) the heuristic picks over the shapes, for each variant and dtype
+    (the looped/split choice and the forward's unroll depend on the element size)."""
     shapes = list(_gn_grid()) if exhaustive else GN_SHAPES
-    configs = {"gn_fwd": set(), "gn_bwd": set()}
-    for (n, c, s, g), channels_last in itertools.product(shapes, (False, True)):
-        if channels_last and s == 1:
-            continue  # no positions: channels_last is plain contiguous, and runs as NCHW
-        fwd = GroupNormConfig.forward(n, c, s, g, channels_last, GN_SMS)
-        bwd = GroupNormConfig.backward(n, c, s, g, channels_last, GN_SMS)
-        # chunk, split and the grid are runtime: one compile serves every split > 1 (split_block
-        # and whether split is 1, the looped kernels, are not)
-        for kernel, cfg in (("gn_fwd", fwd), ("gn_bwd", bwd)):
-            configs[kernel].add((dataclasses.replace(cfg, split=min(cfg.split, 2), chunk=0, programs=0),
-                                 channels_last, False))
-    split = lambda c: not c.one_pass and c.split > 1  # noqa: E731
-    configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl, lg) for c, cl, lg in configs["gn_fwd"]
-                           if split(c)}
-    configs["gn_bwd_sums"] = {(dataclasses.replace(c, split_block=1), cl, lg) for c, cl, lg in configs["gn_bwd"]
-                              if split(c)}
-    # the dw/db glue kernel compiles the same whatever the tile: one placeholder configuration
-    configs["gn_param_grads"] = {min(configs["gn_bwd"], key=str)}
     if exhaustive:  # the heaviest variant only, bf16 activations with fp32 parameters
         variants = [("group_norm+gelu/w32", "bf16")]
     else:
         # fp16 compiles as bf16 does (same width); gelu in fp32 is covered by its w32 mixed case
         variants = [("group_norm", "bf16"), ("group_norm", "fp32"), ("group_norm+gelu", "bf16"),
                     ("group_norm+gelu/w32", "bf16")]
+    elems = sorted({DTYPE[dtype].itemsize for _, dtype in variants})
+    configs = {"gn_fwd": set(), "gn_bwd": set()}
+    for (n, c, s, g), channels_last, elem in itertools.product(shapes, (False, True), elems):
+        if channels_last and s == 1:
+            continue  # no positions: channels_last is plain contiguous, and runs as NCHW
+        fwd = GroupNormConfig.forward(n, c, s, g, channels_last, GN_SMS, elem)
+        bwd = GroupNormConfig.backward(n, c, s, g, channels_last, GN_SMS, elem)
+        # chunk, split and the grid are runtime: one compile serves every split > 1 (split_block
+        # and whether split is 1, the looped kernels, are not)
+        for kernel, cfg in (("gn_fwd", fwd), ("gn_bwd", bwd)):
+            configs[kernel].add((dataclasses.replace(cfg, split=min(cfg.split, 2), chunk=0, programs=0),
+                                 channels_last, False, elem))
+    split = lambda c: not c.one_pass and c.split > 1  # noqa: E731
+    configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl, lg, e) for c, cl, lg, e in configs["gn_fwd"]
+                           if split(c)}
+    configs["gn_bwd_sums"] = {(dataclasses.replace(c, split_block=1), cl, lg, e)
+                              for c, cl, lg, e in configs["gn_bwd"] if split(c)}
+    # the dw/db glue kernel compiles the same whatever the tile: one placeholder configuration a dtype
+    configs["gn_param_grads"] = {min((k for k in configs["gn_bwd"] if k[3] == e), key=str) for e in elems}
     order = lambda k: (not k[0].one_pass, k[0].split, k[1], k[0].block_g * k[0].block_cg * k[0].block_s,  # noqa: E731
                        str(k))
-    jobs = [Job(kernel, variant, dtype, cfg, target) for target in targets for kernel in
+    jobs = [Job(kernel, variant, dtype, cfg[:3], target) for target in targets for kernel in
             ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd", "gn_param_grads")
             for cfg in sorted(configs[kernel], key=order)
-            for variant, dtype in (variants[:2] if kernel in ("gn_stats", "gn_param_grads") else variants)]
+            for variant, dtype in (variants[:2] if kernel in ("gn_stats", "gn_param_grads") else variants)
+            if DTYPE[dtype].itemsize == cfg[3]]
     # The same configurations with the LARGE flag (a sample of 2**31 elements or more: int64 row
     # starts, kernels/group_norm.py's _tile), for the two variants that spilled first when it cast
     # every offset: fp32 (the widest Welford state) and gelu over fp32 parameters.
@@ -386,7 +390,8 @@ def group_norm_jobs(targets, exhaustive=False):
     looped = lambda c: not c[0].one_pass and c[0].split == 1  # noqa: E731
     jobs += [Job(kernel, variant, dtype, (*cfg[:2], True), target) for target in targets
              for kernel in ("gn_stats", "gn_fwd", "gn_bwd_sums", "gn_bwd") for cfg in sorted(configs[kernel], key=order)
-             if not looped(cfg) for variant, dtype in (large[:1] if kernel == "gn_stats" else large)]
+             if not looped(cfg) for variant, dtype in (large[:1] if kernel == "gn_stats" else large)
+             if DTYPE[dtype].itemsize == cfg[3]]
     return jobs
 
 

@@ -212,9 +212,12 @@ GN_BWD_ONE_PASS_MAX = 8192
 #    group's positions are cut into `split` chunks, a statistics (sums) kernel writes per-chunk
 #    partials, the normalize (dx) kernel combines them. Two launches forward, three backward.
 # Looped programs: 8K-element tiles over 16 warps (16 values a thread, the one-pass budget), one
-# program an SM (16 warps at 128 registers). The forward's statistics loop takes two tiles an
-# iteration (unroll, NCHW; a 16K tile's Welford state spilled 16 bytes): 32 KB of bf16 loads in
-# flight a program, as the backward's x and dy tiles. No reduction inside the loops.
+# program an SM (16 warps at 128 registers). The NCHW forward's loops take two fp32 tiles an
+# iteration, four 16-bit ones (unroll, normalize_unroll; a 16K tile's Welford state spilled 16
+# bytes): 64 KB of loads in flight a program whatever the dtype. At two bf16 tiles (32 KB, as the
+# backward's x and dy tiles) the SD VAE decoder's 1x512x64x64 (32 programs, one a group) was
+# latency-bound and lost to split; at four it beats split (kernels/roofline.py: 26% of peak vs 21%)
+# with no spill (python -m normops.kernels.aot). No reduction inside the loops.
 GN_LOOP_TILE = 8192
 GN_LOOP_WARPS = 16
 # Looped or split: the one the static model (kernels/roofline.py) predicts faster. Looped moves
@@ -310,8 +313,9 @@ class GroupNormConfig:
         on a GPU); elem_bytes: the size of an element of x; large: a sample of 2**31 elements or
         more (not looped, see above)."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
+        unroll = 2 if channels_last else 8 // elem_bytes  # NCHW: two fp32 tiles, four 16-bit (see above)
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
-                         2, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else 2, large)
+                         unroll, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else unroll, large)
 
     @classmethod
     def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):

@@ -139,6 +139,17 @@ def test_split_heuristic_without_patching():
     assert_close_to_reference(*_group_norm(1, "silu"), [x, w, b], "triton", torch.float32)
 
 
+def test_looped_heuristic_unroll_by_dtype():
+    """The NCHW looped forward takes two fp32 tiles a loop iteration and four 16-bit ones (the same
+    bytes in flight): the SD VAE decoder's 1x512x64x64 (32 groups, batch 1) runs looped in every
+    dtype on an H100's 132 SMs, where bf16 at two tiles was latency-bound and split."""
+    for elem, unroll in ((4, 2), (2, 4)):
+        cfg = config.GroupNormConfig.forward(1, 512, 64 * 64, 32, False, 132, elem)
+        assert not cfg.one_pass and cfg.split == 1 and (cfg.unroll, cfg.normalize_unroll) == (unroll, unroll)
+    cl = config.GroupNormConfig.forward(2, 320, 64 * 64, 32, True, 132, 2)  # channels_last: as it was
+    assert not cl.one_pass and cl.split == 1 and (cl.unroll, cl.normalize_unroll) == (2, 4)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5), (3, 4, 5, 6), (1, 2, 3, 2, 4)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_instance_norm(shape, dtype, path):
