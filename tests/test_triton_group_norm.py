@@ -132,7 +132,7 @@ def test_matches_numpy_reference(channels_last, path):
 def test_split_heuristic_without_patching():
     """With the real limits: a group of 33K elements and N x G = 1 splits over the CPU
     interpreter's 4 "SMs", and still equals torch."""
-    cfg = config.GroupNormConfig.forward(1, 2, 128 * 130, 1, False, 4)
+    cfg = config.GroupNormConfig.forward(1, 2, 128 * 130, 1, False, 4, 4)  # fp32, as x below
     assert not cfg.one_pass and cfg.split == 9  # 9 tiles of 2048 positions, a chunk each (4 programs an SM)
     x = on_device(make((1, 2, 128, 130), torch.float32))
     w, b = (on_device(t) for t in params((2,), torch.float32))
