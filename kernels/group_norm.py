@@ -633,7 +633,9 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
         return dx, None, None
     if per_sample:  # dw[n, c], db[n, c]: the partials summed over the chunks only (a fixed-order torch sum)
         sums = part.sum(3)
-        return dx, sums[:, 0].to(weight.dtype) if want_dw else None, sums[:, 1].to(bias.dtype) if want_db else None
+        # copies, never views of one buffer: a custom op's outputs may not alias each other
+        return (dx, sums[:, 0].to(weight.dtype, copy=True) if want_dw else None,
+                sums[:, 1].to(bias.dtype, copy=True) if want_db else None)
     dw = torch.empty_like(weight) if want_dw else None
     db = torch.empty_like(bias) if want_db else None
     launch(_group_norm_param_grads_kernel, (triton.cdiv(c, PARAM_GRADS_BLOCK_C),), part,

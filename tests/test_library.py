@@ -22,6 +22,7 @@ def _op_samples():
     dy = torch.randn(3, 4, 5, requires_grad=True)
     dy4 = torch.randn(2, 6, 3, 3, requires_grad=True)
     gmean, grstd = torch.randn(2, 3), torch.rand(2, 3) + 0.5
+    ada = [make((3, 5), torch.float32, seed=s) for s in (9, 10, 11)]  # scale, shift, gate: (B, D)
     smean, srstd = torch.randn(6), torch.rand(6) + 0.5
     plain = (0.0, "fp32", None, True, 0)  # offset, casting, out_dtype, norm_before_gate, group_size
     gate = make((3, 4, 6), torch.float32, seed=4)
@@ -56,9 +57,22 @@ def _op_samples():
                                                 *plain[:2], *plain[3:], torch.bfloat16, torch.float32)),
         "fused_add_rms_norm": (ops.fused_add_rms_norm.default, (x.detach().clone(), r.detach().clone(), [5],
                                                                 w5.detach(), 1e-6)),
-        "group_norm": (ops.group_norm.default, (x4, w6, b6, 3, 1e-5, "relu", False, True)),
-        "group_norm_channels_last": (ops.group_norm.default, (xcl, w6, None, 2, 1e-5, "none", False, True)),
-        "instance_norm": (ops.group_norm.default, (x4, w6, b6, 6, 1e-5, "silu", True, True)),
+        "group_norm": (ops.group_norm.default, (x4, w6, b6, 3, 1e-5, "relu", False, "fp32", True)),
+        "group_norm_channels_last": (ops.group_norm.default, (xcl, w6, None, 2, 1e-5, "none", False, "fp32", True)),
+        "instance_norm": (ops.group_norm.default, (x4, w6, b6, 6, 1e-5, "silu", True, "fp32", True)),
+        # issue #18: per-sample affine (ada_group_norm), adaLN, channels-first LayerNorm
+        "group_norm_per_sample": (ops.group_norm.default, (x4, 1 + 0.1 * make((2, 6), torch.float32, seed=7),
+                                                           make((2, 6), torch.float32, seed=8), 3, 1e-5, "silu",
+                                                           False, "torch", True)),
+        "ada_norm": (ops.ada_norm.default, (x, None, None, ada[0], ada[1], None, None, 1e-6, False, "fp32", True)),
+        "ada_norm_residual_gate": (ops.ada_norm.default, (x, r, ada[2], ada[0], ada[1], w5, b5, 1e-6, False, "torch",
+                                                          True)),
+        "ada_norm_rms": (ops.ada_norm.default, (x, r, None, ada[0], ada[1], w5, None, 1e-6, True, "t5", True)),
+        "ada_norm_backward": (ops.ada_norm_backward.default,
+                              (dy, None, x, None, None, ada[0], None, None, mean, rstd, 1e-6, False, "fp32",
+                               [True, False, False, True, True, False, False])),
+        "layer_norm_channels_first": (ops.layer_norm_channels_first.default, (x4, w6, b6, 1e-6, "gelu", True)),
+        "layer_norm_channels_first_cl": (ops.layer_norm_channels_first.default, (xcl, w6, None, 1e-6, "none", True)),
         "group_norm_backward": (ops.group_norm_backward.default,
                                 (dy4, x4, w6, b6, gmean, grstd, 3, 1e-5, "silu", [True, True, True])),
         "batch_norm_train": (ops.batch_norm.default, (x4, w6, b6, None, None, True, 1e-5, "none")),

@@ -95,7 +95,12 @@ def _ada_norm_backward_impl(dy: Tensor, dh: Optional[Tensor], x: Tensor, h: Opti
     grads = _route(x).module.ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casting,
                                           list(output_mask))
     like = (x, h, gate, scale, scale, weight, bias)
-    return tuple(ops.absent(x) if g is None else g.to(t.dtype).contiguous() for g, t in zip(grads, like))
+    out = []
+    for g, t in zip(grads, like):
+        g = ops.absent(x) if g is None else g.to(t.dtype).contiguous()
+        # without a gate dx and dresidual are one tensor: a custom op's outputs may not alias each other
+        out.append(g.clone() if any(g is o for o in out) else g)
+    return tuple(out)
 
 
 ada_norm_backward_op = ops.register("ada_norm_backward", _ada_norm_backward_impl,
