@@ -67,6 +67,9 @@ most one glue launch (a torch operation, or a Triton launch with no activation-s
 by more than ANCHOR_TOLERANCE: a model that does not reproduce the published points judges nothing.
 A failing case is listed at the end with its reasons (BELOW, GLUE, SLOW, ERROR) and what limits
 it (``limits``: latency-bound launches, L2 re-reads, spills, the launches after the first).
+OPEN_SHORTFALLS lists cases known below target with their predicted % when listed and why: --check
+reports them apart and passes them while they stay at that % (a regression fails, and so does an
+entry whose case has reached its target: stale), so a known gap stays in view, its target unchanged.
 """
 import os
 
@@ -200,6 +203,13 @@ ROW_VARIANTS = {
 }
 VARIANT_BASE = "rms_norm"
 VARIANT_SHARE = 0.95
+
+# Open shortfalls: cases known below target, each with its predicted % when it was listed and why.
+# --check reports them apart and does not fail on them, but fails when one predicts below its
+# listed % (a regression) or reaches its target (the entry is stale: remove it). A list, not a
+# lower target: the target stays the issue's, and the gap stays in view until a kernel closes it.
+OPEN_SHORTFALLS = {}
+OPEN_SLACK = 0.05  # % of peak a listed case may move without failing (compiles vary by that much)
 
 ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm") + tuple(ROW_VARIANTS)
 ADA_NORMS = ("ada_layer_norm", "ada_layer_norm_gate_residual")  # kernels/ada_norm.py, (B, T, D)
@@ -606,6 +616,13 @@ class Prediction:
     def ok(self):
         return not self.failures
 
+    @property
+    def open(self):
+        """An OPEN_SHORTFALLS entry whose only failure is BELOW, at or above its listed %: reported,
+        not failed."""
+        listed = OPEN_SHORTFALLS.get(self.case.id)
+        return listed is not None and self.failures == ["BELOW"] and self.pct >= listed[0] - OPEN_SLACK
+
 
 def limits(p, gpu):
     """What holds a case's predicted time up, from its launch records: the launches bound by
@@ -863,15 +880,27 @@ def main(argv=None):
     print(f"\n{'case':60} {'pred %':>6} {'target':>5} {'/byte':>5} {'lch':>3} {'glue':>4}  {'':10}  kernels")
     for pred in preds:
         print(_fmt_case(pred))
-    below = [pred for pred in preds if not pred.ok]
+    below = [pred for pred in preds if not pred.ok and not pred.open]
+    known = [pred for pred in preds if pred.open]
+    stale = [pred for pred in preds if pred.ok and pred.case.id in OPEN_SHORTFALLS]
     print(f"/byte: a row-norm variant's bandwidth per byte over plain {VARIANT_BASE}'s (same shape, dtype, pass); "
           f"target {VARIANT_SHARE}")
+    if known:
+        print(f"\nopen shortfalls ({len(known)}, OPEN_SHORTFALLS): case, predicted % / target, listed %, why")
+        for q in known:
+            listed, why = OPEN_SHORTFALLS[q.case.id]
+            print(f"  {q.case.id}: {q.pct:.1f} / {q.target:.1f}, listed {listed:.1f}: {why}")
     if below:
         print(f"\nfailing ({len(below)}): case, predicted % / target, why, what limits it")
         for q in below:
             target = f"{q.target:.1f}" if q.target is not None else "-"
-            print(f"  {q.case.id}: {q.pct:.1f} / {target} {'+'.join(q.failures)}: {q.error or limits(q, gpu)}")
-    print(f"{len(preds) - len(below)} of {len(preds)} cases at or above target")
+            why = "+".join(q.failures) + (" (below its OPEN_SHORTFALLS %)" if q.case.id in OPEN_SHORTFALLS else "")
+            print(f"  {q.case.id}: {q.pct:.1f} / {target} {why}: {q.error or limits(q, gpu)}")
+    if stale:
+        print(f"\nstale OPEN_SHORTFALLS entries ({len(stale)}, now at or above target: remove them): "
+              + ", ".join(q.case.id for q in stale))
+    print(f"{len(preds) - len(below) - len(known)} of {len(preds)} cases at or above target"
+          + (f", {len(known)} open shortfalls" if known else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": dataclasses.asdict(gpu), "triton": triton.__version__, "cases": [
@@ -879,7 +908,7 @@ def main(argv=None):
                  "pass": q.case.pas, "predicted_pct": q.pct, "predicted_us": q.time_us, "target_pct": q.target,
                  "per_byte_vs_plain": q.per_byte,
                  "glue": q.glue, "error": q.error, "launches": q.launches} for q in preds]}, f, indent=1)
-    failed |= bool(below)
+    failed |= bool(below) or bool(stale)
     return 1 if args.check and failed else 0
 
 

@@ -65,6 +65,23 @@ SASS = """
 """
 
 
+def test_open_shortfalls_stay_frozen(monkeypatch):
+    """A listed case below target is reported, not failed, only at or above its listed %; a listed
+    case that falls further, or fails for another reason, fails; reaching the target makes it ok
+    (main() then calls the entry stale)."""
+    case = roofline.Case("layer_norm", (64, 256), "contiguous", torch.bfloat16, "fwd")
+    monkeypatch.setattr(roofline, "OPEN_SHORTFALLS", {case.id: (20.0, "why")})
+
+    def pred(pct, glue=1):
+        return roofline.Prediction(case, pct=pct, target=30.0, glue=glue)
+    assert pred(20.0).open and not pred(20.0).ok
+    assert not pred(19.0).open  # a regression below the listed %
+    assert not pred(25.0, glue=2).open  # another failure than BELOW
+    assert pred(30.0).ok and not pred(30.0).open
+    assert not roofline.Prediction(roofline.Case("rms_norm", (64, 256), "contiguous", torch.bfloat16, "fwd"),
+                                   pct=20.0, target=30.0).open  # not listed
+
+
 def test_sass_regions_split_loop_bodies_from_straight_code():
     regions, widths = roofline.sass_regions(SASS)
     # straight-line code: a 16-byte and a 4-byte load, one barrier (the forward branch is no loop);
