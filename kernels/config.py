@@ -574,48 +574,83 @@ def ada_norm_bwd_programs(cfg, b, t, programs):
 
 # --- Channels-first LayerNorm (ConvNeXt's, kernels/channels_first.py) ---------------------------
 
-# A program's tile is [block_c channels, block_s positions] of one sample's (C, S) view; it reduces
-# over the channels. Tile budgets: 4K elements forward (16 fp32 values a thread at 8 warps: x, the
-# centred x and the affine output live at once, as in the row norms' 8K-at-16-warps forward), 2K
-# backward (x, dy, x_hat, g a value: twice the live values). Wider C loops over channel blocks.
-CF_FWD_TILE = 4096
-CF_BWD_TILE = 2048
-# Elements a warp: 256 forward (8 a thread, 16 warps at 4K); 128 backward (4 a thread, 16 warps at
-# 2K): at 512 (4 warps) the 2K backward tiles spilled 8-464 bytes, at 256 (8 warps) the NCHW 128x16
-# gelu backward still spilled 8 (sm_90, triton 3.9, 128 registers); at 512 (8 warps) the channels_last
-# 128x32 gelu forward (ConvNeXt's 96 channels) spilled 40-48 bytes under triton 3.6 (sm_80, sm_90).
-CF_FWD_ELEMENTS_PER_WARP = 256
-CF_BWD_ELEMENTS_PER_WARP = 128
-# NCHW: positions are the contiguous axis, so a block of at least 16 (32 bytes at bf16, a DRAM
-# sector) unless S is smaller; channels_last: channels are contiguous and a tile takes every
-# channel it can (any block_s: each row of the tile is C contiguous values).
-CF_MIN_BLOCK_S_NCHW = 16
+# A program's tile is [block_c channels, block_s positions] of one sample's (C, S) view, laid out so
+# that the reduction over C stays inside a warp where it can: the kernels build it as a 4-D
+# [block_c / c_lane, block_s / s_in, c_lane, s_in] tensor whose contiguous axis (s_in for NCHW,
+# c_lane for channels_last) takes the 16-byte vectors and the lanes, the other lane axis next, and
+# the warps go to the positions (block_s / s_in) before the channels: a warp holds whole columns,
+# reduced in registers and by shuffles, no shared memory and no barrier. Only when a thread's
+# share of a column would pass the budget below do warps split the channels (C > 32 x budget / v).
+#
+# Elements of a tile tensor a thread holds: 32 forward (x, the centred x and the output: the row
+# norms' 16K-at-16-warps forward, 32 fp32 values a thread, took no spills); 16 backward, where x,
+# dy, x_hat and g live at once (at 32, x and dy alone were 64 registers of the 128).
+CF_FWD_PER_THREAD = 32
+CF_BWD_PER_THREAD = 16
+# Warps a program: 8. A tile of 256 threads x the budget is 8K elements forward (16 KB of bf16 in
+# flight a program), and an SM holds 2-4 such programs at the 48-90 registers these take (the
+# roofline's occupancy): enough bytes in flight without one program per SM, whose end and start
+# would leave the SM idle. 16 only where the channels need them (C wider than 8 warps' budget).
+CF_WARPS = 8
+CF_MAX_WARPS = 16
+# NCHW: a lane's run of positions is at least 8 bytes (v = 4 bf16, 2 fp32), a quarter sector, the
+# other three quarters read by the neighbouring lanes' warps in the same program (L1); a full
+# 16-byte vector where the budget allows.
+CF_MIN_RUN_BYTES = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class ChannelsFirstConfig:
     """Launch settings of the channels-first LayerNorm kernels for C channels and S positions a sample.
 
-    block_c x block_s: the tile; one_pass: every channel is in the tile (block_c >= C), so a column's
-    statistics and dx come from one read; else the kernels loop over channel blocks (two reads, the
-    second from L2). num_warps: warps per program."""
+    block_c x block_s: the tile; c_lane x s_in: its inner [channels, positions] block, the part of
+    a column a warp's lanes hold (see above); one_pass: every channel is in the tile (block_c >= C),
+    so a column's statistics and dx come from one read; else the kernels loop over channel blocks
+    (two reads, the second from L2). num_warps: warps per program."""
     block_c: int
     block_s: int
+    c_lane: int
+    s_in: int
     num_warps: int
     one_pass: bool
 
     @classmethod
-    def forward(cls, c, s, channels_last):
-        return cls._make(c, s, channels_last, CF_FWD_TILE, CF_FWD_ELEMENTS_PER_WARP)
+    def forward(cls, c, s, channels_last, elem):
+        return cls._make(c, s, channels_last, elem, CF_FWD_PER_THREAD)
 
     @classmethod
-    def backward(cls, c, s, channels_last):
-        return cls._make(c, s, channels_last, CF_BWD_TILE, CF_BWD_ELEMENTS_PER_WARP)
+    def backward(cls, c, s, channels_last, elem):
+        return cls._make(c, s, channels_last, elem, CF_BWD_PER_THREAD)
 
     @classmethod
-    def _make(cls, c, s, channels_last, tile, per_warp):
-        min_s = 1 if channels_last else min(next_pow2(s), CF_MIN_BLOCK_S_NCHW)
-        block_c = min(next_pow2(c), tile // min_s)
-        block_s = max(1, min(next_pow2(s), tile // block_c))
-        warps = max(1, min(16, block_c * block_s // per_warp))
-        return cls(block_c, block_s, warps, block_c >= c)
+    def _make(cls, c, s, channels_last, elem, budget):
+        block_c = next_pow2(c)
+        while True:
+            cfg, warps_c = cls._tile(block_c, c, s, channels_last, elem, budget)
+            if warps_c <= CF_MAX_WARPS or block_c == 1:
+                return cfg
+            block_c //= 2  # past CF_MAX_WARPS warps across a column: loop over channel blocks
+
+    @classmethod
+    def _tile(cls, block_c, c, s, channels_last, elem, budget):
+        """(the config of `block_c` channels a tile, the warps it spreads a column over)."""
+        vec = max(1, 16 // elem)  # elements of a 16-byte vector on the contiguous axis
+        if channels_last:  # lanes x vec along the channels, the rest of the lanes along positions
+            c_lane = min(block_c, 32 * vec)
+            v = min(vec, c_lane)
+            lanes_s = 32 // (c_lane // v)
+        else:  # a channel a lane (fewer channels than lanes: the rest along positions), v positions
+            c_lane = min(block_c, 32)
+            v = min(vec, next_pow2(s), max(max(1, CF_MIN_RUN_BYTES // elem), budget * c_lane // block_c))
+            lanes_s = 32 // c_lane
+        per_column = block_c // c_lane * v  # a thread's elements of a column: channels x positions
+        # warps across the channels when a thread's share of a column passes the budget
+        warps_c = max(1, per_column // budget)
+        warps = max(CF_WARPS, warps_c)
+        # positions: lanes_s x (warps on positions) x (columns a thread, channels_last: to the budget)
+        rows = max(1, budget // per_column) if channels_last else 1
+        s_in = 1 if channels_last else v * lanes_s
+        block_s = (lanes_s if channels_last else s_in) * max(1, warps // warps_c) * rows
+        while block_s > max(next_pow2(s), s_in) and block_s > 1:
+            block_s //= 2  # a short S: fewer positions (the spare warps go to the channels)
+        return cls(block_c, block_s, c_lane, min(s_in, block_s), warps, block_c >= c), warps_c
