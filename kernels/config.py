@@ -582,15 +582,19 @@ def ada_norm_bwd_programs(cfg, b, t, programs):
 # reduced in registers and by shuffles, no shared memory and no barrier. Only when a thread's
 # share of a column would pass the budget below do warps split the channels (C > 32 x budget / v).
 #
-# Elements of a tile tensor a thread holds: 32 forward (x, the centred x and the output: the row
-# norms' 16K-at-16-warps forward, 32 fp32 values a thread, took no spills); 16 backward, where x,
-# dy, x_hat and g live at once (at 32, x and dy alone were 64 registers of the 128).
-CF_FWD_PER_THREAD = 32
-CF_BWD_PER_THREAD = 16
-# Warps a program: 8. A tile of 256 threads x the budget is 8K elements forward (16 KB of bf16 in
-# flight a program), and an SM holds 2-4 such programs at the 48-90 registers these take (the
-# roofline's occupancy): enough bytes in flight without one program per SM, whose end and start
-# would leave the SM idle. 16 only where the channels need them (C wider than 8 warps' budget).
+# Elements of a tile tensor a thread holds: 16 forward, 8 backward (x, dy, x_hat and g live at
+# once). At 32 and 16 the NCHW tiles whose warps split the channels (C = 512, 768: a cross-warp
+# reduction over a 4-D tile keeps replicated slices live) took all 128 registers and spilled
+# 16-232 bytes (sm_90, triton 3.9, python -m normops.kernels.roofline); at 16 and 8 they take
+# 115-128 and spill none. ConvNeXt's 96 channels fit either way (a warp holds whole columns).
+CF_FWD_PER_THREAD = 16
+CF_BWD_PER_THREAD = 8
+# Warps a program: 8. A tile of 256 threads x the budget (4K elements forward, 8 KB of bf16 in
+# flight a program) and an SM holds 2-4 such programs at the 48-128 registers these take (the
+# roofline's occupancy): the backward's persistent grid (programs_per_wave: 2 an SM at 8 warps)
+# keeps two resident, where 16-warp programs left one an SM. More warps only where the channels
+# need them (a column wider than 8 warps' budget), up to CF_MAX_WARPS, past which the kernels loop
+# over channel blocks (backward: NCHW C > 1024 at bf16, 2048 at fp32; channels_last C > 4096).
 CF_WARPS = 8
 CF_MAX_WARPS = 16
 # NCHW: a lane's run of positions is at least 8 bytes (v = 4 bf16, 2 fp32), a quarter sector, the
