@@ -229,16 +229,17 @@ def _layer_norm_cf_bwd_kernel(
             x = tl.load(xs + offs, mask=mask, other=0.0).to(ACC)
             dy = tl.load(dys + _c4(cs) * sdy_c + _s4(ss) * sdy_s, mask=mask, other=0.0).to(ACC)
             dz, x_hat, g = _dz_xhat(x, dy, w, b, mean, rstd, mask, HAS_W, HAS_B, ACT)
+            # dw/db first: dz dies before dx's cross-warp reductions (with gelu it spilled there)
+            if WANT_DW:
+                dw_acc += _ssum(dz * x_hat)
+            if WANT_DB:
+                db_acc += _ssum(dz)
             if WANT_DX:
                 g0 = _csum(tl.where(_c4(cs == 0), g, 0.0))  # channel 0: the pivot
                 c1 = _csum(g * x_hat) / C
                 c2 = g0 + _csum(tl.where(mask, g - _s4(g0), 0.0)) / C
                 dx = _s4(rstd) * (g - _s4(c2) - x_hat * _s4(c1))
                 tl.store(dxs + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            if WANT_DW:
-                dw_acc += _ssum(dz * x_hat)
-            if WANT_DB:
-                db_acc += _ssum(dz)
         else:
             cs, ss = _tile(sb, 0, BLOCK_C, BLOCK_S, C_LANE, S_IN)
             mean = tl.load(MEAN + n.to(tl.int64) * S + ss, mask=ss < S, other=0.0).to(ACC)

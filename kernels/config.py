@@ -601,6 +601,13 @@ CF_MAX_WARPS = 16
 # other three quarters read by the neighbouring lanes' warps in the same program (L1); a full
 # 16-byte vector where the budget allows.
 CF_MIN_RUN_BYTES = 8
+# The NCHW backward's exceptions (triton 3.9, sm_90, python -m normops.kernels.aot): at C < 32 (the
+# stem's 3) 4-value runs crashed the compiler (segfault in libtriton), fp32 (tile 4x256, 16 bytes)
+# and bf16 (4x256, 8 bytes) alike; fp32 takes 8-byte runs (2 values, 60 registers), bf16 keeps its
+# 16-byte ones (8 values), which compile. A column spread over 8 or more warps at the minimum run
+# (bf16 with gelu, 2 channels x 4 positions a thread: C = 384 over 8 warps spilled 24 bytes, C = 768
+# over 16 spilled 8) spills; half the run (4 bytes: C = 768 took 99 registers) spills none.
+CF_BWD_SMALL_C_RUN_FP32 = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,23 +627,23 @@ class ChannelsFirstConfig:
 
     @classmethod
     def forward(cls, c, s, channels_last, elem):
-        return cls._make(c, s, channels_last, elem, CF_FWD_PER_THREAD)
+        return cls._make(c, s, channels_last, elem, CF_FWD_PER_THREAD, False)
 
     @classmethod
     def backward(cls, c, s, channels_last, elem):
-        return cls._make(c, s, channels_last, elem, CF_BWD_PER_THREAD)
+        return cls._make(c, s, channels_last, elem, CF_BWD_PER_THREAD, True)
 
     @classmethod
-    def _make(cls, c, s, channels_last, elem, budget):
+    def _make(cls, c, s, channels_last, elem, budget, backward):
         block_c = next_pow2(c)
         while True:
-            cfg, warps_c = cls._tile(block_c, c, s, channels_last, elem, budget)
+            cfg, warps_c = cls._tile(block_c, c, s, channels_last, elem, budget, backward)
             if warps_c <= CF_MAX_WARPS or block_c == 1:
                 return cfg
             block_c //= 2  # past CF_MAX_WARPS warps across a column: loop over channel blocks
 
     @classmethod
-    def _tile(cls, block_c, c, s, channels_last, elem, budget):
+    def _tile(cls, block_c, c, s, channels_last, elem, budget, backward):
         """(the config of `block_c` channels a tile, the warps it spreads a column over)."""
         vec = max(1, 16 // elem)  # elements of a 16-byte vector on the contiguous axis
         if channels_last:  # lanes x vec along the channels, the rest of the lanes along positions
@@ -646,11 +653,15 @@ class ChannelsFirstConfig:
         else:  # a channel a lane (fewer channels than lanes: the rest along positions), v positions
             c_lane = min(block_c, 32)
             v = min(vec, next_pow2(s), max(max(1, CF_MIN_RUN_BYTES // elem), budget * c_lane // block_c))
+            if backward and c_lane < 32 and elem == 4:
+                v = min(v, CF_BWD_SMALL_C_RUN_FP32)
             lanes_s = 32 // c_lane
         per_column = block_c // c_lane * v  # a thread's elements of a column: channels x positions
         # warps across the channels when a thread's share of a column passes the budget
         warps_c = max(1, per_column // budget)
         warps = max(CF_WARPS, warps_c)
+        if backward and not channels_last and warps_c >= CF_WARPS and v > 1:
+            v //= 2  # the column over the most warps: half the run (see CF_BWD_SMALL_C_RUN_FP32)
         # positions: lanes_s x (warps on positions) x (columns a thread, channels_last: to the budget)
         rows = max(1, budget // per_column) if channels_last else 1
         s_in = 1 if channels_last else v * lanes_s
