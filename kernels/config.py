@@ -595,6 +595,9 @@ CF_BWD_PER_THREAD = 8
 # keeps two resident, where 16-warp programs left one an SM. More warps only where the channels
 # need them (a column wider than 8 warps' budget), up to CF_MAX_WARPS, past which the kernels loop
 # over channel blocks (backward: NCHW C > 1024 at bf16, 2048 at fp32; channels_last C > 4096).
+# The looped channels_last backward stays at CF_WARPS: two reads of the channels whatever the
+# block, and at 16 warps (4096 channels, 8 a thread, a cap of 128 registers) bf16 with gelu spilled
+# 8 bytes (C = 8192, triton 3.6, sm_90); at 8 warps (2048 channels, 8 a thread) it takes 124, none.
 CF_WARPS = 8
 CF_MAX_WARPS = 16
 # NCHW: a lane's run of positions is at least 8 bytes (v = 4 bf16, 2 fp32), a quarter sector, the
@@ -638,7 +641,9 @@ class ChannelsFirstConfig:
         block_c = next_pow2(c)
         while True:
             cfg, warps_c = cls._tile(block_c, c, s, channels_last, elem, budget, backward)
-            if warps_c <= CF_MAX_WARPS or block_c == 1:
+            # the looped channels_last backward: CF_WARPS across a column (see CF_WARPS)
+            limit = min(CF_WARPS, CF_MAX_WARPS) if backward and channels_last and not cfg.one_pass else CF_MAX_WARPS
+            if warps_c <= limit or block_c == 1:
                 return cfg
             block_c //= 2  # past CF_MAX_WARPS warps across a column: loop over channel blocks
 
