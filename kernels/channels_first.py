@@ -98,7 +98,9 @@ def _layer_norm_cf_fwd_kernel(
         mask = _c4(cs < C) & _s4(ss < S)
         offs = _c4(cs) * sx_c + _s4(ss) * sx_s
         x = tl.load(xs + offs, mask=mask, other=0.0).to(ACC)
-        p = _csum(tl.where(_c4(cs == 0), x, 0.0))  # the pivot: channel 0, taken from the tile
+        # the pivot: channel 0, loaded apart (L1) rather than reduced out of the tile, which took
+        # an exchange between the warps where they split the channels
+        p = tl.load(xs + ss * sx_s, mask=ss < S, other=0.0).to(ACC)
         mean = p + _csum(tl.where(mask, x - _s4(p), 0.0)) / C
         xc = tl.where(mask, x - _s4(mean), 0.0)
         rstd = 1.0 / tl.sqrt(_csum(xc * xc) / C + eps)
