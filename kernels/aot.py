@@ -285,8 +285,8 @@ def _describe(job):
         return f"rows={c.block_m} block_n={c.block_n}"
     if job.kernel.startswith("cf_"):
         c, channels_last = job.config
-        return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_c}x{c.block_s} "
-                f"{'one_pass' if c.one_pass else 'looped'}")
+        return (f"{'NHWC' if channels_last else 'NCHW'} tile={c.block_c}x{c.block_s} ({c.c_lane}x{c.s_in} a "
+                f"warp's) {'one_pass' if c.one_pass else 'looped'}")
     if job.kernel.startswith("gn_"):
         c, channels_last, large = job.config
         if job.kernel == "gn_param_grads":
@@ -301,18 +301,20 @@ def _describe(job):
 
 
 def channels_first_jobs(targets):
-    """Every (kernel, configuration) the heuristic picks over CF_SHAPES, both layouts."""
-    configs = set()
-    for (c, s), channels_last in itertools.product(CF_SHAPES, (False, True)):
+    """Every (kernel, configuration) the heuristic picks over CF_SHAPES, both layouts, per element
+    size (the tile's vectors and per-thread budget depend on it)."""
+    # fp16 compiles as bf16 does; gelu (erf and exp) is the heaviest in registers
+    variants = [("layer_norm_cf", "fp32"), ("layer_norm_cf+gelu", "bf16"), ("layer_norm_cf+gelu/w32", "bf16")]
+    jobs = set()
+    for (c, s), channels_last, (variant, dtype) in itertools.product(CF_SHAPES, (False, True), variants):
         # the layout the launchers see (channels_last when C has stride 1 and C > 1): S = 1 is
         # channels_last in either memory format, C = 1 is NCHW; one compile each, not two
         channels_last = (channels_last or s == 1) and c > 1
-        configs.add(("cf_fwd", ChannelsFirstConfig.forward(c, s, channels_last), channels_last))
-        configs.add(("cf_bwd", ChannelsFirstConfig.backward(c, s, channels_last), channels_last))
-    # fp16 compiles as bf16 does; gelu (erf and exp) is the heaviest in registers
-    variants = [("layer_norm_cf", "fp32"), ("layer_norm_cf+gelu", "bf16"), ("layer_norm_cf+gelu/w32", "bf16")]
+        elem = 4 if dtype == "fp32" else 2
+        jobs.add(("cf_fwd", ChannelsFirstConfig.forward(c, s, channels_last, elem), channels_last, variant, dtype))
+        jobs.add(("cf_bwd", ChannelsFirstConfig.backward(c, s, channels_last, elem), channels_last, variant, dtype))
     return [Job(kernel, variant, dtype, (cfg, cl), target) for target in targets
-            for kernel, cfg, cl in sorted(configs, key=str) for variant, dtype in variants]
+            for kernel, cfg, cl, variant, dtype in sorted(jobs, key=str)]
 
 
 def row_norm_jobs(targets):

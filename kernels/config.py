@@ -588,48 +588,103 @@ def ada_norm_bwd_programs(cfg, b, t, programs):
 
 # --- Channels-first LayerNorm (ConvNeXt's, kernels/channels_first.py) ---------------------------
 
-# A program's tile is [block_c channels, block_s positions] of one sample's (C, S) view; it reduces
-# over the channels. Tile budgets: 4K elements forward (16 fp32 values a thread at 8 warps: x, the
-# centred x and the affine output live at once, as in the row norms' 8K-at-16-warps forward), 2K
-# backward (x, dy, x_hat, g a value: twice the live values). Wider C loops over channel blocks.
-CF_FWD_TILE = 4096
-CF_BWD_TILE = 2048
-# Elements a warp: 256 forward (8 a thread, 16 warps at 4K); 128 backward (4 a thread, 16 warps at
-# 2K): at 512 (4 warps) the 2K backward tiles spilled 8-464 bytes, at 256 (8 warps) the NCHW 128x16
-# gelu backward still spilled 8 (sm_90, triton 3.9, 128 registers); at 512 (8 warps) the channels_last
-# 128x32 gelu forward (ConvNeXt's 96 channels) spilled 40-48 bytes under triton 3.6 (sm_80, sm_90).
-CF_FWD_ELEMENTS_PER_WARP = 256
-CF_BWD_ELEMENTS_PER_WARP = 128
-# NCHW: positions are the contiguous axis, so a block of at least 16 (32 bytes at bf16, a DRAM
-# sector) unless S is smaller; channels_last: channels are contiguous and a tile takes every
-# channel it can (any block_s: each row of the tile is C contiguous values).
-CF_MIN_BLOCK_S_NCHW = 16
+# A program's tile is [block_c channels, block_s positions] of one sample's (C, S) view, laid out so
+# that the reduction over C stays inside a warp where it can: the kernels build it as a 4-D
+# [block_c / c_lane, block_s / s_in, c_lane, s_in] tensor whose contiguous axis (s_in for NCHW,
+# c_lane for channels_last) takes the 16-byte vectors and the lanes, the other lane axis next, and
+# the warps go to the positions (block_s / s_in) before the channels: a warp holds whole columns,
+# reduced in registers and by shuffles, no shared memory and no barrier. Only when a thread's
+# share of a column would pass the budget below do warps split the channels (C > 32 x budget / v).
+#
+# Elements of a tile tensor a thread holds: 16 forward, 8 backward (x, dy, x_hat and g live at
+# once). At 32 and 16 the NCHW tiles whose warps split the channels (C = 512, 768: a cross-warp
+# reduction over a 4-D tile keeps replicated slices live) took all 128 registers and spilled
+# 16-232 bytes (sm_90, triton 3.9, python -m normops.kernels.roofline); at 16 and 8 they take
+# 115-128 and spill none. ConvNeXt's 96 channels fit either way (a warp holds whole columns).
+CF_FWD_PER_THREAD = 16
+CF_BWD_PER_THREAD = 8
+# Warps a program: 8. A tile of 256 threads x the budget (4K elements forward, 8 KB of bf16 in
+# flight a program) and an SM holds 2-4 such programs at the 48-128 registers these take (the
+# roofline's occupancy): the backward's persistent grid (programs_per_wave: 2 an SM at 8 warps)
+# keeps two resident, where 16-warp programs left one an SM. More warps only where the channels
+# need them (a column wider than 8 warps' budget), up to CF_MAX_WARPS, past which the kernels loop
+# over channel blocks (backward: NCHW C > 1024 at bf16, 2048 at fp32; channels_last C > 4096).
+# The looped channels_last backward stays at CF_WARPS: two reads of the channels whatever the
+# block, and at 16 warps (4096 channels, 8 a thread, a cap of 128 registers) bf16 with gelu spilled
+# 8 bytes (C = 8192, triton 3.6, sm_90); at 8 warps (2048 channels, 8 a thread) it takes 124, none.
+CF_WARPS = 8
+CF_MAX_WARPS = 16
+# NCHW: a lane's run of positions is at least 8 bytes (v = 4 bf16, 2 fp32), a quarter sector, the
+# other three quarters read by the neighbouring lanes' warps in the same program (L1); a full
+# 16-byte vector where the budget allows.
+CF_MIN_RUN_BYTES = 8
+# The NCHW backward's exceptions (triton 3.9, sm_90, python -m normops.kernels.aot): at C < 32 (the
+# stem's 3) 4-value runs crashed the compiler (segfault in libtriton), fp32 (tile 4x256, 16 bytes)
+# and bf16 (4x256, 8 bytes) alike; fp32 takes 8-byte runs (2 values, 60 registers), bf16 keeps its
+# 16-byte ones (8 values), which compile. A column spread over 8 or more warps at the minimum run
+# (bf16 with gelu, 2 channels x 4 positions a thread: C = 384 over 8 warps spilled 24 bytes, C = 768
+# over 16 spilled 8) spills; half the run (4 bytes: C = 768 took 99 registers) spills none.
+CF_BWD_SMALL_C_RUN_FP32 = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class ChannelsFirstConfig:
     """Launch settings of the channels-first LayerNorm kernels for C channels and S positions a sample.
 
-    block_c x block_s: the tile; one_pass: every channel is in the tile (block_c >= C), so a column's
-    statistics and dx come from one read; else the kernels loop over channel blocks (two reads, the
-    second from L2). num_warps: warps per program."""
+    block_c x block_s: the tile; c_lane x s_in: its inner [channels, positions] block, the part of
+    a column a warp's lanes hold (see above); one_pass: every channel is in the tile (block_c >= C),
+    so a column's statistics and dx come from one read; else the kernels loop over channel blocks
+    (two reads, the second from L2). num_warps: warps per program."""
     block_c: int
     block_s: int
+    c_lane: int
+    s_in: int
     num_warps: int
     one_pass: bool
 
     @classmethod
-    def forward(cls, c, s, channels_last):
-        return cls._make(c, s, channels_last, CF_FWD_TILE, CF_FWD_ELEMENTS_PER_WARP)
+    def forward(cls, c, s, channels_last, elem):
+        return cls._make(c, s, channels_last, elem, CF_FWD_PER_THREAD, False)
 
     @classmethod
-    def backward(cls, c, s, channels_last):
-        return cls._make(c, s, channels_last, CF_BWD_TILE, CF_BWD_ELEMENTS_PER_WARP)
+    def backward(cls, c, s, channels_last, elem):
+        return cls._make(c, s, channels_last, elem, CF_BWD_PER_THREAD, True)
 
     @classmethod
-    def _make(cls, c, s, channels_last, tile, per_warp):
-        min_s = 1 if channels_last else min(next_pow2(s), CF_MIN_BLOCK_S_NCHW)
-        block_c = min(next_pow2(c), tile // min_s)
-        block_s = max(1, min(next_pow2(s), tile // block_c))
-        warps = max(1, min(16, block_c * block_s // per_warp))
-        return cls(block_c, block_s, warps, block_c >= c)
+    def _make(cls, c, s, channels_last, elem, budget, backward):
+        block_c = next_pow2(c)
+        while True:
+            cfg, warps_c = cls._tile(block_c, c, s, channels_last, elem, budget, backward)
+            # the looped channels_last backward: CF_WARPS across a column (see CF_WARPS)
+            limit = min(CF_WARPS, CF_MAX_WARPS) if backward and channels_last and not cfg.one_pass else CF_MAX_WARPS
+            if warps_c <= limit or block_c == 1:
+                return cfg
+            block_c //= 2  # past CF_MAX_WARPS warps across a column: loop over channel blocks
+
+    @classmethod
+    def _tile(cls, block_c, c, s, channels_last, elem, budget, backward):
+        """(the config of `block_c` channels a tile, the warps it spreads a column over)."""
+        vec = max(1, 16 // elem)  # elements of a 16-byte vector on the contiguous axis
+        if channels_last:  # lanes x vec along the channels, the rest of the lanes along positions
+            c_lane = min(block_c, 32 * vec)
+            v = min(vec, c_lane)
+            lanes_s = 32 // (c_lane // v)
+        else:  # a channel a lane (fewer channels than lanes: the rest along positions), v positions
+            c_lane = min(block_c, 32)
+            v = min(vec, next_pow2(s), max(max(1, CF_MIN_RUN_BYTES // elem), budget * c_lane // block_c))
+            if backward and c_lane < 32 and elem == 4:
+                v = min(v, CF_BWD_SMALL_C_RUN_FP32)
+            lanes_s = 32 // c_lane
+        per_column = block_c // c_lane * v  # a thread's elements of a column: channels x positions
+        # warps across the channels when a thread's share of a column passes the budget
+        warps_c = max(1, per_column // budget)
+        warps = max(CF_WARPS, warps_c)
+        if backward and not channels_last and warps_c >= CF_WARPS and v > 1:
+            v //= 2  # the column over the most warps: half the run (see CF_BWD_SMALL_C_RUN_FP32)
+        # positions: lanes_s x (warps on positions) x (columns a thread, channels_last: to the budget)
+        rows = max(1, budget // per_column) if channels_last else 1
+        s_in = 1 if channels_last else v * lanes_s
+        block_s = (lanes_s if channels_last else s_in) * max(1, warps // warps_c) * rows
+        while block_s > max(next_pow2(s), s_in) and block_s > 1:
+            block_s //= 2  # a short S: fewer positions (the spare warps go to the channels)
+        return cls(block_c, block_s, c_lane, min(s_in, block_s), warps, block_c >= c), warps_c

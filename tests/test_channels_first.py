@@ -158,13 +158,13 @@ def test_torch_compile_and_export_trace_the_op():
 
 @pytest.fixture(params=["one_pass", "looped"])
 def path(request, monkeypatch):
-    """The one-pass kernels, then tiles of 4 channels (several channel blocks a position)."""
+    """The one-pass kernels, then tiles of a few channels (several channel blocks a position): a
+    budget of one element a thread and one warp across a column leave 1-4 channels a tile."""
     pytest.importorskip("triton")
     from normops.kernels import config
     if request.param == "looped":
-        for tile in ("CF_FWD_TILE", "CF_BWD_TILE"):
-            monkeypatch.setattr(config, tile, 16)
-        monkeypatch.setattr(config, "CF_MIN_BLOCK_S_NCHW", 4)
+        for budget in ("CF_FWD_PER_THREAD", "CF_BWD_PER_THREAD", "CF_MAX_WARPS"):
+            monkeypatch.setattr(config, budget, 1)
     return request.param
 
 

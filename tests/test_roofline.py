@@ -136,9 +136,7 @@ def test_the_model_reproduces_the_published_anchors():
 # owners, which `roofline --check` fails as GLUE (this test keeps every other op to the rule).
 #   ada_layer_norm_gate_residual: the dscale/dshift and dgate partials summed by two launches of
 #     row_norm_param_grads_kernel (kernels/ada_norm.py's _sums; one launch for both is under way)
-#   layer_norm_channels_first: torch.zeros for the partial rows, then a torch sum and (bf16/fp16
-#     parameters) a cast each for dw and db: 3-5 torch launches (kernels/channels_first.py)
-KNOWN_GLUE_OVER = {"ada_layer_norm_gate_residual", "layer_norm_channels_first"}
+KNOWN_GLUE_OVER = {"ada_layer_norm_gate_residual"}
 
 
 def test_every_benchmark_case_plans_its_launches():
