@@ -208,8 +208,16 @@ VARIANT_SHARE = 0.95
 # --check reports them apart and does not fail on them, but fails when one predicts below its
 # listed % (a regression) or reaches its target (the entry is stale: remove it). A list, not a
 # lower target: the target stays the issue's, and the gap stays in view until a kernel closes it.
-OPEN_SHORTFALLS = {}
-OPEN_SLACK = 0.05  # % of peak a listed case may move without failing (compiles vary by that much)
+# ConvNeXt's wide stages in NCHW (C = 512, 768 split over warps): the cross-warp reductions (mean
+# and variance; dx's two sums) leave the kernels latency-bound. Tried, not yet spill-free: one
+# (count, mean, M2) reduction forward, a 32-warp backward (8 B on sm_80).
+_CF_NCHW_WIDE = "NCHW, C split over warps: latency-bound by its cross-warp reductions"
+OPEN_SHORTFALLS = {
+    f"layer_norm_channels_first-{shape}-{dtype}-{pas}": (pct, _CF_NCHW_WIDE)
+    for shape, pas, pct in (("32x768x7x7", "fwd", 15.5), ("32x768x7x7", "bwd", 14.0),
+                            ("32x512x14x14", "fwd", 26.0), ("32x512x14x14", "bwd", 22.7))
+    for dtype in ("bfloat16", "float16")}
+OPEN_SLACK = 0.1  # % of peak a listed case may move without failing (the listing's rounding, compile noise)
 
 ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm") + tuple(ROW_VARIANTS)
 ADA_NORMS = ("ada_layer_norm", "ada_layer_norm_gate_residual")  # kernels/ada_norm.py, (B, T, D)
