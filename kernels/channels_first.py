@@ -37,7 +37,7 @@ from normops.core import suggested_format
 
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
 from .config import ChannelsFirstConfig, ParamGradsConfig, programs_per_wave
-from .row_norm import _row_norm_param_grads_kernel
+from .row_norm import param_grads_kernel
 
 
 @triton.jit
@@ -359,7 +359,7 @@ def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask, 
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_dw else None
     db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_db else None
     pg = ParamGradsConfig.make(c, programs)
-    launch(_row_norm_param_grads_kernel, (triton.cdiv(c, pg.block_n), 1), part, dw if want_dw else db,
+    launch(param_grads_kernel, (triton.cdiv(c, pg.block_n), 1), part, dw if want_dw else db,
            db if want_db else dw, programs, c, num_warps=pg.num_warps, WANT_DW=want_dw, WANT_DB=want_db,
            GROUPED=False, BLOCK_G=pg.block_g, BLOCK_N=pg.block_n, ACC=acc_type(x.dtype))
     return dx, dw, db

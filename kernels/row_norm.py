@@ -741,6 +741,8 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
 
 
 # Shared with kernels/ada_norm.py: the torch -> Triton dtypes, and the pair sum of its two row
-# reductions taken together (LayerNorm's dx).
+# reductions taken together (LayerNorm's dx); with kernels/channels_first.py: the fixed-order sum of
+# per-program dW/dB partials.
 TL_DTYPES = _TL
 add_pair = _add2
+param_grads_kernel = _row_norm_param_grads_kernel
