@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.core import casting_dtypes
+from normops.core import MIN_QUANT_SCALE, QUANT_MAX, casting_dtypes
 
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
 from .config import (ParamGradsConfig, RowNormConfig, programs_per_wave, row_norm_bwd_programs,
@@ -142,11 +142,11 @@ def _affine(x_hat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr, W_OFFSET: tl.
 
 
 @triton.jit
-def _affine_act_store(x_hat, sg, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      ACT: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
-                      GATE_AFTER: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
-    """y = act(x_hat * (offset + w) + b) (times silu(gate) when GATE_AFTER) stored at Y + y_offs; w and
-    b are read at cols (x_hat's last dim), each where it is used (the order ptxas allocates best)."""
+def _affine_act(x_hat, sg, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr, GATE_AFTER: tl.constexpr,
+                ACC: tl.constexpr):
+    """y = act(x_hat * (offset + w) + b) (times silu(gate) when GATE_AFTER) in ACC; w and b are read
+    at cols (x_hat's last dim), each where it is used (the order ptxas allocates best)."""
     z = x_hat.to(XHAT).to(ACC)
     if HAS_W:
         z = _scaled(z, tl.load(W + cols, mask=col_mask, other=0.0).to(ACC), HAS_W, W_OFFSET)
@@ -155,7 +155,79 @@ def _affine_act_store(x_hat, sg, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: t
     z = z.to(PROD).to(ACC)
     if GATE_AFTER:
         z = z * sg
-    tl.store(Y + y_offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+    return act(z, ACT)
+
+
+@triton.jit
+def _affine_act_store(x_hat, sg, Y, y_offs, mask, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACT: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
+                      GATE_AFTER: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """_affine_act's y stored at Y + y_offs in Y's dtype."""
+    y = _affine_act(x_hat, sg, W, B, cols, col_mask, HAS_W, HAS_B, ACT, W_OFFSET, XHAT, PROD, GATE_AFTER, ACC)
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+
+
+# Quantized outputs (normops::row_norm_quant): QUANT numbers the codes (their finite maxima:
+# normops.core.QUANT_MAX).
+Q_FP8 = 1     # float8_e4m3fn, its bits computed with integer ops: any target, and the interpreter (whose
+#               fp32 -> fp8e4nv conversion truncates and does not saturate)
+Q_FP8_HW = 2  # float8_e4m3fn by the hardware's conversion (sm_89+: cvt.rn.satfinite, the same bits)
+Q_INT8 = 3
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """float8_e4m3fn's bits of v (fp32), rounded to nearest even and saturated at +-448 as torch's
+    .to(torch.float8_e4m3fn) does, NaN kept: integer ops on fp32's bits. Normal e4m3 values (from
+    2**-6) keep 3 of fp32's 23 mantissa bits (round half to even on the 20 dropped; a carry moves
+    the exponent), rebiased from 127 to 7; subnormals are multiples of 2**-9, rounded by the
+    1.5 * 2**23 trick, and their codes are those multiples (8 is 2**-6, the first normal)."""
+    a = tl.abs(v)
+    a = tl.where(a > 448.0, 448.0, a)  # NaN compares false: kept
+    bits = a.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.uint32)
+    code = tl.where(a < 0.015625, sub, normal)
+    code = tl.where(a != a, 0x7F, code)
+    return (code | ((v.to(tl.uint32, bitcast=True) >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
+def _quantized(v, QUANT: tl.constexpr):
+    """v (y / scale, fp32) in the quantized dtype's code: saturated at its finite max, rounded to
+    nearest even (int8: by the 1.5 * 2**23 trick; NaN gives 0)."""
+    if QUANT == 1:
+        return _e4m3_bits(v)
+    elif QUANT == 2:
+        return v.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    else:
+        v = tl.where(v != v, 0.0, tl.minimum(tl.maximum(v, -128.0), 127.0))
+        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+
+
+@triton.jit
+def _quant_store(y, Q, SCALES, offs, mask, rows, row_mask, n_scales, QUANT: tl.constexpr, Q_GROUP: tl.constexpr,
+                 STATIC: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """A tile of whole rows of y (fp32, as the output dtype rounded it; 0 outside mask) quantized
+    into Q: q = y * (1 / scale), saturated and rounded. STATIC: one given scale at SCALES; else
+    dynamic, scale = max(amax |y| / QMAX, MIN_SCALE) per row (Q_GROUP 0) or per Q_GROUP consecutive
+    values (n_scales a row), stored at SCALES row-major. Scales and their inverses are divided
+    rounded to nearest (div_rn), as torch divides: the other backends compute the same numbers."""
+    if STATIC:
+        q = y * tl.math.div_rn(1.0, tl.load(SCALES))
+    elif Q_GROUP == 0:
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), 1), QMAX), MIN_SCALE)
+        q = y * tl.math.div_rn(1.0, scale)[:, None]
+        tl.store(SCALES + rows, scale, mask=row_mask)
+    else:
+        y3 = tl.reshape(y, [BLOCK_M, BLOCK_N // Q_GROUP, Q_GROUP])
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y3), 2), QMAX), MIN_SCALE)
+        q = tl.reshape(y3 * tl.math.div_rn(1.0, scale)[:, :, None], [BLOCK_M, BLOCK_N])
+        g = tl.arange(0, BLOCK_N // Q_GROUP)
+        tl.store(SCALES + rows.to(tl.int64)[:, None] * n_scales + g[None, :], scale,
+                 mask=row_mask[:, None] & (g < n_scales)[None, :])
+    tl.store(Q + offs, _quantized(q, QUANT), mask=mask)
 
 
 @triton.jit
@@ -163,17 +235,22 @@ def _row_norm_fwd_kernel(
     X, R, Y, H, Z,     # input, residual (strided rows); output y, h = x + r; gate (y's layout)
     W, B,              # [G * N] weight, bias
     MEAN, RSTD,        # [M, G] fp32 statistics, written when STORE_STATS
+    SCALES,            # QUANT: the given scale (STATIC), or out: [M, n_scales] fp32 scales
     M, N, inner,       # rows, columns of a group; rows are (outer, inner) pairs, see the module docstring
     sx_o, sx_i,        # row strides of X
     sr_o, sr_i,        # row strides of R
-    eps,
+    eps, n_scales,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     ACT: tl.constexpr, STORE_STATS: tl.constexpr, W_OFFSET: tl.constexpr, XHAT: tl.constexpr, PROD: tl.constexpr,
     HAS_GATE: tl.constexpr, GATE_FIRST: tl.constexpr, GROUPED: tl.constexpr,
+    QUANT: tl.constexpr, Q_GROUP: tl.constexpr, STATIC: tl.constexpr, ROUND: tl.constexpr, QMAX: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """One pass, rows up to BLOCK_N wide: BLOCK_M whole rows (of group program_id(1)) in registers,
-    one read of x (and r, gate), one write of y (and h)."""
+    one read of x (and r, gate), one write of y (and h). QUANT (not 0): y, rounded to ROUND (the
+    dtype torch's norm returns; fp32 for fp32/fp64 input), is written quantized into Y, with its
+    scales (_quant_store)."""
     pid = tl.program_id(0)
     grp, n_grp, col0 = _group(N, GROUPED)
     cols = tl.arange(0, BLOCK_N)
@@ -198,8 +275,14 @@ def _row_norm_fwd_kernel(
         xc = tl.where(mask, xs - mean_s[:, None], 0.0)
         mean = pivot + mean_s
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / N + eps)
-    _affine_act_store(xc * rstd[:, None], sg, Y, out_offs, mask, W + col0, B + col0, cols, cols < N, HAS_W, HAS_B,
-                      ACT, W_OFFSET, XHAT, PROD, HAS_GATE and not GATE_FIRST, ACC, "")
+    if QUANT:
+        y = _affine_act(xc * rstd[:, None], sg, W + col0, B + col0, cols, cols < N, HAS_W, HAS_B, ACT, W_OFFSET,
+                        XHAT, PROD, HAS_GATE and not GATE_FIRST, ACC)
+        _quant_store(tl.where(mask, y.to(ROUND).to(tl.float32), 0.0), Y, SCALES, out_offs, mask, rows, rows < M,
+                     n_scales, QUANT, Q_GROUP, STATIC, QMAX, MIN_SCALE, BLOCK_M, BLOCK_N)
+    else:
+        _affine_act_store(xc * rstd[:, None], sg, Y, out_offs, mask, W + col0, B + col0, cols, cols < N, HAS_W,
+                          HAS_B, ACT, W_OFFSET, XHAT, PROD, HAS_GATE and not GATE_FIRST, ACC, "")
     _store_stats(MEAN, RSTD, rows * n_grp + grp, mean, rstd, rows < M, IS_RMS, STORE_STATS)
 
 
@@ -667,21 +750,66 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     mean = torch.empty(batch, dtype=sd, device=x.device) if need_stats and not rms else None
     rstd = torch.empty(batch, dtype=sd, device=x.device) if need_stats else None
     cfg = config or RowNormConfig.forward(n)
-    args = (xv, rv, y, h, gate if gate is not None else y, weight if weight is not None else y,
-            bias if bias is not None else y, mean if mean is not None else y, rstd if rstd is not None else y,
-            m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
+    ptrs = (xv, rv, y, h, gate if gate is not None else y, weight if weight is not None else y,
+            bias if bias is not None else y, mean if mean is not None else y, rstd if rstd is not None else y)
+    sizes = (m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
                  ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(inp_dtype),
                  **_variant(inp_dtype, weight, offset, casting, gate, norm_before_gate), GROUPED=groups > 1)
     if cfg.one_pass:  # a program per block of rows (and group)
-        launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), groups), *args, num_warps=cfg.num_warps,
-               BLOCK_M=cfg.block_m, **flags)
+        launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), groups), *ptrs, y, *sizes, 0,
+               num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags, **_NO_QUANT)
     else:  # a persistent grid (see the kernel), shared by the groups
         programs = row_norm_fwd_programs(n, x.element_size(), residual is not None,
                                          programs_per_wave(x.device, cfg.num_warps))
-        launch(_row_norm_fwd_looped_kernel, (min(m, max(1, programs // groups)), groups), *args,
+        launch(_row_norm_fwd_looped_kernel, (min(m, max(1, programs // groups)), groups), *ptrs, *sizes,
                num_warps=cfg.num_warps, **flags)
     return y, (h if residual is not None else None), mean, rstd
+
+
+_NO_QUANT = dict(QUANT=0, Q_GROUP=0, STATIC=False, ROUND=tl.float32, QMAX=0.0, MIN_SCALE=0.0)
+
+
+def quant_supported(normalized_shape, group_size):
+    """Whether the kernels take a row_norm_quant call: rows that fit one pass (the dynamic scale
+    needs the whole row before the first store), and groups of a power-of-two size (a row's tile
+    is reshaped into them)."""
+    n = math.prod(normalized_shape)
+    return RowNormConfig.forward(n).one_pass and (not group_size or group_size & (group_size - 1) == 0)
+
+
+def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
+                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0, fp8_hw=None,
+                       config=None):
+    """The triton backend's row_norm_quant (contract: normops/backends/__init__.py): the one-pass
+    forward kernel with QUANT, rows that ``quant_supported``. ``fp8_hw``: float8 by the hardware's
+    conversion (default: on a device of compute capability 8.9 or later), else by integer ops."""
+    weight, bias = dense(weight), dense(bias)
+    k = len(normalized_shape)
+    n = math.prod(normalized_shape)
+    m = x.numel() // n
+    xv, rv, inner, (sx_o, sx_i), (sr_o, sr_i) = _rows_pair(x, x if residual is None else residual, k)
+    inp_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=inp_dtype, device=x.device) if residual is not None else None
+    n_scales = n // group_size if group_size else 1
+    scales = scale if scale is not None else \
+        torch.empty(x.shape[: x.dim() - k] + (n_scales,), dtype=torch.float32, device=x.device)
+    if fp8_hw is None:
+        fp8_hw = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    quant = Q_INT8 if dtype == torch.int8 else Q_FP8_HW if fp8_hw else Q_FP8
+    qv = q.view(torch.uint8) if quant == Q_FP8 else q
+    cfg = config or RowNormConfig.forward(n)
+    acc = acc_type(inp_dtype)
+    flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
+                 ACT=ACTIVATIONS[activation], STORE_STATS=False, BLOCK_N=cfg.block_n, ACC=acc, GROUPED=False,
+                 **_variant(inp_dtype, weight, offset, casting, None, True), QUANT=quant, Q_GROUP=group_size or 0,
+                 STATIC=scale is not None, ROUND=_TL[inp_dtype] if inp_dtype.itemsize == 2 else tl.float32,
+                 QMAX=QUANT_MAX[dtype], MIN_SCALE=MIN_QUANT_SCALE)
+    launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), 1), xv, rv, qv, h if h is not None else qv, qv,
+           weight if weight is not None else qv, bias if bias is not None else qv, scales, scales, scales,
+           m, n, inner, sx_o, sx_i, sr_o, sr_i, eps, n_scales, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
+    return q, scales, h
 
 
 def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activation, output_mask, *, offset=0.0,

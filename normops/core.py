@@ -55,6 +55,16 @@ def channel_view(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
+# --- quantized outputs (normops::row_norm_quant) ---------------------------------------------------
+
+# The dtypes a norm's output is quantized to, and their finite maxima: q = y / scale saturates there,
+# and a dynamic scale is amax |y| / max.
+QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+# The smallest dynamic scale (fp32's smallest normal): a row (group) of zeros gets it rather than 0,
+# so q = y * (1 / scale) is 0, and 1 / scale is finite for whoever dequantizes.
+MIN_QUANT_SCALE = 2.0 ** -126
+
+
 # --- the fused activations ----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

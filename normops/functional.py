@@ -39,13 +39,15 @@ from .ops import group_norm as group_ops
 from .ops import group_stats as group_stats_ops
 from .ops.group_stats import GroupStats
 from .ops import row_norm as row_ops
-from .core import DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
+from .core import QUANT_MAX, DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
 # issue #18: diffusion and vision norms
 __all__ += ["ada_layer_norm", "ada_rms_norm", "ada_group_norm", "layer_norm_channels_first", "GroupStats",
             "group_norm_stats", "combine_group_stats", "group_norm_apply"]
+# issue #19: norm + quantize, for inference
+__all__ += ["rms_norm_quant", "layer_norm_quant"]
 
 # --- validation --------------------------------------------------------------------------------
 
@@ -351,6 +353,105 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], normalized_shape: Sequ
                                      casting=casting, out_dtype=out_dtype)
     return _row_norm(input, None, normalized_shape, weight, None, eps, True, None, gate, offset, casting, out_dtype,
                      norm_before_gate, group_size)[0]
+
+
+# --- norm + quantize, for inference ---------------------------------------------------------------
+
+QUANT_DTYPES = tuple(QUANT_MAX)  # float8_e4m3fn, int8
+
+
+def _row_norm_quant(input, residual, normalized_shape, weight, bias, eps, rms, activation, offset, casting, dtype,
+                    scale, group_size):
+    """The checks of rms_norm_quant / layer_norm_quant, then normops::row_norm_quant."""
+    what = "rms_norm_quant" if rms else "layer_norm_quant"
+    _check_tensors(input, residual=residual, weight=weight, bias=bias)
+    shape = _normalized_shape(input, normalized_shape)
+    _check_shape("weight", weight, shape)
+    _check_shape("bias", bias, shape)
+    if not rms:
+        _check_param_dtypes(input, weight=weight, bias=bias)
+    if residual is not None and residual.shape != input.shape:
+        raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
+    casting = _check_variant(weight, offset, casting, None)
+    act = activation_name(activation)
+    if dtype not in QUANT_DTYPES:
+        raise TypeError(f"{what}: dtype must be torch.float8_e4m3fn or torch.int8, got {dtype!r}")
+    n = math.prod(shape)
+    if group_size is not None:
+        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0:
+            raise ValueError(f"{what}: group_size must be a positive int or None, got {group_size!r}")
+        if n % group_size:
+            raise ShapeError(f"{what}: group_size={group_size} must divide a row's {n} values "
+                             f"(normalized_shape {list(shape)})")
+        if scale is not None:
+            raise ValueError(f"{what}: a given scale is one for the whole tensor (static); group_size asks for "
+                             "dynamic scales per group: pass one of them")
+    if scale is not None:
+        scale = _static_scale(what, scale, input)
+    inp_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+    if eps is None:
+        eps = torch.finfo(torch.float64 if inp_dtype == torch.float64 else torch.float32).eps
+    q, scales, h = row_ops.row_norm_quant(input, residual, shape, weight, bias, float(eps), rms, act, float(offset),
+                                          casting, dtype, scale, int(group_size or 0))
+    return (q, scales) if residual is None else (q, scales, h)
+
+
+def _static_scale(what, scale, input):
+    """A given scale as the ops take it: a one-element fp32 tensor on input's device (a Python
+    number, checked positive and finite, becomes one)."""
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{what}: scale must be positive and finite, got {scale!r}")
+        return torch.tensor(float(scale), dtype=torch.float32, device=input.device)
+    if not isinstance(scale, Tensor) or not scale.is_floating_point() or scale.numel() != 1:
+        got = f"a {scale.dtype} tensor of shape {list(scale.shape)}" if isinstance(scale, Tensor) \
+            else type(scale).__name__
+        raise TypeError(f"{what}: scale must be a float or a one-element floating-point tensor (one scale for the "
+                        f"tensor), got {got}")
+    if scale.device != input.device:
+        raise RuntimeError(f"{what}: expected scale on {input.device} like input, but it is on {scale.device}")
+    return scale.detach().to(torch.float32)
+
+
+def rms_norm_quant(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                   eps: Optional[float] = None, *, residual: Optional[Tensor] = None,
+                   dtype: torch.dtype = torch.float8_e4m3fn, scale=None, group_size: Optional[int] = None,
+                   activation: Optional[str] = None, offset: float = 0.0, casting: str = "fp32"):
+    """``rms_norm`` with its output quantized for an fp8/int8 matrix multiply, in one pass (for
+    inference: no gradient). Returns ``(q, scales)``, or ``(q, scales, h)`` with ``residual``
+    (``h = input + residual`` is added first, normalized and returned, as ``add_rms_norm``).
+
+    y = rms_norm(h) in h's dtype (exactly what ``rms_norm`` returns), then, in fp32,
+    ``q = round(y * (1 / scale))`` saturated at ``dtype``'s finite max (448 for float8_e4m3fn,
+    [-128, 127] for int8), rounded to nearest even; so ``q * scale ~ y``.
+
+    ``dtype``: torch.float8_e4m3fn (default) or torch.int8. ``scale``: None for dynamic scales,
+    ``max(amax |y| / qmax, 2**-126)`` (a row of zeros gets 2**-126, never 0), one per row, or with
+    ``group_size=k`` one per k consecutive values of a row (e.g. 128). ``scales`` is fp32 of shape
+    ``input.shape[:-len(normalized_shape)] + (values a row // k,)`` (k = the whole row without
+    ``group_size``: one scale a row, its last dim 1), row-major, so
+    ``q.float().unflatten(-1, (-1, k)) * scales[..., None]`` dequantizes. A given ``scale`` (a float
+    or a one-element tensor: static, per tensor, positive) is used as is and returned as ``scales``.
+    ``activation``, ``offset``, ``casting``: as in ``rms_norm``."""
+    if has_torch_function_variadic(input, weight, residual):
+        return handle_torch_function(rms_norm_quant, (input, weight, residual), input, normalized_shape, weight, eps,
+                                     residual=residual, dtype=dtype, scale=scale, group_size=group_size,
+                                     activation=activation, offset=offset, casting=casting)
+    return _row_norm_quant(input, residual, normalized_shape, weight, None, eps, True, activation, offset, casting,
+                           dtype, scale, group_size)
+
+
+def layer_norm_quant(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, eps: float = 1e-5, *, residual: Optional[Tensor] = None,
+                     dtype: torch.dtype = torch.float8_e4m3fn, scale=None, group_size: Optional[int] = None,
+                     activation: Optional[str] = None, offset: float = 0.0, casting: str = "fp32"):
+    """``layer_norm`` with its output quantized: the arguments and results of ``rms_norm_quant``."""
+    if has_torch_function_variadic(input, weight, bias, residual):
+        return handle_torch_function(layer_norm_quant, (input, weight, bias, residual), input, normalized_shape,
+                                     weight, bias, eps, residual=residual, dtype=dtype, scale=scale,
+                                     group_size=group_size, activation=activation, offset=offset, casting=casting)
+    return _row_norm_quant(input, residual, normalized_shape, weight, bias, eps, False, activation, offset, casting,
+                           dtype, scale, group_size)
 
 
 # --- adaLN modulation (DiT, SD3, Flux) -----------------------------------------------------------

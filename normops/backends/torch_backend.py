@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from ..core import activate, activation_backward, casting_dtypes, channel_view, memory_format_of, stat_dtype
+from ..core import (MIN_QUANT_SCALE, QUANT_MAX, activate, activation_backward, casting_dtypes, channel_view,
+                    memory_format_of, stat_dtype)
 
 aten = torch.ops.aten
 
@@ -309,6 +310,36 @@ def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
     if bias is not None:
         z = z + bias.to(sd)
     return z.to(x.dtype)
+
+
+# --- norm + quantize (normops::row_norm_quant), for inference --------------------------------------
+
+def quantize(y, k, dtype, scale=None, group_size=0):
+    """(q, scales): y (a norm's output, as its dtype rounded it) over its last k dims quantized to
+    ``dtype`` (``QUANT_MAX``'s keys), in fp32 arithmetic: q = y * (1 / scale) saturated at the
+    dtype's finite max and rounded to nearest even. ``scale`` given: one for the tensor (static);
+    else per row, or per ``group_size`` consecutive values of a row, max(amax |y| / max,
+    MIN_QUANT_SCALE), shaped batch + (scales a row,)."""
+    qmax = QUANT_MAX[dtype]
+    rows = y.float().flatten(y.dim() - k)
+    if scale is None:
+        groups = rows.unflatten(-1, (-1, group_size or rows.shape[-1]))
+        scales = (groups.abs().amax(-1) / qmax).clamp_min(MIN_QUANT_SCALE)
+        v = (groups * (1.0 / scales)[..., None]).flatten(-2)
+    else:
+        scales = scale
+        v = rows * (1.0 / scale)
+    v = v.clamp(-qmax - (dtype == torch.int8), qmax)  # int8 saturates at -128 and 127; NaN stays NaN
+    q = torch.round(v).nan_to_num(0.0).to(dtype) if dtype == torch.int8 else v.to(dtype)
+    return q.reshape(y.shape), scales
+
+
+def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
+                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0):
+    y, h, _, _ = row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, False,
+                              offset=offset, casting=casting)
+    q, scales = quantize(y, len(normalized_shape), dtype, scale, group_size)
+    return q, scales, h
 
 
 # --- channels-first LayerNorm (ConvNeXt's): dim 1 of (N, C, *) ----------------------------------

@@ -7,6 +7,7 @@ Triton's interpreter, which is how the kernels are tested without a GPU (the var
 before this module is first imported: ``triton.jit`` reads it then).
 """
 import functools
+import math
 import sys
 
 import torch
@@ -21,7 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"the normops triton backend needs the triton package ({e}); "
                       "install it (pip install triton) or use normops.backend('torch')") from e
 
-from normops.kernels.config import ADA_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
+from normops.kernels.config import ADA_ONE_PASS_MAX, FWD_ONE_PASS_MAX, GN_MAX_GROUP_CHANNELS  # noqa: E402
 
 from . import torch_backend  # noqa: E402
 
@@ -49,9 +50,13 @@ def _on_its_device(fn):
     return run
 
 
-def fallback(family, x, num_groups=None):
+def fallback(family, x, num_groups=None, spec=None):
     """Why the kernels of ``family`` do not take x (the torch backend's code then runs), or None.
-    The one place that decides it: this backend's functions and ``normops.ops.route`` ask it."""
+    The one place that decides it: this backend's functions and ``normops.ops.route`` ask it.
+    ``spec``: the call's (row_norm_quant: its normalized shape and scale groups)."""
+    if family == "row_norm_quant" and not _row_norm.quant_supported(spec.normalized_shape, spec.group_size):
+        return (f"rows of {math.prod(spec.normalized_shape)} > {FWD_ONE_PASS_MAX} or scale groups of "
+                f"{spec.group_size} (not a power of two): the kernels quantize whole rows in registers")
     if family == "group_norm" and not _group_norm.supported(x, num_groups):
         return f"{x.shape[1] // num_groups} channels a group > {GN_MAX_GROUP_CHANNELS}"
     if family == "ada_norm" and not _ada_norm.supported(x):
@@ -70,6 +75,14 @@ WRITES_INTO = True
 FUSES_RESIDUAL_GRADS = True
 row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
 row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
+
+
+@_on_its_device
+def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, **kwargs):
+    if not _row_norm.quant_supported(normalized_shape, kwargs.get("group_size", 0)):
+        return torch_backend.row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation,
+                                                **kwargs)
+    return _row_norm.row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, **kwargs)
 
 
 @_on_its_device

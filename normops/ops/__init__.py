@@ -118,7 +118,7 @@ def route(family, x, spec=None, tensors=None, *, aten=False, backend=None):
         module = backends.load(backend)
     fallback = getattr(module, "fallback", None)
     if fallback is not None:
-        reason = fallback(family, x, getattr(spec, "num_groups", None))
+        reason = fallback(family, x, getattr(spec, "num_groups", None), spec=spec)
         if reason is not None:
             return _record(backend, chosen_by, "torch fallback", reason, backends.load("torch"))
         return _record(backend, chosen_by, "triton kernel", _REASONS["triton kernel"], module)

@@ -5,7 +5,8 @@ of ``RowNormSpec``), and ``normops::fused_add_rms_norm``, the in-place fused add
 
 A new row-norm variant is a field of ``RowNormSpec`` (its flag), a parameter of the two ops (the
 schema is the implementations' annotations), the backends' and kernel's flag, and its
-functional/nn entry.
+functional/nn entry. ``normops::row_norm_quant`` (forward only, for inference) quantizes the
+output to float8_e4m3fn or int8 with its scales, fused in the forward kernel.
 """
 import dataclasses
 import math
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..core import activate, stat_dtype, suggested_format
+from ..core import MIN_QUANT_SCALE, activate, stat_dtype, suggested_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,3 +293,64 @@ def fused_add_rms_norm(x, residual, normalized_shape, weight, eps):
     if ops.eager((x, residual, weight)):
         return _fused_add_rms_norm_impl(*args)
     return fused_add_rms_norm_op(*args)
+
+
+# --- norm + quantize, for inference (an fp8/int8 matrix multiply's input) ----------------------------
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What routes a row_norm_quant call: the triton backend quantizes whole rows in registers
+    (``fallback``)."""
+    normalized_shape: tuple
+    group_size: int  # values a dynamic scale covers; 0: a row
+
+
+def _row_norm_quant_impl(x: Tensor, residual: Optional[Tensor], normalized_shape: Sequence[int],
+                         weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, activation: str,
+                         offset: float, casting: str, dtype: torch.dtype, scale: Optional[Tensor],
+                         group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, scales, x + residual or absent): y = the row norm of x [+ residual] (as ``row_norm``, in
+    its input's dtype) quantized to ``dtype``: q = round(y / scale) saturated, with ``scale`` given
+    (static, returned as scales) or per row / per ``group_size`` values of a row (dynamic, shaped
+    batch + (scales a row,)); normops.backends' contract gives the arithmetic."""
+    if x.numel() == 0:
+        q, scales, h = _row_norm_quant_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, offset,
+                                            casting, dtype, scale, group_size)
+        return q, scales.fill_(MIN_QUANT_SCALE) if scale is None else scales, h
+    weight, bias = ops.dense(weight, bias)
+    module = _route_quant(x, residual, normalized_shape, weight, bias, eps, rms, activation, offset, casting, dtype,
+                          scale, group_size).module
+    q, scales, h = module.row_norm_quant_fwd(x, residual, tuple(normalized_shape), weight, bias, eps, rms, activation,
+                                             offset=offset, casting=casting, dtype=dtype, scale=scale,
+                                             group_size=group_size)
+    h = ops.absent(x) if h is None else _laid_out_as_sum(h, x, residual)
+    return q.contiguous(), scales if scale is None else scale.clone(), h  # an op's output may not alias its input
+
+
+def _route_quant(x, residual, normalized_shape, *args):
+    return ops.route("row_norm_quant", x, QuantSpec(tuple(normalized_shape), args[-1]))
+
+
+row_norm_quant_op = ops.register("row_norm_quant", _row_norm_quant_impl, route_of=_route_quant)
+
+
+@row_norm_quant_op.register_fake
+def _row_norm_quant_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, offset, casting, dtype,
+                         scale, group_size):
+    batch = x.shape[: x.dim() - len(normalized_shape)]
+    n = math.prod(normalized_shape)
+    scales = scale.clone() if scale is not None else \
+        x.new_empty(batch + (n // group_size if group_size else 1,), dtype=torch.float32)
+    h = torch.empty_like(x + residual) if residual is not None else ops.absent(x)
+    return torch.empty(x.shape, dtype=dtype, device=x.device), scales, h
+
+
+def row_norm_quant(x, residual, normalized_shape, weight, bias, eps, rms, activation, offset, casting, dtype, scale,
+                   group_size):
+    """normops::row_norm_quant, run directly when it may run eagerly (it has no gradient)."""
+    args = (x, residual, list(normalized_shape), weight, bias, eps, rms, activation, offset, casting, dtype, scale,
+            group_size)
+    if ops.eager((x, residual, weight, bias, scale)):
+        with torch.no_grad():
+            return _row_norm_quant_impl(*args)
+    return row_norm_quant_op(*args)

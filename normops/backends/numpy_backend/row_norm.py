@@ -92,11 +92,12 @@ batch dim of the view, [G, group_size], which is w's [N] viewed.
 """
 import math
 
+import numpy as np
 import torch
 
 from .common import (host, into, like, masked, moments, normalize_backward, normalize_forward, round_to, rstd_of,
                      silu, silu_grad, stats)
-from ...core import casting_dtypes
+from ...core import MIN_QUANT_SCALE, QUANT_MAX, casting_dtypes
 
 
 def _row_axes(x, normalized_shape):
@@ -201,3 +202,51 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
                                           group_size=group_size, x_hat_dtype=x_hat_dtype, z_dtype=z_dtype)
     dx = into(dx, torch.empty(x.shape, dtype=x.dtype, device=x.device))
     return masked(output_mask, dx, like(dw, weight), like(db, bias), like(dgate, gate))
+
+
+# --------------------------------------------------------------------------- norm + quantize
+# Inference feeds a norm's output to an fp8 or int8 matrix multiply. The output y (as its dtype
+# rounds it, which is what torch's norm returns) is quantized in fp32 arithmetic:
+#
+#     scale = max(amax |y| / qmax, MIN_QUANT_SCALE)   per row or per group of consecutive values
+#             (dynamic), or one given scale (static); qmax = 448 (float8_e4m3fn) or 127 (int8)
+#     q     = round(clip(y * (1 / scale), -qmax, qmax))   int8 clips at -128
+#
+# so q * scale ~ y. "round" is to the nearest value of the target grid, ties to even: for int8
+# the integers; for float8_e4m3fn (1 sign, 4 exponent bits biased by 7, 3 mantissa bits, no inf)
+# the values m * 2**(e - 3), m an integer, e = max(floor(log2 |v|), -6) the binade (below 2**-6
+# the subnormals, spaced 2**-9).
+
+def _e4m3_round(v):
+    """float32 ndarray v (|v| <= 448) rounded to the float8_e4m3fn grid, ties to even, as float64."""
+    a = np.abs(v.astype(np.float64))
+    with np.errstate(divide="ignore"):
+        binade = np.maximum(np.floor(np.log2(np.where(a > 0, a, 1.0))), -6.0)
+    quantum = np.exp2(binade - 3)
+    return np.copysign(np.rint(a / quantum) * quantum, v)  # exact: a / quantum and its rint fit float64
+
+
+def quantize(y, k, dtype, scale=None, group_size=0):
+    """(q, scales) of y (a tensor, the norm's output) over its last k dims, as described above."""
+    qmax = np.float32(QUANT_MAX[dtype])
+    rows = y.detach().cpu().float().numpy().reshape(y.shape[: y.dim() - k] + (-1,))
+    if scale is None:
+        groups = rows.reshape(rows.shape[:-1] + (-1, group_size or rows.shape[-1]))
+        scales = np.maximum(np.abs(groups).max(-1) / qmax, np.float32(MIN_QUANT_SCALE))
+        v = (groups * (np.float32(1.0) / scales)[..., None]).reshape(rows.shape)
+    else:
+        scales = None
+        v = rows * (np.float32(1.0) / np.float32(scale.item()))
+    with np.errstate(invalid="ignore"):
+        v = np.where(np.isnan(v), v, np.clip(v, -qmax - (dtype == torch.int8), qmax))
+    q = np.nan_to_num(np.rint(v)) if dtype == torch.int8 else _e4m3_round(v)
+    q = torch.from_numpy(q.reshape(y.shape)).to(device=y.device, dtype=dtype)  # exact: q is on the grid
+    return q, scale if scales is None else torch.from_numpy(scales).to(y.device)
+
+
+def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
+                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0):
+    y, h, _, _ = row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, False,
+                              offset=offset, casting=casting)
+    q, scales = quantize(y, len(normalized_shape), dtype, scale, group_size)
+    return q, scales, h
