@@ -1,5 +1,5 @@
 """The performance points of the kernel issues (#3 row norms, #4 GroupNorm/InstanceNorm, #5
-BatchNorm, #17 the language-model row-norm variants, #18 adaLN) as checks on timed cases, and their
+BatchNorm, #17 the language-model row-norm variants, #18 adaLN, #19 norm + quantize) as checks on timed cases, and their
 verdicts: what benchmarks/acceptance.py measures. (#18's VAE-decoder GroupNorm shapes and ConvNeXt's
 channels-first LayerNorm are benchmarks without a point: the issue names no bound for them.)
 
@@ -24,6 +24,7 @@ LLM_VARIANTS = ("rms_norm_gemma", "rms_norm_llama", "add_rms_norm_fp32_residual"
 # #18: DiT-XL/2's adaLN-Zero step at batch 8, 1024 tokens (256 px) and 4096 (512 px), hidden 1152
 DIT_XL = [(8, 1024, 1152), (8, 4096, 1152)]
 ADA_OPS = ("ada_layer_norm", "ada_layer_norm_gate_residual")
+QUANT_OPS = ("rms_norm_quant", "rms_norm_quant_g128")  # #19: norm + float8 quantize, for inference
 
 
 
@@ -76,7 +77,7 @@ def _rows(op, widths, pas):
 
 
 def points(families):
-    """The performance sections of issues #3, #4, #5, #17 and #18, as checks on cases."""
+    """The performance sections of issues #3, #4, #5, #17, #18 and #19, as checks on cases."""
     out = []
     if "row_norm" in families:
         k = 1024
@@ -109,6 +110,10 @@ def points(families):
             Point(18, "adaLN + gate + residual fwd+bwd >= 2x diffusers' torch.nn composition, DiT-XL sizes, bf16",
                   tuple(Check("speedup", Case("ada_layer_norm_gate_residual", s, "contiguous", "fwd+bwd",
                                               dtype="bfloat16"), 2.0, "torch") for s in DIT_XL)),
+            # the bytes: bf16 in, float8 out (normops.bench's out_itemsize)
+            Point(19, "RMSNorm + float8 quantize >= 85% of copy bandwidth, 4096 x {4K, 8K}, bf16 (per row, per 128)",
+                  tuple(Check("pct", Case(op, (TOKENS, w), "contiguous", "fwd", dtype="bfloat16"), 85)
+                        for op in QUANT_OPS for w in (4 * k, 8 * k))),
         ]
     if "group_norm" in families:
         sd = [Case("group_norm", s, layout, "fwd+bwd") for layout in LAYOUTS for s in SD_UNET]

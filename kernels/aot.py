@@ -61,6 +61,15 @@ LLM_VARIANTS = {
     "gated_rms_norm/first": dict(gate=True, norm_before_gate=False, casting="llama", group_size=32),
 }
 VARIANTS += [(name, True, True, False, "residual" in kw, "none") for name, kw in LLM_VARIANTS.items()]
+# Norm + quantize (row_norm_quant_fwd, the one-pass forward with QUANT), in bf16, the serving dtype:
+# dynamic per row and per 128-value group, int8, and a static scale after a residual add. float8
+# compiles to the hardware's conversion on sm_90 and to the integer-op codes on sm_80 (as launched).
+QUANT_VARIANTS = {
+    "rms_quant/fp8": dict(rms=True, dtype=torch.float8_e4m3fn),
+    "rms_quant/fp8/g128": dict(rms=True, dtype=torch.float8_e4m3fn, group_size=128),
+    "rms_quant/int8": dict(rms=True, dtype=torch.int8),
+    "add_ln_quant/fp8/static": dict(rms=False, residual=True, dtype=torch.float8_e4m3fn, static=True),
+}
 # Weights in fp32 under bf16/fp16 activations (the usual mixed-precision layout) cost registers.
 FP32_WEIGHT = "layer_norm/w32"
 H100_SMS = 132  # the row norms' backward grid, which sizes their glue kernel, on an H100
@@ -109,7 +118,8 @@ class Job:
 
 # The argument types the JIT gives a launch: a tensor is a pointer to its dtype, a Python float
 # fp32, an int i32 (i64 from 2**31 on).
-POINTERS = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+POINTERS = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+            torch.float8_e4m3fn: "*fp8e4nv", torch.uint8: "*u8", torch.int8: "*i8"}
 # The row norms' row strides compile as i64, as a launch on a tensor of 2**31 elements or more
 # passes them: the worst case in registers.
 WIDE = ("sx_o", "sx_i", "sr_o", "sr_i", "sdy_o", "sdy_i")
@@ -160,7 +170,20 @@ def _params(job, c):
     return dtype, _meta(c, wdtype), _meta(c, wdtype)
 
 
+def _quant_launches(job):
+    kw = dict(QUANT_VARIANTS[job.variant])
+    rms, residual, static = kw.pop("rms"), kw.pop("residual", False), kw.pop("static", False)
+    x = _meta((4, 64), torch.bfloat16)
+    w = _meta(64, torch.bfloat16)
+    row_norm.row_norm_quant_fwd(x, x if residual else None, (64,), w, None if rms else w, 1e-5, rms, "none",
+                                scale=_meta((), torch.float32) if static else None, fp8_hw=job.target >= 89,
+                                config=job.config, **kw)
+    return ("M", "inner", "eps", "n_scales"), ()
+
+
 def _row_norm_launches(job):
+    if job.variant in QUANT_VARIANTS:
+        return _quant_launches(job)
     base = "layer_norm" if job.variant == FP32_WEIGHT else job.variant
     _, rms, has_w, has_b, has_r, act = next(v for v in VARIANTS if v[0] == base)
     kw = dict(LLM_VARIANTS.get(base, {}))
@@ -333,6 +356,9 @@ def row_norm_jobs(targets):
         grads = ParamGradsConfig.make(n, min(programs, -(-4096 // bwd.block_m)))
         jobs.update([("fwd", RowNormConfig.forward(n), variant, dtype), ("bwd", bwd, variant, dtype),
                      ("param_grads", grads, variant, dtype)])
+    variants += [(name, "bf16") for name in QUANT_VARIANTS]
+    jobs.update(("fwd", RowNormConfig.forward(n), name, "bf16") for name, n in itertools.product(QUANT_VARIANTS, WIDTHS)
+                if RowNormConfig.forward(n).one_pass)
     order = {"fwd": 0, "bwd": 1, "param_grads": 2}
     key = lambda j: (order[j[0]], not getattr(j[1], "one_pass", True), j[1].block_n, str(j[1]),  # noqa: E731
                      variants.index((j[2], j[3])))

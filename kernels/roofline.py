@@ -177,7 +177,12 @@ IDEAL = {
     "ada_layer_norm": ((1, 1), (2, 1)), "ada_layer_norm_gate_residual": ((2, 2), (3, 2)),
     # ConvNeXt's LayerNorm over dim 1, read in place in either layout: LayerNorm's bytes
     "layer_norm_channels_first": ((1, 1), (2, 1)),
+    # norm + quantize (issue #19), inference: x -> q, q in OUT_ITEMSIZE bytes an element; the
+    # scales (4 bytes a row or a 128-value group) uncounted, as in normops.bench
+    "rms_norm_quant": ((1, 1), None), "rms_norm_quant_g128": ((1, 1), None),
 }
+# The ops whose forward writes are not of the input's size (bench.Op.out_itemsize): float8 codes.
+OUT_ITEMSIZE = {"rms_norm_quant": 1, "rms_norm_quant_g128": 1}
 # Of those, how many (fwd reads, writes, bwd reads, writes) are the fp32 residual stream:
 # promote_types(dtype, float32) bytes an element (r and h forward, h backward; dx is x's dtype).
 WIDE = {"add_rms_norm_fp32_residual": (1, 1, 1, 0)}
@@ -220,6 +225,9 @@ OPEN_SHORTFALLS = {
 OPEN_SLACK = 0.1  # % of peak a listed case may move without failing (the listing's rounding, compile noise)
 
 ROW_NORMS = ("layer_norm", "rms_norm", "add_rms_norm") + tuple(ROW_VARIANTS)
+# RMSNorm + float8 quantize (kernels/row_norm.py's QUANT), per row and per 128 values: the row norms'
+# forward target (85%), counting bf16 in and float8 out, as the issue reads it
+QUANT_NORMS = {"rms_norm_quant": None, "rms_norm_quant_g128": 128}
 ADA_NORMS = ("ada_layer_norm", "ada_layer_norm_gate_residual")  # kernels/ada_norm.py, (B, T, D)
 CHANNELS_FIRST = ("layer_norm_channels_first",)  # kernels/channels_first.py, (N, C, *S) over C
 GROUP_NORMS = ("group_norm", "group_norm+silu", "instance_norm")
@@ -229,7 +237,7 @@ BATCH_NORMS = ("batch_norm", "batch_norm+relu", "batch_norm_eval")
 def target(case):
     """The issue's absolute target for a case, % of peak (None: no target, reported only)."""
     op, shape, pas = case.op, case.shape, case.pas
-    if op in ROW_NORMS + ADA_NORMS + CHANNELS_FIRST:  # the normalized width: C for channels-first
+    if op in ROW_NORMS + ADA_NORMS + CHANNELS_FIRST + tuple(QUANT_NORMS):  # the normalized width: C for channels-first
         width = shape[1] if op in CHANNELS_FIRST else shape[-1]
         if pas == "bwd":
             return 70.0 if width <= 65536 else None
@@ -264,7 +272,8 @@ class Case:
         numel = math.prod(self.shape)
         stream = torch.promote_types(self.dtype, torch.float32).itemsize
         extra = stream if bwd and self.op in STREAM_GRAD and stream > self.elem else 0
-        return (reads + writes) * numel * self.elem + wide * numel * (stream - self.elem) + extra * numel
+        out = OUT_ITEMSIZE.get(self.op, self.elem)
+        return (reads * self.elem + writes * out) * numel + wide * numel * (stream - self.elem) + extra * numel
 
     @property
     def base(self):
@@ -346,13 +355,16 @@ def run_case(case, gpu):
     """(launches, glue ops) of a case's launcher on meta tensors, planned for `gpu`."""
     x = _meta(case.shape, case.dtype, case.layout)
     other = _meta(case.shape, case.dtype, case.layout)  # dy, or the residual: a tensor of its own
-    c = case.shape[-1] if case.op in ROW_NORMS + ADA_NORMS else case.shape[1]
+    c = case.shape[-1] if case.op in ROW_NORMS + ADA_NORMS + tuple(QUANT_NORMS) else case.shape[1]
     w, b = _meta(c, case.dtype), _meta(c, case.dtype)
     stats = lambda *s: _meta(s, torch.float32)  # noqa: E731
     glue = _Glue()
     with planning_for(gpu.sms), record() as launches, glue:
         if case.op in ROW_NORMS:
             _run_row_norm(case, x, other, w, b)
+        elif case.op in QUANT_NORMS:  # as the benchmark calls it: dynamic scales, float8 codes as launched there
+            row_norm.row_norm_quant_fwd(x, None, case.shape[-1:], w, None, 1e-6, True, "none",
+                                        group_size=QUANT_NORMS[case.op], fp8_hw=gpu.arch >= 89)
         elif case.op in ADA_NORMS:
             _run_ada_norm(case, x, other)
         elif case.op in CHANNELS_FIRST:
@@ -438,7 +450,8 @@ def _run_ada_norm(case, x, other):
 
 # fp16 is compiled as bf16: the same widths, loads and reductions (the AOT tables of
 # kernels/aot.py show the same registers within a few), at a third fewer compiles.
-POINTERS = {torch.float16: "*bf16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+POINTERS = {torch.float16: "*bf16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+            torch.float8_e4m3fn: "*fp8e4nv", torch.uint8: "*u8", torch.int8: "*i8"}  # float8 codes
 
 
 def source_key(launch):

@@ -49,7 +49,7 @@ class Op:
     of those four are the fp32 residual stream instead (promote_types(input dtype, float32), 4
     bytes an element under bf16); ``stream_grad``: the backward also writes the residual's gradient
     in the stream's dtype where that is wider than x's (else x's gradient serves both).
-    ``forward_only``: an in-place inference op, no backward.
+    ``forward_only``: an inference op, no backward.
     """
     name: str
     family: str
@@ -64,6 +64,7 @@ class Op:
     stream_grad: bool = False
     forward_only: bool = False
     trains_residual: bool = False  # the residual is differentiated too (its gradient differs from x's)
+    out_itemsize: int = 0  # bytes an element of the forward's writes: a quantized output's (0: the input's)
 
     @property
     def passes(self):
@@ -110,6 +111,15 @@ def _vllm_add_rms_norm_(x, r, w, eps):
     r.add_(x)
     x.copy_(TF.rms_norm(r, r.shape[-1:], w, eps))
     return x, r
+
+
+def _quantized_ref(y, group_size=None):
+    """The composition a serving stack runs after a norm: per-row (or per-group) dynamic float8
+    scales, then the quantize (vLLM's per-token / DeepSeek-V3's per-128 scaled_fp8_quant)."""
+    g = y.float().unflatten(-1, (-1, group_size or y.shape[-1]))
+    scales = (g.abs().amax(-1) / 448.0).clamp_min(2.0 ** -126)
+    q = (g * (1.0 / scales)[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.flatten(-2), scales
 
 
 def _channel_inputs(shape, dtype, device):
@@ -170,6 +180,15 @@ OPS = {op.name: op for op in [
     Op("add_rms_norm_", "row_norm", functools.partial(_row_inputs, residual=True),
        lambda t: F.add_rms_norm_(t["x"], t["r"], t["x"].shape[-1:], t["w"], 1e-6),
        lambda t: _vllm_add_rms_norm_(t["x"], t["r"], t["w"], 1e-6), 2, 2, 0, 0, forward_only=True),
+    # Norm + quantize, for inference: reads x, writes q in float8 (1 byte an element) and the scales.
+    Op("rms_norm_quant", "row_norm", _row_inputs,
+       lambda t: F.rms_norm_quant(t["x"], t["x"].shape[-1:], t["w"], 1e-6),
+       lambda t: _quantized_ref(TF.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6)), 1, 1, 0, 0,
+       forward_only=True, out_itemsize=1),
+    Op("rms_norm_quant_g128", "row_norm", _row_inputs,
+       lambda t: F.rms_norm_quant(t["x"], t["x"].shape[-1:], t["w"], 1e-6, group_size=128),
+       lambda t: _quantized_ref(TF.rms_norm(t["x"], t["x"].shape[-1:], t["w"], 1e-6), 128), 1, 1, 0, 0,
+       forward_only=True, out_itemsize=1),
     Op("group_norm", "group_norm", _channel_inputs,
        lambda t: F.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]),
        lambda t: TF.group_norm(t["x"], _groups(t["x"].shape[1]), t["w"], t["b"]), 1, 1, 2, 1),
@@ -208,7 +227,8 @@ def bytes_moved(op, shape, dtype, pas):
     numel = math.prod(shape)
     size = numel * dtype.itemsize
     wide = numel * torch.promote_types(dtype, torch.float32).itemsize - size  # what a wide tensor adds
-    fwd = (op.reads + op.writes) * size + (op.wide[0] + op.wide[1]) * wide
+    out = numel * op.out_itemsize if op.out_itemsize else size
+    fwd = op.reads * size + op.writes * out + (op.wide[0] + op.wide[1]) * wide
     bwd = (op.bwd_reads + op.bwd_writes) * size + (op.wide[2] + op.wide[3]) * wide + \
         (size + wide if op.stream_grad and wide else 0)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas]

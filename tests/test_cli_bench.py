@@ -172,8 +172,10 @@ def test_default_plan():
     assert device == torch.device("cpu") and providers == ["normops", "torch"]
     assert [c[0] for c in cases[:2]] == ["layer_norm", "layer_norm"]
     assert {c[0] for c in cases} == set(bench.OPS)
-    assert {(c[2], c[3]) for c in cases if c[0] != "add_rms_norm_"} == {("float32", "fwd+bwd")}
-    assert {c[3] for c in cases if c[0] == "add_rms_norm_"} == {"fwd"}  # in place: forward only
+    forward_only = {name for name, op in bench.OPS.items() if op.forward_only}
+    assert forward_only == {"add_rms_norm_", "rms_norm_quant", "rms_norm_quant_g128"}
+    assert {(c[2], c[3]) for c in cases if c[0] not in forward_only} == {("float32", "fwd+bwd")}
+    assert {c[3] for c in cases if c[0] in forward_only} == {"fwd"}  # in place, or inference: forward only
     assert ("layer_norm", (4096, 1024), "float32", "fwd+bwd") in cases
     assert ("batch_norm", (32, 64, 56, 56), "float32", "fwd+bwd") in cases
     assert bench.BENCH_DTYPE["cuda"] == "bfloat16"

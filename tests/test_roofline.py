@@ -25,6 +25,7 @@ def test_ideal_bytes_are_the_benchmarks():
         assert op.forward_only == (bwd is None) and (op.bwd_reads, op.bwd_writes) == (bwd or (0, 0)), name
         assert op.wide == roofline.WIDE.get(name, (0, 0, 0, 0)), name
         assert op.stream_grad == (name in roofline.STREAM_GRAD), name
+        assert op.out_itemsize == roofline.OUT_ITEMSIZE.get(name, 0), name
         for dtype, pas in itertools.product((torch.float32, torch.bfloat16), op.passes[:2]):
             case = roofline.Case(name, (64, 256), "contiguous", dtype, pas)
             assert case.ideal_bytes() == bench.bytes_moved(op, case.shape, dtype, pas), case.id
@@ -151,6 +152,22 @@ def test_every_benchmark_case_plans_its_launches():
         if glue > 1 and case.op not in KNOWN_GLUE_OVER:
             over.append((case.id, [lc.kernel.fn.__name__ for lc in launches] + [n for n, _ in ops]))
     assert over == []
+
+
+def test_quant_cases_plan_one_launch_writing_float8():
+    """RMSNorm + quantize (issue #19): one forward launch, x read, float8 codes and the scales
+    written (the hardware's conversion on sm_90, the integer-op codes on sm_80), counted at 1 byte
+    an element: 4096 x 4096 bf16 moves 3 bytes an element."""
+    for op in roofline.QUANT_NORMS:
+        case = roofline.Case(op, (4096, 4096), "contiguous", torch.bfloat16, "fwd")
+        assert case.ideal_bytes() == 3 * 4096 * 4096 and roofline.target(case) == 85.0
+        for gpu, code in ((H100, torch.float8_e4m3fn), (roofline.GPUS["a100-sxm"], torch.uint8)):
+            launches, ops = roofline.run_case(case, gpu)
+            assert len(launches) == 1 and not ops
+            assert launches[0].constexprs["QUANT"] == (2 if gpu.arch >= 89 else 1)
+            activation = {id(a): a.dtype for a in launches[0].args if isinstance(a, torch.Tensor)
+                          and a.shape == case.shape}
+            assert list(activation.values()) == [torch.bfloat16, code]
 
 
 def test_new_ops_plan_the_kernels_the_backend_runs():
