@@ -253,3 +253,46 @@ def test_the_op_passes_opcheck_and_compiles():
     q, s = compiled(x)
     q_eager, s_eager = F.rms_norm_quant(x, (64,), w, group_size=16)
     assert torch.equal(q.view(torch.int8), q_eager.view(torch.int8)) and torch.equal(s, s_eager)
+
+
+# --- property-based: random shapes, values, layouts and arguments, every backend -------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def quant_calls(draw):
+    rows = draw(st.integers(1, 6))
+    width = draw(st.sampled_from([1, 3, 16, 48, 64, 100, 256]))
+    group = draw(st.sampled_from([None] + [g for g in (1, 4, 16, 32, 50, 128) if width % g == 0]))
+    static = group is None and draw(st.booleans())
+    magnitude = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e3]))
+    strided = draw(st.booleans())
+    return dict(rows=rows, width=width, group=group, static=static, magnitude=magnitude, strided=strided,
+                rms=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)), qdtype=draw(st.sampled_from(QDTYPES)),
+                residual=draw(st.booleans()), weight=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_property_every_backend_quantizes_its_norm_output(backend):
+    @settings(max_examples=15, deadline=None, derandomize=True, database=None)
+    @given(call=quant_calls())
+    def check(call):
+        g = torch.Generator().manual_seed(call["seed"])
+        n, dtype = call["width"], call["dtype"]
+        base = torch.randn(call["rows"], 2 * n, generator=g).to(dtype) * call["magnitude"]
+        x = base[:, ::2] if call["strided"] else base[:, :n].contiguous()
+        r = torch.randn(x.shape, generator=g).to(dtype) if call["residual"] else None
+        w = torch.randn(n, generator=g).to(dtype) if call["weight"] else None
+        b = torch.randn(n, generator=g).to(dtype) if call["weight"] and not call["rms"] else None
+        kw = dict(dtype=call["qdtype"], group_size=call["group"], residual=r)
+        if call["static"]:
+            kw["scale"] = 0.01
+        with normops.backend(backend):
+            out = run_quant(call["rms"], x, (n,), w, b, 1e-5, **kw)
+            y = norm_output(call["rms"], x, r, (n,), w, b, 1e-5)
+        assert len(out) == (3 if r is not None else 2)
+        assert_quantizes(out[0], out[1], y, 1, call["qdtype"], call["group"], static=call["static"])
+
+    check()
