@@ -76,6 +76,19 @@ def _ssum(t):
 
 
 @triton.jit
+def _affine_act_store(x_hat, ys, offs, mask, W, B, cs, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACT: tl.constexpr, ACC: tl.constexpr):
+    """y = act(x_hat * w + b), w and b of the tile's channels cs, stored at ys + offs in ys's dtype."""
+    w, b = _params(W, B, cs, C, HAS_W, HAS_B, ACC)
+    z = x_hat
+    if HAS_W:
+        z = z * _c4(w)
+    if HAS_B:
+        z = z + _c4(b)
+    tl.store(ys + offs, act(z, ACT).to(ys.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _layer_norm_cf_fwd_kernel(
     X,     # [N, C, S] input, strides sx_n, sx_c, sx_s (NCHW: sx_s = 1; channels_last: sx_c = 1)
     Y,     # [N, C, S] output, x's strides
@@ -104,13 +117,7 @@ def _layer_norm_cf_fwd_kernel(
         mean = p + _csum(tl.where(mask, x - _s4(p), 0.0)) / C
         xc = tl.where(mask, x - _s4(mean), 0.0)
         rstd = 1.0 / tl.sqrt(_csum(xc * xc) / C + eps)
-        z = xc * _s4(rstd)
-        w, b = _params(W, B, cs, C, HAS_W, HAS_B, ACC)
-        if HAS_W:
-            z = z * _c4(w)
-        if HAS_B:
-            z = z + _c4(b)
-        tl.store(ys + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        _affine_act_store(xc * _s4(rstd), ys, offs, mask, W, B, cs, C, HAS_W, HAS_B, ACT, ACC)
     else:
         # Chan's combination of per-block (mean, M2) about the pivot, per position
         p = tl.zeros((BLOCK_S // S_IN, S_IN), dtype=ACC)
@@ -138,13 +145,7 @@ def _layer_norm_cf_fwd_kernel(
             mask = _c4(cs < C) & _s4(ss < S)
             offs = _c4(cs) * sx_c + _s4(ss) * sx_s
             x = tl.load(xs + offs, mask=mask, other=0.0).to(ACC)
-            z = (x - _s4(mean)) * _s4(rstd)
-            w, b = _params(W, B, cs, C, HAS_W, HAS_B, ACC)
-            if HAS_W:
-                z = z * _c4(w)
-            if HAS_B:
-                z = z + _c4(b)
-            tl.store(ys + offs, act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+            _affine_act_store((x - _s4(mean)) * _s4(rstd), ys, offs, mask, W, B, cs, C, HAS_W, HAS_B, ACT, ACC)
     if STORE_STATS:
         tl.store(MEAN + n * S + ss, mean, mask=ss < S)
         tl.store(RSTD + n * S + ss, rstd, mask=ss < S)
