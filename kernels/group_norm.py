@@ -529,8 +529,9 @@ def _setup(x, num_groups, config, make):
     x = x.contiguous(memory_format=fmt)
     n, c, s, g = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
     large = c * s >= LARGE_OFFSETS
+    mode = {"invariant": True} if is_batch_invariant() else {}  # outside the mode, today's call
     cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size(),
-                         large, invariant=is_batch_invariant())
+                         large, **mode)
     n_gblocks = triton.cdiv(g, cfg.block_g)
     tasks = n_gblocks * cfg.split * n
     grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)
