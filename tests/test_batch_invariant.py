@@ -42,11 +42,10 @@ def _run(fn, inputs, dy):
     return [o.detach() for o in out], [t.grad for t in inputs]
 
 
-def _check_invariant(fn, sample_shapes, dtype, seed=0, big=False, per_sample=()):
+def _check_invariant(fn, sample_shapes, dtype, seed=0, big=False):
     """fn's outputs and input gradients for sample 0 of a batch of one, against the same sample at a
     random position of batches of random others. sample_shapes: the shape of one sample of each
-    input (leading dim 1). per_sample: indices of inputs that are per-sample (all are, but a
-    parameter listed in `shared` is not)."""
+    input (leading dim 1); parameters are closed over by fn (shared by the batch)."""
     gen = torch.Generator().manual_seed(seed)
     probe = [_rand(s, dtype, gen) for s in sample_shapes]
     out_shape = fn(*probe)
