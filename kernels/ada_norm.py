@@ -42,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.core import casting_dtypes
+from normops.core import casting_dtypes, is_batch_invariant
 
 from .common import acc_type, dense, launch, stat_dtype
-from .config import AdaNormConfig, ada_norm_bwd_programs, programs_per_wave
+from .config import AdaNormConfig, ada_norm_bwd_programs, invariant_programs, programs_per_wave
 from .row_norm import TL_DTYPES, add_pair
 
 
@@ -348,7 +348,10 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     want_dw, want_db = output_mask[5] and weight is not None, output_mask[6] and bias is not None
     cfg = config or AdaNormConfig.backward(D)
     acc = acc_type(hn.dtype)
-    p = ada_norm_bwd_programs(cfg, B, T, cfg.programs or programs_per_wave(x.device, cfg.num_warps))
+    if is_batch_invariant():  # a sample's P from its T alone: its dscale/dshift/dgate rows whatever B (config.py)
+        p = invariant_programs(triton.cdiv(T, cfg.block_m), cfg.block_m)
+    else:
+        p = ada_norm_bwd_programs(cfg, B, T, cfg.programs or programs_per_wave(x.device, cfg.num_warps))
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if want_dx else None
     dr = torch.empty((B, T, D), dtype=hn.dtype, device=x.device) if want_dr else None
     part = torch.empty((B, p, 2 + want_dg + want_dw, D), dtype=stat_dtype(hn.dtype), device=x.device)

@@ -51,10 +51,10 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.core import memory_format_of
+from normops.core import is_batch_invariant, memory_format_of
 
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
-from .config import BatchNormConfig, programs_per_wave
+from .config import BI_PLANNED_SMS, BatchNormConfig, programs_per_wave
 
 
 @triton.jit
@@ -425,8 +425,11 @@ def _offsets_fit(n, c, s):
 
 
 def _config(make, x, n, c, s, training):
-    """The heuristic's configuration for x: `make` is BatchNormConfig.forward or .backward."""
-    return make(n, c, s, training, programs_per_wave(x.device, 16), x.element_size())
+    """The heuristic's configuration for x: `make` is BatchNormConfig.forward or .backward. The
+    batch-invariant mode plans for config.BI_PLANNED_SMS whatever the device: the split of the
+    statistics and of dW/dB (eval's too) then depends on the shape only."""
+    sms = BI_PLANNED_SMS if is_batch_invariant() else programs_per_wave(x.device, 16)
+    return make(n, c, s, training, sms, x.element_size())
 
 
 def _launch_geometry(cfg, n, c, s):

@@ -33,10 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.core import suggested_format
+from normops.core import is_batch_invariant, suggested_format
 
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
-from .config import ChannelsFirstConfig, ParamGradsConfig, programs_per_wave
+from .config import ChannelsFirstConfig, ParamGradsConfig, invariant_programs, programs_per_wave
 from .row_norm import param_grads_kernel
 
 
@@ -342,7 +342,9 @@ def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask, 
     cfg = config or ChannelsFirstConfig.backward(c, s, sx_c == 1 and c > 1, x.element_size())
     s_blocks = triton.cdiv(s, cfg.block_s)
     tiles = n * s_blocks
-    programs = min(tiles, programs_per_wave(x.device, cfg.num_warps))
+    # the batch-invariant mode: a program per config.BI_CHUNK_ROWS positions' tiles, not per SM
+    programs = min(tiles, invariant_programs(tiles, cfg.block_s) if is_batch_invariant()
+                   else programs_per_wave(x.device, cfg.num_warps))
     dx = torch.empty_like(x) if want_dx else None
     acc = stat_dtype(x.dtype)
     # every program writes its whole row (its sums, or zeros): no zeros launch beforehand

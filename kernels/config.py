@@ -49,6 +49,30 @@ def programs_per_wave(device, num_warps):
     return sms * programs_per_sm(num_warps)
 
 
+# The batch-invariant mode (normops.batch_invariant): every reduction is planned from the shape
+# alone, never from the SM count. A backward's dW/dB partials then come from one program per
+# BI_CHUNK_ROWS rows (a program p of g takes rows p, p + g, ... as today, g now a function of the
+# row count), summed by the glue kernels in their fixed order: the same bits on any GPU, run to run.
+# 32 rows: M = 4096 (a 4K-token batch) gives 128 programs, about one per SM of an H100 (132); fewer
+# rows a program would grow the [g, N] fp32 partials (4 bytes x N a program and array: 2 KB of
+# partials for 32 rows of 2-byte x is 1/16 more traffic) for no more parallelism than the GPU has.
+# At most BI_MAX_PROGRAMS: a 1M-row batch takes 1024 programs of 1K rows, not 32K programs whose
+# partials (32K x N x 4 bytes each) would outweigh x itself. The SM-count-dependent plans of the
+# other families (BatchNorm's split, GroupNorm's looped-or-split) are made for BI_PLANNED_SMS
+# SMs (an H100 SXM's) or pinned to a shape-only choice (GroupNormConfig).
+BI_CHUNK_ROWS = 32
+BI_MAX_PROGRAMS = 1024
+BI_PLANNED_SMS = 132
+
+
+def invariant_programs(tasks, task_rows=1):
+    """The programs of a backward in the batch-invariant mode, for `tasks` units of work (row
+    blocks, tiles) of `task_rows` rows each: one per BI_CHUNK_ROWS rows, between 1 and
+    BI_MAX_PROGRAMS. A function of the shape only."""
+    per_program = max(1, BI_CHUNK_ROWS // max(1, task_rows))
+    return max(1, min(BI_MAX_PROGRAMS, -(-tasks // per_program)))
+
+
 _planned_sms = contextvars.ContextVar("normops_planned_sms", default=None)
 
 
@@ -309,31 +333,37 @@ class GroupNormConfig:
     normalize_unroll: int = 1
 
     @classmethod
-    def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):
+    def forward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False, invariant=False):
         """sms: programs_per_wave(device, GN_LOOP_WARPS), one 16-warp program an SM (the SM count
         on a GPU); elem_bytes: the size of an element of x; large: a sample of 2**31 elements or
-        more (not looped, see above)."""
+        more (not looped, see above); invariant: the batch-invariant mode's plan (see _make)."""
         one_pass_max = GN_FWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_FWD_ONE_PASS_MAX
         unroll = 2 if channels_last else 8 // elem_bytes  # NCHW: two fp32 tiles, four 16-bit (see above)
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256, elem_bytes, elem_bytes,
-                         unroll, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else unroll, large)
+                         unroll, GN_LOOP_TILE_CHANNELS_LAST, 4 if channels_last else unroll, large, invariant)
 
     @classmethod
-    def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False):
+    def backward(cls, n, c, s, groups, channels_last, sms, elem_bytes=2, large=False, invariant=False):
         one_pass_max = GN_BWD_ONE_PASS_MAX_CHANNELS_LAST if channels_last else GN_BWD_ONE_PASS_MAX
         # channels_last: one warp per 256 elements (8 values a thread). At 512, under the
         # 128-register launch budget, the gelu backward with fp32 parameters spilled 8-24 bytes in
         # 10 (triton 3.9) and 33 (3.6) one-pass tiles of the exhaustive grid; at 256, none.
         # Looped: x and dy are both re-read, twice the group's bytes in L2.
         return cls._make(n, c, s, groups, channels_last, sms, one_pass_max, 256 if channels_last else 512,
-                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1, large)
+                         elem_bytes, 2 * elem_bytes, 1, GN_BWD_LOOP_TILE_CHANNELS_LAST, 1, large, invariant)
 
     @classmethod
     def _make(cls, n, c, s, groups, channels_last, sms, one_pass_max, per_warp, elem_bytes, group_bytes, unroll,
-              loop_tile_channels_last, normalize_unroll, no_loop=False):
+              loop_tile_channels_last, normalize_unroll, no_loop=False, invariant=False):
         """group_bytes: the bytes of an element of the tensors the loops read (x; x and dy); unroll,
         normalize_unroll: tiles an iteration of the looped statistics and normalize (dx) loops;
-        no_loop: split rather than looped."""
+        no_loop: split rather than looped. invariant: the batch-invariant mode, where a group's
+        arithmetic (the tile, and whether its statistics are one program's or a merge of chunks')
+        depends on (C, S, G) alone, never on N or the SM count: the one-pass tile as always, else
+        looped with the widest tile (the grid, which only spreads whole groups over programs,
+        still fills the device), and for a 2**31-element sample (no_loop) split into a fixed
+        number of chunks, GN_MAX_SPLIT at most. Its cost: a batch of few groups (a VAE at N = 1)
+        runs looped where split would fill the GPU."""
         cg = c // groups
         block_cg = next_pow2(cg)
         block_s = next_pow2(s)
@@ -361,10 +391,10 @@ class GroupNormConfig:
             return grid, loop_ns <= GN_LAUNCH_NS + (moved + reread) / GN_PEAK_BYTES_PER_NS
 
         loop_g = max(1, min(block_g, loop_tile // block_cg))
-        while loop_g > 1 and not looped(loop_g)[1]:
+        while loop_g > 1 and not invariant and not looped(loop_g)[1]:
             loop_g //= 2  # channels_last: rows of fewer groups, for more programs
         grid, wins = looped(loop_g)
-        if wins and not no_loop:
+        if (wins or invariant) and not no_loop:
             block_s = max(1, min(block_s, loop_tile // (loop_g * block_cg)))
             return cls(loop_g, block_cg, block_s, GN_LOOP_WARPS, False, 1, -(-s // block_s) * block_s, 1,
                        grid, unroll, normalize_unroll)
@@ -378,6 +408,8 @@ class GroupNormConfig:
         programs = GN_SPLIT_PROGRAMS_PER_SM * LOOP_WARPS // warps * sms
         # no_loop: two chunks at least (one would be the looped kernels, at one program a task)
         split = max(1, min(n_tiles, GN_MAX_SPLIT, max(-(-programs // tasks), 2 if no_loop else 1)))
+        if invariant:
+            split = min(n_tiles, GN_MAX_SPLIT)
         chunk = -(-n_tiles // split) * block_s
         split = -(-s // chunk)
         split_block = min(next_pow2(split), max(1, GN_COMBINE_TILE // (block_g * block_cg)))

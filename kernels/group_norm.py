@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.core import memory_format_of
+from normops.core import is_batch_invariant, memory_format_of
 
 from .common import ACTIVATIONS, act, act_grad, inv_std, acc_type, dense, launch, stat_dtype
 from .config import GN_LOOP_WARPS, GN_MAX_GROUP_CHANNELS, GroupNormConfig, programs_per_wave
@@ -529,8 +529,9 @@ def _setup(x, num_groups, config, make):
     x = x.contiguous(memory_format=fmt)
     n, c, s, g = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
     large = c * s >= LARGE_OFFSETS
+    mode = {"invariant": True} if is_batch_invariant() else {}  # outside the mode, today's call
     cfg = config or make(n, c, s, g, channels_last, programs_per_wave(x.device, GN_LOOP_WARPS), x.element_size(),
-                         large)
+                         large, **mode)
     n_gblocks = triton.cdiv(g, cfg.block_g)
     tasks = n_gblocks * cfg.split * n
     grid = (cfg.programs or tasks,) if not cfg.one_pass and cfg.split == 1 else (tasks,)

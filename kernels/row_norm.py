@@ -52,10 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
-from normops.core import MIN_QUANT_SCALE, QUANT_MAX, casting_dtypes
+from normops.core import MIN_QUANT_SCALE, QUANT_MAX, casting_dtypes, is_batch_invariant
 
 from .common import ACTIVATIONS, act, act_grad, acc_type, dense, launch, stat_dtype
-from .config import (ParamGradsConfig, RowNormConfig, programs_per_wave, row_norm_bwd_programs,
+from .config import (ParamGradsConfig, RowNormConfig, invariant_programs, programs_per_wave, row_norm_bwd_programs,
                      row_norm_fwd_programs)
 
 @triton.jit
@@ -836,7 +836,11 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
     cfg = config or RowNormConfig.backward(n, x.element_size(), gate is not None)
     acc = acc_type(x.dtype)
     n_part = want_dw + want_db
-    programs = row_norm_bwd_programs(cfg, n, x.element_size(), n_part, programs_per_wave(x.device, cfg.num_warps))
+    # the batch-invariant mode: programs from the rows, not the device (config.BI_CHUNK_ROWS), so
+    # the partials, and the glue's BLOCK_G (ParamGradsConfig.make(n, g)), depend on the shape only
+    wave = (invariant_programs(triton.cdiv(m, cfg.block_m), cfg.block_m) * groups if is_batch_invariant()
+            else programs_per_wave(x.device, cfg.num_warps))
+    programs = row_norm_bwd_programs(cfg, n, x.element_size(), n_part, wave)
     # every program gets a row: it writes its partials
     g = max(1, min(triton.cdiv(m, cfg.block_m), programs // groups))
     dx = torch.empty(x.shape, dtype=dx_dtype or x.dtype, device=x.device) if want_dx else None

@@ -9,9 +9,10 @@ Triton kernels on CUDA, ATen on CPU, a NumPy float64 reference everywhere; see `
 from . import functional, nn, ops
 from .backends import BACKENDS, backend, current_backend, set_backend
 from .convert import convert
+from .core import batch_invariant, is_batch_invariant, set_batch_invariant
 from .inspect import inspect
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "convert", "current_backend", "functional", "inspect", "nn",
-           "ops", "set_backend", "__version__"]
+__all__ = ["BACKENDS", "backend", "batch_invariant", "convert", "current_backend", "functional", "inspect",
+           "is_batch_invariant", "nn", "ops", "set_backend", "set_batch_invariant", "__version__"]

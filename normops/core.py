@@ -9,7 +9,10 @@ nothing of normops, so anything (``normops.kernels`` included) may import it.
 - ``ShapeError``, ``DtypeError``: the errors bad input raises, besides the builtin ones.
 - ``case_id``: the name of a benchmark case, which the suites, the roofline
   (``normops.kernels.roofline``) and the GPU acceptance run's calibration share.
+- ``batch_invariant``, ``set_batch_invariant``, ``is_batch_invariant``: the batch-invariant mode,
+  a process-wide flag that every backend and launcher reads at run time.
 """
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -27,6 +30,51 @@ def stat_dtype(x):
     """Statistics are fp32, or fp64 for fp64 input; ``x`` is the input or its dtype."""
     dtype = x if isinstance(x, torch.dtype) else x.dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- the batch-invariant mode -------------------------------------------------------------------
+# Under it a row's (a sample's) forward output and input gradient are bitwise the same whatever the
+# batch around it, and weight/bias gradients the same run to run and whatever the device's SM count
+# or the CPU's thread count: the launchers plan reductions from the shape alone (kernels/config.py,
+# BI_CHUNK_ROWS) and the torch backend sums dW/dB in a fixed order. Training BatchNorm is outside
+# its promise: its statistics are over the batch by definition. Process-wide, not per thread, like
+# torch.use_deterministic_algorithms; the custom ops read it when they run (eagerly, also inside a
+# torch.compile graph), so a compiled graph follows the flag of the moment it runs.
+
+_batch_invariant = False
+
+
+def set_batch_invariant(flag):
+    """Turn the batch-invariant mode on (True) or off (False), for the whole process."""
+    global _batch_invariant
+    if not isinstance(flag, bool):
+        raise TypeError(f"set_batch_invariant expects a bool, got {type(flag).__name__}")
+    _batch_invariant = flag
+
+
+def is_batch_invariant():
+    """Whether the batch-invariant mode is on."""
+    return _batch_invariant
+
+
+class batch_invariant(contextlib.ContextDecorator):
+    """``with normops.batch_invariant():`` (or ``batch_invariant(False)`` to leave the mode), also a
+    decorator: the mode set within, the previous setting restored on exit, exceptions included."""
+
+    def __init__(self, enabled=True):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"batch_invariant expects a bool, got {type(enabled).__name__}")
+        self.enabled = enabled
+        self._saved = []  # a stack: one instance may be entered again (nested, or as a decorator)
+
+    def __enter__(self):
+        self._saved.append(_batch_invariant)
+        set_batch_invariant(self.enabled)
+        return self
+
+    def __exit__(self, *exc):
+        set_batch_invariant(self._saved.pop())
+        return False
 
 
 # --- layouts ------------------------------------------------------------------------------------

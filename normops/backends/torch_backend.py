@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..core import (MIN_QUANT_SCALE, QUANT_MAX, activate, activation_backward, casting_dtypes, channel_view,
-                    memory_format_of, stat_dtype)
+                    is_batch_invariant, memory_format_of, stat_dtype)
 
 aten = torch.ops.aten
 
@@ -59,6 +59,25 @@ def _in_fp32(x):
 
 def _f32(t):
     return None if t is None else t.float()
+
+
+def _fixed_sum(t, dims):
+    """t summed over `dims`: t.sum(dims), or in the batch-invariant mode (normops.batch_invariant) a
+    pairwise tree of elementwise adds over the flattened `dims` (halves added, an odd last slice
+    carried), whose bits depend on the shape alone: torch's reductions (and ATen's norm backwards'
+    dW/dB) split a reduction among threads, so their bits depend on torch.get_num_threads() and,
+    for a sum per sample, on the other samples. The dW/dB and per-sample sums of this backend."""
+    if not is_batch_invariant():
+        return t.sum(dims)
+    dims = sorted(d % t.dim() for d in dims)
+    kept = [d for d in range(t.dim()) if d not in dims]
+    t = t.permute(dims + kept).reshape((-1,) + tuple(t.shape[d] for d in kept))
+    if t.shape[0] == 0:
+        return t.new_zeros(t.shape[1:])
+    while t.shape[0] > 1:
+        half = t.shape[0] // 2
+        t = torch.cat((t[:half] + t[half:2 * half], t[2 * half:])) if t.shape[0] % 2 else t[:half] + t[half:]
+    return t[0].clone()  # one slice: never a view of t (dz may be the caller's dy, which autograd accumulates into)
 
 
 def _cast(t, like):
@@ -237,8 +256,8 @@ def _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
             du = du * sg
         dx = du.to(x.dtype)
     lead = tuple(range(x.dim() - len(normalized_shape)))
-    dw = (dz * x_r).sum(lead).to(weight.dtype) if output_mask[1] and weight is not None else None
-    db = dz.sum(lead).to(bias.dtype) if output_mask[2] and bias is not None else None
+    dw = _fixed_sum(dz * x_r, lead).to(weight.dtype) if output_mask[1] and weight is not None else None
+    db = _fixed_sum(dz, lead).to(bias.dtype) if output_mask[2] and bias is not None else None
     return (dx if output_mask[0] else None), dw, db, (dgate.to(gate.dtype) if want_dg else None)
 
 
@@ -256,12 +275,16 @@ def _rms_backward(dz, x, normalized_shape, weight, rstd, output_mask):
     p = dzf * xf
     dx = dw = None
     if output_mask[0]:
-        s = p.sum(1, keepdim=True) if w is None else torch.mv(p, w).unsqueeze(1)
+        if is_batch_invariant():  # BLAS's gemv takes rows in blocks: a row's dot product depends on M
+            s = _fixed_sum(p if w is None else p * w, (1,)).unsqueeze(1)
+        else:
+            s = p.sum(1, keepdim=True) if w is None else torch.mv(p, w).unsqueeze(1)
         c = r.pow(3).mul_(s).div_(-n)
         g = dzf * w if w is not None else dzf.clone()
         dx = g.mul_(r).addcmul_(xf, c).to(x.dtype).reshape(x.shape)
     if output_mask[1] and weight is not None:
-        dw = torch.mv(p.t(), r.reshape(-1)).reshape(weight.shape)
+        dw = _fixed_sum(p * r, (0,)) if is_batch_invariant() else torch.mv(p.t(), r.reshape(-1))
+        dw = dw.reshape(weight.shape)
     return dx, dw
 
 
@@ -287,12 +310,20 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
         dz = _activation_backward(dy, z, activation)
     if rms:
         dx, dw = _rms_backward(dz, x, normalized_shape, w, rstd, output_mask)
-        db = dz.reshape(-1, b.numel()).sum(0) if b is not None and output_mask[2] else None
+        db = _fixed_sum(dz.reshape(-1, b.numel()), (0,)) if b is not None and output_mask[2] else None
     else:
         nd = _native_stat_dtype(x, w, b)
+        # the batch-invariant mode: ATen's dx, dW/dB as fixed-order sums (its own are per thread)
+        invariant = is_batch_invariant() and any(output_mask[1:])
         dx, dw, db = aten.native_layer_norm_backward(
             dz, x, list(normalized_shape), _to(mean.reshape(keep), nd), _to(rstd.reshape(keep), nd),
-            w, b, list(output_mask))
+            w, b, [output_mask[0], False, False] if invariant else list(output_mask))
+        if invariant:
+            sd = stat_dtype(x)
+            dzf = dz.to(sd).reshape(-1, math.prod(normalized_shape))
+            x_hat = _recompute_row(x.to(sd), normalized_shape, None, None, mean, rstd, False).reshape(dzf.shape)
+            dw = _fixed_sum(dzf * x_hat, (0,)).reshape(w.shape) if output_mask[1] and w is not None else None
+            db = _fixed_sum(dzf, (0,)).reshape(b.shape) if output_mask[2] and b is not None else None
     return dx, _cast(dw, weight), _cast(db, bias), None
 
 
@@ -488,7 +519,13 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
         dx, dw, db = group_norm_bwd(dy.float(), x.float(), num_groups, _f32(weight), _f32(bias), mean, rstd,
                                     activation, output_mask)
         return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
-    fmt = memory_format_of(x)
+    # the batch-invariant mode: ATen's channels_last backward gives a sample's dx bits that depend on
+    # the batch, its NCHW one does not (tests/test_batch_invariant.py): NCHW, dx copied back
+    fmt = torch.contiguous_format if is_batch_invariant() else memory_format_of(x)
+    if fmt != memory_format_of(x):
+        dx, dw, db = group_norm_bwd(dy.contiguous(), x.contiguous(), num_groups, weight, bias, mean, rstd, activation,
+                                    output_mask)
+        return None if dx is None else dx.contiguous(memory_format=memory_format_of(x)), dw, db
     x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
     w, b = _opmath(x, weight, bias)
     dz = dy
@@ -497,6 +534,15 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
         dz = _activation_backward(dy, z, activation).contiguous(memory_format=fmt)  # into z
     if per_sample:
         return _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_mask)
+    if is_batch_invariant() and any(output_mask[1:]):  # dW/dB as fixed-order sums (_fixed_sum), ATen's dx
+        dx = group_norm_bwd(dz, x, num_groups, w, b, mean, rstd, "none", [output_mask[0], False, False])[0]
+        sd = stat_dtype(x)
+        dzf = dz.to(sd).reshape(n, c, -1)
+        stat = lambda t: t.to(sd).unsqueeze(-1).expand(n, num_groups, c // num_groups).reshape(n, c, 1)  # noqa: E731
+        x_hat = (x.to(sd).reshape(n, c, -1) - stat(mean)) * stat(rstd)
+        dw = _fixed_sum(dzf * x_hat, (0, 2)) if output_mask[1] and w is not None else None
+        db = _fixed_sum(dzf, (0, 2)) if output_mask[2] and b is not None else None
+        return dx, _cast(dw, weight), _cast(db, bias)
     if num_groups == c:
         return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
     nd = _native_stat_dtype(x, w, b)
@@ -524,8 +570,8 @@ def _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_ma
     r = rstd.to(sd).unsqueeze(-1).expand(per).reshape(view)
     xc = x.to(sd) - mean.to(sd).unsqueeze(-1).expand(per).reshape(view)
     dzf = dz.to(sd)
-    a_sum = (dzf * xc).reshape(n, c, -1).sum(-1) * r.reshape(n, c)  # a[n, c]
-    b_sum = dzf.reshape(n, c, -1).sum(-1)                            # b[n, c]
+    a_sum = _fixed_sum((dzf * xc).reshape(n, c, -1), (2,)) * r.reshape(n, c)  # a[n, c]
+    b_sum = _fixed_sum(dzf.reshape(n, c, -1), (2,))                            # b[n, c]
     dx = None
     if output_mask[0]:
         wv = torch.ones((), dtype=sd, device=x.device) if w is None else w.to(sd).reshape(n, c)
@@ -716,10 +762,10 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
     with_gate = gate is not None and h is not None
     grads = (dht * gate.to(sd).unsqueeze(1) if with_gate else dht,
              None if h is None else dht,
-             (dht * x.to(sd)).sum(1) if with_gate else None,
-             (dyf * n).sum(1), dyf.sum(1),
-             None if weight is None else (dn * x_r).sum((0, 1)),
-             None if bias is None else dn.sum((0, 1)))
+             _fixed_sum(dht * x.to(sd), (1,)) if with_gate else None,
+             _fixed_sum(dyf * n, (1,)), _fixed_sum(dyf, (1,)),
+             None if weight is None else _fixed_sum(dn * x_r, (0, 1)),
+             None if bias is None else _fixed_sum(dn, (0, 1)))
     return tuple(g_ if want else None for g_, want in zip(grads, output_mask))
 
 
@@ -730,8 +776,8 @@ def _ada_plain_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, out
     d = inp.shape[-1:]
     want_dh = any(output_mask[:3])
     dn = dy * (1 + scale.to(inp.dtype).unsqueeze(1))
-    dscale = (dy * _recompute_row(inp, d, weight, bias, mean, rstd, rms)).sum(1) if output_mask[3] else None
-    dshift = dy.sum(1) if output_mask[4] else None
+    dscale = _fixed_sum(dy * _recompute_row(inp, d, weight, bias, mean, rstd, rms), (1,)) if output_mask[3] else None
+    dshift = _fixed_sum(dy, (1,)) if output_mask[4] else None
     dht, dw, db, _ = row_norm_bwd(dn, inp, d, weight, bias, mean, rstd, rms, "none",
                                   [want_dh, output_mask[5], output_mask[6]])
     if dht is not None and dh is not None:
@@ -739,6 +785,6 @@ def _ada_plain_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, out
     with_gate = gate is not None and h is not None
     grads = (dht * gate.unsqueeze(1) if with_gate and output_mask[0] else dht,
              None if h is None else dht,
-             (dht * x).sum(1) if with_gate and output_mask[2] else None,
+             _fixed_sum(dht * x, (1,)) if with_gate and output_mask[2] else None,
              dscale, dshift, dw, db)
     return tuple(g if want else None for g, want in zip(grads, output_mask))

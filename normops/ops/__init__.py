@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.autograd import forward_ad
 
-from .. import backends
+from .. import backends, core
 from ..backends import torch_backend
 from ..core import activate, stat_dtype
 
@@ -122,7 +122,8 @@ def route(family, x, spec=None, tensors=None, *, aten=False, backend=None):
         if reason is not None:
             return _record(backend, chosen_by, "torch fallback", reason, backends.load("torch"))
         return _record(backend, chosen_by, "triton kernel", _REASONS["triton kernel"], module)
-    if (aten and x.dtype in (torch.float32, torch.float64)
+    # the batch-invariant mode takes the op, whose backward sums dW/dB in a fixed order (ATen's: per thread)
+    if (aten and not core.is_batch_invariant() and x.dtype in (torch.float32, torch.float64)
             and all(t is None or t.dtype == x.dtype for t in tensors[1:])
             and family in getattr(module, "NATIVE", ())):
         if spec.activation == "none":
