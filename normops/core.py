@@ -38,8 +38,10 @@ def stat_dtype(x):
 # or the CPU's thread count: the launchers plan reductions from the shape alone (kernels/config.py,
 # BI_CHUNK_ROWS) and the torch backend sums dW/dB in a fixed order. Training BatchNorm is outside
 # its promise: its statistics are over the batch by definition. Process-wide, not per thread, like
-# torch.use_deterministic_algorithms; the custom ops read it when they run (eagerly, also inside a
-# torch.compile graph), so a compiled graph follows the flag of the moment it runs.
+# torch.use_deterministic_algorithms; the custom ops read it when they run (eagerly, and as opaque
+# ops inside a torch.compile graph: CPU, the torch and numpy backends). On CUDA, torch.compile traces
+# the Triton launches into the graph with the plan of the moment it compiled: as with the backend,
+# torch._dynamo.reset() after switching the mode.
 
 _batch_invariant = False
 

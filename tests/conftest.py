@@ -11,10 +11,12 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _seed_and_default_backend():
-    """Each test starts from the same seed and the device-default backend."""
+    """Each test starts from the same seed, the device-default backend and the batch-invariant mode off."""
     import normops
 
     torch.manual_seed(0)
     normops.set_backend(None)
+    normops.set_batch_invariant(False)
     yield
     normops.set_backend(None)
+    normops.set_batch_invariant(False)

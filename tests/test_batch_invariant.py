@@ -101,6 +101,24 @@ def test_row_norms(backend, dtype, variant):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_quantized_rows(backend, dtype, group_size):
+    """rms_norm_quant (forward only): a row's codes and scales whatever the batch."""
+    w, = _params(dtype, (D,))
+    gen = torch.Generator().manual_seed(5)
+    probe = _rand((1, D), dtype, gen)
+    with normops.backend(backend), normops.batch_invariant(), torch.no_grad():
+        alone = F.rms_norm_quant(probe, (D,), w, group_size=group_size)
+        for b, pos in _batches(5, dtype == torch.float32):
+            x = _rand((b, D), dtype, gen)
+            x[pos] = probe[0]
+            q, scales = F.rms_norm_quant(x, (D,), w, group_size=group_size)
+            assert torch.equal(alone[0][0].view(torch.int8), q[pos].view(torch.int8))
+            assert torch.equal(alone[1][0], scales[pos])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["group_norm", "instance_norm", "group_norm_silu_channels_last",
                                   "channels_first", "ada_group_norm"])
 def test_sample_norms(backend, dtype, kind):
