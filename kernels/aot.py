@@ -38,8 +38,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import ada_norm, batch_norm, channels_first, group_norm, row_norm  # noqa: E402
 from .common import launch_options, record  # noqa: E402
-from .config import (AdaNormConfig, BatchNormConfig, GroupNormConfig, ParamGradsConfig, RowNormConfig, programs_per_sm,  # noqa: E402
-                     row_norm_bwd_programs)
+from .config import (AdaNormConfig, BatchNormConfig, GroupNormConfig, ParamGradsConfig, RowNormConfig,  # noqa: E402
+                     invariant_programs, programs_per_sm, row_norm_bwd_programs)
 from .config import ChannelsFirstConfig  # noqa: E402
 
 # The widths the benchmarks run (transformer rows, narrow to 256K); the heuristics map them to
@@ -354,8 +354,12 @@ def row_norm_jobs(targets):
         n_part = 1 + next(v for v in VARIANTS if v[0] == base)[3]  # dw, and db when there is a bias
         programs = row_norm_bwd_programs(bwd, n, elem, n_part, H100_SMS * programs_per_sm(bwd.num_warps))
         grads = ParamGradsConfig.make(n, min(programs, -(-4096 // bwd.block_m)))
+        # the batch-invariant mode's glue: its programs from the rows (config.invariant_programs)
+        blocks = -(-4096 // bwd.block_m)
+        invariant = ParamGradsConfig.make(n, min(blocks, row_norm_bwd_programs(
+            bwd, n, elem, n_part, invariant_programs(blocks, bwd.block_m))))
         jobs.update([("fwd", RowNormConfig.forward(n), variant, dtype), ("bwd", bwd, variant, dtype),
-                     ("param_grads", grads, variant, dtype)])
+                     ("param_grads", grads, variant, dtype), ("param_grads", invariant, variant, dtype)])
     variants += [(name, "bf16") for name in QUANT_VARIANTS]
     jobs.update(("fwd", RowNormConfig.forward(n), name, "bf16") for name, n in itertools.product(QUANT_VARIANTS, WIDTHS)
                 if RowNormConfig.forward(n).one_pass)
@@ -389,13 +393,15 @@ def group_norm_jobs(targets, exhaustive=False):
     for (n, c, s, g), channels_last, elem in itertools.product(shapes, (False, True), elems):
         if channels_last and s == 1:
             continue  # no positions: channels_last is plain contiguous, and runs as NCHW
-        fwd = GroupNormConfig.forward(n, c, s, g, channels_last, GN_SMS, elem)
-        bwd = GroupNormConfig.backward(n, c, s, g, channels_last, GN_SMS, elem)
-        # chunk, split and the grid are runtime: one compile serves every split > 1 (split_block
-        # and whether split is 1, the looped kernels, are not)
-        for kernel, cfg in (("gn_fwd", fwd), ("gn_bwd", bwd)):
-            configs[kernel].add((dataclasses.replace(cfg, split=min(cfg.split, 2), chunk=0, programs=0),
-                                 channels_last, False, elem))
+        # and the batch-invariant mode's plans (looped with the widest tile where today's would split)
+        for invariant in (False, True):
+            fwd = GroupNormConfig.forward(n, c, s, g, channels_last, GN_SMS, elem, invariant=invariant)
+            bwd = GroupNormConfig.backward(n, c, s, g, channels_last, GN_SMS, elem, invariant=invariant)
+            # chunk, split and the grid are runtime: one compile serves every split > 1 (split_block
+            # and whether split is 1, the looped kernels, are not)
+            for kernel, cfg in (("gn_fwd", fwd), ("gn_bwd", bwd)):
+                configs[kernel].add((dataclasses.replace(cfg, split=min(cfg.split, 2), chunk=0, programs=0),
+                                     channels_last, False, elem))
     split = lambda c: not c.one_pass and c.split > 1  # noqa: E731
     configs["gn_stats"] = {(dataclasses.replace(c, split_block=1), cl, lg, e) for c, cl, lg, e in configs["gn_fwd"]
                            if split(c)}
