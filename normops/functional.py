@@ -179,8 +179,10 @@ def _check_group_size(shape, group_size):
     return int(group_size)
 
 
-def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activation, gate=None, offset=0.0,
-              casting="fp32", out_dtype=None, norm_before_gate=True, group_size=None):
+def _check_row_args(input, residual, normalized_shape, weight, bias, rms, activation, offset, casting, out_dtype,
+                    gate=None):
+    """The tensors and variant arguments of a row norm, checked: (normalized shape, casting mode,
+    activation name)."""
     _check_tensors(input, residual=residual, weight=weight, bias=bias, gate=gate)
     shape = _normalized_shape(input, normalized_shape)
     _check_shape("weight", weight, shape)
@@ -189,8 +191,13 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
         _check_param_dtypes(input, weight=weight, bias=bias)
     if residual is not None and residual.shape != input.shape:
         raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
-    casting = _check_variant(weight, offset, casting, out_dtype)
-    act = activation_name(activation)
+    return shape, _check_variant(weight, offset, casting, out_dtype), activation_name(activation)
+
+
+def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activation, gate=None, offset=0.0,
+              casting="fp32", out_dtype=None, norm_before_gate=True, group_size=None):
+    shape, casting, act = _check_row_args(input, residual, normalized_shape, weight, bias, rms, activation, offset,
+                                          casting, out_dtype, gate=gate)
     group_size = _check_gate(input, gate, shape, act, group_size)
     inp_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     if out_dtype == inp_dtype:
@@ -364,16 +371,8 @@ def _row_norm_quant(input, residual, normalized_shape, weight, bias, eps, rms, a
                     scale, group_size):
     """The checks of rms_norm_quant / layer_norm_quant, then normops::row_norm_quant."""
     what = "rms_norm_quant" if rms else "layer_norm_quant"
-    _check_tensors(input, residual=residual, weight=weight, bias=bias)
-    shape = _normalized_shape(input, normalized_shape)
-    _check_shape("weight", weight, shape)
-    _check_shape("bias", bias, shape)
-    if not rms:
-        _check_param_dtypes(input, weight=weight, bias=bias)
-    if residual is not None and residual.shape != input.shape:
-        raise ShapeError(f"expected residual of the input's shape {list(input.shape)}, got {list(residual.shape)}")
-    casting = _check_variant(weight, offset, casting, None)
-    act = activation_name(activation)
+    shape, casting, act = _check_row_args(input, residual, normalized_shape, weight, bias, rms, activation, offset,
+                                          casting, None)
     if dtype not in QUANT_DTYPES:
         raise TypeError(f"{what}: dtype must be torch.float8_e4m3fn or torch.int8, got {dtype!r}")
     n = math.prod(shape)

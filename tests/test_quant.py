@@ -118,11 +118,10 @@ def test_kernel_codes_match_torch_conversion(dtype):
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
 def test_backend_codes_match_torch_conversion(backend, dtype):
     """The torch and NumPy backends' quantize (static scale 1): torch's codes on the same probes."""
-    from normops.backends import torch_backend
-    from normops.backends.numpy_backend import row_norm as numpy_row_norm
+    from normops.backends import load
     v = _code_probes()
     v = v[~v.isnan()]
-    q, _ = {"torch": torch_backend, "numpy": numpy_row_norm}[backend].quantize(v[:, None], 1, dtype, torch.tensor(1.0))
+    q, _ = load(backend).quantize(v[:, None], 1, dtype, torch.tensor(1.0))
     assert torch.equal(q.view(torch.int8)[:, 0], reference_codes(v, dtype).view(torch.int8))
 
 

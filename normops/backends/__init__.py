@@ -40,13 +40,15 @@ The contract every backend module implements (tensors in, tensors out, ``None`` 
     layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask) -> (dx, dweight, dbias)
         (channels-first LayerNorm: dim 1 of (N, C, *) normalized, statistics [N, *S], y and dx in x's
         layout, NCHW or channels_last, read in place)
-    row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
-                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0) -> (q, scales, h)
-        (inference: y as row_norm_fwd computes it in inp's dtype, then in fp32 q = round(y * (1 / scale))
-        saturated at normops.core.QUANT_MAX[dtype] (int8: [-128, 127]), to nearest even; ``scale`` a
-        one-element fp32 tensor (static, returned as scales) or None: per row (group_size 0) or per
-        group_size consecutive values of a row, max(amax |y| / QUANT_MAX, MIN_QUANT_SCALE), fp32 of
-        shape batch + (n // group_size or 1,), divided rounded to nearest, as torch divides)
+    quantize(y, k, dtype, scale=None, group_size=0) -> (q, scales)
+        (inference, normops::row_norm_quant: a row norm's y, in its own dtype, over its last k dims;
+        in fp32 q = round(y * (1 / scale)) saturated at normops.core.QUANT_MAX[dtype] (int8: [-128,
+        127]), to nearest even; ``scale`` a one-element fp32 tensor (static, returned as scales) or
+        None: per row (group_size 0) or per group_size consecutive values of a row, max(amax |y| /
+        QUANT_MAX, MIN_QUANT_SCALE), fp32 of shape batch + (n // group_size or 1,), divided rounded to
+        nearest, as torch divides. The op runs row_norm_fwd, then quantize, unless the backend fuses
+        both: row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *,
+        offset, casting, dtype, scale, group_size) -> (q, scales, h), the triton backend's)
 
 Shapes and dtypes:
 - Statistics (mean, rstd, save_*, batch_var) are float32, or float64 when x is float64.

@@ -365,13 +365,6 @@ def quantize(y, k, dtype, scale=None, group_size=0):
     return q.reshape(y.shape), scales
 
 
-def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
-                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0):
-    y, h, _, _ = row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, False,
-                              offset=offset, casting=casting)
-    q, scales = quantize(y, len(normalized_shape), dtype, scale, group_size)
-    return q, scales, h
-
 
 # --- channels-first LayerNorm (ConvNeXt's): dim 1 of (N, C, *) ----------------------------------
 # The row norm above on x.movedim(1, -1), the channels last: ATen's LayerNorm, fp32 statistics

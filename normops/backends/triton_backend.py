@@ -77,12 +77,21 @@ row_norm_fwd = _on_its_device(_row_norm.row_norm_fwd)
 row_norm_bwd = _on_its_device(_row_norm.row_norm_bwd)
 
 
+quantize = torch_backend.quantize
+
+
 @_on_its_device
-def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, **kwargs):
-    if not _row_norm.quant_supported(normalized_shape, kwargs.get("group_size", 0)):
-        return torch_backend.row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation,
-                                                **kwargs)
-    return _row_norm.row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, **kwargs)
+def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
+                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0):
+    """The norm and its quantize in one kernel; rows it does not take (fallback): the kernels' norm,
+    then torch's quantize."""
+    if not _row_norm.quant_supported(normalized_shape, group_size):
+        y, h, _, _ = _row_norm.row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, False,
+                                            offset=offset, casting=casting)
+        return (*quantize(y, len(normalized_shape), dtype, scale, group_size), h)
+    return _row_norm.row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation,
+                                        offset=offset, casting=casting, dtype=dtype, scale=scale,
+                                        group_size=group_size)
 
 
 @_on_its_device

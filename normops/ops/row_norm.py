@@ -320,9 +320,14 @@ def _row_norm_quant_impl(x: Tensor, residual: Optional[Tensor], normalized_shape
     weight, bias = ops.dense(weight, bias)
     module = _route_quant(x, residual, normalized_shape, weight, bias, eps, rms, activation, offset, casting, dtype,
                           scale, group_size).module
-    q, scales, h = module.row_norm_quant_fwd(x, residual, tuple(normalized_shape), weight, bias, eps, rms, activation,
-                                             offset=offset, casting=casting, dtype=dtype, scale=scale,
-                                             group_size=group_size)
+    shape = tuple(normalized_shape)
+    if hasattr(module, "row_norm_quant_fwd"):  # one kernel (the triton backend)
+        q, scales, h = module.row_norm_quant_fwd(x, residual, shape, weight, bias, eps, rms, activation, offset=offset,
+                                                 casting=casting, dtype=dtype, scale=scale, group_size=group_size)
+    else:  # the backend's norm, then its quantize
+        y, h, _, _ = module.row_norm_fwd(x, residual, shape, weight, bias, eps, rms, activation, False, offset=offset,
+                                         casting=casting)
+        q, scales = module.quantize(y, len(shape), dtype, scale, group_size)
     h = ops.absent(x) if h is None else _laid_out_as_sum(h, x, residual)
     return q.contiguous(), scales if scale is None else scale.clone(), h  # an op's output may not alias its input
 

@@ -37,7 +37,7 @@ from .batch_norm import batch_norm_bwd, batch_norm_fwd
 from .channels_first import layer_norm_cf_bwd, layer_norm_cf_fwd
 from .group_norm import group_norm_bwd, group_norm_fwd
 from .group_stats import combine_group_stats, group_norm_apply, group_norm_stats
-from .row_norm import row_norm_bwd, row_norm_fwd, row_norm_quant_fwd
+from .row_norm import quantize, row_norm_bwd, row_norm_fwd
 
 __all__ = ["ada_norm_bwd", "ada_norm_fwd", "batch_norm_bwd", "batch_norm_fwd", "combine_group_stats",
            "group_norm_apply", "group_norm_bwd", "group_norm_fwd", "group_norm_stats", "layer_norm_cf_bwd",

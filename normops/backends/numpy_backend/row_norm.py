@@ -243,10 +243,3 @@ def quantize(y, k, dtype, scale=None, group_size=0):
     q = torch.from_numpy(q.reshape(y.shape)).to(device=y.device, dtype=dtype)  # exact: q is on the grid
     return q, scale if scales is None else torch.from_numpy(scales).to(y.device)
 
-
-def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, *, offset=0.0,
-                       casting="fp32", dtype=torch.float8_e4m3fn, scale=None, group_size=0):
-    y, h, _, _ = row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activation, False,
-                              offset=offset, casting=casting)
-    q, scales = quantize(y, len(normalized_shape), dtype, scale, group_size)
-    return q, scales, h
