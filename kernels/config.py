@@ -395,6 +395,10 @@ class GroupNormConfig:
             loop_g //= 2  # channels_last: rows of fewer groups, for more programs
         grid, wins = looped(loop_g)
         if (wins or invariant) and not no_loop:
+            if invariant and not channels_last and block_cg >= GN_MAX_GROUP_CHANNELS:
+                # the mode's looped NCHW tile of a 1024-channel group (where today's plan splits it):
+                # 1x1024x8 spilled 8-16 bytes at the statistics loop's unroll (sm_90); 1x1024x4 none
+                loop_tile //= 2
             block_s = max(1, min(block_s, loop_tile // (loop_g * block_cg)))
             return cls(loop_g, block_cg, block_s, GN_LOOP_WARPS, False, 1, -(-s // block_s) * block_s, 1,
                        grid, unroll, normalize_unroll)
