@@ -192,15 +192,19 @@ def test_activation(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp64_wide_rows_and_odd_groups(backend):
     """fp64 input quantizes its y rounded to fp32; a row wider than the kernels' one pass, and
-    scale groups of a non-power-of-two size, take the torch backend on the triton route."""
+    scale groups of a non-power-of-two size, take the torch backend on the triton route (the
+    power-of-two groups of 128-wide rows, the kernels)."""
     x = torch.randn(3, 20000, dtype=torch.float64)
     with normops.backend(backend):
         q, scales = F.rms_norm_quant(x, (20000,), None, 1e-6, dtype=torch.int8)
         y = F.rms_norm(x, (20000,), None, 1e-6)
         q2, s2 = F.rms_norm_quant(x[:, :96], (96,), None, 1e-6, group_size=48)
         y2 = F.rms_norm(x[:, :96], (96,), None, 1e-6)
+        q3, s3 = F.layer_norm_quant(x[:, :128], (128,), None, None, 1e-6, group_size=32)  # the kernels' fp64
+        y3 = F.layer_norm(x[:, :128], (128,), None, None, 1e-6)
     assert_quantizes(q, scales, y.float(), 1, torch.int8)
     assert_quantizes(q2, s2, y2.float(), 1, torch.float8_e4m3fn, 48)
+    assert_quantizes(q3, s3, y3.float(), 1, torch.float8_e4m3fn, 32)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
