@@ -214,8 +214,8 @@ def _quant_store(y, Q, SCALES, offs, mask, rows, row_mask, n_scales, QUANT: tl.c
     dynamic, scale = max(amax |y| / QMAX, MIN_SCALE) per row (Q_GROUP 0) or per Q_GROUP consecutive
     values (n_scales a row), stored at SCALES row-major. Scales and their inverses are divided
     rounded to nearest (div_rn), as torch divides: the other backends compute the same numbers."""
-    if STATIC:
-        q = y * tl.math.div_rn(1.0, tl.load(SCALES))
+    if STATIC:  # a scale below MIN_SCALE (unchecked: a tensor) quantizes as MIN_SCALE: 1 / scale stays finite
+        q = y * tl.math.div_rn(1.0, tl.maximum(tl.load(SCALES), MIN_SCALE))
     elif Q_GROUP == 0:
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), 1), QMAX), MIN_SCALE)
         q = y * tl.math.div_rn(1.0, scale)[:, None]

@@ -39,7 +39,7 @@ from .ops import group_norm as group_ops
 from .ops import group_stats as group_stats_ops
 from .ops.group_stats import GroupStats
 from .ops import row_norm as row_ops
-from .core import QUANT_MAX, DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
+from .core import MIN_QUANT_SCALE, QUANT_MAX, DtypeError, ShapeError, activate, activation_name, casting_dtypes, stat_dtype
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "add_layer_norm",
            "add_rms_norm", "add_rms_norm_", "gated_rms_norm"]
@@ -396,11 +396,13 @@ def _row_norm_quant(input, residual, normalized_shape, weight, bias, eps, rms, a
 
 
 def _static_scale(what, scale, input):
-    """A given scale as the ops take it: a one-element fp32 tensor on input's device (a Python
-    number, checked positive and finite, becomes one)."""
+    """A given scale as the ops take it: a one-element fp32 tensor on input's device. A Python number
+    is checked (finite, at least MIN_QUANT_SCALE, so that 1 / scale is finite); a tensor's value is
+    not (that would wait for the device): below MIN_QUANT_SCALE it quantizes as MIN_QUANT_SCALE."""
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"{what}: scale must be positive and finite, got {scale!r}")
+        if not (math.isfinite(scale) and scale >= MIN_QUANT_SCALE):
+            raise ValueError(f"{what}: scale must be finite and at least 2**-126 (fp32's smallest normal, whose "
+                             f"reciprocal is finite), got {scale!r}")
         return torch.tensor(float(scale), dtype=torch.float32, device=input.device)
     if not isinstance(scale, Tensor) or not scale.is_floating_point() or scale.numel() != 1:
         got = f"a {scale.dtype} tensor of shape {list(scale.shape)}" if isinstance(scale, Tensor) \
@@ -430,7 +432,8 @@ def rms_norm_quant(input: Tensor, normalized_shape: Sequence[int], weight: Optio
     ``input.shape[:-len(normalized_shape)] + (values a row // k,)`` (k = the whole row without
     ``group_size``: one scale a row, its last dim 1), row-major, so
     ``q.float().unflatten(-1, (-1, k)) * scales[..., None]`` dequantizes. A given ``scale`` (a float
-    or a one-element tensor: static, per tensor, positive) is used as is and returned as ``scales``.
+    or a one-element tensor: static, per tensor, positive; a float at least 2**-126, a tensor below
+    it quantizing as 2**-126) is returned as ``scales`` (fp32).
     ``activation``, ``offset``, ``casting``: as in ``rms_norm``."""
     if has_torch_function_variadic(input, weight, residual):
         return handle_torch_function(rms_norm_quant, (input, weight, residual), input, normalized_shape, weight, eps,

@@ -345,6 +345,34 @@ def test_flag_defaults_off_and_context_restores():
         normops.set_batch_invariant(False)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["layer_norm", "ada_layer_norm"])
+def test_backward_runs_in_the_mode_of_its_forward(monkeypatch, backend, op):
+    """A backward called after leaving the block runs in the mode its forward ran in, and one
+    called inside a block its forward did not see is not changed by it."""
+    import importlib
+    module = importlib.import_module(f"normops.backends.{backend}_backend")
+    name = "row_norm_bwd" if op == "layer_norm" else "ada_norm_bwd"
+    seen, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(normops.is_batch_invariant())
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+    # bf16: a plain fp32 call outside the mode would take ATen's own norm and autograd (route "aten")
+    x = torch.randn(2, 3, D, dtype=torch.bfloat16, requires_grad=True)
+    scale, shift = torch.randn(2, D, dtype=torch.bfloat16), torch.randn(2, D, dtype=torch.bfloat16)
+    fn = (lambda: F.layer_norm(x, (D,))) if op == "layer_norm" else (lambda: F.ada_layer_norm(x, scale, shift))
+    with normops.backend(backend):
+        with normops.batch_invariant():
+            y = fn()
+        y.sum().backward()
+        y = fn()
+        with normops.batch_invariant():
+            y.sum().backward()
+    assert seen == [True, False]
+
+
 def test_decorator():
     @normops.batch_invariant()
     def inside():

@@ -234,7 +234,9 @@ def test_empty_and_no_grad(backend):
     (dict(group_size=48), normops.core.ShapeError, "must divide a row's 64"),
     (dict(group_size=0), ValueError, "positive int"),
     (dict(group_size=32, scale=1.0), ValueError, "static"),
-    (dict(scale=0.0), ValueError, "positive and finite"),
+    (dict(scale=0.0), ValueError, "at least 2"),
+    (dict(scale=1e-39), ValueError, "at least 2"),
+    (dict(scale=math.inf), ValueError, "finite"),
     (dict(scale=torch.ones(2)), TypeError, "one-element"),
     (dict(scale="1"), TypeError, "one-element"),
     (dict(residual=torch.randn(3, 32)), normops.core.ShapeError, "residual"),
@@ -242,6 +244,32 @@ def test_empty_and_no_grad(backend):
 def test_bad_arguments_raise_clearly(kwargs, error, match):
     with pytest.raises(error, match=match):
         F.rms_norm_quant(torch.randn(3, 64), (64,), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tiny_static_scale_tensor_stays_finite(backend):
+    """A scale tensor below 2**-126 (not checked: that would wait for the device) quantizes as
+    2**-126: zeros stay 0 (0 * (1 / scale) would be NaN with 1 / scale = inf), the rest saturates."""
+    x = torch.randn(4, 64)
+    with normops.backend(backend):
+        q, scales = F.rms_norm_quant(x, (64,), activation="relu", scale=torch.tensor(1e-39))
+    codes = q.float()
+    assert not codes.isnan().any() and ((codes == 0) | (codes == 448)).all() and (codes == 0).any()
+    assert scales.item() == torch.tensor(1e-39).item()
+
+
+def test_compiles_with_parameters_that_require_grad():
+    """A module's weight requires grad: the op's outputs are non-differentiable (no autograd graph
+    to build, eager or traced), whatever torch.compile's backend."""
+    x = torch.randn(4, 64)
+    w = torch.randn(64, requires_grad=True)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        q, s = torch.compile(lambda x: F.rms_norm_quant(x, (64,), w), backend=backend, fullgraph=True)(x)
+        assert not q.requires_grad and not s.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the registered op, not the eager path
+        q, s = F.rms_norm_quant(x, (64,), w)
+    assert not q.requires_grad
 
 
 def test_the_op_passes_opcheck_and_compiles():

@@ -348,7 +348,8 @@ def _recompute_row(x, normalized_shape, weight, bias, mean, rstd, rms):
 def quantize(y, k, dtype, scale=None, group_size=0):
     """(q, scales): y (a norm's output, as its dtype rounded it) over its last k dims quantized to
     ``dtype`` (``QUANT_MAX``'s keys), in fp32 arithmetic: q = y * (1 / scale) saturated at the
-    dtype's finite max and rounded to nearest even. ``scale`` given: one for the tensor (static);
+    dtype's finite max and rounded to nearest even. ``scale`` given: one for the tensor (static; below
+    MIN_QUANT_SCALE it quantizes as MIN_QUANT_SCALE);
     else per row, or per ``group_size`` consecutive values of a row, max(amax |y| / max,
     MIN_QUANT_SCALE), shaped batch + (scales a row,)."""
     qmax = QUANT_MAX[dtype]
@@ -359,7 +360,7 @@ def quantize(y, k, dtype, scale=None, group_size=0):
         v = (groups * (1.0 / scales)[..., None]).flatten(-2)
     else:
         scales = scale
-        v = rows * (1.0 / scale)
+        v = rows * (1.0 / scale.clamp_min(MIN_QUANT_SCALE))  # 1 / scale finite, as dynamic scales
     v = v.clamp(-qmax - (dtype == torch.int8), qmax)  # int8 saturates at -128 and 127; NaN stays NaN
     q = torch.round(v).nan_to_num(0.0).to(dtype) if dtype == torch.int8 else v.to(dtype)
     return q.reshape(y.shape), scales

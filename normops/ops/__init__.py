@@ -185,10 +185,26 @@ def call_backward(ctx, op, impl, *args):
     return op(*args)
 
 
+def in_forward_mode(setup, backward):
+    """(setup, backward) of an op whose backward runs in the batch-invariant mode its forward ran in
+    (``normops.batch_invariant``): a ``.backward()`` called after leaving the ``with`` block keeps
+    the promise, and one inside a block the forward did not see is not changed by it."""
+    def setup_(ctx, inputs, output):
+        ctx.invariant = core.is_batch_invariant()
+        return setup(ctx, inputs, output)
+
+    def backward_(ctx, *grads):
+        with core.batch_invariant(ctx.invariant):
+            return backward(ctx, *grads)
+    return setup_, backward_
+
+
 def function(name, run, setup_context, backward):
     """An autograd.Function over ``run(backend module, *op args)``, applied to (*op args, backend
     module), with the op's own autograd formulas. (forward takes ctx itself: the setup_context form
     costs an inspect.signature per call.)"""
+    setup_context, backward = in_forward_mode(setup_context, backward)
+
     def forward(ctx, *args_module):
         ctx.eager = True  # its backward may skip the dispatcher too
         args, module = args_module[:-1], args_module[-1]
@@ -365,6 +381,7 @@ def register_autograd(op, setup, backward, backward_op, backward_setup, composit
         return input_grads(backward_op.impl, dy=gdy, x=gx, weight=gp[0], bias=gp[1], **dict(zip(inputs, gp[2:])),
                            **{name: gdx for name in added if needs(ctx, backward_op.impl)[name]})
 
+    setup, backward = in_forward_mode(setup, backward)
     op.register_autograd(backward, setup_context=setup)
     backward_op.register_autograd(double_backward_, setup_context=backward_setup)
     if autocast is not None and hasattr(torch.library, "register_autocast"):

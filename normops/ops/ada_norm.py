@@ -184,7 +184,8 @@ def _ada_norm_double_backward(ctx, *cotangents):
     return ops.input_grads(_ada_norm_backward_impl, **by_name)
 
 
-ada_norm_op.register_autograd(_ada_norm_bwd, setup_context=_ada_norm_setup)
+_setup_in_mode, _bwd_in_mode = ops.in_forward_mode(_ada_norm_setup, _ada_norm_bwd)
+ada_norm_op.register_autograd(_bwd_in_mode, setup_context=_setup_in_mode)
 ada_norm_backward_op.register_autograd(_ada_norm_double_backward, setup_context=_ada_norm_backward_setup)
 # AMP: under CUDA autocast torch runs layer_norm in fp32, so diffusers' composition modulates in fp32;
 # normops does the same, as for its row norms (ops.register_autograd). Under CPU autocast torch's norms

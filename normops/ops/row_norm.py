@@ -339,6 +339,17 @@ def _route_quant(x, residual, normalized_shape, *args):
 row_norm_quant_op = ops.register("row_norm_quant", _row_norm_quant_impl, route_of=_route_quant)
 
 
+def _quant_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)  # inference: no gradient, so no autograd graph, even traced
+
+
+def _quant_bwd(ctx, *grads):  # not reached: every output is non-differentiable
+    raise RuntimeError("normops::row_norm_quant has no gradient (it is for inference)")
+
+
+row_norm_quant_op.register_autograd(_quant_bwd, setup_context=_quant_setup)
+
+
 @row_norm_quant_op.register_fake
 def _row_norm_quant_fake(x, residual, normalized_shape, weight, bias, eps, rms, activation, offset, casting, dtype,
                          scale, group_size):

@@ -209,7 +209,8 @@ def row_norm_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
 # rounds it, which is what torch's norm returns) is quantized in fp32 arithmetic:
 #
 #     scale = max(amax |y| / qmax, MIN_QUANT_SCALE)   per row or per group of consecutive values
-#             (dynamic), or one given scale (static); qmax = 448 (float8_e4m3fn) or 127 (int8)
+#             (dynamic), or one given scale (static, at least MIN_QUANT_SCALE); qmax = 448
+#             (float8_e4m3fn) or 127 (int8)
 #     q     = round(clip(y * (1 / scale), -qmax, qmax))   int8 clips at -128
 #
 # so q * scale ~ y. "round" is to the nearest value of the target grid, ties to even: for int8
@@ -236,7 +237,7 @@ def quantize(y, k, dtype, scale=None, group_size=0):
         v = (groups * (np.float32(1.0) / scales)[..., None]).reshape(rows.shape)
     else:
         scales = None
-        v = rows * (np.float32(1.0) / np.float32(scale.item()))
+        v = rows * (np.float32(1.0) / np.maximum(np.float32(scale.item()), np.float32(MIN_QUANT_SCALE)))
     with np.errstate(invalid="ignore"):
         v = np.where(np.isnan(v), v, np.clip(v, -qmax - (dtype == torch.int8), qmax))
     q = np.nan_to_num(np.rint(v)) if dtype == torch.int8 else _e4m3_round(v)
