@@ -214,10 +214,10 @@ WIDE = 70000  # past ATen's 32768-element grain
                                   "ada_layer_norm_bf16"])
 def test_torch_wide_rows(kind):
     """A row of 70000 alone, in 2 rows and in 4, on 2 threads."""
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(3)  # data that showed it (seeds 0-2 did not)
     bf16 = kind.endswith("bf16")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    w, b = _params(dtype, (WIDE,), (WIDE,))
+    w, b = _params(dtype, (WIDE,), (WIDE,), seed=103)
     fns = {
         "rms_norm": lambda x: F.rms_norm(x, (WIDE,), w),
         "gated_rms_norm": lambda x: F.gated_rms_norm(x, x, (WIDE,), w),
@@ -251,20 +251,22 @@ def test_torch_wide_rows_quantized():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["group_norm", "instance_norm", "ada_group_norm"])
 def test_torch_channels_last(dtype, kind):
-    """64 channels of 8x8, channels_last: ATen's channels_last kernels (and InstanceNorm's view,
-    a view at N = 1 and a copy above) gave a sample other bits alone than in a batch."""
-    c = 64
+    """320 channels of 32x32 in 32 groups, channels_last, a sample alone and in 2, on 2 threads:
+    ATen's channels_last kernels (and InstanceNorm's view, a view at N = 1 and a copy above) gave a
+    sample other bits alone than in a batch (64 channels of 8x8 did not show it)."""
+    c = 320
     w, b = _params(dtype, (c,), (c,))
-    scale, shift = _params(dtype, (1, c), (1, c), seed=2)
     cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     fns = {
         "group_norm": lambda x: F.group_norm(cl(x), 32, w, b),
         "instance_norm": lambda x: F.instance_norm(cl(x), weight=w, bias=b),
-        "ada_group_norm": lambda x: F.ada_group_norm(cl(x), 32, scale.expand(x.shape[0], c),
-                                                     shift.expand(x.shape[0], c)),
+        "ada_group_norm": lambda x, scale, shift: F.ada_group_norm(cl(x), 32, scale, shift),
     }
+    gen = torch.Generator().manual_seed(0)
+    x, dy = _rand((2, c, 32, 32), dtype, gen), _rand((2, c, 32, 32), dtype, gen)
+    inputs = [x] + ([_rand((2, c), dtype, gen), _rand((2, c), dtype, gen)] if kind == "ada_group_norm" else [])
     with normops.backend("torch"), normops.batch_invariant():
-        _check_invariant(fns[kind], [(1, c, 8, 8)], dtype)
+        _in_batches(fns[kind], inputs, dy, [1])
 
 
 ACT_WIDTH = 100  # odd rows: a flattened batch puts a row's values at every offset of ATen's vectors
