@@ -185,6 +185,131 @@ def test_eval_batch_norm(backend, dtype):
         _check_invariant(lambda x: F.batch_norm(x, rm, rv, w, b, training=False), [(1, c, 5, 6)], dtype)
 
 
+# --- the torch backend's exposures: wide rows, channels_last, activations, bf16 group dx ----------
+# ATen splits a row's reduction among threads when the rows are few and wide, runs channels_last and
+# NCHW kernels of its own, and computes an activation's vector body and scalar tail with other bits:
+# each case below failed before the mode worked around it (adversarial review, round 19).
+
+def _in_batches(fn, inputs, dy, positions, threads=2):
+    """fn's outputs and input gradients for each of `positions` alone against the same rows of the
+    whole batch (inputs and dy: batches), on `threads` threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grad = _run(fn, inputs, dy)
+        for i in positions:
+            a_out, a_grad = _run(fn, [t[i:i + 1] for t in inputs], dy[i:i + 1])
+            for a, o in zip(a_out, out):
+                assert torch.equal(a[0], o[i]), f"output differs at position {i}"
+            for a, g in zip(a_grad, grad):
+                assert torch.equal(a[0], g[i]), f"input gradient differs at position {i}"
+    finally:
+        torch.set_num_threads(saved)
+
+
+WIDE = 70000  # past ATen's 32768-element grain
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "gated_rms_norm", "layer_norm", "ada_rms_norm_bf16",
+                                  "ada_layer_norm_bf16"])
+def test_torch_wide_rows(kind):
+    """A row of 70000 alone, in 2 rows and in 4, on 2 threads."""
+    gen = torch.Generator().manual_seed(3)  # data that showed it (seeds 0-2 did not)
+    bf16 = kind.endswith("bf16")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    w, b = _params(dtype, (WIDE,), (WIDE,), seed=103)
+    fns = {
+        "rms_norm": lambda x: F.rms_norm(x, (WIDE,), w),
+        "gated_rms_norm": lambda x: F.gated_rms_norm(x, x, (WIDE,), w),
+        "layer_norm": lambda x: F.layer_norm(x, (WIDE,), w, b),
+        # bf16 h: the composed statistics (_ada_stats), not ATen's norm
+        "ada_rms_norm_bf16": lambda x: F.ada_rms_norm(x, x[:, 0] * 0.5, x[:, 0] * 0.25, weight=w),
+        "ada_layer_norm_bf16": lambda x: F.ada_layer_norm(x, x[:, 0] * 0.5, x[:, 0] * 0.25, weight=w, bias=b),
+    }
+    shape = (4, 1, WIDE) if kind.startswith("ada") else (4, WIDE)
+    x, dy = _rand(shape, dtype, gen), _rand(shape, dtype, gen)
+    with normops.backend("torch"), normops.batch_invariant():
+        _in_batches(fns[kind], [x[:2]], dy[:2], [1])
+        _in_batches(fns[kind], [x], dy, [1, 2])
+
+
+def test_torch_wide_rows_quantized():
+    gen = torch.Generator().manual_seed(8)
+    w, = _params(torch.float32, (WIDE,))
+    x = _rand((4, WIDE), torch.float32, gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with normops.backend("torch"), normops.batch_invariant(), torch.no_grad():
+            q, scales = F.rms_norm_quant(x, (WIDE,), w)
+            qa, sa = F.rms_norm_quant(x[2:3], (WIDE,), w)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(sa[0], scales[2]) and torch.equal(qa[0].view(torch.int8), q[2].view(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["group_norm", "instance_norm", "ada_group_norm"])
+def test_torch_channels_last(dtype, kind):
+    """320 channels of 32x32 in 32 groups, channels_last, a sample alone and in 2, on 2 threads:
+    ATen's channels_last kernels (and InstanceNorm's view, a view at N = 1 and a copy above) gave a
+    sample other bits alone than in a batch (64 channels of 8x8 did not show it)."""
+    c = 320
+    w, b = _params(dtype, (c,), (c,))
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    fns = {
+        "group_norm": lambda x: F.group_norm(cl(x), 32, w, b),
+        "instance_norm": lambda x: F.instance_norm(cl(x), weight=w, bias=b),
+        "ada_group_norm": lambda x, scale, shift: F.ada_group_norm(cl(x), 32, scale, shift),
+    }
+    gen = torch.Generator().manual_seed(0)
+    x, dy = _rand((2, c, 32, 32), dtype, gen), _rand((2, c, 32, 32), dtype, gen)
+    inputs = [x] + ([_rand((2, c), dtype, gen), _rand((2, c), dtype, gen)] if kind == "ada_group_norm" else [])
+    with normops.backend("torch"), normops.batch_invariant():
+        _in_batches(fns[kind], inputs, dy, [1])
+
+
+ACT_WIDTH = 100  # odd rows: a flattened batch puts a row's values at every offset of ATen's vectors
+
+
+@pytest.mark.parametrize("kind", ["rms_norm_silu", "rms_norm_gelu", "layer_norm_relu", "layer_norm_gelu_t5",
+                                  "gated_rms_norm", "gated_norm_first", "rms_norm", "group_norm_silu"])
+def test_torch_activation_positions(kind):
+    """Every row of a batch of 40 (rows of 100; group norm: 8 channels of 5x5) alone, forward and dx."""
+    n = ACT_WIDTH
+    w, b = _params(torch.float32, (n,), (n,))
+    wc, bc = _params(torch.float32, (8,), (8,))
+    fns = {
+        "rms_norm_silu": lambda x: F.rms_norm(x, (n,), w, activation="silu"),
+        "rms_norm_gelu": lambda x: F.rms_norm(x, (n,), w, activation="gelu"),
+        "layer_norm_relu": lambda x: F.layer_norm(x, (n,), w, b, activation="relu"),
+        "layer_norm_gelu_t5": lambda x: F.layer_norm(x, (n,), w, b, casting="t5", activation="gelu"),
+        "gated_rms_norm": lambda x: F.gated_rms_norm(x, x * 0.5, (n,), w),
+        "gated_norm_first": lambda x: F.gated_rms_norm(x, x * 0.5, (n,), w, norm_before_gate=False),
+        "rms_norm": lambda x: F.rms_norm(x, (n,), w),
+        "group_norm_silu": lambda x: F.group_norm(x, 4, wc, bc, activation="silu"),
+    }
+    shape = (40, 8, 5, 5) if kind.startswith("group") else (40, n)
+    gen = torch.Generator().manual_seed(9)
+    x, dy = _rand(shape, torch.float32, gen), _rand(shape, torch.float32, gen)
+    with normops.backend("torch"), normops.batch_invariant():
+        _in_batches(fns[kind], [x], dy, range(40))
+
+
+def test_torch_group_norm_bf16_dx():
+    """bf16 NCHW group_norm, 1 group of 4x128x128, weight and bias requiring grad, 2 threads: ATen's
+    dx of a sample depended on the batch."""
+    dtype = torch.bfloat16
+    w, b = _params(dtype, (4,), (4,))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with normops.backend("torch"), normops.batch_invariant():
+            _check_invariant(lambda x: F.group_norm(x, 1, w, b), [(1, 4, 128, 128)], dtype)
+    finally:
+        torch.set_num_threads(saved)
+
+
 # --- dW/dB: the same bits whatever the program or thread count, run to run -----------------------
 
 LAUNCHERS = ["row_norm", "group_norm", "ada_norm", "channels_first", "batch_norm"]

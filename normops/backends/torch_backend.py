@@ -96,32 +96,84 @@ _BACKWARD_INTO = {  # dy * act'(z), written over z (elementwise, so z may be its
 }
 
 
+# The batch-invariant mode's elementwise pieces: at most this many elements, a multiple of 64.
+# ATen's CPU elementwise loops run SIMD vectors in their body and a scalar loop on the tail (and on
+# each thread's chunk boundary past its 32768-element grain), and an activation's scalar code gives
+# other bits than its vector code (silu, gelu: a fused multiply-add here, none there), so an
+# element's bits depend on its place in the flattened tensor. Pieces below the grain run on one
+# thread, and a multiple of 64 (two vectors of 32 bf16 values, AVX-512's widest unrolled step)
+# leaves no tail: every element takes the vector code.
+INVARIANT_PIECE = 16384
+
+
+def _elementwise_invariant(op, *ts):
+    """op(*ts) (an elementwise op of same-shaped tensors, out of place): outside the batch-invariant
+    mode op itself; in it, rows (the last dim) padded with zeros to a multiple of 64, flattened,
+    op applied to INVARIANT_PIECE-element pieces, the padding dropped (a new contiguous tensor)."""
+    if not is_batch_invariant():
+        return op(*ts)
+    shape = ts[0].shape
+    d = shape[-1] if ts[0].dim() else 1
+    flat = [torch.nn.functional.pad(t.reshape(-1, d), (0, -d % 64)).reshape(-1) for t in ts]
+    out = torch.cat([op(*(f[i:i + INVARIANT_PIECE] for f in flat))
+                     for i in range(0, flat[0].numel(), INVARIANT_PIECE)])
+    return out.reshape(-1, d + -d % 64)[:, :d].reshape(shape)
+
+
 def _activate(y, activation):
     """act(y) on a norm's fresh output y, in place: no second buffer and no allocation. Out of
     place only where torch's autograd records a graph through y (the "composed" route) and the
     activation's backward reads its input (silu, gelu); relu's reads its output, which in place
-    keeps, and no ATen norm's backward reads the norm's output."""
+    keeps, and no ATen norm's backward reads the norm's output. The batch-invariant mode computes
+    it by _elementwise_invariant's pieces (then copied over y where in place)."""
     if activation == "none":
         return y
+    if is_batch_invariant():
+        z = _elementwise_invariant(lambda t: activate(t, activation), y)
+        return z if y.requires_grad and torch.is_grad_enabled() else y.copy_(z)
     if activation != "relu" and y.requires_grad and torch.is_grad_enabled():
         return activate(y, activation)
     return _IN_PLACE[activation](y)
 
 
 def _activation_backward(dy, z, activation):
-    """dy * act'(z) for z recomputed here (this backend's own buffer): written over z."""
-    return dy if activation == "none" else _BACKWARD_INTO[activation](dy, z)
+    """dy * act'(z) for z recomputed here (this backend's own buffer): written over z (a new
+    tensor in the batch-invariant mode)."""
+    if activation == "none":
+        return dy
+    if is_batch_invariant():
+        return _act_backward(dy, z, activation)
+    return _BACKWARD_INTO[activation](dy, z)
+
+
+def _act_backward(dy, z, activation):
+    """core.activation_backward, by _elementwise_invariant's pieces in the batch-invariant mode."""
+    return _elementwise_invariant(lambda a, b: activation_backward(a, b, activation), dy, z)
+
+
+def _row_mean(t):
+    """t's mean over the last dim, kept: in the batch-invariant mode a _fixed_sum (torch's reduction
+    splits a row among threads when the rows are few and wide, so a row's bits depend on the batch)."""
+    if not is_batch_invariant():
+        return t.mean(-1, keepdim=True)
+    return _fixed_sum(t, (-1,)).unsqueeze(-1) / t.shape[-1]
 
 
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------
 
 def _rms_forward(x, normalized_shape, weight, eps):
-    """(y, rstd) with rstd keeping the normalized dims as 1s, like ATen's."""
-    if hasattr(aten, "_fused_rms_norm"):
+    """(y, rstd) with rstd keeping the normalized dims as 1s, like ATen's. In the batch-invariant
+    mode the sum of squares is a _fixed_sum: ATen's splits a wide row (past its 32K-element grain)
+    among threads when the rows are fewer than the threads, so a row's bits depend on the batch."""
+    if hasattr(aten, "_fused_rms_norm") and not is_batch_invariant():
         return aten._fused_rms_norm(x, list(normalized_shape), weight, eps)
     dims = tuple(range(-len(normalized_shape), 0))
     xf = x.to(stat_dtype(x))
-    rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    if is_batch_invariant():
+        rstd = torch.rsqrt(_fixed_sum(xf.square(), dims).reshape(x.shape[:x.dim() - len(dims)] + (1,) * len(dims))
+                           / math.prod(normalized_shape) + eps)
+    else:
+        rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
     y = xf * rstd
     if weight is not None:
         y = y * weight
@@ -182,7 +234,7 @@ def _variant_inputs(inp, weight, bias, offset, casting, gate, norm_before_gate):
     x_hat and x_hat * w are rounded to (None: not rounded)."""
     sd = stat_dtype(inp)
     u = inp.to(sd)
-    sg = None if gate is None else torch.nn.functional.silu(gate.to(sd))
+    sg = None if gate is None else _elementwise_invariant(torch.nn.functional.silu, gate.to(sd))
     if sg is not None and not norm_before_gate:
         u = u * sg
     w = _to(weight, sd)
@@ -238,7 +290,7 @@ def _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
         dz = _activation_backward(dz, z * sg if gate_after else z.clone(), activation)
     dgate = None
     if gate_after:
-        dgate = activation_backward(dz * z, gate.to(u.dtype), "silu")  # dz * z * silu'(gate)
+        dgate = _act_backward(dz * z, gate.to(u.dtype), "silu")  # dz * z * silu'(gate)
         dz = dz * sg
     want_dg = len(output_mask) > 3 and output_mask[3] and gate is not None
     dx = None
@@ -252,7 +304,7 @@ def _variant_bwd(dy, x, normalized_shape, weight, bias, mean, rstd, rms, activat
                                                  [True, False, False])[0]
         du = du.reshape(u.shape)
         if sg is not None and not norm_before_gate:
-            dgate = activation_backward(du * x.to(u.dtype), gate.to(u.dtype), "silu")
+            dgate = _act_backward(du * x.to(u.dtype), gate.to(u.dtype), "silu")
             du = du * sg
         dx = du.to(x.dtype)
     lead = tuple(range(x.dim() - len(normalized_shape)))
@@ -393,6 +445,14 @@ def layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd, activation, output_mask):
 # --- GroupNorm (and InstanceNorm, G == C) ----------------------------------------------------
 
 def group_norm_fwd(x, num_groups, weight, bias, eps, activation, need_stats, instance=False, casting="fp32"):
+    fmt = memory_format_of(x)
+    if is_batch_invariant() and fmt != torch.contiguous_format:
+        # the batch-invariant mode: ATen's channels_last kernels (and InstanceNorm's (1, N*C, S) view,
+        # a view at N = 1, a copy above) give a sample bits that depend on the batch; its NCHW ones do
+        # not (tests/test_batch_invariant.py): NCHW, y copied back
+        y, mean, rstd = group_norm_fwd(x.contiguous(), num_groups, weight, bias, eps, activation, need_stats,
+                                       instance, casting)
+        return y.contiguous(memory_format=fmt), mean, rstd
     if casting == "torch":  # diffusers' AdaGroupNorm: group_norm's output, * w, + b, each rounded to x's dtype
         # a weight of ones in the statistics dtype: ATen's CPU kernel then keeps fp32 statistics
         ones = torch.ones(x.shape[1], dtype=stat_dtype(x), device=x.device)
@@ -513,8 +573,7 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
         dx, dw, db = group_norm_bwd(dy.float(), x.float(), num_groups, _f32(weight), _f32(bias), mean, rstd,
                                     activation, output_mask)
         return None if dx is None else dx.to(x.dtype), _cast(dw, weight), _cast(db, bias)
-    # the batch-invariant mode: ATen's channels_last backward gives a sample's dx bits that depend on
-    # the batch, its NCHW one does not (tests/test_batch_invariant.py): NCHW, dx copied back
+    # the batch-invariant mode: NCHW (the per-sample formulas below read it), dx copied back
     fmt = torch.contiguous_format if is_batch_invariant() else memory_format_of(x)
     if fmt != memory_format_of(x):
         dx, dw, db = group_norm_bwd(dy.contiguous(), x.contiguous(), num_groups, weight, bias, mean, rstd, activation,
@@ -528,15 +587,14 @@ def group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, activation, outp
         dz = _activation_backward(dy, z, activation).contiguous(memory_format=fmt)  # into z
     if per_sample:
         return _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_mask)
-    if is_batch_invariant() and any(output_mask[1:]):  # dW/dB as fixed-order sums (_fixed_sum), ATen's dx
-        dx = group_norm_bwd(dz, x, num_groups, w, b, mean, rstd, "none", [output_mask[0], False, False])[0]
-        sd = stat_dtype(x)
-        dzf = dz.to(sd).reshape(n, c, -1)
-        stat = lambda t: t.to(sd).unsqueeze(-1).expand(n, num_groups, c // num_groups).reshape(n, c, 1)  # noqa: E731
-        x_hat = (x.to(sd).reshape(n, c, -1) - stat(mean)) * stat(rstd)
-        dw = _fixed_sum(dzf * x_hat, (0, 2)) if output_mask[1] and w is not None else None
-        db = _fixed_sum(dzf, (0, 2)) if output_mask[2] and b is not None else None
-        return dx, _cast(dw, weight), _cast(db, bias)
+    if is_batch_invariant():
+        # ATen's backward sums a group's terms in an order that depends on the thread count and the
+        # batch (dx too: bf16, tests/test_batch_invariant.py): the per-sample formulas (_fixed_sum)
+        # with the [C] parameters broadcast, dW/dB their per-sample sums summed over N (_fixed_sum)
+        ew, eb = (None if p is None else p.expand(n, c) for p in (w, b))
+        dx, dw, db = _per_sample_bwd(dz, x, num_groups, ew, eb, ew, eb, mean, rstd, output_mask)
+        return (dx, None if dw is None else _cast(_fixed_sum(dw, (0,)), weight),
+                None if db is None else _cast(_fixed_sum(db, (0,)), bias))
     if num_groups == c:
         return _instance_norm_bwd(dz, x, weight, bias, mean, rstd, output_mask)
     nd = _native_stat_dtype(x, w, b)
@@ -570,8 +628,8 @@ def _per_sample_bwd(dz, x, num_groups, w, b, weight, bias, mean, rstd, output_ma
     if output_mask[0]:
         wv = torch.ones((), dtype=sd, device=x.device) if w is None else w.to(sd).reshape(n, c)
         count = x[0].numel() // num_groups
-        c1 = (wv * a_sum).reshape(per).sum(-1, keepdim=True).expand(per).reshape(view) / count
-        c2 = (wv * b_sum).reshape(per).sum(-1, keepdim=True).expand(per).reshape(view) / count
+        c1 = _fixed_sum((wv * a_sum).reshape(per), (-1,)).unsqueeze(-1).expand(per).reshape(view) / count
+        c2 = _fixed_sum((wv * b_sum).reshape(per), (-1,)).unsqueeze(-1).expand(per).reshape(view) / count
         dx = (r * (dzf * wv.reshape(view) if w is not None else dzf) - r * c2 - xc * (r * r * c1)).to(x.dtype)
     dw = _cast(a_sum, weight) if output_mask[1] and w is not None else None
     db = _cast(b_sum, bias) if output_mask[2] and b is not None else None
@@ -674,9 +732,14 @@ def _ada_stats(h, eps, rms):
     (kernels/row_norm.py's pivot): a constant row's mean is exact, so its x_hat is 0 exactly."""
     hs = h.to(stat_dtype(h))
     if rms:
-        return None, torch.rsqrt(hs.square().mean(-1) + eps)
+        return None, torch.rsqrt(_row_mean(hs.square()).squeeze(-1) + eps)
     pivot = hs[..., :1]
-    var, mean = torch.var_mean(hs - pivot, -1, correction=0)
+    if is_batch_invariant():  # _row_mean's reason: two passes of _fixed_sum
+        mean = _row_mean(hs - pivot)
+        var = _row_mean((hs - pivot - mean).square_()).squeeze(-1)
+        mean = mean.squeeze(-1)
+    else:
+        var, mean = torch.var_mean(hs - pivot, -1, correction=0)
     return mean + pivot.squeeze(-1), torch.rsqrt(var + eps)
 
 
@@ -745,12 +808,12 @@ def ada_norm_bwd(dy, dh, x, h, gate, scale, weight, bias, mean, rstd, rms, casti
         n, one_plus = _rounded(n, inp.dtype), _rounded(one_plus, inp.dtype)
     dn = dyf * one_plus
     g = dn if weight is None else dn * weight.to(sd)
-    gx = (g * x_hat).mean(-1, keepdim=True)
+    gx = _row_mean(g * x_hat)
     if rms:
         dht = rstd.unsqueeze(-1) * (g - x_hat * gx)
     else:  # mean(g) about each row's first g (the kernels' g0): a constant g gives exactly 0
         gc = g - g[..., :1]
-        dht = rstd.unsqueeze(-1) * (gc - gc.mean(-1, keepdim=True) - x_hat * gx)
+        dht = rstd.unsqueeze(-1) * (gc - _row_mean(gc) - x_hat * gx)
     if dh is not None:
         dht = dht + dh.to(sd)
     with_gate = gate is not None and h is not None
