@@ -353,9 +353,9 @@ def row_norm_jobs(targets):
         base = "layer_norm" if variant == FP32_WEIGHT else variant
         n_part = 1 + next(v for v in VARIANTS if v[0] == base)[3]  # dw, and db when there is a bias
         programs = row_norm_bwd_programs(bwd, n, elem, n_part, H100_SMS * programs_per_sm(bwd.num_warps))
-        grads = ParamGradsConfig.make(n, min(programs, -(-4096 // bwd.block_m)))
-        # the batch-invariant mode's glue: its programs from the rows (config.invariant_programs)
         blocks = -(-4096 // bwd.block_m)
+        grads = ParamGradsConfig.make(n, min(programs, blocks))
+        # the batch-invariant mode's glue: its programs from the rows (config.invariant_programs)
         invariant = ParamGradsConfig.make(n, min(blocks, row_norm_bwd_programs(
             bwd, n, elem, n_part, invariant_programs(blocks, bwd.block_m))))
         jobs.update([("fwd", RowNormConfig.forward(n), variant, dtype), ("bwd", bwd, variant, dtype),

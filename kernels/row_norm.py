@@ -753,9 +753,8 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
     ptrs = (xv, rv, y, h, gate if gate is not None else y, weight if weight is not None else y,
             bias if bias is not None else y, mean if mean is not None else y, rstd if rstd is not None else y)
     sizes = (m, n, inner, sx_o, sx_i, sr_o, sr_i, eps)
-    flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-                 ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(inp_dtype),
-                 **_variant(inp_dtype, weight, offset, casting, gate, norm_before_gate), GROUPED=groups > 1)
+    flags = _fwd_flags(cfg, inp_dtype, rms, weight, bias, residual, activation, need_stats, offset, casting, gate,
+                       norm_before_gate, groups)
     if cfg.one_pass:  # a program per block of rows (and group)
         launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), groups), *ptrs, y, *sizes, 0,
                num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags, **_NO_QUANT)
@@ -765,6 +764,14 @@ def row_norm_fwd(x, residual, normalized_shape, weight, bias, eps, rms, activati
         launch(_row_norm_fwd_looped_kernel, (min(m, max(1, programs // groups)), groups), *ptrs, *sizes,
                num_warps=cfg.num_warps, **flags)
     return y, (h if residual is not None else None), mean, rstd
+
+
+def _fwd_flags(cfg, inp_dtype, rms, weight, bias, residual, activation, need_stats, offset, casting, gate=None,
+               norm_before_gate=True, groups=1):
+    """The forward kernels' constexprs, but the quantize flags (row_norm_fwd's and row_norm_quant_fwd's)."""
+    return dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
+                ACT=ACTIVATIONS[activation], STORE_STATS=need_stats, BLOCK_N=cfg.block_n, ACC=acc_type(inp_dtype),
+                **_variant(inp_dtype, weight, offset, casting, gate, norm_before_gate), GROUPED=groups > 1)
 
 
 _NO_QUANT = dict(QUANT=0, Q_GROUP=0, STATIC=False, ROUND=tl.float32, QMAX=0.0, MIN_SCALE=0.0)
@@ -800,12 +807,10 @@ def row_norm_quant_fwd(x, residual, normalized_shape, weight, bias, eps, rms, ac
     quant = Q_INT8 if dtype == torch.int8 else Q_FP8_HW if fp8_hw else Q_FP8
     qv = q.view(torch.uint8) if quant == Q_FP8 else q
     cfg = config or RowNormConfig.forward(n)
-    acc = acc_type(inp_dtype)
-    flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-                 ACT=ACTIVATIONS[activation], STORE_STATS=False, BLOCK_N=cfg.block_n, ACC=acc, GROUPED=False,
-                 **_variant(inp_dtype, weight, offset, casting, None, True), QUANT=quant, Q_GROUP=group_size or 0,
-                 STATIC=scale is not None, ROUND=_TL[inp_dtype] if inp_dtype.itemsize == 2 else tl.float32,
-                 QMAX=QUANT_MAX[dtype], MIN_SCALE=MIN_QUANT_SCALE)
+    flags = dict(_fwd_flags(cfg, inp_dtype, rms, weight, bias, residual, activation, False, offset, casting),
+                 QUANT=quant, Q_GROUP=group_size or 0, STATIC=scale is not None,
+                 ROUND=_TL[inp_dtype] if inp_dtype.itemsize == 2 else tl.float32, QMAX=QUANT_MAX[dtype],
+                 MIN_SCALE=MIN_QUANT_SCALE)
     launch(_row_norm_fwd_kernel, (triton.cdiv(m, cfg.block_m), 1), xv, rv, qv, h if h is not None else qv, qv,
            weight if weight is not None else qv, bias if bias is not None else qv, scales, scales, scales,
            m, n, inner, sx_o, sx_i, sr_o, sr_i, eps, n_scales, num_warps=cfg.num_warps, BLOCK_M=cfg.block_m, **flags)
