@@ -151,12 +151,14 @@ def _act_backward(dy, z, activation):
     return _elementwise_invariant(lambda a, b: activation_backward(a, b, activation), dy, z)
 
 
-def _row_mean(t):
-    """t's mean over the last dim, kept: in the batch-invariant mode a _fixed_sum (torch's reduction
-    splits a row among threads when the rows are few and wide, so a row's bits depend on the batch)."""
+def _row_mean(t, dims=(-1,)):
+    """t's mean over `dims` (the last by default), kept: in the batch-invariant mode a _fixed_sum
+    (torch's reduction splits a row among threads when the rows are few and wide, so a row's bits
+    depend on the batch)."""
     if not is_batch_invariant():
-        return t.mean(-1, keepdim=True)
-    return _fixed_sum(t, (-1,)).unsqueeze(-1) / t.shape[-1]
+        return t.mean(dims, keepdim=True)
+    kept = tuple(1 if d - t.dim() in dims or d in dims else size for d, size in enumerate(t.shape))
+    return _fixed_sum(t, dims).reshape(kept) / math.prod(t.shape[d] for d in dims)
 
 
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------
@@ -169,11 +171,7 @@ def _rms_forward(x, normalized_shape, weight, eps):
         return aten._fused_rms_norm(x, list(normalized_shape), weight, eps)
     dims = tuple(range(-len(normalized_shape), 0))
     xf = x.to(stat_dtype(x))
-    if is_batch_invariant():
-        rstd = torch.rsqrt(_fixed_sum(xf.square(), dims).reshape(x.shape[:x.dim() - len(dims)] + (1,) * len(dims))
-                           / math.prod(normalized_shape) + eps)
-    else:
-        rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    rstd = torch.rsqrt(_row_mean(xf.square(), dims) + eps)
     y = xf * rstd
     if weight is not None:
         y = y * weight
