@@ -203,7 +203,7 @@ def _row_norm(input, residual, normalized_shape, weight, bias, eps, rms, activat
     if out_dtype == inp_dtype:
         out_dtype = None
     if eps is None:  # torch's default: the epsilon of the dtype it computes in (fp32 for fp16/bf16)
-        eps = torch.finfo(torch.float64 if inp_dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(stat_dtype(inp_dtype)).eps
     spec = row_ops.RowNormSpec(shape, float(eps), rms, act, float(offset), casting, out_dtype,
                                bool(norm_before_gate), group_size)
     # no variant: the plain norm, which ATen's own norms compute too
@@ -341,7 +341,7 @@ def add_rms_norm_(x: Tensor, residual: Tensor, normalized_shape: Sequence[int], 
                            "through it. Call it under torch.no_grad() / torch.inference_mode(), or use add_rms_norm, "
                            "which returns new tensors")
     if eps is None:
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(stat_dtype(x.dtype)).eps
     row_ops.fused_add_rms_norm(x, residual, shape, weight, float(eps))
     return x, residual
 
@@ -389,7 +389,7 @@ def _row_norm_quant(input, residual, normalized_shape, weight, bias, eps, rms, a
         scale = _static_scale(what, scale, input)
     inp_dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     if eps is None:
-        eps = torch.finfo(torch.float64 if inp_dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(stat_dtype(inp_dtype)).eps
     q, scales, h = row_ops.row_norm_quant(input, residual, shape, weight, bias, float(eps), rms, act, float(offset),
                                           casting, dtype, scale, int(group_size or 0))
     return (q, scales) if residual is None else (q, scales, h)
@@ -496,7 +496,7 @@ def _ada_norm(input, scale, shift, eps, weight, bias, residual, gate, casting, r
                          + ("" if casting != "t5" else " (\"t5\" is RMSNorm's: ada_rms_norm)"))
     hd = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
     if eps is None:  # torch's rms_norm default: the epsilon of the dtype it computes in
-        eps = torch.finfo(torch.float64 if hd == torch.float64 else torch.float32).eps
+        eps = torch.finfo(stat_dtype(hd)).eps
     spec = ada_ops.AdaNormSpec(float(eps), rms, casting)
     x3 = input.reshape(b, math.prod(input.shape[1:-1]), d)
     r3 = None if residual is None else residual.reshape(x3.shape)
